@@ -1,0 +1,3 @@
+"""modecl: continual learning of unified multimodal generative models (MoDE and baselines)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""The ``modecl`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from modecl.config import ConfigError, DigitsConfig, load_toml
+from modecl.digits.pretrain import GateError, check_gate, load_or_pretrain
+from modecl.digits.tasks import DEFAULT_SEQUENCE
+from modecl.evaluate import constrained_accuracy, exact_accuracy
+
+
+def _host_summary(config: DigitsConfig, cache_dir: Path | None) -> dict:
+    """Pre-train (or load) the digits host, measure it on the test pool, apply the gate."""
+    start = time.perf_counter()
+    host = load_or_pretrain(config, cache_dir)
+    world, model = host.world, host.model
+    test = world.pools.test
+    captioning = world.captioning_accuracy(model, test)
+    codes, labels = world.draw_digits(model, config.generation.samples_per_digit, config.seed)
+    summary = {
+        "judge": world.judge_report(),
+        "captioning_accuracy": captioning,
+        "generation_accuracy": world.generation_accuracy(codes, labels),
+        "image_nll": world.image_nll(model, test),
+        "host_log": host.log,
+        "seconds": time.perf_counter() - start,
+    }
+    return summary | {"host": host}
+
+
+def _print_host(summary: dict, config: DigitsConfig) -> None:
+    log = summary["host_log"]
+    how = (
+        f"loaded from cache in {log['load_seconds']:.1f} s"
+        if log["cached"]
+        else f"pre-trained in {log['seconds']:.0f} s (epoch {log['selected_epoch']} selected)"
+    )
+    judge = summary["judge"]
+    print(f"host model: {how}")
+    print(
+        f"judge accuracy on real test images {judge['real_accuracy']:.3f}, "
+        f"on codebook reconstructions {judge['reconstructed_accuracy']:.3f}"
+    )
+    print(
+        f"captioning accuracy {summary['captioning_accuracy']:.3f} "
+        f"(gate {config.gate.captioning:.2f}), generation accuracy "
+        f"{summary['generation_accuracy']:.3f} (gate {config.gate.generation:.2f}), "
+        f"image-token NLL {summary['image_nll']:.3f}"
+    )
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    config = load_toml(DigitsConfig, args.config)
+    summary = _host_summary(config, args.cache)
+    _print_host(summary, config)
+    check_gate(config, summary["captioning_accuracy"], summary["generation_accuracy"])
+    print(f"done in {summary['seconds']:.1f} s")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    config = load_toml(DigitsConfig, args.config)
+    summary = _host_summary(config, args.cache)
+    _print_host(summary, config)
+    check_gate(config, summary["captioning_accuracy"], summary["generation_accuracy"])
+    world, model = summary["host"].world, summary["host"].model
+    print("zero-shot accuracy of the pre-trained model on each task's test set:")
+    for task in world.tasks(DEFAULT_SEQUENCE):
+        exact = exact_accuracy(model, world.vocab, task.test)
+        constrained = constrained_accuracy(model, world.vocab, task.test, task.answers)
+        print(
+            f"  {task.name:<11} exact {exact:.3f}  constrained {constrained:.3f}  (n={len(task.test)})"
+        )
+    print(f"done in {time.perf_counter() - args.start:.1f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modecl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="pre-train (or load) the digits host model and gate it")
+    p.add_argument("--config", type=Path, help="TOML config (default: built-in defaults)")
+    p.add_argument(
+        "--cache", type=Path, help="cache dir (default: $MODECL_CACHE or ~/.cache/modecl)"
+    )
+    p.set_defaults(func=cmd_pretrain)
+    b = sub.add_parser("bench", help="the embedded digits benchmark")
+    b.add_argument("--config", type=Path, help="TOML config (default: built-in defaults)")
+    b.add_argument(
+        "--cache", type=Path, help="cache dir (default: $MODECL_CACHE or ~/.cache/modecl)"
+    )
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.start = time.perf_counter()
+    try:
+        args.func(args)
+    except (ConfigError, GateError) as exc:
+        print(f"modecl: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Typed configuration: nested dataclasses loaded strictly from TOML.
+
+Every section is a dataclass; a TOML file may set any subset of the fields. An unknown
+key or a value of the wrong type stops with one message naming the file and the key
+path (``pretrain.epochs``), before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid."""
+
+
+@dataclass
+class DataConfig:
+    seed: int = 0  # the one fixed split; independent of the run seed
+    pretrain_fraction: float = 0.6
+    train_fraction: float = 0.2  # continual-learning train pool; the rest is the test pool
+    val_fraction: float = 0.15  # share of the pre-training pool held out for validation
+
+
+@dataclass
+class CodebookConfig:
+    codes: int = 64
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_layers: int = 4
+    num_heads: int = 4
+    max_positions: int = 64
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    preview_digits: list[int] = field(default_factory=lambda: [0, 1, 2])
+    preview_per_task: int = 120  # preview samples drawn per task per epoch
+    caption_copies: int = 1  # augmented captioning copies of each image per epoch
+    shift_prob: float = 0.5  # captioning inputs only: random 1-pixel shift
+    noise_std: float = 1.0  # captioning inputs only: pixel noise (pixel range 0..16)
+    eval_from_epoch: int = 20  # validation-based checkpoint selection starts here
+    eval_every: int = 2
+    ema_decay: float = 0.995  # per step
+
+
+@dataclass
+class GenerationConfig:
+    temperature: float = 0.7
+    top_k: int = 8
+    samples_per_digit: int = 20
+
+
+@dataclass
+class GateConfig:
+    captioning: float = 0.95
+    generation: float = 0.90
+
+
+@dataclass
+class DigitsConfig:
+    """Everything that defines the embedded digits host model (its cache key)."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    spatial_margin: float = 0.1  # |top - bottom| ink below this share of all ink: ambiguous
+
+    def cache_key(self) -> str:
+        """Hash of what determines the pre-trained weights (not gate or sampling)."""
+        keyed = {k: v for k, v in to_dict(self).items() if k not in ("gate", "generation")}
+        blob = json.dumps(keyed, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+T = TypeVar("T")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected none")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any:
+        return value
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown key '{path}' (valid: {', '.join(sorted(names))})")
+        kwargs[key] = _check_type(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def load_toml(cls: type[T], path: str | Path | None) -> T:
+    """Load ``cls`` from a TOML file (``None``: defaults). Errors name the file."""
+    if path is None:
+        return cls()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,92 @@
+"""The digit world in one object: pools, codebook, vocabulary, judge and their measures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from modecl.config import DigitsConfig
+from modecl.digits.codebook import TOKENS_PER_IMAGE, Codebook
+from modecl.digits.data import DIGIT_WORDS, Pools, load_pools
+from modecl.digits.judge import Judge
+from modecl.digits.tasks import CAPTION_QUESTION, DRAW_PROMPT, builtin_tasks, words
+from modecl.evaluate import draw, exact_accuracy, image_nll
+from modecl.tasks import Sample, Task
+from modecl.vocab import Vocabulary
+
+
+@dataclass
+class DigitsWorld:
+    """Everything but the model weights; built deterministically from a config."""
+
+    config: DigitsConfig
+    pools: Pools
+    codebook: Codebook
+    vocab: Vocabulary
+
+    @classmethod
+    def build(cls, config: DigitsConfig, codebook: Codebook | None = None) -> DigitsWorld:
+        pools = load_pools(config.data)
+        if codebook is None:
+            codebook = Codebook.fit(
+                pools.images[pools.pretrain], config.codebook.codes, config.codebook.seed
+            )
+        return cls(config, pools, codebook, Vocabulary(words(), codebook.size))
+
+    @cached_property
+    def judge(self) -> Judge:
+        """Trained on the real pixels of the pre-training and continual-train pools."""
+        index = np.concatenate([self.pools.pretrain, self.pools.pretrain_val, self.pools.train])
+        return Judge(self.pools.images[index], self.pools.labels[index])
+
+    def captions(self, index: np.ndarray) -> list[Sample]:
+        codes = self.codebook.encode(self.pools.images[index])
+        return [
+            Sample(tuple(int(x) for x in c), CAPTION_QUESTION, DIGIT_WORDS[y], int(y), int(i))
+            for i, c, y in zip(index, codes, self.pools.labels[index], strict=True)
+        ]
+
+    def tasks(self, names: list[str] | tuple[str, ...]) -> list[Task]:
+        return builtin_tasks(self.pools, self.codebook, names, self.config.spatial_margin)
+
+    def judge_report(self) -> dict[str, float]:
+        test = self.pools.test
+        images, labels = self.pools.images[test], self.pools.labels[test]
+        recon = self.codebook.decode(self.codebook.encode(images))
+        return {
+            "real_accuracy": self.judge.accuracy(images, labels),
+            "reconstructed_accuracy": self.judge.accuracy(recon, labels),
+        }
+
+    def captioning_accuracy(self, model: torch.nn.Module, index: np.ndarray) -> float:
+        return exact_accuracy(model, self.vocab, self.captions(index))
+
+    def draw_digits(
+        self, model: torch.nn.Module, per_digit: int, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``per_digit`` sampled images of each digit: (codes [N, 16], requested labels [N])."""
+        gen = self.config.generation
+        labels = np.repeat(np.arange(10), per_digit)
+        codes = draw(
+            model,
+            self.vocab,
+            [DRAW_PROMPT.format(DIGIT_WORDS[y]) for y in labels],
+            image_tokens=TOKENS_PER_IMAGE,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            seed=seed,
+        )
+        return codes, labels
+
+    def generation_accuracy(self, codes: np.ndarray, labels: np.ndarray) -> float:
+        """Share of drawn images the judge classifies as the requested digit."""
+        return self.judge.accuracy(self.codebook.decode(codes), labels)
+
+    def image_nll(self, model: torch.nn.Module, index: np.ndarray) -> float:
+        """Teacher-forced NLL of the image codes of held-out ("draw a <digit>", image) pairs."""
+        labels = self.pools.labels[index]
+        prompts = [DRAW_PROMPT.format(DIGIT_WORDS[y]) for y in labels]
+        return image_nll(model, self.vocab, prompts, self.codebook.encode(self.pools.images[index]))

@@ -1,0 +1,220 @@
+"""Pre-training the tiny UMGM from random init, cached on disk, gated on competence.
+
+Four streams, mixed and shuffled every epoch (all from the pre-training pool):
+
+- draw: "draw a seven" -> <boi> codes <eoi> (clean targets: noise there hurts drawing);
+- captioning: <boi> codes <eoi> "what digit is this" -> "seven", on images augmented by
+  random 1-pixel shifts and pixel noise, with the loss also on the image codes;
+- text: plain statements that use every word of the vocabulary, so every answer word has
+  a trained embedding before any continual task needs it;
+- instruction preview: each built-in task's question on images of a few digits only, so
+  the base model follows every question format with partial skill.
+
+Checkpoint selection uses the validation part of the pre-training pool, never the test
+pool. The result is cached under a hash of the config: a second run loads in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
+
+from modecl.config import DigitsConfig, PretrainConfig, to_dict
+from modecl.digits.codebook import Codebook
+from modecl.digits.data import DIGIT_WORDS
+from modecl.digits.host import DigitsWorld
+from modecl.digits.model import build_model
+from modecl.digits.tasks import (
+    CAPTION_QUESTION,
+    DRAW_PROMPT,
+    TASK_RULES,
+    preview_samples,
+    statements,
+)
+from modecl.sequences import (
+    Example,
+    collate,
+    draw_example,
+    next_token_loss,
+    text_example,
+    understand_example,
+)
+
+
+class GateError(RuntimeError):
+    """The pre-trained model is not competent enough to start continual learning."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MODECL_CACHE", Path.home() / ".cache" / "modecl"))
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, shift_prob: float, noise: float):
+    """Random 1-pixel shifts (with probability ``shift_prob``) and Gaussian pixel noise."""
+    out = images.copy()
+    for i in np.flatnonzero(rng.random(len(images)) < shift_prob):
+        axis = int(rng.integers(1, 3))
+        out[i] = np.roll(out[i], int(rng.choice([-1, 1])), axis=axis - 1)
+    out += rng.normal(0.0, noise, size=out.shape).astype(np.float32)
+    return np.clip(out, 0.0, 16.0)
+
+
+def epoch_examples(world: DigitsWorld, rng: np.random.Generator, preview) -> list[Example]:
+    cfg, pools, vocab = world.config.pretrain, world.pools, world.vocab
+    index = pools.pretrain
+    labels = pools.labels[index]
+    clean = world.codebook.encode(pools.images[index])
+    copies = np.concatenate([pools.images[index]] * cfg.caption_copies)
+    noisy = world.codebook.encode(augment(copies, rng, cfg.shift_prob, cfg.noise_std))
+    examples = [
+        draw_example(vocab, DRAW_PROMPT.format(DIGIT_WORDS[y]), c)
+        for c, y in zip(clean, labels, strict=True)
+    ]
+    examples += [
+        understand_example(vocab, c, CAPTION_QUESTION, DIGIT_WORDS[y], loss_on_prompt_codes=True)
+        for c, y in zip(noisy, np.tile(labels, cfg.caption_copies), strict=True)
+    ]
+    examples += [text_example(vocab, s) for s in statements()]
+    if preview:
+        take = rng.choice(len(preview), preview_count(cfg, preview), replace=False)
+        examples += [
+            understand_example(vocab, preview[i].codes, preview[i].question, preview[i].answer)
+            for i in take
+        ]
+    return [examples[i] for i in rng.permutation(len(examples))]
+
+
+def preview_count(cfg: PretrainConfig, preview: list) -> int:
+    return min(len(preview), cfg.preview_per_task * len(TASK_RULES))
+
+
+def validation_scores(world: DigitsWorld, model: torch.nn.Module, seed: int) -> tuple[float, float]:
+    """(captioning, generation) accuracy on the validation part of the pre-training pool."""
+    captioning = world.captioning_accuracy(model, world.pools.pretrain_val)
+    codes, labels = world.draw_digits(model, per_digit=10, seed=seed)
+    return captioning, world.generation_accuracy(codes, labels)
+
+
+def train_host(world: DigitsWorld, progress: bool = True) -> tuple[LlamaForCausalLM, dict]:
+    """Pre-train from random init; returns the validation-selected model and a log."""
+    cfg, gate, seed = world.config.pretrain, world.config.gate, world.config.seed
+    model = build_model(world.vocab, world.config.model, seed)
+    rng = np.random.default_rng(seed)
+    preview = preview_samples(
+        world.pools, world.codebook, cfg.preview_digits, world.config.spatial_margin
+    )
+    epoch_size = (
+        (1 + cfg.caption_copies) * len(world.pools.pretrain)
+        + len(statements())
+        + preview_count(cfg, preview)
+    )
+    steps_per_epoch = -(-epoch_size // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optim, int(cfg.warmup_fraction * total), total)
+    # An exponential moving average of the weights: captioning accuracy of the raw weights
+    # swings by several points from one epoch to the next; the average is steadier.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+    best: tuple[float, int, dict] | None = None
+    history = []
+    bar = tqdm(range(cfg.epochs), desc="pre-training", disable=not progress, unit="epoch")
+    for epoch in bar:
+        model.train()
+        examples = epoch_examples(world, rng, preview)
+        losses = []
+        for start in range(0, len(examples), cfg.batch_size):
+            batch = collate(examples[start : start + cfg.batch_size], world.vocab.pad_id)
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            loss = next_token_loss(logits, batch["labels"])
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            schedule.step()
+            ema.update_parameters(model)
+            losses.append(loss.item())
+        model.eval()
+        ema.eval()
+        entry = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
+        if epoch + 1 >= cfg.eval_from_epoch and (
+            (epoch + 1 - cfg.eval_from_epoch) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+        ):
+            captioning, generation = validation_scores(world, ema.module, seed)
+            entry |= {"val_captioning": captioning, "val_generation": generation}
+            # The margin to the nearer gate ranks checkpoints: both skills must hold.
+            score = min(captioning - gate.captioning, generation - gate.generation)
+            if best is None or score > best[0]:
+                best = (score, epoch + 1, copy.deepcopy(ema.module.state_dict()))
+        history.append(entry)
+        bar.set_postfix({k: round(v, 3) for k, v in entry.items() if k != "epoch"})
+    assert best is not None  # the last epoch is always evaluated
+    model.load_state_dict(best[2])
+    return model.eval(), {"selected_epoch": best[1], "history": history}
+
+
+@dataclass
+class PretrainedHost:
+    world: DigitsWorld
+    model: LlamaForCausalLM
+    log: dict  # selected epoch, per-epoch history, seconds, whether loaded from cache
+
+
+def load_or_pretrain(
+    config: DigitsConfig, cache_dir: str | Path | None = None, progress: bool = True
+) -> PretrainedHost:
+    """The pre-trained host for ``config``: loaded from the cache, or trained and cached."""
+    folder = Path(cache_dir or default_cache_dir()) / f"digits-{config.cache_key()}"
+    if (folder / "log.json").exists():
+        start = time.perf_counter()
+        world = DigitsWorld.build(config, Codebook.load(folder / "codebook.npy"))
+        model = LlamaForCausalLM.from_pretrained(folder / "model").eval()
+        log = json.loads((folder / "log.json").read_text())
+        log |= {"cached": True, "load_seconds": time.perf_counter() - start}
+        return PretrainedHost(world, model, log)
+    start = time.perf_counter()
+    world = DigitsWorld.build(config)
+    model, log = train_host(world, progress)
+    log |= {"seconds": time.perf_counter() - start, "config": to_dict(config)}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    world.codebook.save(tmp / "codebook.npy")
+    world.vocab.save(tmp / "vocab.json")
+    model.save_pretrained(tmp / "model")
+    (tmp / "log.json").write_text(json.dumps(log, indent=1))
+    if folder.exists():  # a half-written folder from a crash: replace it whole
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return PretrainedHost(world, model, log | {"cached": False})
+
+
+def check_gate(config: DigitsConfig, captioning: float, generation: float) -> None:
+    """Raise :class:`GateError` naming each skill below its threshold and by how much."""
+    failures = [
+        f"{name} accuracy {value:.3f} < {threshold:.3f} (short by {threshold - value:.3f})"
+        for name, value, threshold in (
+            ("captioning", captioning, config.gate.captioning),
+            ("generation", generation, config.gate.generation),
+        )
+        if value < threshold
+    ]
+    if failures:
+        raise GateError(
+            "the pre-trained model failed the competence gate: "
+            + "; ".join(failures)
+            + ". Pre-train longer or with more capacity (config [pretrain]/[model]),"
+            " or lower [gate] thresholds knowingly."
+        )

@@ -1,0 +1,166 @@
+"""Evaluation: exact-match and answer-set-constrained accuracy, drawing, image-token NLL."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from modecl.generation import generate
+from modecl.sequences import (
+    Example,
+    answer_ids,
+    collate,
+    draw_example,
+    draw_prompt,
+    understand_prompt,
+)
+from modecl.tasks import Sample
+from modecl.vocab import IGNORE, Vocabulary
+
+
+def _equal_length_batches(
+    prompts: Sequence[list[int]], batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Indices and stacked prompts, grouped so that a batch needs no padding."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        groups[len(p)].append(i)
+    for index in groups.values():
+        for start in range(0, len(index), batch_size):
+            chunk = index[start : start + batch_size]
+            yield chunk, torch.tensor([prompts[i] for i in chunk])
+
+
+@torch.no_grad()
+def answer(
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    samples: Sequence[Sample],
+    max_new_tokens: int = 4,
+    batch_size: int = 256,
+) -> list[str]:
+    """Greedy-decoded answers to ``samples``' questions (the exact-match setting)."""
+    prompts = [understand_prompt(vocab, s.codes, s.question) for s in samples]
+    out: list[str] = [""] * len(samples)
+    for index, batch in _equal_length_batches(prompts, batch_size):
+        tokens = generate(model, batch, max_new_tokens, eos_id=vocab.eos_id)
+        for i, row in zip(index, tokens.tolist(), strict=True):
+            out[i] = vocab.decode_words(row)
+    return out
+
+
+def exact_accuracy(model: torch.nn.Module, vocab: Vocabulary, samples: Sequence[Sample]) -> float:
+    """Share of samples whose greedy answer equals the reference exactly."""
+    if not samples:
+        return float("nan")
+    predicted = answer(model, vocab, samples)
+    return float(np.mean([p == s.answer for p, s in zip(predicted, samples, strict=True)]))
+
+
+@torch.no_grad()
+def answer_log_likelihoods(
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    samples: Sequence[Sample],
+    candidates: Sequence[str],
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """``[len(samples), len(candidates)]`` log p(candidate words + <eos> | prompt)."""
+    scores = torch.empty(len(samples), len(candidates))
+    prompts = [understand_prompt(vocab, s.codes, s.question) for s in samples]
+    for c, candidate in enumerate(candidates):
+        tail = answer_ids(vocab, candidate)
+        for start in range(0, len(samples), batch_size):
+            chunk = prompts[start : start + batch_size]
+            batch = collate(
+                [Example(p + tail, [IGNORE] * len(p) + tail) for p in chunk], vocab.pad_id
+            )
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits.float()
+            logp = logits[:, :-1].log_softmax(-1)
+            labels = batch["labels"][:, 1:]
+            picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+            scores[start : start + len(chunk), c] = (picked * (labels != IGNORE)).sum(-1)
+    return scores
+
+
+def constrained_accuracy(
+    model: torch.nn.Module, vocab: Vocabulary, samples: Sequence[Sample], answers: Sequence[str]
+) -> float:
+    """Accuracy when the answer is restricted to the task's answer set (most likely one)."""
+    if not samples:
+        return float("nan")
+    best = answer_log_likelihoods(model, vocab, samples, answers).argmax(-1)
+    return float(np.mean([answers[b] == s.answer for b, s in zip(best, samples, strict=True)]))
+
+
+@torch.no_grad()
+def draw(
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    prompts: Sequence[str],
+    *,
+    image_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Sample one image per text prompt: ``[len(prompts), image_tokens]`` codes.
+
+    The prompt ends with ``<boi>``; every sampled token is constrained to the image codes.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ids = [[*draw_prompt(vocab, p), vocab.boi_id] for p in prompts]
+    out = np.zeros((len(prompts), image_tokens), dtype=np.int64)
+    for index, batch in _equal_length_batches(ids, batch_size):
+        tokens = generate(
+            model,
+            batch,
+            image_tokens,
+            allowed_ids=vocab.image_code_ids,
+            temperature=temperature,
+            top_k=top_k,
+            generator=generator,
+        )
+        out[index] = tokens.numpy() - vocab.code_offset
+    return out
+
+
+@torch.no_grad()
+def image_nll(
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    prompts: Sequence[str],
+    codes: np.ndarray,
+    batch_size: int = 256,
+) -> float:
+    """Teacher-forced mean negative log-likelihood of the image codes of (prompt, image) pairs."""
+    total, count = 0.0, 0
+    code_set = torch.tensor(vocab.image_code_ids)
+    for start in range(0, len(prompts), batch_size):
+        batch = collate(
+            [
+                draw_example(vocab, p, c)
+                for p, c in zip(
+                    prompts[start : start + batch_size],
+                    codes[start : start + batch_size],
+                    strict=True,
+                )
+            ],
+            vocab.pad_id,
+        )
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits.float()
+        labels = batch["labels"][:, 1:]
+        logp = logits[:, :-1].log_softmax(-1)
+        picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        is_code = torch.isin(labels, code_set)
+        total -= float((picked * is_code).sum())
+        count += int(is_code.sum())
+    return total / max(count, 1)

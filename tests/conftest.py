@@ -1,0 +1,31 @@
+"""Shared tiny fixtures: one digit world and a tiny pre-trained host, built once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+from modecl.config import DigitsConfig, from_dict
+from modecl.digits.host import DigitsWorld
+
+TINY = {
+    "codebook": {"codes": 16},
+    "model": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2},
+    "pretrain": {"epochs": 2, "eval_from_epoch": 1, "eval_every": 1, "preview_per_task": 10},
+    "generation": {"samples_per_digit": 2},
+}
+
+
+def tiny_config(**overrides: object) -> DigitsConfig:
+    data = {k: dict(v) for k, v in TINY.items()}
+    for key, value in overrides.items():  # "section__field" or a top-level field
+        section, _, field = key.partition("__")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[section] = value
+    return from_dict(DigitsConfig, data)
+
+
+@pytest.fixture(scope="session")
+def world() -> DigitsWorld:
+    return DigitsWorld.build(tiny_config())
