@@ -139,7 +139,7 @@ def test_preview_uses_only_preview_digits_and_pretrain_pool(world):
 
 
 def test_unknown_task_lists_valid_ones(world):
-    with pytest.raises(ValueError, match="unknown task.*parity"):
+    with pytest.raises(ValueError, match=r"unknown task.*parity"):
         builtin_tasks(world.pools, world.codebook, ["parity", "colour"])
 
 
@@ -182,6 +182,6 @@ def test_gate_names_each_failing_skill_and_the_shortfall():
     check_gate(config, 0.97, 0.93)
     with pytest.raises(GateError, match=r"captioning accuracy 0\.900 < 0\.950 \(short by 0\.050\)"):
         check_gate(config, 0.90, 0.93)
-    with pytest.raises(GateError, match="generation.*short by 0.300") as info:
+    with pytest.raises(GateError, match=r"generation.*short by 0\.300") as info:
         check_gate(config, 0.5, 0.6)
     assert "captioning" in str(info.value)

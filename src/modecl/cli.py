@@ -12,6 +12,8 @@ from modecl.digits.pretrain import GateError, check_gate, load_or_pretrain
 from modecl.digits.tasks import DEFAULT_SEQUENCE
 from modecl.evaluate import constrained_accuracy, exact_accuracy
 
+CACHE_HELP = "cache dir (default: $MODECL_CACHE or ~/.cache/modecl)"
+
 
 def _host_summary(config: DigitsConfig, cache_dir: Path | None) -> dict:
     """Pre-train (or load) the digits host, measure it on the test pool, apply the gate."""
@@ -71,9 +73,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for task in world.tasks(DEFAULT_SEQUENCE):
         exact = exact_accuracy(model, world.vocab, task.test)
         constrained = constrained_accuracy(model, world.vocab, task.test, task.answers)
-        print(
-            f"  {task.name:<11} exact {exact:.3f}  constrained {constrained:.3f}  (n={len(task.test)})"
-        )
+        n = len(task.test)
+        print(f"  {task.name:<11} exact {exact:.3f}  constrained {constrained:.3f}  (n={n})")
     print(f"done in {time.perf_counter() - args.start:.1f} s")
 
 
