@@ -161,3 +161,61 @@ def load_toml(cls: type[T], path: str | Path | None) -> T:
         return from_dict(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+@dataclass
+class AdapterSettings:
+    """LoRA hyper-parameters shared by every method (the paper's defaults)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    num_experts: int = 4
+    target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class TrainSettings:
+    """One training recipe for every method: never tuned per method."""
+
+    epochs: int = 10
+    lr: float = 2e-3
+    batch_size: int = 32
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 10.0
+    max_train_samples: int | None = None  # per task; None = all
+
+
+@dataclass
+class DistillSettings:
+    weight: float = 0.3  # lambda
+    temperature: float = 2.0
+    top_k: int = 256
+    average_over: str = "image"  # "image" (default), "attended", or "all" (the paper's code)
+    batch_size: int = 16  # image-generation pairs beside each task batch
+    chunk_size: int = 1024
+
+
+@dataclass
+class ReplaySettings:
+    buffer_size: int = 100  # samples kept over all earlier tasks, equal share per task
+    per_batch: int = 8  # buffer samples mixed into each task batch
+
+
+@dataclass
+class EWCSettings:
+    weight: float = 1000.0
+    fisher_batches: int = 16
+    fisher_batch_size: int = 8
+
+
+@dataclass
+class ContinualSettings:
+    """What a continual run of any method needs besides the host model and the tasks."""
+
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
+    ewc: EWCSettings = field(default_factory=EWCSettings)

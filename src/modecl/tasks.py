@@ -1,8 +1,23 @@
-"""Tasks: named sets of (image, question, answer) samples with train and test splits."""
+"""Tasks: named sets of (image, question, answer) samples with train and test splits.
+
+Built-in tasks come from :mod:`modecl.digits.tasks`; user tasks from JSONL files through
+:func:`load_task_file`.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from modecl.digits.codebook import TOKENS_PER_IMAGE
+
+if TYPE_CHECKING:  # host.py imports this module
+    from modecl.digits.host import DigitsWorld
 
 
 @dataclass(frozen=True)
@@ -24,3 +39,129 @@ class Task:
     answers: tuple[str, ...]
     train: list[Sample] = field(default_factory=list)
     test: list[Sample] = field(default_factory=list)
+
+
+class TaskFileError(ValueError):
+    """A task file is malformed; the message names the file, the line and the field."""
+
+
+_SPLITS = ("train", "test")
+_FIELDS = ("image", "question", "answer", "split")
+
+
+def load_task_file(path: str | Path, world: DigitsWorld, name: str | None = None) -> Task:
+    """Read a user task from a JSONL file: one sample per line, blank lines skipped.
+
+    Each line is an object with exactly the fields ``image``, ``question``, ``answer`` and
+    ``split`` (``"train"`` or ``"test"``). ``image`` is one of:
+
+    - an int: an index into the digits images (``world.pools.images``);
+    - a string: an image file, relative to the JSONL file's folder, read with Pillow as
+      grayscale with ink bright on dark (as in the digits), box-resized to 8x8 and scaled
+      so that 255 -> 16 (a 32x32 bitmap becomes ink counts per 4x4 block, as the digits
+      were made);
+    - a list of ints: the image's codes, ``TOKENS_PER_IMAGE`` of them, each below
+      ``world.codebook.size``.
+
+    The vocabulary is never extended: it is fixed by the pre-trained host, and a new word
+    would have an untrained embedding that no adapter can train, so a word outside
+    ``world.vocab.words`` is an error. Reading is all-or-nothing: any bad line raises
+    :class:`TaskFileError` and no task is returned. The task is named ``name`` or the
+    file's stem; its answer set is the sorted distinct answers of the file.
+    """
+    path = Path(path)
+    known = set(world.vocab.words)
+    splits: dict[str, list[Sample]] = {s: [] for s in _SPLITS}
+    with path.open(encoding="utf-8") as lines:
+        for lineno, line in enumerate(lines, start=1):
+            if line.strip():
+                split, sample = _parse_line(line, world, known, path, f"{path}:{lineno}: ")
+                splits[split].append(sample)
+    for split, samples in splits.items():
+        if not samples:
+            raise TaskFileError(f"{path}: no {split} samples")
+    answers = tuple(sorted({s.answer for samples in splits.values() for s in samples}))
+    return Task(name or path.stem, answers, splits["train"], splits["test"])
+
+
+def _parse_line(
+    line: str, world: DigitsWorld, known: set[str], path: Path, where: str
+) -> tuple[str, Sample]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise TaskFileError(f"{where}invalid JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise TaskFileError(f"{where}expected a JSON object, got {type(record).__name__}")
+    extra = sorted(set(record) - set(_FIELDS))
+    if extra:
+        raise TaskFileError(
+            f"{where}field '{extra[0]}': unknown field; the fields are {', '.join(_FIELDS)}"
+        )
+    for key in _FIELDS:
+        if key not in record:
+            raise TaskFileError(f"{where}field '{key}': missing")
+    text = {}
+    for key in ("question", "answer", "split"):
+        value = record[key]
+        if not isinstance(value, str) or not value.strip():
+            raise TaskFileError(f"{where}field '{key}': expected a non-empty string, got {value!r}")
+        text[key] = " ".join(value.lower().split())
+    if text["split"] not in _SPLITS:
+        raise TaskFileError(
+            f'{where}field \'split\': expected "train" or "test", got {json.dumps(record["split"])}'
+        )
+    for key in ("question", "answer"):
+        unknown = [w for w in text[key].split() if w not in known]
+        if unknown:
+            raise TaskFileError(
+                f"{where}field '{key}': word '{unknown[0]}' is not in the host model's "
+                "vocabulary; use only words the host was pre-trained on "
+                f"(listed by world.vocab.words, {len(known)} words)"
+            )
+    codes, index = _image_codes(record["image"], world, path.parent, f"{where}field 'image': ")
+    return text["split"], Sample(codes, text["question"], text["answer"], index=index)
+
+
+def _image_codes(
+    image: object, world: DigitsWorld, folder: Path, where: str
+) -> tuple[tuple[int, ...], int | None]:
+    """An ``image`` field -> (its codes, its digits index when it is one)."""
+    # bool is an int subclass in Python, but true/false is never a meant index or code.
+    if isinstance(image, int) and not isinstance(image, bool):
+        count = len(world.pools.images)
+        if not 0 <= image < count:
+            raise TaskFileError(f"{where}index {image} is out of range 0..{count - 1}")
+        pixels = world.pools.images[image]
+    elif isinstance(image, str):
+        pixels = _read_image(folder / image, where)
+    elif isinstance(image, list):
+        size = world.codebook.size
+        if len(image) != TOKENS_PER_IMAGE:
+            raise TaskFileError(f"{where}expected {TOKENS_PER_IMAGE} codes, got {len(image)}")
+        bad = [
+            c for c in image if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < size
+        ]
+        if bad:
+            raise TaskFileError(f"{where}code {bad[0]!r} is not an int in 0..{size - 1}")
+        return tuple(image), None
+    else:
+        raise TaskFileError(
+            f"{where}expected a digits index, an image path or a list of codes, got {image!r}"
+        )
+    codes = world.codebook.encode(pixels[None])[0]
+    return tuple(int(c) for c in codes), image if isinstance(image, int) else None
+
+
+def _read_image(file: Path, where: str) -> np.ndarray:
+    """An image file -> [8, 8] pixels on the digits' scale (integers 0..16, ink high)."""
+    if not file.is_file():
+        raise TaskFileError(f"{where}image file not found: {file}")
+    try:
+        with Image.open(file) as img:
+            gray = img.convert("L").resize((8, 8), Image.Resampling.BOX)
+    except OSError as err:
+        raise TaskFileError(f"{where}cannot read image {file}: {err}") from None
+    # Digits pixels are whole counts 0..16; rounding to them keeps a PNG-written digits
+    # image exact on the way back and gives user images the host's input domain.
+    return np.rint(np.asarray(gray, dtype=np.float32) * (16 / 255))

@@ -1,0 +1,496 @@
+r"""The adapter layer: MoDE, LoRA, MoE-LoRA and the MoDE ablation as configurations of one layer.
+
+Each target `nn.Linear` of the frozen host model is replaced by an `AdapterLinear` holding
+it as `base`. All experts of all branches live in one stacked pair of matrices::
+
+      x ─┬──────────────── base (frozen W) ───────────────────────────────┐
+         │                                                                ▼
+         ├─ dropout ─► A (E·r × in) ─► h ─► h ⊙ gate ─► B (out × E·r) ─► (+) ─► y
+         │                                     ▲
+         └─ router R (N × in), softmax in f32 ─┘   (only for a branch with N > 1 experts)
+
+    y      = W x + B (gate ⊙ A dropout(x))
+    A      = [A_1; ...; A_E],  B = [B_1, ..., B_E]       (expert e owns r rows of A, r columns of B)
+    gate_e = alpha/r · member(token, branch(e)) · p_e,    repeated over expert e's r components
+    p      = softmax(R x) over the experts of a routed branch; p_e = 1 in a one-expert branch
+
+so a token's adapter output is alpha/r · Σ_e p_e B_e A_e dropout(x) over the experts of the
+branch it is routed to: the router-weighted sum of that branch's LoRA experts. One `A` matmul,
+one `B` matmul, no loop over experts. A branch not in play for a token multiplies its
+components by an exact 0, so it receives exactly zero gradient from that token (and the
+router none from tokens of the other branch). One dropout mask is shared by all experts.
+
+Configurations (`AdapterConfig.kind`)::
+
+    kind              text tokens                      image tokens
+    mode              T-MoE: N experts + router        V-Adapter: one LoRA
+    lora              one LoRA shared by all tokens (branch `shared`)
+    moe-lora          N experts + router shared by all tokens (branch `shared`)
+    mode-text-lora    one LoRA                         one separate LoRA
+
+Init: A kaiming-uniform (a=sqrt(5)), B zeros, so at step 0 the adapted model equals the host.
+
+Routing: a forward pre-hook on the top-level model reads `input_ids`, derives each token's
+modality (`modality.image_mask`) and stores one immutable `RoutingState` (adapters on?,
+forced branch, image mask) in the model's `RoutingContext`, which every layer reads. The
+routing policy and the pass kind decide the forced branch::
+
+    pass        token      task (train / eval)     sample
+    (none)      per token  per token               per token
+    understand  per token  per token / text        text
+    draw        per token  image                   image
+    student     per token  image                   image
+    teacher     adapters off, whatever the policy
+
+Public API::
+
+    AdapterConfig(kind="mode", rank=8, alpha=16.0, dropout=0.05, num_experts=4,
+                  target_modules=("gate_proj", "up_proj", "down_proj"), routing="token")
+    attach_adapters(model, config=AdapterConfig(), image_token_ids=None) -> model
+    detach_adapters(model) -> model
+    with pass_kind(model, "understand" | "draw" | "teacher" | "student"): ...
+    with adapters_off(model): ...                  # the distillation teacher
+    with image_mask_override(model, mask): ...     # for callers passing inputs_embeds
+    adapter_layers(model) -> {name: AdapterLinear}
+    adapter_state_dict(model) -> {name: tensor}
+    save_adapters(model, directory); load_adapters(model, directory) -> model
+    trainable_parameters(model) -> {"text"|"image"|"shared"|"router": count}
+    expert_shares(model) -> {layer name: mean router weight per expert, last forward}
+    lm_logits(model, **inputs) -> logits from lm_head over the final hidden states
+    routing_context(model) -> RoutingContext
+
+Gradient checkpointing (later): everything a layer reads per forward is the one object
+`routing_context(model).state`; a checkpoint `context_fn` can capture it at forward time and
+put it back for the recomputation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from modecl import modality
+
+__all__ = [
+    "KINDS",
+    "PASS_KINDS",
+    "POLICIES",
+    "AdapterConfig",
+    "AdapterLinear",
+    "RoutingContext",
+    "RoutingState",
+    "adapter_layers",
+    "adapter_state_dict",
+    "adapters_off",
+    "attach_adapters",
+    "detach_adapters",
+    "expert_shares",
+    "image_mask_override",
+    "lm_logits",
+    "load_adapters",
+    "pass_kind",
+    "routing_context",
+    "save_adapters",
+    "trainable_parameters",
+]
+
+KINDS = ("mode", "lora", "moe-lora", "mode-text-lora")
+POLICIES = ("token", "task", "sample")
+PASS_KINDS = ("understand", "draw", "teacher", "student")
+
+_ATTACHMENT = "_modecl_adapters"
+_WEIGHTS_FILE = "adapters.safetensors"
+_CONFIG_FILE = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Which adapter configuration, its LoRA hyper-parameters, targets and routing policy."""
+
+    kind: str = "mode"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    num_experts: int = 4
+    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    routing: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown adapter kind {self.kind!r}; expected one of {KINDS}")
+        if self.routing not in POLICIES:
+            raise ValueError(f"unknown routing policy {self.routing!r}; expected one of {POLICIES}")
+        if self.rank <= 0:
+            raise ValueError(f"rank must be positive, got {self.rank}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be at least 1, got {self.num_experts}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        # JSON gives lists back; a tuple keeps the config hashable and comparable.
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def branches(self) -> tuple[tuple[str, int], ...]:
+        """(branch name, number of experts) in stacking order; > 1 expert means a router."""
+        n = self.num_experts
+        return {
+            "mode": (("text", n), ("image", 1)),
+            "lora": (("shared", 1),),
+            "moe-lora": (("shared", n),),
+            "mode-text-lora": (("text", 1), ("image", 1)),
+        }[self.kind]
+
+    @property
+    def splits_modality(self) -> bool:
+        """Whether text and image tokens take different branches."""
+        return len(self.branches) == 2
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingState:
+    """Everything an adapter layer needs to know about the forward in progress.
+
+    `branch` forces one branch for every token; None routes each token by `image_mask`
+    (batch, seq; True = image). Replaced, never mutated, so it can be captured and restored.
+    """
+
+    enabled: bool = True
+    branch: str | None = None
+    image_mask: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class RoutingContext:
+    """The routing policy, the pass in progress, and the state of the current forward."""
+
+    config: AdapterConfig
+    image_token_ids: list[int] | None
+    pass_kind: str | None = None
+    off_depth: int = 0
+    mask_override: torch.Tensor | None = None
+    state: RoutingState = field(default_factory=RoutingState)
+
+    def forced_branch(self, training: bool) -> str | None:
+        """The branch every token takes under the policy and pass, None for per token."""
+        if self.pass_kind is None or self.config.routing == "token":
+            return None
+        if self.pass_kind in ("draw", "student"):
+            return "image"
+        if self.config.routing == "sample" or not training:
+            return "text"
+        return None
+
+    def prepare(self, training: bool, input_ids: torch.Tensor | None) -> None:
+        """Set the state for a forward over `input_ids` (only the new tokens under a cache)."""
+        enabled = self.off_depth == 0 and self.pass_kind != "teacher"
+        branch = self.forced_branch(training) if enabled else None
+        mask = None
+        if enabled and branch is None and self.config.splits_modality:
+            if self.mask_override is not None:
+                mask = self.mask_override
+            elif input_ids is not None:
+                mask = modality.image_mask(input_ids, self.image_token_ids)
+            else:
+                raise ValueError(
+                    "per-token routing needs each token's modality: call the model with "
+                    "input_ids, or wrap a forward on inputs_embeds in image_mask_override()"
+                )
+        self.state = RoutingState(enabled, branch, mask)
+
+    def pre_forward_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self.prepare(module.training, kwargs.get("input_ids", args[0] if args else None))
+
+
+class AdapterLinear(nn.Module):
+    """A frozen `nn.Linear` (`base`) plus the stacked experts of every branch (see module doc)."""
+
+    def __init__(self, base: nn.Linear, config: AdapterConfig, routing: RoutingContext) -> None:
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        self.branches = config.branches
+        self.rank = config.rank
+        self.scaling = config.alpha / config.rank
+        experts = sum(n for _, n in self.branches)
+        kw = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(experts * self.rank, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, experts * self.rank, **kw))
+        # Fan-in of each expert's A is in_features, as for the stack: one call inits all alike.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        routed = [n for _, n in self.branches if n > 1]
+        self.router = nn.Linear(base.in_features, routed[0], bias=False, **kw) if routed else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.columns: dict[str, slice] = {}
+        start = 0
+        for name, n in self.branches:
+            self.columns[name] = slice(start, start + n * self.rank)
+            start += n * self.rank
+        # (router weights, branch membership or None) of the last forward, detached.
+        self.last_route: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        state = self.routing.state
+        if not state.enabled:
+            return y
+        self.last_route = None
+        xa = x.to(self.lora_A.dtype)
+        if state.branch is not None and len(self.branches) == 2:
+            # One branch for all tokens: compute only its columns; the other gets no gradient.
+            branches = tuple(b for b in self.branches if b[0] == state.branch)
+            cols = self.columns[state.branch]
+            lora_A, lora_B, mask = self.lora_A[cols], self.lora_B[:, cols], None
+        else:
+            branches, lora_A, lora_B = self.branches, self.lora_A, self.lora_B
+            mask = state.image_mask if len(self.branches) == 2 else None
+        h = F.linear(self.dropout(xa), lora_A)
+        if len(branches) == 1 and branches[0][1] == 1:  # one expert for every token
+            h = h * self.scaling
+        else:
+            gate = self._gate(xa, branches, mask)
+            h = (h.unflatten(-1, (-1, self.rank)) * gate.unsqueeze(-1)).flatten(-2)
+        return y + F.linear(h, lora_B).to(y.dtype)
+
+    def _gate(
+        self, x: torch.Tensor, branches: Sequence[tuple[str, int]], mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Per-token weight of each expert in play, alpha/r included: (..., experts)."""
+        if mask is not None and mask.shape != x.shape[:-1]:
+            raise ValueError(
+                f"image mask of shape {tuple(mask.shape)} does not match the tokens "
+                f"{tuple(x.shape[:-1])} reaching this layer"
+            )
+        parts = []
+        for name, n in branches:  # one or two branches; the experts are never looped over
+            member = None if mask is None else (mask if name == "image" else ~mask).unsqueeze(-1)
+            if n > 1:
+                weights = F.linear(x, self.router.weight).float().softmax(-1).to(x.dtype)
+                self.last_route = (weights.detach(), member)
+                parts.append(weights if member is None else weights * member)
+            else:
+                parts.append(x.new_ones(*x.shape[:-1], 1) if member is None else member.to(x.dtype))
+        return torch.cat(parts, -1) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"branches={self.branches}, rank={self.rank}, scaling={self.scaling}"
+
+
+@dataclass
+class _Attachment:
+    routing: RoutingContext
+    hook: torch.utils.hooks.RemovableHandle
+    host_requires_grad: dict[str, bool]
+
+
+def _attachment(model: nn.Module) -> _Attachment:
+    attachment = getattr(model, _ATTACHMENT, None)
+    if attachment is None:
+        raise ValueError(f"{type(model).__name__} has no adapters attached")
+    return attachment
+
+
+def _is_target(name: str, patterns: Sequence[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def attach_adapters(
+    model: nn.Module,
+    config: AdapterConfig | None = None,
+    image_token_ids: Sequence[int] | None = None,
+) -> nn.Module:
+    """Freeze `model` and wrap each target `nn.Linear` in an `AdapterLinear`; returns `model`.
+
+    `image_token_ids` defaults to `modality.image_token_ids(model.config)`; configurations
+    without a modality split (`lora`, `moe-lora`) need none.
+    """
+    config = config or AdapterConfig()
+    if hasattr(model, _ATTACHMENT):
+        raise ValueError(f"{type(model).__name__} already has adapters; detach_adapters first")
+    ids = None
+    if config.splits_modality:
+        ids = list(image_token_ids or modality.image_token_ids(model.config))
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and _is_target(name, config.target_modules)
+    ]
+    if not targets:
+        raise ValueError(
+            f"no nn.Linear module of {type(model).__name__} matches target_modules "
+            f"{list(config.target_modules)}"
+        )
+    host_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    routing = RoutingContext(config, ids)
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        base = getattr(owner, child)
+        # A new module starts in training mode; follow the host's mode (dropout).
+        setattr(owner, child, AdapterLinear(base, config, routing).train(base.training))
+    hook = model.register_forward_pre_hook(routing.pre_forward_hook, with_kwargs=True)
+    setattr(model, _ATTACHMENT, _Attachment(routing, hook, host_requires_grad))
+    return model
+
+
+def detach_adapters(model: nn.Module) -> nn.Module:
+    """Put the original linear layers back, drop the hook and restore `requires_grad`."""
+    attachment = _attachment(model)
+    for name, layer in adapter_layers(model).items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base)
+    attachment.hook.remove()
+    delattr(model, _ATTACHMENT)
+    for name, param in model.named_parameters():
+        param.requires_grad_(attachment.host_requires_grad[name])
+    return model
+
+
+def routing_context(model: nn.Module) -> RoutingContext:
+    """The routing context the adapter layers of `model` read."""
+    return _attachment(model).routing
+
+
+@contextmanager
+def pass_kind(model: nn.Module, kind: str) -> Iterator[None]:
+    """Tell the adapter layers which pass (`PASS_KINDS`) runs inside the block."""
+    if kind not in PASS_KINDS:
+        raise ValueError(f"unknown pass kind {kind!r}; expected one of {PASS_KINDS}")
+    routing = routing_context(model)
+    previous, routing.pass_kind = routing.pass_kind, kind
+    try:
+        yield
+    finally:
+        routing.pass_kind = previous
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Run the host model alone inside the block (the same weights, no copy)."""
+    routing = routing_context(model)
+    routing.off_depth += 1
+    try:
+        yield
+    finally:
+        routing.off_depth -= 1
+
+
+@contextmanager
+def image_mask_override(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
+    """Use `mask` (batch, seq; True = image) as the tokens' modality inside the block.
+
+    For forwards given `inputs_embeds` instead of `input_ids`; it must match their shape.
+    """
+    routing = routing_context(model)
+    previous, routing.mask_override = routing.mask_override, mask.bool()
+    try:
+        yield
+    finally:
+        routing.mask_override = previous
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
+    """Every adapter layer of `model` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter parameters (experts and routers, not the host's), detached."""
+    return {
+        f"{name}.{key}": param.detach()
+        for name, layer in adapter_layers(model).items()
+        for key, param in layer.named_parameters()
+        if not key.startswith("base.")
+    }
+
+
+def save_adapters(model: nn.Module, directory: str | Path) -> None:
+    """Write the adapter weights (safetensors) and configuration (JSON) into `directory`."""
+    routing = routing_context(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, str(directory / _WEIGHTS_FILE))
+    meta = {**asdict(routing.config), "image_token_ids": routing.image_token_ids}
+    (directory / _CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load adapters saved by `save_adapters`, attaching them first if `model` has none."""
+    directory = Path(directory)
+    meta = json.loads((directory / _CONFIG_FILE).read_text())
+    ids = meta.pop("image_token_ids")
+    config = AdapterConfig(**meta)
+    if not hasattr(model, _ATTACHMENT):
+        attach_adapters(model, config, image_token_ids=ids)
+    elif routing_context(model).config != config:
+        raise ValueError(
+            f"attached adapters {routing_context(model).config} differ from saved {config}"
+        )
+    saved = load_file(str(directory / _WEIGHTS_FILE))
+    own = adapter_state_dict(model)
+    if saved.keys() != own.keys():
+        raise ValueError(
+            f"saved adapters do not fit the model: missing {sorted(own.keys() - saved.keys())}, "
+            f"unexpected {sorted(saved.keys() - own.keys())}"
+        )
+    with torch.no_grad():
+        for key, param in own.items():
+            param.copy_(saved[key])
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Adapter parameter counts per branch (`text`, `image`, `shared`) and `router`."""
+    counts: dict[str, int] = {}
+    for layer in adapter_layers(model).values():
+        for name, n in layer.branches:
+            size = n * layer.rank * (layer.base.in_features + layer.base.out_features)
+            counts[name] = counts.get(name, 0) + size
+        if layer.router is not None:
+            counts["router"] = counts.get("router", 0) + layer.router.weight.numel()
+    return counts
+
+
+def expert_shares(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Mean router weight per expert over the routed tokens of the last forward, per layer.
+
+    Layers whose router saw no token in that forward are left out.
+    """
+    shares = {}
+    for name, layer in adapter_layers(model).items():
+        if layer.last_route is None:
+            continue
+        weights, member = layer.last_route
+        weights = weights.reshape(-1, weights.shape[-1]).float()
+        if member is not None:
+            weights = weights[member.reshape(-1)]
+        if len(weights):
+            shares[name] = weights.mean(0)
+    return shares
+
+
+def lm_logits(model: nn.Module, **inputs: Any) -> torch.Tensor:
+    """Logits of the whole vocabulary: `lm_head` over the final hidden states.
+
+    Unlike Chameleon's forward, which sets image-token logits to the dtype minimum, these
+    are usable for a loss on image tokens. `inputs` are the model's forward inputs.
+    """
+    attachment = getattr(model, _ATTACHMENT, None)
+    if attachment is not None:
+        # The body is called directly, below the top-level hook: route here instead.
+        attachment.routing.prepare(model.training, inputs.get("input_ids"))
+    hidden = model.base_model(**inputs).last_hidden_state
+    return model.get_output_embeddings()(hidden)

@@ -1,0 +1,69 @@
+"""EWC on the adapter parameters: plain LoRA plus the penalty
+
+    weight / 2 * sum_i F_i (theta_i - theta*_i)^2
+
+with F the diagonal (empirical) Fisher estimated after each task from squared gradients
+of the task loss, summed over tasks (online EWC), and theta* the adapters after the last
+task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from modecl.config import ContinualSettings
+from modecl.methods.base import LossFn, Method
+from modecl.tasks import Task
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@dataclass
+class EWC(Method):
+    weight: float = 1000.0
+    fisher_batches: int = 16
+    fisher_batch_size: int = 8
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    anchor: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def setup(self, settings: ContinualSettings) -> None:
+        self.weight = settings.ewc.weight
+        self.fisher_batches = settings.ewc.fisher_batches
+        self.fisher_batch_size = settings.ewc.fisher_batch_size
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        if not self.fisher:
+            return None
+        params = trainable(model)
+        total = sum((self.fisher[n] * (params[n] - self.anchor[n]) ** 2).sum() for n in self.fisher)
+        return 0.5 * self.weight * total
+
+    def after_task(self, model: torch.nn.Module, task: Task, loss_fn: LossFn, seed: int) -> None:
+        params = trainable(model)
+        fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+        order = np.random.default_rng(seed).permutation(len(task.train))
+        size = self.fisher_batch_size
+        batches = [order[i : i + size] for i in range(0, len(order), size)][: self.fisher_batches]
+        for index in batches:
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, [task.train[i] for i in index]).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    fisher[n] += p.grad.detach() ** 2 / len(batches)
+        model.zero_grad(set_to_none=True)
+        for n, f in fisher.items():
+            self.fisher[n] = self.fisher.get(n, torch.zeros_like(f)) + f
+        self.anchor = {n: p.detach().clone() for n, p in params.items()}
+
+    def state_dict(self) -> dict:
+        return {"fisher": self.fisher, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fisher, self.anchor = state["fisher"], state["anchor"]
+
+
+METHOD = EWC("ewc", kind="lora")

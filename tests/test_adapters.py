@@ -1,0 +1,425 @@
+"""The adapter layer, by values, on tiny Llama and Chameleon hosts."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    ChameleonConfig,
+    ChameleonForConditionalGeneration,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from modecl.adapters import (
+    KINDS,
+    AdapterConfig,
+    AdapterLinear,
+    RoutingContext,
+    RoutingState,
+    adapter_layers,
+    adapters_off,
+    attach_adapters,
+    detach_adapters,
+    expert_shares,
+    image_mask_override,
+    lm_logits,
+    load_adapters,
+    pass_kind,
+    routing_context,
+    save_adapters,
+    trainable_parameters,
+)
+from modecl.modality import image_mask
+
+IMAGE_IDS = list(range(40, 64))  # both hosts: codes and markers
+TEXT_IDS = list(range(3, 39))
+SIZES = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2}
+HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, pad_token_id=0, **SIZES, **HEADS)
+    config.image_token_ids = IMAGE_IDS
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_chameleon() -> ChameleonForConditionalGeneration:
+    vocabulary = {f"tok{i}": i for i in range(40)}
+    for i in range(40, 61):  # as on the hub: IMGIMG + the code's digits as letters + Z
+        vocabulary["IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(i)) + "Z"] = i
+    vocabulary.update({"<image>": 61, "<eoss>": 62, "<racm3:break>": 63})
+    vq = {"embed_dim": 4, "num_embeddings": 21, "latent_channels": 4, "base_channels": 32}
+    torch.manual_seed(0)
+    config = ChameleonConfig(
+        vocab_size=64,
+        pad_token_id=0,
+        vocabulary_map=vocabulary,
+        vq_config={**vq, "in_channels": 3, "channel_multiplier": [1, 2]},
+        **SIZES,
+        **HEADS,
+    )
+    return ChameleonForConditionalGeneration(config).eval()
+
+
+HOSTS = {"llama": tiny_llama, "chameleon": tiny_chameleon}
+
+
+def batch(kind: str = "mixed", rows: int = 2) -> torch.Tensor:
+    """Token ids: a caption, an image span, more text; or text / image tokens only."""
+    g = torch.Generator().manual_seed(1)
+    text = torch.tensor(TEXT_IDS)[torch.randint(len(TEXT_IDS), (rows, 12), generator=g)]
+    image = torch.tensor(IMAGE_IDS)[torch.randint(len(IMAGE_IDS), (rows, 12), generator=g)]
+    if kind == "text":
+        return text
+    if kind == "image":
+        return image
+    return torch.cat([text[:, :4], image[:, :6], text[:, 4:6]], dim=1)
+
+
+def randomize(model: nn.Module, std: float = 0.3) -> None:
+    """Non-zero B so that every expert changes the output and A gets gradient."""
+    torch.manual_seed(2)
+    for layer in adapter_layers(model).values():
+        nn.init.normal_(layer.lora_B, std=std)
+
+
+def adapted(host: str, std: float = 0.3, **config) -> nn.Module:
+    model = attach_adapters(HOSTS[host](), AdapterConfig(**config))
+    randomize(model, std)
+    return model
+
+
+# --- zero init, peft, the stacked layer ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("host", HOSTS)
+def test_zero_init_equals_host(host, kind):
+    model = HOSTS[host]()
+    ids = batch()
+    expected = model(ids).logits
+    attach_adapters(model, AdapterConfig(kind=kind))
+    layers = adapter_layers(model)
+    assert len(layers) == 3 * SIZES["num_hidden_layers"]
+    adapter_params = {
+        id(p) for layer in layers.values() for n, p in layer.named_parameters() if "base" not in n
+    }
+    for param in model.parameters():
+        assert param.requires_grad == (id(param) in adapter_params)
+    assert torch.equal(model(ids).logits, expected)
+
+
+def test_lora_equals_peft_lora():
+    peft = pytest.importorskip("peft")
+    ours = attach_adapters(tiny_llama(), AdapterConfig(kind="lora"))
+    randomize(ours)
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets)
+    theirs = peft.get_peft_model(tiny_llama(), config).eval()
+    for name, layer in adapter_layers(ours).items():
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        peft_layer.lora_A["default"].weight.data.copy_(layer.lora_A)
+        peft_layer.lora_B["default"].weight.data.copy_(layer.lora_B)
+    ids = batch()
+    expected = theirs(ids).logits
+    assert not torch.allclose(expected, tiny_llama()(ids).logits, atol=1e-3)
+    torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def loop_reference(layer: AdapterLinear, x: torch.Tensor, state: RoutingState) -> torch.Tensor:
+    """The same layer written as a plain loop over experts, one token mask per branch."""
+    out = layer.base(x)
+    r, start = layer.rank, 0
+    for name, n in layer.branches:
+        columns = range(start, start + n * r, r)
+        start += n * r
+        member = torch.ones(x.shape[:-1], dtype=torch.bool)
+        if len(layer.branches) == 2:
+            if state.branch is not None:
+                if name != state.branch:
+                    continue
+            else:
+                member = state.image_mask if name == "image" else ~state.image_mask
+        probs = layer.router(x).float().softmax(-1) if n > 1 else torch.ones(*x.shape[:-1], 1)
+        for e, c in enumerate(columns):
+            expert = x @ layer.lora_A[c : c + r].T @ layer.lora_B[:, c : c + r].T
+            out = out + layer.scaling * (probs[..., e : e + 1] * member.unsqueeze(-1)) * expert
+    return out
+
+
+def standalone_layer(kind: str, mask: torch.Tensor, branch: str | None) -> AdapterLinear:
+    torch.manual_seed(3)
+    config = AdapterConfig(kind=kind, dropout=0.0, num_experts=3, rank=4, alpha=6.0)
+    routing = RoutingContext(config, image_token_ids=None)
+    routing.state = RoutingState(enabled=True, branch=branch, image_mask=mask)
+    layer = AdapterLinear(nn.Linear(16, 24), config, routing)
+    nn.init.normal_(layer.lora_B)
+    return layer
+
+
+@pytest.mark.parametrize("branch", [None, "text", "image"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_stacked_layer_equals_expert_loop(kind, branch):
+    mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    layer = standalone_layer(kind, mask, branch)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+    upstream = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(5))
+    results = []
+    for forward in (layer, lambda x: loop_reference(layer, x, layer.routing.state)):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = forward(xi)
+        (out * upstream).sum().backward()
+        grads = [xi.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+        results.append([out.detach()] + [torch.zeros(()) if g is None else g for g in grads])
+    assert not torch.allclose(results[0][0], layer.base(x))
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+# --- gradient isolation ------------------------------------------------------------------
+
+
+def grad_of(param: torch.Tensor, index: slice | tuple[slice, slice] = slice(None)) -> torch.Tensor:
+    return torch.zeros(1) if param.grad is None else param.grad[index].flatten()
+
+
+def branch_grads(layers: dict[str, AdapterLinear]) -> dict[str, torch.Tensor]:
+    """The gradient of every branch's A and B, and of the router, over all layers."""
+    grads: dict[str, list[torch.Tensor]] = {}
+    for layer in layers.values():
+        for name, cols in layer.columns.items():
+            a, b = grad_of(layer.lora_A, cols), grad_of(layer.lora_B, (slice(None), cols))
+            grads.setdefault(name, []).extend([a, b])
+        if layer.router is not None:
+            grads.setdefault("router", []).append(grad_of(layer.router.weight))
+    return {name: torch.cat(parts) for name, parts in grads.items()}
+
+
+def test_token_policy_branch_learns_only_from_its_tokens():
+    """Changing the other branch's tokens (inputs and upstream gradient) changes nothing."""
+    mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    layer = standalone_layer("mode", mask, None)
+    g = torch.Generator().manual_seed(6)
+    x, upstream = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 24, generator=g)
+
+    def grads_after(perturbed: torch.Tensor) -> dict[str, torch.Tensor]:
+        layer.zero_grad()
+        xi, up = x.clone(), upstream.clone()
+        xi[perturbed] = torch.randn(int(perturbed.sum()), 16, generator=g)
+        up[perturbed] = torch.randn(int(perturbed.sum()), 24, generator=g)
+        (layer(xi) * up).sum().backward()
+        return branch_grads({"layer": layer})
+
+    reference = grads_after(torch.zeros_like(mask))
+    image_changed, text_changed = grads_after(mask), grads_after(~mask)
+    for name in ("text", "router"):
+        assert torch.equal(image_changed[name], reference[name])
+        assert not torch.equal(text_changed[name], reference[name])
+    assert torch.equal(text_changed["image"], reference["image"])
+    assert not torch.equal(image_changed["image"], reference["image"])
+
+
+ALL = {"text", "image", "router"}
+UNDERSTAND = {"text", "router"}
+
+
+@pytest.mark.parametrize(
+    ("policy", "kind", "training", "tokens", "learning"),
+    [
+        ("token", None, True, "text", UNDERSTAND),
+        ("token", None, True, "image", {"image"}),
+        ("token", None, True, "mixed", ALL),
+        ("token", "understand", False, "mixed", ALL),
+        ("token", "draw", True, "mixed", ALL),
+        ("task", None, True, "mixed", ALL),
+        ("task", "understand", True, "mixed", ALL),
+        ("task", "understand", False, "mixed", UNDERSTAND),
+        ("task", "draw", True, "mixed", {"image"}),
+        ("task", "student", True, "mixed", {"image"}),
+        ("sample", "understand", True, "mixed", UNDERSTAND),
+        ("sample", "understand", False, "mixed", UNDERSTAND),
+        ("sample", "draw", False, "mixed", {"image"}),
+        ("sample", "student", True, "mixed", {"image"}),
+    ],
+)
+def test_routing_policy_decides_which_branches_learn(policy, kind, training, tokens, learning):
+    model = adapted("llama", routing=policy).train(training)
+    ids = batch(tokens)
+    with pass_kind(model, kind) if kind else nullcontext():
+        logits = lm_logits(model, input_ids=ids)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    for name, grad in branch_grads(adapter_layers(model)).items():
+        # exactly zero, not small: the branch is untouched
+        assert (torch.count_nonzero(grad) > 0) == (name in learning), name
+
+
+def test_teacher_pass_and_adapters_off_are_the_host():
+    model = tiny_llama()
+    ids = batch()
+    host = model(ids).logits
+    attach_adapters(model, AdapterConfig(routing="sample"))
+    randomize(model)
+    student = model(ids).logits
+    assert not torch.allclose(student, host, atol=1e-3)
+    with adapters_off(model):
+        assert torch.equal(model(ids).logits, host)
+        with adapters_off(model):
+            pass
+        assert torch.equal(model(ids).logits, host)
+    with pass_kind(model, "teacher"):
+        assert torch.equal(model(ids).logits, host)
+    with pass_kind(model, "student"):
+        assert not torch.allclose(model(ids).logits, host, atol=1e-3)
+    assert torch.equal(model(ids).logits, student)
+
+
+# --- generation, inputs_embeds, lm_logits ------------------------------------------------
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_generate_with_cache_equals_greedy_recompute(host):
+    model = adapted(host, std=1.0)
+    model.generation_config.eos_token_id = None
+    prompt = batch()
+    new_tokens = 8
+    generated = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_cache=True)
+    sequence = prompt
+    for _ in range(new_tokens):
+        following = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, following], dim=1)
+    assert torch.equal(generated, sequence)
+    with adapters_off(model):
+        host_generated = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+    assert not torch.equal(generated, host_generated)
+
+
+def test_inputs_embeds_need_an_explicit_mask():
+    model = adapted("llama")
+    ids = batch()
+    embeds = model.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(inputs_embeds=embeds)
+    with image_mask_override(model, image_mask(ids, IMAGE_IDS)):
+        from_embeds = model(inputs_embeds=embeds).logits
+    assert torch.equal(from_embeds, model(ids).logits)
+    model = adapted("llama", routing="sample")
+    with pass_kind(model, "understand"):  # a forced branch needs no mask
+        model(inputs_embeds=embeds)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_lm_logits_are_the_forward_logits_without_the_image_mask(host):
+    model = adapted(host)
+    ids = batch()
+    ours, forward = lm_logits(model, input_ids=ids), model(ids).logits
+    assert torch.isfinite(ours).all()
+    blocked = forward == torch.finfo(forward.dtype).min
+    assert torch.equal(ours[~blocked], forward[~blocked])
+    # Chameleon blocks its IMGIMG codes (not the markers); Llama blocks nothing
+    expected_blocked = list(range(40, 61)) if host == "chameleon" else []
+    assert blocked.all(dim=(0, 1)).nonzero().flatten().tolist() == expected_blocked
+
+
+# --- saving, counting, detaching, shares, errors -----------------------------------------
+
+
+def test_save_load_round_trip(tmp_path):
+    config = dict(num_experts=3, routing="sample", target_modules=("up_proj", "down_proj"))
+    model = adapted("llama", **config)
+    ids = batch()
+    with pass_kind(model, "understand"):
+        expected = model(ids).logits
+    save_adapters(model, tmp_path)
+    fresh = load_adapters(tiny_llama(), tmp_path)
+    assert routing_context(fresh).config == AdapterConfig(**config)
+    assert routing_context(fresh).image_token_ids == IMAGE_IDS
+    with pass_kind(fresh, "understand"):
+        assert torch.equal(fresh(ids).logits, expected)
+    other = attach_adapters(tiny_llama(), AdapterConfig())
+    with pytest.raises(ValueError, match="differ from saved"):
+        load_adapters(other, tmp_path)
+
+
+# tiny Llama, per layer: three linears with in+out = 80 each, router inputs 32+32+48
+IN_OUT, ROUTER_IN = 2 * 3 * 80, 2 * 112
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("mode", {"text": 4 * 8 * IN_OUT, "image": 8 * IN_OUT, "router": 4 * ROUTER_IN}),
+        ("lora", {"shared": 8 * IN_OUT}),
+        ("moe-lora", {"shared": 4 * 8 * IN_OUT, "router": 4 * ROUTER_IN}),
+        ("mode-text-lora", {"text": 8 * IN_OUT, "image": 8 * IN_OUT}),
+    ],
+)
+def test_trainable_parameters_per_branch(kind, expected):
+    model = attach_adapters(tiny_llama(), AdapterConfig(kind=kind))
+    counts = trainable_parameters(model)
+    assert counts == expected
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_detach_restores_the_host():
+    model = tiny_llama()
+    ids = batch()
+    host, keys = model(ids).logits, set(model.state_dict())
+    detach_adapters(adapted_model := attach_adapters(model, AdapterConfig()))
+    assert adapted_model is model
+    assert set(model.state_dict()) == keys
+    assert not adapter_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(model(ids).logits, host)
+    model(inputs_embeds=model.get_input_embeddings()(ids))  # the routing hook is gone
+
+
+@pytest.mark.parametrize(
+    ("tokens", "kind", "routed"),
+    [("mixed", None, True), ("image", None, False), ("mixed", "draw", False)],
+)
+def test_expert_shares_cover_routed_tokens_only(tokens, kind, routed):
+    model = adapted("llama", routing="sample")
+    with pass_kind(model, kind) if kind else nullcontext():
+        model(batch(tokens))
+    shares = expert_shares(model)
+    assert bool(shares) == routed
+    for share in shares.values():
+        assert share.shape == (4,)
+        torch.testing.assert_close(share.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: AdapterConfig(rank=0), "rank must be positive"),
+        (lambda: AdapterConfig(routing="random"), "unknown routing policy 'random'"),
+        (lambda: AdapterConfig(kind="prompt"), "unknown adapter kind 'prompt'"),
+        (lambda: AdapterConfig(num_experts=0), "num_experts must be at least 1"),
+        (
+            lambda: attach_adapters(tiny_llama(), AdapterConfig(target_modules=("fc1", "fc2"))),
+            r"LlamaForCausalLM matches target_modules \['fc1', 'fc2'\]",
+        ),
+        (
+            lambda: attach_adapters(LlamaForCausalLM(LlamaConfig(vocab_size=8, **SIZES, **HEADS))),
+            "LlamaConfig defines no image tokens",
+        ),
+        (lambda: attach_adapters(adapted("llama")), "already has adapters"),
+        (lambda: pass_kind(adapted("llama"), "review").__enter__(), "unknown pass kind 'review'"),
+    ],
+)
+def test_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_plain_lora_needs_no_image_tokens():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8, **SIZES, **HEADS))
+    attach_adapters(model, AdapterConfig(kind="lora"))
+    model(inputs_embeds=torch.randn(1, 3, SIZES["hidden_size"]))

@@ -1,0 +1,177 @@
+"""The training loop, distillation wiring and every method, on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from modecl.adapters import attach_adapters, pass_kind, trainable_parameters
+from modecl.config import ContinualSettings, from_dict
+from modecl.digits.model import build_model
+from modecl.digits.tasks import DRAW_PROMPT
+from modecl.methods import METHOD_NAMES, get_method
+from modecl.sequences import collate, next_token_loss, understand_example
+from modecl.tasks import Task
+from modecl.train import DrawPair, distill_loss, train_task, understand_loss
+from modecl.vocab import IGNORE
+from tests.conftest import tiny_config
+
+SETTINGS = from_dict(
+    ContinualSettings,
+    {
+        "adapter": {"rank": 2, "num_experts": 2},
+        "train": {"epochs": 1, "batch_size": 8, "max_train_samples": 16, "lr": 1e-2},
+        "distill": {"batch_size": 4},
+        "replay": {"buffer_size": 6, "per_batch": 3},
+        "ewc": {"fisher_batches": 2, "fisher_batch_size": 4},
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def two_tasks(world):
+    tasks = world.tasks(["parity", "comparison"])
+    return [Task(t.name, t.answers, t.train[:24], t.test[:8]) for t in tasks]
+
+
+@pytest.fixture(scope="module")
+def pairs(world):
+    codes = world.codebook.encode(world.pools.images[world.pools.train[:20]])
+    labels = world.pools.labels[world.pools.train[:20]]
+    return [
+        DrawPair(
+            DRAW_PROMPT.format(
+                ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][y]
+            ),
+            tuple(c),
+        )
+        for c, y in zip(codes, labels, strict=True)
+    ]
+
+
+def fresh_model(world, seed=0):
+    return build_model(world.vocab, tiny_config().model, seed=seed)
+
+
+def test_loss_covers_only_tokens_after_the_separator(world, two_tasks):
+    vocab = world.vocab
+    s = two_tasks[0].train[0]
+    ex = understand_example(vocab, s.codes, s.question, s.answer)
+    sep = ex.input_ids.index(vocab.sep_id)
+    assert all(label == IGNORE for label in ex.labels[: sep + 1])
+    assert ex.labels[sep + 1 :] == ex.input_ids[sep + 1 :]
+    batch = collate([ex], vocab.pad_id)
+    logits = torch.randn(1, len(ex.input_ids), len(vocab))
+    expected = torch.nn.functional.cross_entropy(
+        logits[0, sep:-1], torch.tensor(ex.input_ids[sep + 1 :])
+    )
+    assert torch.allclose(next_token_loss(logits, batch["labels"]), expected)
+    changed = logits.clone()
+    changed[0, :sep] = torch.randn(sep, len(vocab)) * 100  # predictions of prompt tokens
+    assert torch.allclose(next_token_loss(changed, batch["labels"]), expected)
+    changed[0, sep] += torch.randn(len(vocab))  # the prediction of the first answer token
+    assert not torch.allclose(next_token_loss(changed, batch["labels"]), expected)
+
+
+def test_kd_is_zero_at_init_and_the_teacher_is_the_host_without_a_copy(world, pairs):
+    model = fresh_model(world)
+    batch = collate([], world.vocab.pad_id) if False else None  # noqa: F841 (clarity below)
+    ids = torch.tensor(
+        [
+            [
+                world.vocab.bos_id,
+                *world.vocab.encode_words("draw a one"),
+                world.vocab.sep_id,
+                world.vocab.boi_id,
+            ]
+        ]
+    )
+    host_logits = model(input_ids=ids).logits
+    n_params = sum(p.numel() for p in model.parameters())
+    attach_adapters(model, get_method("mode").adapter_config(SETTINGS))
+    adapter_params = sum(trainable_parameters(model).values())
+    assert sum(p.numel() for p in model.parameters()) == n_params + adapter_params
+    for layer in model.modules():  # perturb every adapter: the student now differs
+        for name, p in layer.named_parameters(recurse=False):
+            if name in ("lora_B",) or name.endswith("B"):
+                p.data.normal_()
+    with pass_kind(model, "teacher"):
+        assert torch.equal(model(input_ids=ids).logits, host_logits)
+    assert not torch.equal(model(input_ids=ids).logits, host_logits)
+    fresh = fresh_model(world)
+    attach_adapters(fresh, get_method("mode").adapter_config(SETTINGS))
+    assert distill_loss(fresh, world.vocab, pairs[:4], SETTINGS.distill).item() == 0.0
+    assert distill_loss(model, world.vocab, pairs[:4], SETTINGS.distill).item() > 0.0
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_every_method_trains_two_tasks_end_to_end(world, two_tasks, pairs, name):
+    model = fresh_model(world)
+    method = get_method(name)
+    method.setup(SETTINGS)
+    attach_adapters(model, method.adapter_config(SETTINGS))
+    host = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for k, task in enumerate(two_tasks):
+        log = train_task(
+            model, world.vocab, method, task, SETTINGS, draw_pairs=pairs, seed=k, progress=False
+        )
+        assert len(log["loss"]) == 2 and all(np.isfinite(log["loss"]))
+        assert bool(log["kd"]) == method.distill
+    for n, p in model.named_parameters():
+        if n in host:
+            assert torch.equal(p, host[n]), f"host weight {n} changed"
+    moved = [
+        n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])
+    ]
+    assert moved, "no adapter parameter was trained"
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown method 'mode2'.*seq-lora"):
+        get_method("mode2")
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance(world, two_tasks):
+    model = fresh_model(world)
+    method = get_method("ewc")
+    method.setup(SETTINGS)
+    attach_adapters(model, method.adapter_config(SETTINGS))
+    assert method.penalty(model) is None
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    method.after_task(model, two_tasks[0], lambda m, s: understand_loss(m, world.vocab, s), 0)
+    assert method.penalty(model).item() == 0.0
+    trained = [p for p in model.parameters() if p.requires_grad]
+    values = []
+    for step in (0.01, 0.1, 1.0):
+        with torch.no_grad():
+            saved = [p.clone() for p in trained]
+            for p in trained:
+                p.add_(step)
+            values.append(method.penalty(model).item())
+            for p, s in zip(trained, saved, strict=True):
+                p.copy_(s)
+    assert 0 < values[0] < values[1] < values[2]
+
+
+def test_replay_batches_contain_old_tasks_samples(world, two_tasks):
+    method = get_method("replay")
+    method.setup(SETTINGS)
+    rng = np.random.default_rng(0)
+    first, second = two_tasks
+    batch = second.train[:4]
+    assert method.mix(list(batch), rng) == batch
+    method.after_task(None, first, None, seed=0)
+    mixed = method.mix(list(batch), rng)
+    assert mixed[:4] == batch and len(mixed) == 4 + SETTINGS.replay.per_batch
+    assert all(s in first.train for s in mixed[4:])
+    method.after_task(None, second, None, seed=1)
+    assert len(method.buffer) == SETTINGS.replay.buffer_size
+    assert {s.question for s in method.buffer} == {
+        first.train[0].question,
+        second.train[0].question,
+    }
