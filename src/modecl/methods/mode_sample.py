@@ -1,4 +1,5 @@
-"""MoDE under the sample policy: every token follows its sample's output modality, so no understanding loss reaches the V-Adapter."""
+"""MoDE under the sample policy: every token follows its sample's output modality,
+so no understanding loss reaches the V-Adapter."""
 
 from modecl.methods.base import Method
 

@@ -1,4 +1,6 @@
-"""MoDE under the paper code's task routing policy (per token in training; answering all text, drawing and the student pass all image)."""
+"""MoDE under the paper code's task routing policy: per token in training; when
+answering every token goes to the text branch, when drawing and in the student pass to
+the image branch."""
 
 from modecl.methods.base import Method
 
