@@ -26,6 +26,7 @@ from modecl.adapters import (
     attach_adapters,
     detach_adapters,
     expert_shares,
+    has_adapters,
     image_mask_override,
     lm_logits,
     load_adapters,
@@ -373,6 +374,7 @@ def test_detach_restores_the_host():
     host, keys = model(ids).logits, set(model.state_dict())
     detach_adapters(adapted_model := attach_adapters(model, AdapterConfig()))
     assert adapted_model is model
+    assert not has_adapters(model)
     assert set(model.state_dict()) == keys
     assert not adapter_layers(model)
     assert all(p.requires_grad for p in model.parameters())

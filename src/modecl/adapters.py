@@ -47,7 +47,7 @@ Public API::
     AdapterConfig(kind="mode", rank=8, alpha=16.0, dropout=0.05, num_experts=4,
                   target_modules=("gate_proj", "up_proj", "down_proj"), routing="token")
     attach_adapters(model, config=AdapterConfig(), image_token_ids=None) -> model
-    detach_adapters(model) -> model
+    detach_adapters(model) -> model;  has_adapters(model) -> bool
     with pass_kind(model, "understand" | "draw" | "teacher" | "student"): ...
     with adapters_off(model): ...                  # the distillation teacher
     with image_mask_override(model, mask): ...     # for callers passing inputs_embeds
@@ -95,6 +95,7 @@ __all__ = [
     "attach_adapters",
     "detach_adapters",
     "expert_shares",
+    "has_adapters",
     "image_mask_override",
     "lm_logits",
     "load_adapters",
@@ -210,6 +211,7 @@ class RoutingContext:
     def pre_forward_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
+        """Forward pre-hook of the top-level model: route by its `input_ids`."""
         self.prepare(module.training, kwargs.get("input_ids", args[0] if args else None))
 
 
@@ -316,11 +318,13 @@ def attach_adapters(
     without a modality split (`lora`, `moe-lora`) need none.
     """
     config = config or AdapterConfig()
-    if hasattr(model, _ATTACHMENT):
+    if has_adapters(model):
         raise ValueError(f"{type(model).__name__} already has adapters; detach_adapters first")
     ids = None
     if config.splits_modality:
-        ids = list(image_token_ids or modality.image_token_ids(model.config))
+        ids = list(
+            modality.image_token_ids(model.config) if image_token_ids is None else image_token_ids
+        )
     targets = [
         name
         for name, module in model.named_modules()
@@ -356,6 +360,11 @@ def detach_adapters(model: nn.Module) -> nn.Module:
     for name, param in model.named_parameters():
         param.requires_grad_(attachment.host_requires_grad[name])
     return model
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether `attach_adapters` has been applied to `model` (and not detached)."""
+    return hasattr(model, _ATTACHMENT)
 
 
 def routing_context(model: nn.Module) -> RoutingContext:
@@ -433,7 +442,7 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
     meta = json.loads((directory / _CONFIG_FILE).read_text())
     ids = meta.pop("image_token_ids")
     config = AdapterConfig(**meta)
-    if not hasattr(model, _ATTACHMENT):
+    if not has_adapters(model):
         attach_adapters(model, config, image_token_ids=ids)
     elif routing_context(model).config != config:
         raise ValueError(
@@ -488,9 +497,8 @@ def lm_logits(model: nn.Module, **inputs: Any) -> torch.Tensor:
     Unlike Chameleon's forward, which sets image-token logits to the dtype minimum, these
     are usable for a loss on image tokens. `inputs` are the model's forward inputs.
     """
-    attachment = getattr(model, _ATTACHMENT, None)
-    if attachment is not None:
+    if has_adapters(model):
         # The body is called directly, below the top-level hook: route here instead.
-        attachment.routing.prepare(model.training, inputs.get("input_ids"))
+        routing_context(model).prepare(model.training, inputs.get("input_ids"))
     hidden = model.base_model(**inputs).last_hidden_state
     return model.get_output_embeddings()(hidden)

@@ -7,10 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from modecl.config import ConfigError, DigitsConfig, load_toml
+from modecl.config import ConfigError, DigitsConfig, RunConfig, load_toml
 from modecl.digits.pretrain import GateError, check_gate, load_or_pretrain
-from modecl.digits.tasks import DEFAULT_SEQUENCE
-from modecl.evaluate import constrained_accuracy, exact_accuracy
+from modecl.report import headline_rows, write_report
+from modecl.run import quick as quick_config
+from modecl.run import run_benchmark, validate
 
 CACHE_HELP = "cache dir (default: $MODECL_CACHE or ~/.cache/modecl)"
 
@@ -64,18 +65,26 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    config = load_toml(DigitsConfig, args.config)
-    summary = _host_summary(config, args.cache)
-    _print_host(summary, config)
-    check_gate(config, summary["captioning_accuracy"], summary["generation_accuracy"])
-    world, model = summary["host"].world, summary["host"].model
-    print("zero-shot accuracy of the pre-trained model on each task's test set:")
-    for task in world.tasks(DEFAULT_SEQUENCE):
-        exact = exact_accuracy(model, world.vocab, task.test)
-        constrained = constrained_accuracy(model, world.vocab, task.test, task.answers)
-        n = len(task.test)
-        print(f"  {task.name:<11} exact {exact:.3f}  constrained {constrained:.3f}  (n={n})")
+    config = load_toml(RunConfig, args.config)
+    if args.methods:
+        config.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.seeds is not None:
+        config.seeds = args.seeds
+    if args.quick:
+        config = quick_config(config)
+    out = args.out or Path("runs/digits-quick" if args.quick else "runs/digits")
+    validate(config)
+    results = run_benchmark(config, out, quick=args.quick, cache_dir=args.cache)
+    report = write_report(out)
+    print(
+        f"{'QUICK run: ' if args.quick else ''}results in {out / 'results.json'}, report {report}"
+    )
+    print("\n".join(headline_rows(results)))
     print(f"done in {time.perf_counter() - args.start:.1f} s")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    print(f"report written: {write_report(args.dir)}")
 
 
 def build_parser() -> argparse.ArgumentParser:

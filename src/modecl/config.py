@@ -219,3 +219,37 @@ class ContinualSettings:
     distill: DistillSettings = field(default_factory=DistillSettings)
     replay: ReplaySettings = field(default_factory=ReplaySettings)
     ewc: EWCSettings = field(default_factory=EWCSettings)
+
+
+@dataclass
+class EvalSettings:
+    samples_per_digit: int = 20  # drawn images per digit for generation accuracy and FD
+    grid_per_digit: int = 2  # drawn images per digit kept for the report's picture grid
+    max_test_samples: int | None = None  # per task; None = the whole test pool
+
+
+@dataclass
+class RunConfig:
+    """A benchmark run: host model, task sequence, methods, and the shared recipe."""
+
+    host: DigitsConfig = field(default_factory=DigitsConfig)
+    tasks: list[str] = field(
+        default_factory=lambda: ["parity", "comparison", "arithmetic", "mirrored", "spatial"]
+    )
+    methods: list[str] = field(
+        default_factory=lambda: [
+            "seq-lora",
+            "moe-lora",
+            "lwf",
+            "replay",
+            "ewc",
+            "mode",
+            "mode-task",
+            "mode-sample",
+            "mode-no-kd",
+            "mode-text-lora",
+        ]
+    )
+    seeds: int = 1
+    continual: ContinualSettings = field(default_factory=ContinualSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)

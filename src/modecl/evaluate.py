@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from modecl.adapters import has_adapters, lm_logits, pass_kind
 from modecl.generation import generate
 from modecl.sequences import (
     Example,
@@ -19,6 +22,19 @@ from modecl.sequences import (
 )
 from modecl.tasks import Sample
 from modecl.vocab import IGNORE, Vocabulary
+
+
+@dataclass(frozen=True)
+class DrawPair:
+    """An image-generation pair: text prompt -> image codes (distillation stream, NLL)."""
+
+    prompt: str
+    codes: tuple[int, ...]
+
+
+def _pass(model: torch.nn.Module, kind: str) -> AbstractContextManager:
+    """Tell attached adapters which pass runs (a host without adapters needs nothing)."""
+    return pass_kind(model, kind) if has_adapters(model) else nullcontext()
 
 
 def _equal_length_batches(
@@ -46,7 +62,8 @@ def answer(
     prompts = [understand_prompt(vocab, s.codes, s.question) for s in samples]
     out: list[str] = [""] * len(samples)
     for index, batch in _equal_length_batches(prompts, batch_size):
-        tokens = generate(model, batch, max_new_tokens, eos_id=vocab.eos_id)
+        with _pass(model, "understand"):
+            tokens = generate(model, batch, max_new_tokens, eos_id=vocab.eos_id)
         for i, row in zip(index, tokens.tolist(), strict=True):
             out[i] = vocab.decode_words(row)
     return out
@@ -78,9 +95,10 @@ def answer_log_likelihoods(
             batch = collate(
                 [Example(p + tail, [IGNORE] * len(p) + tail) for p in chunk], vocab.pad_id
             )
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits.float()
+            with _pass(model, "understand"):
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits.float()
             logp = logits[:, :-1].log_softmax(-1)
             labels = batch["labels"][:, 1:]
             picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
@@ -118,15 +136,16 @@ def draw(
     ids = [[*draw_prompt(vocab, p), vocab.boi_id] for p in prompts]
     out = np.zeros((len(prompts), image_tokens), dtype=np.int64)
     for index, batch in _equal_length_batches(ids, batch_size):
-        tokens = generate(
-            model,
-            batch,
-            image_tokens,
-            allowed_ids=vocab.image_code_ids,
-            temperature=temperature,
-            top_k=top_k,
-            generator=generator,
-        )
+        with _pass(model, "draw"):
+            tokens = generate(
+                model,
+                batch,
+                image_tokens,
+                allowed_ids=vocab.image_code_ids,
+                temperature=temperature,
+                top_k=top_k,
+                generator=generator,
+            )
         out[index] = tokens.numpy() - vocab.code_offset
     return out
 
@@ -154,9 +173,10 @@ def image_nll(
             ],
             vocab.pad_id,
         )
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits.float()
+        with _pass(model, "draw"):
+            logits = lm_logits(
+                model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).float()
         labels = batch["labels"][:, 1:]
         logp = logits[:, :-1].log_softmax(-1)
         picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,18 +25,11 @@ from transformers import get_cosine_schedule_with_warmup
 from modecl.adapters import lm_logits, pass_kind
 from modecl.config import ContinualSettings, DistillSettings
 from modecl.distill import kd_mask, topk_kl
+from modecl.evaluate import DrawPair
 from modecl.methods.base import Method
 from modecl.sequences import collate, draw_example, next_token_loss, understand_example
 from modecl.tasks import Sample, Task
 from modecl.vocab import Vocabulary
-
-
-@dataclass(frozen=True)
-class DrawPair:
-    """An image-generation pair of the distillation stream: text prompt -> image codes."""
-
-    prompt: str
-    codes: tuple[int, ...]
 
 
 def understand_loss(model: torch.nn.Module, vocab: Vocabulary, samples: Sequence[Sample]):

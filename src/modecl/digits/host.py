@@ -7,13 +7,15 @@ from functools import cached_property
 
 import numpy as np
 import torch
+from sklearn.decomposition import PCA
 
 from modecl.config import DigitsConfig
 from modecl.digits.codebook import TOKENS_PER_IMAGE, Codebook
 from modecl.digits.data import DIGIT_WORDS, Pools, load_pools
 from modecl.digits.judge import Judge
 from modecl.digits.tasks import CAPTION_QUESTION, DRAW_PROMPT, builtin_tasks, words
-from modecl.evaluate import draw, exact_accuracy, image_nll
+from modecl.evaluate import DrawPair, draw, exact_accuracy, image_nll
+from modecl.metrics import frechet_distance
 from modecl.tasks import Sample, Task
 from modecl.vocab import Vocabulary
 
@@ -41,6 +43,29 @@ class DigitsWorld:
         """Trained on the real pixels of the pre-training and continual-train pools."""
         index = np.concatenate([self.pools.pretrain, self.pools.pretrain_val, self.pools.train])
         return Judge(self.pools.images[index], self.pools.labels[index])
+
+    @cached_property
+    def feature_space(self) -> PCA:
+        """A fixed feature space for Frechet distances, fitted on real pixels only."""
+        index = np.concatenate([self.pools.pretrain, self.pools.pretrain_val])
+        return PCA(n_components=16, random_state=0).fit(
+            self.pools.images[index].reshape(len(index), -1)
+        )
+
+    def frechet_distance(self, codes: np.ndarray) -> float:
+        """Frechet distance between drawn images and the real test images (PCA features)."""
+        drawn = self.codebook.decode(codes).reshape(len(codes), -1)
+        real = self.pools.images[self.pools.test].reshape(len(self.pools.test), -1)
+        pca = self.feature_space
+        return frechet_distance(pca.transform(drawn), pca.transform(real))
+
+    def draw_pairs(self, index: np.ndarray) -> list[DrawPair]:
+        """("draw a <digit>", real image codes) pairs: the distillation stream."""
+        codes = self.codebook.encode(self.pools.images[index])
+        return [
+            DrawPair(DRAW_PROMPT.format(DIGIT_WORDS[y]), tuple(int(x) for x in c))
+            for c, y in zip(codes, self.pools.labels[index], strict=True)
+        ]
 
     def captions(self, index: np.ndarray) -> list[Sample]:
         codes = self.codebook.encode(self.pools.images[index])

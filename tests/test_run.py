@@ -1,0 +1,155 @@
+"""The benchmark run: schema, resume after a crash, report, config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import modecl.run
+from modecl.config import ConfigError, RunConfig, from_dict, load_toml
+from modecl.report import write_report
+from modecl.run import run_benchmark
+from tests.conftest import TINY
+
+TASKS = ["parity", "spatial"]
+METHODS = ["seq-lora", "mode", "replay"]
+
+
+def tiny_run(**overrides) -> RunConfig:
+    host = {k: dict(v) for k, v in TINY.items()} | {"gate": {"captioning": 0.0, "generation": 0.0}}
+    data = {
+        "host": host,
+        "tasks": TASKS,
+        "methods": METHODS,
+        "continual": {
+            "adapter": {"rank": 2, "num_experts": 2},
+            "train": {"epochs": 1, "batch_size": 16, "max_train_samples": 32},
+            "distill": {"batch_size": 4},
+            "replay": {"buffer_size": 8, "per_batch": 4},
+        },
+        "eval": {"samples_per_digit": 2, "max_test_samples": 20},
+    }
+    return from_dict(RunConfig, data | overrides)
+
+
+def without_cost(results: dict) -> dict:
+    """Results minus what legitimately differs between two runs: timing, memory, cache."""
+    results = json.loads(json.dumps(results))
+    results.pop("host")
+    for entry in results["methods"].values():
+        for stage in entry["stages"]:
+            for key in ("wall_seconds", "peak_memory_mb", "train_seconds"):
+                stage.pop(key)
+    return results
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("full")
+    return out, run_benchmark(tiny_run(), out, cache_dir=cache, progress=False)
+
+
+def test_results_schema(full_run):
+    out, results = full_run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert results["schema"] == "modecl.results/1" and results["quick"] is False
+    assert results["tasks"] == TASKS and results["seed"] == 0
+    assert set(results["judge"]) == {"real_accuracy", "reconstructed_accuracy"}
+    pre = results["pretrained"]
+    assert len(pre["task_accuracy"]) == len(TASKS)
+    for key in ("captioning_accuracy", "generation_accuracy", "frechet_distance", "image_nll"):
+        assert isinstance(pre[key], float)
+    assert set(results["methods"]) == set(METHODS)
+    for entry in results["methods"].values():
+        for key in ("accuracy_matrix", "constrained_accuracy_matrix"):
+            assert len(entry[key]) == len(TASKS)
+            assert all(len(row) == len(TASKS) for row in entry[key])
+            assert all(0.0 <= v <= 1.0 for row in entry[key] for v in row)
+        for key in ("final_average_accuracy", "average_forgetting", "bwt", "gain_kept"):
+            assert key in entry and f"constrained_{key}" in entry
+        assert [s["task"] for s in entry["stages"]] == TASKS
+        for stage in entry["stages"]:
+            for key in (
+                "captioning_accuracy",
+                "generation_accuracy",
+                "frechet_distance",
+                "image_nll",
+                "wall_seconds",
+                "peak_memory_mb",
+            ):
+                assert isinstance(stage[key], float), key
+
+
+def test_resume_after_a_crash_gives_the_same_results(full_run, tmp_path, cache, monkeypatch):
+    _, uninterrupted = full_run
+    real_train = modecl.run.train_task
+    calls = {"n": 0}
+
+    def crashing_train(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # mid-way: the second method's second task
+            raise KeyboardInterrupt("simulated crash")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(modecl.run, "train_task", crashing_train)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(tiny_run(), tmp_path, cache_dir=cache, progress=False)
+    assert not (tmp_path / "results.json").exists()
+    finished = sorted(p.parent.name + "/" + p.name for p in tmp_path.glob("checkpoints/*/*/stage*"))
+    assert finished == ["mode/stage1", "seq-lora/stage1", "seq-lora/stage2"]
+    calls["n"] = -100  # no more crashes
+    resumed = run_benchmark(tiny_run(), tmp_path, cache_dir=cache, progress=False)
+    assert calls["n"] == -100 + 3  # only the unfinished stages were trained
+    assert without_cost(resumed) == without_cost(uninterrupted)
+
+
+def test_report_is_rebuilt_from_saved_results(full_run):
+    out, results = full_run
+    report = write_report(out).read_text()
+    for name in METHODS:
+        assert f"## {name}" in report
+        assert (out / "figures" / f"samples_{name}.png").stat().st_size > 1000
+    for figure in ("accuracy_matrices", "constrained_accuracy_matrices", "generation_accuracy"):
+        assert (out / "figures" / f"{figure}.png").exists()
+    final = results["methods"]["mode"]["final_average_accuracy"]
+    assert f"| mode | {final:.3f} |" in report
+
+
+def test_multi_seed_results_hold_each_seed_and_mean_std(tmp_path, cache):
+    results = run_benchmark(
+        tiny_run(methods=["seq-lora"], seeds=2), tmp_path, cache_dir=cache, progress=False
+    )
+    assert results["seed"] == [0, 1] and len(results["per_seed"]) == 2
+    values = [
+        r["methods"]["seq-lora"]["stages"][-1]["generation_accuracy"] for r in results["per_seed"]
+    ]
+    entry = results["methods"]["seq-lora"]
+    assert entry["stages"][-1]["generation_accuracy"] == pytest.approx(sum(values) / 2)
+    assert entry["std"]["stages"][-1]["generation_accuracy"] == pytest.approx(
+        abs(values[0] - values[1]) / 2**0.5
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('methods = ["seq-lora", "modee"]', r"unknown method\(s\) \['modee'\]"),
+        ('tasks = ["parity", "colour"]', r"unknown task\(s\) \['colour'\]"),
+        ("[continual.train]\nepochs = 'ten'", r"continual\.train\.epochs: expected int"),
+        ("[continual.train]\nepoch = 3", r"unknown key 'continual\.train\.epoch'"),
+    ],
+)
+def test_config_errors_stop_before_any_training(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        config = load_toml(RunConfig, path)
+        run_benchmark(config, tmp_path / "out", cache_dir=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
