@@ -19,6 +19,7 @@ import math
 import statistics
 import time
 
+import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,8 +83,6 @@ def nonzero_b(model: nn.Module) -> nn.Module:
 
 
 def variants(args: argparse.Namespace, mask: torch.Tensor) -> dict[str, nn.Module]:
-    import peft
-
     base = host(args)
     peft_config = peft.LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(TARGETS)
@@ -119,7 +118,7 @@ def step(model: nn.Module, ids: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small stack, for a smoke run")
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per variant")
+    parser.add_argument("--steps", type=int, default=9, help="timed steps per variant")
     # One thread by default: on a shared machine, OpenMP threads stall whenever another
     # process holds one of their cores, which swamps the differences measured here.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

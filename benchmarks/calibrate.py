@@ -1,0 +1,59 @@
+"""Choose the shared training recipe once, with seq-lora only (never tuned per method).
+
+For each (lr, epochs, batch size) in a small grid, train seq-lora through the default
+sequence and print the accuracy on each task right after training it (the diagonal
+R[i][i]); the recipe in configs/digits.toml is the best shared setting found here.
+
+    .venv/bin/python benchmarks/calibrate.py [--config configs/digits.toml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import time
+
+from modecl.adapters import attach_adapters
+from modecl.config import RunConfig, load_toml
+from modecl.digits.pretrain import load_or_pretrain
+from modecl.evaluate import exact_accuracy
+from modecl.methods import get_method
+from modecl.train import train_task
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="configs/digits.toml")
+    parser.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[32])
+    args = parser.parse_args()
+    base = load_toml(RunConfig, args.config)
+    host = load_or_pretrain(base.host)
+    tasks = host.world.tasks(base.tasks)
+    print(
+        "lr      epochs batch | "
+        + " ".join(f"{t.name[:10]:>10}" for t in tasks)
+        + " |   min  seconds"
+    )
+    for lr, epochs, batch in itertools.product(args.lr, args.epochs, args.batch_size):
+        config = copy.deepcopy(base.continual)
+        config.train.lr, config.train.epochs, config.train.batch_size = lr, epochs, batch
+        method = get_method("seq-lora")
+        model = copy.deepcopy(host.model)
+        attach_adapters(model, method.adapter_config(config))
+        start, diagonal = time.perf_counter(), []
+        for k, task in enumerate(tasks):
+            train_task(model, host.world.vocab, method, task, config, seed=k, progress=False)
+            diagonal.append(exact_accuracy(model, host.world.vocab, task.test))
+        cells = " ".join(f"{a:>10.3f}" for a in diagonal)
+        print(
+            f"{lr:<7g} {epochs:>6} {batch:>5} | {cells} | {min(diagonal):.3f} "
+            f"{time.perf_counter() - start:8.0f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
