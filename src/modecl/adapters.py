@@ -58,10 +58,13 @@ Public API::
     expert_shares(model) -> {layer name: mean router weight per expert, last forward}
     lm_logits(model, **inputs) -> logits from lm_head over the final hidden states
     routing_context(model) -> RoutingContext
+    enable_gradient_checkpointing(model) -> model   # HF checkpointing, routing-safe
 
-Gradient checkpointing (later): everything a layer reads per forward is the one object
-`routing_context(model).state`; a checkpoint `context_fn` can capture it at forward time and
-put it back for the recomputation.
+Gradient checkpointing: everything a layer reads per forward is the one object
+`routing_context(model).state`. A checkpointed layer is recomputed during the backward, when
+the state may belong to a later forward (the distillation teacher, a draw pass, the next
+batch); `enable_gradient_checkpointing` gives torch's checkpoint a `context_fn` that captures
+the state at forward time and puts it back for the recomputation.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +97,7 @@ __all__ = [
     "adapters_off",
     "attach_adapters",
     "detach_adapters",
+    "enable_gradient_checkpointing",
     "expert_shares",
     "has_adapters",
     "image_mask_override",
@@ -502,3 +506,34 @@ def lm_logits(model: nn.Module, **inputs: Any) -> torch.Tensor:
         routing_context(model).prepare(model.training, inputs.get("input_ids"))
     hidden = model.base_model(**inputs).last_hidden_state
     return model.get_output_embeddings()(hidden)
+
+
+@contextmanager
+def _routing_state(routing: RoutingContext, state: RoutingState) -> Iterator[None]:
+    previous, routing.state = routing.state, state
+    try:
+        yield
+    finally:
+        routing.state = previous
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Turn on the host's (non-reentrant) gradient checkpointing, routing-safe; returns `model`.
+
+    Each checkpointed layer's recomputation runs with the `RoutingState` its forward saw,
+    whatever forwards ran in between, so the gradients equal those without checkpointing.
+    The adapters may be attached before or after this call. Non-reentrant checkpointing
+    (the only kind that takes a `context_fn`) needs no inputs that require grad.
+    """
+
+    def context_fn() -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+        if not has_adapters(model):
+            return nullcontext(), nullcontext()
+        routing = routing_context(model)
+        return nullcontext(), _routing_state(routing, routing.state)
+
+    # transformers renamed the method (the old name warns); both take the kwargs first.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    enable = enable or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False, "context_fn": context_fn})
+    return model

@@ -1,0 +1,47 @@
+"""The shipped accelerate configs load with accelerate's own loader and say what they claim."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+from accelerate.commands.launch import launch_command_parser
+from accelerate.utils import DistributedType
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+@pytest.mark.parametrize(
+    ("name", "distributed_type", "processes"),
+    [
+        ("deepspeed_zero2", DistributedType.DEEPSPEED, 8),
+        ("ddp_1gpu", DistributedType.MULTI_GPU, 1),
+        ("ddp_8gpu", DistributedType.MULTI_GPU, 8),
+    ],
+)
+def test_config_loads_with_accelerate(name, distributed_type, processes):
+    config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
+    assert isinstance(config, ClusterConfig)
+    assert config.distributed_type == distributed_type
+    assert config.num_processes == processes
+    assert config.num_machines == 1
+    assert config.mixed_precision == "bf16"
+    assert not config.use_cpu
+    if distributed_type == DistributedType.DEEPSPEED:
+        assert config.deepspeed_config["zero_stage"] == 2
+        assert config.deepspeed_config["gradient_clipping"] == 10.0
+        assert config.deepspeed_config["offload_optimizer_device"] == "none"
+    else:
+        assert config.deepspeed_config == {}
+
+
+def test_deepspeed_fields_are_launch_options():
+    """`accelerate launch` copies each deepspeed_config key onto its own option of that name."""
+    config = load_config_from_file(str(CONFIGS / "deepspeed_zero2.yaml"))
+    options = {action.dest for action in launch_command_parser()._actions}
+    assert set(config.deepspeed_config) <= options
+
+
+def test_every_shipped_config_is_tested():
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == {"deepspeed_zero2", "ddp_1gpu", "ddp_8gpu"}

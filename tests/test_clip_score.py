@@ -1,0 +1,98 @@
+"""CLIP alignment with a tiny random CLIP saved to disk."""
+
+from __future__ import annotations
+
+import string
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
+)
+
+from modecl.clip_score import ClipAlignment, clip_alignment
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIP with its processor, saved as a real checkpoint would be."""
+    directory = tmp_path_factory.mktemp("clip")
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    words = [c + suffix for c in string.ascii_lowercase for suffix in ("", "</w>")]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(specials + words)}, merges=[])
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}
+        ),
+        tokenizer=tokenizer,
+    )
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2}
+    small |= {"num_attention_heads": 4}
+    config = CLIPConfig(
+        text_config={**small, "vocab_size": len(tokenizer), "max_position_embeddings": 32},
+        vision_config={**small, "image_size": SIZE, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def images(count: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(count)
+    ]
+
+
+def test_scores_against_clip_forward(clip_dir):
+    drawn, prompts = images(3, 0), ["a cat", "a dog", "a red bird"]
+    scores = clip_alignment(clip_dir, drawn, prompts, references=[drawn[:1], drawn[1:2], drawn])
+    # CLIP's own forward: logits_per_image = exp(logit_scale) * cosine
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    processor = CLIPProcessor.from_pretrained(clip_dir)
+    inputs = processor(text=prompts, images=drawn, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        output = model(**inputs)
+        cosines = output.logits_per_image / model.logit_scale.exp()
+    assert scores.text == pytest.approx(float(cosines.diag().mean()), abs=1e-5)
+    embeds = F.normalize(output.image_embeds, dim=-1)
+    pairwise = embeds @ embeds.T
+    expected_image = (1 + 1 + float(pairwise[2].mean())) / 3  # an image with itself: 1
+    assert scores.image == pytest.approx(expected_image, abs=1e-5)
+    assert -1 <= scores.text <= 1 and scores.image < 1
+    assert scores.to_dict() == {
+        "status": "ok",
+        "image_alignment": scores.image,
+        "text_alignment": scores.text,
+    }
+
+
+def test_either_score_may_be_left_out(clip_dir):
+    drawn = images(2, 1)
+    only_text = clip_alignment(clip_dir, drawn, prompts=["a cat", "a dog"], batch_size=1)
+    assert only_text.image is None and only_text.text is not None
+    only_image = clip_alignment(clip_dir, drawn, references=[images(2, 2), images(1, 3)])
+    assert only_image.text is None and only_image.image is not None
+    with pytest.raises(ValueError, match="1 prompts for 2 drawn images"):
+        clip_alignment(clip_dir, drawn, prompts=["a cat"])
+
+
+def test_missing_weights_are_reported_not_raised(tmp_path):
+    result = clip_alignment(tmp_path / "clip-vit-base-patch32", images(1, 0), ["a cat"])
+    assert result == ClipAlignment(unavailable=result.unavailable)
+    assert result.to_dict()["status"] == "unavailable"
+    assert "clip-vit-base-patch32" in result.to_dict()["reason"]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    assert "cannot load CLIP" in clip_alignment(tmp_path / "broken", images(1, 0)).unavailable

@@ -1,0 +1,269 @@
+"""Chameleon and Emu3 hosts from transformers, as tiny random models built from configs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import (
+    ChameleonConfig,
+    ChameleonForConditionalGeneration,
+    ChameleonImageProcessorPil,
+    Emu3Config,
+    Emu3ForConditionalGeneration,
+    Emu3TextConfig,
+)
+
+from modecl.adapters import (
+    AdapterConfig,
+    adapter_layers,
+    attach_adapters,
+    lm_logits,
+    routing_context,
+)
+from modecl.hf_host import (
+    decode_image,
+    draw_image_tokens,
+    draw_prompt,
+    image_tokens,
+    image_vocabulary,
+    load_image,
+    save_png,
+    understand_prompt,
+)
+from modecl.modality import image_mask, image_token_ids
+from tests.test_adapters import tiny_llama
+
+# Both tiny hosts: 64 ids, text 0..39 (0 pad, 1 BOS, 2 EOS), the 16 VQ codes at 40..55, markers
+# from 56; 8x8-pixel images give a 4x4 grid of codes.
+CODES = list(range(40, 56))
+TEXT = {"vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+SIZES = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2}
+HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2}
+PIXELS, GRID = 8, (4, 4)
+
+
+def text_vocabulary() -> dict[str, int]:
+    return {f"tok{i}": i for i in [*range(40), *range(62, 64)]}
+
+
+def tiny_chameleon() -> ChameleonForConditionalGeneration:
+    vocabulary = text_vocabulary()
+    for code, i in enumerate(CODES):  # as on the hub: IMGIMG + the code's digits as letters + Z
+        vocabulary["IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(code)) + "Z"] = i
+    vocabulary.update({"<image>": 56, "<eoss>": 57, "<racm3:break>": 58})
+    vq = {"embed_dim": 4, "num_embeddings": 16, "latent_channels": 4, "base_channels": 32}
+    torch.manual_seed(0)
+    config = ChameleonConfig(
+        vocabulary_map=vocabulary,
+        vq_config={**vq, "in_channels": 3, "channel_multiplier": [1, 2]},
+        **TEXT,
+        **SIZES,
+        **HEADS,
+    )
+    return ChameleonForConditionalGeneration(config).eval()
+
+
+def tiny_emu3() -> Emu3ForConditionalGeneration:
+    vocabulary = text_vocabulary()
+    for code, i in enumerate(CODES):
+        vocabulary[f"<|visual token{code:06d}|>"] = i
+    names = ["<image>", "<|image start|>", "<|image end|>", "<|image token|>"]
+    vocabulary.update({name: 56 + k for k, name in enumerate(names)})
+    vocabulary.update({"<|extra_200|>": 60, "<|extra_201|>": 61})
+    vq = {"codebook_size": 16, "embed_dim": 4, "latent_channels": 4, "base_channels": 32}
+    torch.manual_seed(0)
+    config = Emu3Config(
+        text_config=Emu3TextConfig(**TEXT, **SIZES, **HEADS),
+        # channels stay 32 (the VQ attention's hidden_size) and halve the size once: 8 -> 4
+        vq_config={
+            **vq,
+            "hidden_size": 32,
+            "channel_multiplier": [1, 1],
+            "temporal_downsample_factor": 1,
+            "attn_resolutions": [],
+        },
+        vocabulary_map=vocabulary,
+    )
+    return Emu3ForConditionalGeneration(config).eval()
+
+
+HOSTS = {"chameleon": tiny_chameleon, "emu3": tiny_emu3}
+# Ids of the tiny vocabularies above, to check the ones read from the configs.
+BEGIN = {"chameleon": 58, "emu3": 57}
+END = {"chameleon": 57, "emu3": 58}
+ROW_END, FRAME_END, WRAPPER = 60, 61, 59
+
+
+def encode(text: str) -> list[int]:
+    """A toy tokenizer: one text id (3..38) per character."""
+    return [3 + ord(c) % 36 for c in text]
+
+
+def pixels(rows: int = 2) -> torch.Tensor:
+    return torch.rand(rows, 3, PIXELS, PIXELS, generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+
+def span_layout(host: str) -> list[int | None]:
+    """The drawn span of a 4x4 image: None where a code goes, else the marker."""
+    if host == "emu3":
+        return [*([None] * 4 + [ROW_END]) * 4, FRAME_END, END[host]]
+    return [None] * 16 + [END[host]]
+
+
+def assert_span(host: str, tokens: torch.Tensor) -> None:
+    for position, expected in enumerate(span_layout(host)):
+        column = tokens[:, position]
+        if expected is None:
+            assert torch.isin(column, torch.tensor(CODES)).all(), position
+        else:
+            assert (column == expected).all(), position
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_image_vocabulary_is_read_from_the_config(host):
+    vocab = image_vocabulary(HOSTS[host]())
+    assert (vocab.family, list(vocab.codes), vocab.begin, vocab.end) == (
+        host,
+        CODES,
+        BEGIN[host],
+        END[host],
+    )
+    emu3_markers = (WRAPPER, ROW_END, FRAME_END) if host == "emu3" else (None, None, None)
+    assert (vocab.wrapper, vocab.row_end, vocab.frame_end) == emu3_markers
+    with pytest.raises(ValueError, match="not a Chameleon or Emu3 host"):
+        image_vocabulary(tiny_llama())
+
+
+def test_load_image(tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "a.png")
+    Image.fromarray(array).save(tmp_path / "a.jpg")
+    for name in ("a.png", "a.jpg"):
+        loaded = load_image(tmp_path / name, PIXELS)
+        assert loaded.shape == (1, 3, PIXELS, PIXELS)
+        assert -1 <= loaded.min() < loaded.max() <= 1
+    same_size = load_image(tmp_path / "a.png", (12, 20))  # no resampling: the exact pixels
+    torch.testing.assert_close(same_size[0], torch.tensor(array).permute(2, 0, 1) / 127.5 - 1)
+    processor = ChameleonImageProcessorPil(
+        size={"shortest_edge": PIXELS}, crop_size={"height": PIXELS, "width": PIXELS}
+    )
+    assert load_image(tmp_path / "a.png", processor).shape == (1, 3, PIXELS, PIXELS)
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
+        load_image(tmp_path / "missing.png", PIXELS)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_image_tokens_are_the_vq_codes_in_the_models_ids(host):
+    model = HOSTS[host]()
+    images = pixels()
+    tokens = image_tokens(model, images)
+    assert tokens.dtype == torch.long
+    assert torch.isin(tokens, torch.tensor(image_token_ids(model.config))).all()
+    if host == "emu3":
+        assert tokens.shape == (2, 4 * 5)  # 4 rows of 4 codes and a row end
+        indices = model.model.vqmodel.encode(images, torch.tensor([[PIXELS] * 2] * 2))
+        indices = torch.stack(indices.image_tokens)
+        assert (tokens.view(2, 4, 5)[..., 4] == ROW_END).all()
+        codes = tokens.view(2, 4, 5)[..., :4]
+    else:
+        assert tokens.shape == (2, 16)
+        indices = model.model.vqmodel.encode(images).image_tokens
+        codes = tokens
+    # the code named by index k is id CODES[k]
+    assert torch.equal(codes.flatten(), torch.tensor(CODES)[indices.flatten()])
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_understand_prompt_marks_exactly_the_image_span(host):
+    model = HOSTS[host]()
+    body = image_tokens(model, pixels(1))[0]
+    question = encode("what?")
+    prompt = understand_prompt(model, body, "what?", encode)
+    if host == "emu3":
+        size = encode("4*4")
+        head = [1, BEGIN[host], *size, WRAPPER]
+        tail = [FRAME_END, END[host]]
+        is_image = [0, 1, *[0] * len(size), 1, *[1] * 20, 1, 1, *[0] * len(question)]
+    else:
+        head, tail = [1, BEGIN[host]], [END[host]]
+        is_image = [0, 1, *[1] * 16, 1, *[0] * len(question)]
+    assert prompt.tolist() == [*head, *body.tolist(), *tail, *question]
+    mask = image_mask(prompt, image_token_ids(model.config))
+    assert mask.tolist() == [bool(v) for v in is_image]
+    with pytest.raises(ValueError, match="image span"):
+        understand_prompt(model, torch.tensor([5, *body[1:].tolist()]), "what?", encode)
+
+
+def greedy_without_cache(model: nn.Module, prompt: torch.Tensor, host: str) -> torch.Tensor:
+    """The reference: the whole sequence recomputed for every token, no cache."""
+    sequence = prompt
+    for marker in span_layout(host):
+        if marker is None:
+            logits = lm_logits(model, input_ids=sequence, use_cache=False)[:, -1, CODES]
+            token = torch.tensor(CODES)[logits.argmax(-1)]
+        else:
+            token = torch.full((len(prompt),), marker)
+        sequence = torch.cat([sequence, token[:, None]], dim=1)
+    return sequence[:, prompt.shape[1] :]
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_draw_image_tokens_emits_codes_and_closes_the_span(host):
+    model = HOSTS[host]()
+    prompt = torch.stack([draw_prompt(model, c, encode, GRID) for c in ("a cat", "a dog")])
+    head = [BEGIN[host], *encode("4*4"), WRAPPER] if host == "emu3" else [BEGIN[host]]
+    assert prompt[1].tolist() == [1, *encode("a dog"), *head]
+    sampled = draw_image_tokens(model, prompt, GRID, generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (2, len(span_layout(host)))
+    assert_span(host, sampled)
+    assert sampled[:, -1].tolist() == [END[host]] * 2
+    assert len(sampled[:, :-2].unique()) > 1
+    greedy = draw_image_tokens(model, prompt, GRID, temperature=0)
+    assert_span(host, greedy)
+    assert torch.equal(greedy, greedy_without_cache(model, prompt, host))
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_decode_image(host, tmp_path):
+    model = HOSTS[host]()
+    prompt = draw_prompt(model, "a cat", encode, GRID)[None].repeat(2, 1)
+    drawn = draw_image_tokens(model, prompt, GRID, generator=torch.Generator().manual_seed(0))
+    if host == "chameleon":
+        with pytest.raises(NotImplementedError, match="encoder only"):
+            decode_image(model, drawn)
+        return
+    images = decode_image(model, drawn)
+    assert images.shape == (2, 3, PIXELS, PIXELS)
+    assert torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="image span"):
+        decode_image(model, drawn[:, 1:])
+    path = save_png(images[0], tmp_path / "out" / "cat.png")
+    with Image.open(path) as saved:
+        assert (saved.mode, saved.size) == ("RGB", (PIXELS, PIXELS))
+        expected = ((images[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0)
+        assert np.array_equal(np.asarray(saved), expected.to(torch.uint8).numpy())
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        save_png(images, tmp_path / "batch.png")
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_mode_training_step_on_a_mixed_sequence(host):
+    config = AdapterConfig(kind="mode", routing="task")  # training: per token
+    model = attach_adapters(HOSTS[host](), config).train()
+    prompt = understand_prompt(model, image_tokens(model, pixels(1))[0], "what?", encode)
+    ids = torch.cat([prompt, torch.tensor([*encode("a cat"), 2])])[None]
+    logits = lm_logits(model, input_ids=ids)
+    loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])  # image tokens are targets too
+    assert torch.isfinite(loss)
+    loss.backward()
+    for layer in adapter_layers(model).values():
+        for branch in ("text", "image"):  # B starts at zero: its gradient is the first signal
+            assert torch.count_nonzero(layer.lora_B.grad[:, layer.columns[branch]]) > 0, branch
+    model.eval()
+    draw_image_tokens(model, draw_prompt(model, "a cat", encode, GRID)[None], GRID)
+    assert routing_context(model).state.branch == "image"  # drawn as a draw pass
+    assert routing_context(model).pass_kind is None
