@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from modecl.config import ConfigError, DigitsConfig, RunConfig, load_toml
 from modecl.digits.pretrain import GateError, check_gate, load_or_pretrain
 from modecl.report import headline_rows, write_report
@@ -89,25 +91,35 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modecl", description=__doc__)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default 1: the tiny digits model runs as fast on one, "
+        "and more threads than free cores slow it down many times over)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pre-train (or load) the digits host model and gate it")
-    p.add_argument("--config", type=Path, help="TOML config (default: built-in defaults)")
-    p.add_argument(
-        "--cache", type=Path, help="cache dir (default: $MODECL_CACHE or ~/.cache/modecl)"
-    )
-    p.set_defaults(func=cmd_pretrain)
     b = sub.add_parser("bench", help="the embedded digits benchmark")
-    b.add_argument("--config", type=Path, help="TOML config (default: built-in defaults)")
-    b.add_argument(
-        "--cache", type=Path, help="cache dir (default: $MODECL_CACHE or ~/.cache/modecl)"
-    )
+    for command in (p, b):
+        command.add_argument("--config", type=Path, help="TOML config (default: built-in)")
+        command.add_argument("--cache", type=Path, help=CACHE_HELP)
+    p.set_defaults(func=cmd_pretrain)
+    b.add_argument("--methods", help="comma-separated method names (default: the config's)")
+    b.add_argument("--out", type=Path, help="default: runs/digits (quick: runs/digits-quick)")
+    b.add_argument("--quick", action="store_true", help="a smaller first-look configuration")
+    b.add_argument("--seeds", type=int, help="repeat the study over N seeds (default: config)")
     b.set_defaults(func=cmd_bench)
+    r = sub.add_parser("report", help="rebuild report.md and figures from a run's results")
+    r.add_argument("dir", type=Path)
+    r.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.start = time.perf_counter()
+    torch.set_num_threads(args.threads)
     try:
         args.func(args)
     except (ConfigError, GateError) as exc:

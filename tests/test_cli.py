@@ -1,0 +1,31 @@
+"""The command line: clear errors with exit status 2, before any work."""
+
+from __future__ import annotations
+
+from modecl.cli import main
+
+
+def test_unknown_method_is_one_clear_error(tmp_path, capsys):
+    code = main(
+        [
+            "bench",
+            "--methods",
+            "mode,nope",
+            "--out",
+            str(tmp_path / "out"),
+            "--cache",
+            str(tmp_path / "cache"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modecl: error: unknown method(s) ['nope']; valid methods: mode,")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_bad_config_names_file_and_key(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text("[continual.train]\nlr = 'fast'\n")
+    assert main(["bench", "--config", str(config), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "run.toml: continual.train.lr: expected float, got str 'fast'" in err
