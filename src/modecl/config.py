@@ -54,8 +54,8 @@ class PretrainConfig:
     warmup_fraction: float = 0.05
     preview_digits: list[int] = field(default_factory=lambda: [0, 1, 2])
     preview_per_task: int = 120  # preview samples drawn per task per epoch
-    caption_copies: int = 1  # augmented captioning copies of each image per epoch
-    shift_prob: float = 0.5  # captioning inputs only: random 1-pixel shift
+    caption_copies: int = 2  # augmented captioning copies of each image per epoch
+    shift_prob: float = 0.8  # captioning inputs only: random 1-pixel shift
     noise_std: float = 1.0  # captioning inputs only: pixel noise (pixel range 0..16)
     eval_from_epoch: int = 20  # validation-based checkpoint selection starts here
     eval_every: int = 2
@@ -179,7 +179,7 @@ class TrainSettings:
     """One training recipe for every method: never tuned per method."""
 
     epochs: int = 10
-    lr: float = 2e-3
+    lr: float = 3e-3
     batch_size: int = 32
     warmup_fraction: float = 0.1
     weight_decay: float = 0.0
@@ -211,6 +211,15 @@ class EWCSettings:
 
 
 @dataclass
+class MonitorSettings:
+    """The gradient-conflict monitor (:mod:`modecl.conflict`)."""
+
+    enabled: bool = True
+    every: int = 10  # monitor one training step in this many; each costs about two probe passes
+    probe_size: int = 64  # held-out ("draw a <digit>", image) pairs from the test pool
+
+
+@dataclass
 class ContinualSettings:
     """What a continual run of any method needs besides the host model and the tasks."""
 
@@ -219,6 +228,7 @@ class ContinualSettings:
     distill: DistillSettings = field(default_factory=DistillSettings)
     replay: ReplaySettings = field(default_factory=ReplaySettings)
     ewc: EWCSettings = field(default_factory=EWCSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
 
 @dataclass
