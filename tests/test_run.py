@@ -85,6 +85,14 @@ def test_results_schema(full_run):
                 "peak_memory_mb",
             ):
                 assert isinstance(stage[key], float), key
+            conflict = stage["conflict"]
+            assert conflict["steps"] == 1 and isinstance(conflict["mean_cosine"], float)
+            assert conflict["correlation"] is None  # one monitored step: undefined
+    lines = [json.loads(line) for line in (out / "conflict.jsonl").read_text().splitlines()]
+    assert len(lines) == len(METHODS) * len(TASKS)
+    assert {(s["method"], s["stage"], s["step"]) for s in lines} == {
+        (m, k, 0) for m in METHODS for k in (1, 2)
+    }
 
 
 def test_resume_after_a_crash_gives_the_same_results(full_run, tmp_path, cache, monkeypatch):
@@ -108,6 +116,8 @@ def test_resume_after_a_crash_gives_the_same_results(full_run, tmp_path, cache, 
     resumed = run_benchmark(tiny_run(), tmp_path, cache_dir=cache, progress=False)
     assert calls["n"] == -100 + 3  # only the unfinished stages were trained
     assert without_cost(resumed) == without_cost(uninterrupted)
+    first = (full_run[0] / "conflict.jsonl").read_text()
+    assert (tmp_path / "conflict.jsonl").read_text() == first
 
 
 def test_report_is_rebuilt_from_saved_results(full_run):
@@ -116,8 +126,10 @@ def test_report_is_rebuilt_from_saved_results(full_run):
     for name in METHODS:
         assert f"## {name}" in report
         assert (out / "figures" / f"samples_{name}.png").stat().st_size > 1000
-    for figure in ("accuracy_matrices", "constrained_accuracy_matrices", "generation_accuracy"):
+    figures = ("accuracy_matrices", "constrained_accuracy_matrices", "generation_accuracy")
+    for figure in (*figures, "conflict"):
         assert (out / "figures" / f"{figure}.png").exists()
+    assert "## Gradient conflict" in report
     final = results["methods"]["mode"]["final_average_accuracy"]
     assert f"| mode | {final:.3f} |" in report
 

@@ -143,6 +143,84 @@ def plot_samples(results: dict, samples: Any, name: str, path: Path) -> None:
     plt.close(fig)
 
 
+GROUPS = ("shared", "text", "image", "router")
+
+
+def _mean(values: list) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def _curve(values: list) -> list[float]:
+    """Undefined points (None) as gaps in a line plot."""
+    return [float("nan") if v is None else v for v in values]
+
+
+def conflict_rows(results: dict) -> list[str]:
+    """Per method: mean cosine(grad L_image, grad L_text) by group, and the image-loss change."""
+    head = "| method | cos all | " + " | ".join(f"cos {g}" for g in GROUPS)
+    head += " | predicted ΔL_image | measured ΔL_image | corr. (mean over tasks) | SGD formula |"
+    rows = [head, "|" + "---|" * (len(GROUPS) + 6)]
+    for name, entry in results["methods"].items():
+        stages = [s["conflict"] for s in entry["stages"] if s.get("conflict", {}).get("steps")]
+        if not stages:
+            continue
+        cosines = [
+            _mean([s["by_group"].get(g, {}).get("mean_cosine") for s in stages]) for g in GROUPS
+        ]
+        cells = [
+            _mean([s["mean_cosine"] for s in stages]),
+            *cosines,
+            sum(s["predicted_image_loss_change"] for s in stages),
+            sum(s["measured_image_loss_change"] for s in stages),
+            _mean([s["correlation"] for s in stages]),
+            sum(s["sgd_image_loss_change"] for s in stages),
+        ]
+        rows.append(f"| {name} | " + " | ".join(_fmt(c, digits=4) for c in cells) + " |")
+    return rows
+
+
+def plot_conflict(series: list[dict], path: Path) -> None:
+    """A column per method: cumulative predicted vs measured ΔL_image, and cosines, per step."""
+    seed = series[0]["seed"]
+    names = list(dict.fromkeys(s["method"] for s in series))
+    fig, axes = plt.subplots(
+        2, len(names), figsize=(3.4 * len(names), 5.2), squeeze=False, sharex="col"
+    )
+    for col, name in enumerate(names):
+        steps = [s for s in series if s["method"] == name and s["seed"] == seed]
+        x = np.arange(len(steps))
+        top, bottom = axes[0, col], axes[1, col]
+        for key, label, style in (
+            ("predicted", "predicted <g_I, Δθ>", "-"),
+            ("measured", "measured", "-"),
+            ("sgd", "SGD formula -lr <g_I, g_T>", "--"),
+        ):
+            ys = np.cumsum([s[f"{key}_image_loss_change"] for s in steps])
+            top.plot(x, ys, style, label=label)
+        bottom.plot(x, _curve([s["cosine"] for s in steps]), "k", label="all")
+        for g in GROUPS:
+            if g in steps[0]["by_group"]:
+                ys = _curve([s["by_group"][g]["cosine"] for s in steps])
+                bottom.plot(x, ys, lw=0.8, label=g)
+        bottom.axhline(0, color="grey", lw=0.5)
+        for i in range(1, len(steps)):  # task boundaries
+            if steps[i]["stage"] != steps[i - 1]["stage"]:
+                top.axvline(i - 0.5, color="grey", ls=":", lw=0.8)
+                bottom.axvline(i - 0.5, color="grey", ls=":", lw=0.8)
+        top.set_title(name, fontsize=9)
+        bottom.set_xlabel("monitored step (all tasks)", fontsize=8)
+        if col == 0:
+            top.set_ylabel("cumulative ΔL_image", fontsize=8)
+            bottom.set_ylabel("cos(g_image, g_text)", fontsize=8)
+        top.legend(fontsize=6)
+        bottom.legend(fontsize=6)
+    fig.suptitle(f"gradient conflict through the sequence (seed {seed})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(out: str | Path) -> Path:
     """(Re)build ``report.md`` and ``figures/`` in ``out`` from its saved results."""
     out = Path(out)
@@ -182,6 +260,28 @@ def write_report(out: str | Path) -> Path:
         "![constrained accuracy matrices](figures/constrained_accuracy_matrices.png)",
         "",
     ]
+    series_file = out / "conflict.jsonl"
+    text = series_file.read_text() if series_file.exists() else ""
+    series = [json.loads(line) for line in text.splitlines()]
+    if series:
+        plot_conflict(series, figures / "conflict.png")
+        lines += [
+            "## Gradient conflict",
+            "",
+            "On every monitored step: the cosine between the gradient of the image loss",
+            "(teacher-forced NLL of held-out 'draw a <digit>' images) and that of the task's",
+            "cross-entropy, by parameter group, and the image loss's change across the step,",
+            "predicted to first order (<grad L_image, Δθ>, Δθ the optimizer's real update) and",
+            "measured. Cosines are means over monitored steps and tasks; changes are sums over",
+            "the monitored steps only (one step in `continual.monitor.every`). 'SGD formula' is",
+            "the paper's -lr <grad L_image, grad L_text>: what the change would be if the step",
+            "were plain SGD on the task loss alone.",
+            "",
+            *conflict_rows(results),
+            "",
+            "![gradient conflict](figures/conflict.png)",
+            "",
+        ]
     for name in results["methods"]:
         lines += [f"## {name}", "", "Exact-match accuracy matrix:", ""]
         lines += matrix_rows(results, name, "accuracy_matrix")

@@ -3,6 +3,8 @@
 Layout of an out dir::
 
     results.json                      every number (schema ``modecl.results/1``)
+    conflict.jsonl                    the gradient-conflict monitor's figures, one line per
+                                      monitored step (seed, method, stage, task, step, ...)
     report.md, figures/*.png          built by :mod:`modecl.report`
     samples.npz                       drawn-image grids (codes) per method and stage
     checkpoints/seed<S>/pretrained.json
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 
 from modecl.adapters import attach_adapters, load_adapters, save_adapters
 from modecl.config import ConfigError, RunConfig, to_dict
+from modecl.conflict import ConflictMonitor, summarize_conflict
 from modecl.digits.host import DigitsWorld
 from modecl.digits.pretrain import check_gate, load_or_pretrain
 from modecl.digits.tasks import TASK_RULES
@@ -44,6 +47,7 @@ from modecl.train import train_task
 
 SCHEMA = "modecl.results/1"
 COST_KEYS = ("wall_seconds", "peak_memory_mb")
+MATRIX_KEYS = ("task_accuracy", "constrained_task_accuracy")
 
 
 def quick(config: RunConfig) -> RunConfig:
@@ -141,6 +145,9 @@ def run_method(
     torch.manual_seed(seed)
     attach_adapters(model, method.adapter_config(config.continual))
     draw_pairs = world.draw_pairs(world.pools.train)
+    watch = config.continual.monitor
+    probe = world.draw_pairs(world.pools.test[: watch.probe_size])
+    monitor = ConflictMonitor(world.vocab, probe, watch.every) if watch.enabled else None
     stages, grids, resume_from = [], [], None
     for k, task in enumerate(tasks):
         stage_dir = folder / f"stage{k + 1}"
@@ -165,6 +172,7 @@ def run_method(
             seed=seed * 1000 + k,
             progress=progress,
             desc=f"{name} {k + 1}/{len(tasks)} {task.name}",
+            monitor=monitor,
         )
         measures, grid = measure(world, model, tasks, config, seed * 1000 + k + 1)
         stage = {
@@ -174,6 +182,8 @@ def run_method(
             "final_loss": float(np.mean(log["loss"][-5:])),
             "wall_seconds": time.perf_counter() - start,
             "peak_memory_mb": peak_memory_mb(),
+            "conflict": summarize_conflict(log["conflict"]),
+            "conflict_steps": log["conflict"],  # kept in the checkpoint for conflict.jsonl
         }
         _save_stage(stage_dir, stage, grid, model, method)
         stages.append(stage)
@@ -193,8 +203,7 @@ def method_summary(stages: list[dict], pretrained: dict) -> dict[str, Any]:
         for k, v in summarize(constrained, pretrained["constrained_task_accuracy"]).items()
     }
     out["stages"] = [
-        {k: v for k, v in s.items() if k not in ("task_accuracy", "constrained_task_accuracy")}
-        for s in stages
+        {k: v for k, v in s.items() if k not in (*MATRIX_KEYS, "conflict_steps")} for s in stages
     ]
     return out
 
@@ -208,7 +217,8 @@ def run_seed(
     quick: bool,
     bar: tqdm,
     progress: bool,
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+) -> tuple[dict[str, Any], dict[str, np.ndarray], list[dict[str, Any]]]:
+    """One seed's results, drawn-image grids, and monitored steps (lines of conflict.jsonl)."""
     tasks = world.tasks(config.tasks)
     if config.eval.max_test_samples is not None:
         for t in tasks:
@@ -229,12 +239,17 @@ def run_seed(
         bar.set_postfix_str(f"seed {seed}: {what}")
         bar.update()
 
-    methods = {}
+    methods, series = {}, []
     for name in config.methods:
         stages, method_grids = run_method(
             name, world, host, tasks, config, seed, folder / name, tick, progress
         )
         methods[name] = method_summary(stages, pretrained)
+        series += [
+            {"seed": seed, "method": name, "stage": k + 1, "task": stage["task"], **step}
+            for k, stage in enumerate(stages)
+            for step in stage["conflict_steps"]
+        ]
         for k, g in enumerate(method_grids):
             grids[f"{name}/stage{k + 1}"] = g
     result = {
@@ -247,7 +262,7 @@ def run_seed(
         "pretrained": pretrained,
         "methods": methods,
     }
-    return result, grids
+    return result, grids, series
 
 
 def _mean_std_tree(values: list[Any]) -> tuple[Any, Any]:
@@ -313,10 +328,11 @@ def run_benchmark(
     )
     total = config.seeds * len(config.methods) * len(config.tasks)
     bar = tqdm(total=total, desc="stages", unit="stage", disable=not progress)
-    per_seed, all_grids = [], {}
+    per_seed, all_grids, series = [], {}, []
     for seed in range(config.seeds):
-        result, grids = run_seed(config, world, model, seed, out, quick, bar, progress)
+        result, grids, steps = run_seed(config, world, model, seed, out, quick, bar, progress)
         per_seed.append(result)
+        series += steps
         if seed == 0:
             all_grids = grids
     bar.close()
@@ -326,5 +342,6 @@ def run_benchmark(
     pixels = {k: v.reshape(*all_grids[k].shape[:2], 8, 8) for k, v in pixels.items()}
     np.savez(out / ".samples.tmp.npz", **pixels)
     os.replace(out / ".samples.tmp.npz", out / "samples.npz")
+    write_atomic(out / "conflict.jsonl", "".join(json.dumps(s) + "\n" for s in series))
     write_atomic(out / "results.json", json.dumps(results, indent=1))
     return results

@@ -8,7 +8,9 @@ clipping, seeded shuffling. Each step's loss is
     + the method's penalty (EWC)
 
 The teacher is the same model with the adapters off; each forward tells the routing
-context what kind of pass it is.
+context what kind of pass it is. An optional :class:`~modecl.conflict.ConflictMonitor`
+watches every k-th step (gradient conflict between the CE and the image loss) without
+changing it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from modecl.adapters import lm_logits, pass_kind
 from modecl.config import ContinualSettings, DistillSettings
+from modecl.conflict import ConflictMonitor
 from modecl.distill import kd_mask, topk_kl
 from modecl.evaluate import DrawPair
 from modecl.methods.base import Method
@@ -79,8 +82,12 @@ def train_task(
     seed: int = 0,
     progress: bool = True,
     desc: str = "",
+    monitor: ConflictMonitor | None = None,
 ) -> dict:
-    """Train the adapters of ``model`` on ``task`` with ``method``; returns a small log."""
+    """Train the adapters of ``model`` on ``task`` with ``method``; returns a small log.
+
+    With a ``monitor``, ``log["conflict"]`` holds its figures of each monitored step.
+    """
     cfg = settings.train
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -94,11 +101,11 @@ def train_task(
     total = steps_per_epoch * cfg.epochs
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optim, int(cfg.warmup_fraction * total), total)
-    log = {"loss": [], "kd": []}
+    log = {"loss": [], "kd": [], "conflict": []}
     start = time.perf_counter()
     model.train()
     bar = tqdm(total=total, desc=desc or task.name, disable=not progress, leave=False)
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         order = rng.permutation(len(samples))
         for step in range(steps_per_epoch):
             index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
@@ -113,10 +120,16 @@ def train_task(
             penalty = method.penalty(model)
             if penalty is not None:
                 total_loss = total_loss + penalty
+            n = epoch * steps_per_epoch + step
+            watched = monitor is not None and monitor.due(n)
+            if watched:
+                monitor.before(model, loss, lr=optim.param_groups[0]["lr"])
             optim.zero_grad(set_to_none=True)
             total_loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optim.step()
+            if watched:
+                log["conflict"].append({"step": n, **monitor.after(model)})
             schedule.step()
             log["loss"].append(loss.item())
             bar.update()

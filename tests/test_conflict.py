@@ -1,0 +1,154 @@
+"""The gradient-conflict monitor: first-order predictions, group splits, passivity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modecl.adapters import attach_adapters
+from modecl.config import ContinualSettings, from_dict
+from modecl.conflict import ConflictMonitor, summarize_conflict
+from modecl.digits.model import build_model
+from modecl.methods import get_method
+from modecl.train import train_task, understand_loss
+from tests.conftest import tiny_config
+
+
+def settings(dropout: float = 0.0, **train: float) -> ContinualSettings:
+    return from_dict(
+        ContinualSettings,
+        {
+            "adapter": {"rank": 2, "num_experts": 2, "dropout": dropout},
+            "train": {"epochs": 1, "batch_size": 8, "max_train_samples": 24, **train},
+            "distill": {"batch_size": 4},
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def task(world):
+    return world.tasks(["parity"])[0]
+
+
+@pytest.fixture(scope="module")
+def monitor(world):
+    return ConflictMonitor(world.vocab, world.draw_pairs(world.pools.test[:16]), every=1)
+
+
+def adapted(world, method: str, config: ContinualSettings | None = None) -> torch.nn.Module:
+    """A tiny host with ``method``'s adapters, B != 0 so that every path carries gradient."""
+    model = build_model(world.vocab, tiny_config().model, seed=0)
+    torch.manual_seed(0)
+    attach_adapters(model, get_method(method).adapter_config(config or settings()))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    return model.train()
+
+
+def test_sgd_step_prediction_matches_measured_change(world, task, monitor):
+    model = adapted(world, "mode")
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = 1e-3
+    loss = understand_loss(model, world.vocab, task.train[:8])
+    monitor.before(model, loss, lr)
+    loss.backward()
+    torch.optim.SGD(params, lr=lr).step()
+    step = monitor.after(model)
+    assert model.training  # the probe's eval mode was undone
+    # Plain SGD on L_T alone: delta theta = -lr grad L_T (up to float32 rounding of theta).
+    assert step["predicted_image_loss_change"] == pytest.approx(
+        step["sgd_image_loss_change"], rel=1e-4
+    )
+    assert abs(step["measured_image_loss_change"]) > 1e-5
+    assert step["measured_image_loss_change"] == pytest.approx(
+        step["predicted_image_loss_change"], rel=0.02
+    )
+    groups = step["by_group"]
+    assert set(groups) == {"text", "image", "router"}
+    assert sum(g["predicted_image_loss_change"] for g in groups.values()) == pytest.approx(
+        step["predicted_image_loss_change"], rel=1e-9
+    )
+
+
+def test_adamw_prediction_uses_the_real_update(world, task, monitor):
+    config = settings(lr=1e-4, warmup_fraction=0.0)
+    model = adapted(world, "seq-lora", config)
+    log = train_task(
+        model, world.vocab, get_method("seq-lora"), task, config, progress=False, monitor=monitor
+    )
+    assert [s["step"] for s in log["conflict"]] == [0, 1, 2]
+    for step in log["conflict"]:
+        assert abs(step["measured_image_loss_change"]) > 1e-5
+        assert step["measured_image_loss_change"] == pytest.approx(
+            step["predicted_image_loss_change"], rel=0.01
+        )
+        # Adam's update is not -lr grad: the SGD formula would predict something else.
+        assert step["predicted_image_loss_change"] != pytest.approx(
+            step["sgd_image_loss_change"], rel=0.1
+        )
+    assert set(log["conflict"][0]["by_group"]) == {"shared"}
+
+
+def test_the_monitor_does_not_change_training(world, task, monitor):
+    config = settings(dropout=0.1, warmup_fraction=0.5)  # mode: dropout and distillation on
+    pairs = world.draw_pairs(world.pools.train[:20])
+    trained = []
+    for watch in (None, monitor):
+        model = adapted(world, "mode", config)
+        log = train_task(
+            model,
+            world.vocab,
+            get_method("mode"),
+            task,
+            config,
+            draw_pairs=pairs,
+            progress=False,
+            monitor=watch,
+        )
+        assert len(log["conflict"]) == (0 if watch is None else 3)
+        trained.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*trained, strict=True))
+
+
+@pytest.mark.parametrize(("method", "reaches_image"), [("mode-sample", False), ("mode", True)])
+def test_text_loss_reaches_the_image_branch_only_under_token_routing(
+    world, task, monitor, method, reaches_image
+):
+    model = adapted(world, method)
+    batch = task.train[:8]  # understanding samples: each holds an image span
+    loss = understand_loss(model, world.vocab, batch)
+    monitor.before(model, loss, 1e-3)
+    loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
+    step = monitor.after(model)
+    image = step["by_group"]["image"]
+    if reaches_image:
+        assert image["inner_product_text"] != 0.0
+    else:
+        assert image["inner_product_text"] == 0.0 and image["cosine"] is None
+        # The probe's draw pass is routed wholly to the image branch too: no conflict at all.
+        assert step["inner_product_text"] == 0.0
+
+
+def test_summary_sums_changes_and_leaves_undefined_figures_empty():
+    def step(predicted: float, measured: float, cosine: float | None) -> dict:
+        group = {"cosine": cosine, "inner_product_text": 1.0, "predicted_image_loss_change": 1.0}
+        return {
+            "cosine": cosine,
+            "predicted_image_loss_change": predicted,
+            "measured_image_loss_change": measured,
+            "sgd_image_loss_change": 0.0,
+            "by_group": {"shared": group},
+        }
+
+    one = summarize_conflict([step(0.1, 0.2, 0.5)])
+    assert one["correlation"] is None and one["mean_cosine"] == 0.5
+    three = summarize_conflict([step(0.1, 0.2, 0.5), step(0.2, 0.3, None), step(0.4, 0.5, -0.5)])
+    assert three["predicted_image_loss_change"] == pytest.approx(0.7)
+    assert three["measured_image_loss_change"] == pytest.approx(1.0)
+    assert three["correlation"] == pytest.approx(1.0)
+    assert three["mean_cosine"] == 0.0
+    assert three["by_group"]["shared"]["predicted_image_loss_change"] == 3.0
+    assert summarize_conflict([])["correlation"] is None
