@@ -165,3 +165,24 @@ def test_config_errors_stop_before_any_training(tmp_path, text, message):
         config = load_toml(RunConfig, path)
         run_benchmark(config, tmp_path / "out", cache_dir=tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_run_extends_with_more_methods_but_refuses_another_recipe(tmp_path, cache, monkeypatch):
+    real_train = modecl.run.train_task
+    calls = []
+
+    def counting_train(model, vocab, method, *args, **kwargs):
+        calls.append(method.name)
+        return real_train(model, vocab, method, *args, **kwargs)
+
+    monkeypatch.setattr(modecl.run, "train_task", counting_train)
+    run_benchmark(tiny_run(methods=["seq-lora"]), tmp_path, cache_dir=cache, progress=False)
+    extended = run_benchmark(
+        tiny_run(methods=["seq-lora", "lwf"]), tmp_path, cache_dir=cache, progress=False
+    )
+    assert calls == ["seq-lora"] * len(TASKS) + ["lwf"] * len(TASKS)
+    assert set(extended["methods"]) == {"seq-lora", "lwf"}
+    other = tiny_run(methods=["seq-lora"])
+    other.continual.train.lr *= 2
+    with pytest.raises(ConfigError, match="another configuration"):
+        run_benchmark(other, tmp_path, cache_dir=cache, progress=False)

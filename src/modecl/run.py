@@ -300,6 +300,14 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _checkpoint_key(config: dict[str, Any]) -> dict[str, Any]:
+    """What a (seed, method, stage) checkpoint depends on: all but the methods and seeds.
+
+    So a finished run can be extended with more methods or seeds in the same out dir.
+    """
+    return {k: v for k, v in config.items() if k not in ("methods", "seeds")}
+
+
 def run_benchmark(
     config: RunConfig,
     out: Path,
@@ -313,7 +321,9 @@ def run_benchmark(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     saved_config = out / "run_config.json"
-    if saved_config.exists() and json.loads(saved_config.read_text()) != to_dict(config):
+    if saved_config.exists() and _checkpoint_key(json.loads(saved_config.read_text())) != (
+        _checkpoint_key(to_dict(config))
+    ):
         raise ConfigError(
             f"{out} holds a run with another configuration ({saved_config}); "
             "use another --out or delete it"
