@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# The tiny models gain nothing from more threads, and threads beyond the free cores slow
+# torch down many times over on a busy 2-core machine.
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: bench test lint install clean
 
