@@ -127,7 +127,8 @@ def plot_samples(results: dict, samples: Any, name: str, path: Path) -> None:
     """Rows: stages; columns: digits 0-9 (several draws each)."""
     keys = ["pretrained"] + [f"{name}/stage{k + 1}" for k in range(len(results["tasks"]))]
     grids = [samples[k] for k in keys if k in samples]
-    rows = [np.concatenate(list(np.concatenate(list(g), axis=1)), axis=1) for g in grids]
+    # [digits, draws, 8, 8] -> one 8-pixel-high strip: digit 0's draws, then digit 1's ...
+    rows = [g.transpose(2, 0, 1, 3).reshape(g.shape[2], -1) for g in grids]
     picture = np.concatenate([np.pad(r, ((1, 1), (0, 0))) for r in rows], axis=0)
     fig, ax = plt.subplots(figsize=(max(6, picture.shape[1] / 12), 0.8 + len(rows) * 0.75))
     ax.imshow(picture, cmap="gray_r", vmin=0, vmax=16)
