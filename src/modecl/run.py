@@ -53,11 +53,11 @@ MATRIX_KEYS = ("task_accuracy", "constrained_task_accuracy")
 def quick(config: RunConfig) -> RunConfig:
     """A smaller run for a first look: fewer epochs, samples and draws; still every method."""
     config = copy.deepcopy(config)
-    config.continual.train.epochs = min(config.continual.train.epochs, 3)
-    config.continual.train.max_train_samples = 96
+    config.continual.train.epochs = min(config.continual.train.epochs, 2)
+    config.continual.train.max_train_samples = 64
     config.continual.distill.batch_size = min(config.continual.distill.batch_size, 8)
-    config.eval.samples_per_digit = min(config.eval.samples_per_digit, 6)
-    config.eval.max_test_samples = 100
+    config.eval.samples_per_digit = min(config.eval.samples_per_digit, 4)
+    config.eval.max_test_samples = 60
     return config
 
 
