@@ -37,6 +37,12 @@ def _pass(model: torch.nn.Module, kind: str) -> AbstractContextManager:
     return pass_kind(model, kind) if has_adapters(model) else nullcontext()
 
 
+def _next_token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label t+1 | prefix) at every position; ``labels`` are already shifted left."""
+    logp = logits[:, :-1].log_softmax(-1)
+    return logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+
+
 def _equal_length_batches(
     prompts: Sequence[list[int]], batch_size: int
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -99,9 +105,8 @@ def answer_log_likelihoods(
                 logits = model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                 ).logits.float()
-            logp = logits[:, :-1].log_softmax(-1)
             labels = batch["labels"][:, 1:]
-            picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+            picked = _next_token_log_probs(logits, labels)
             scores[start : start + len(chunk), c] = (picked * (labels != IGNORE)).sum(-1)
     return scores
 
@@ -178,8 +183,7 @@ def image_nll(
                 model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).float()
         labels = batch["labels"][:, 1:]
-        logp = logits[:, :-1].log_softmax(-1)
-        picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        picked = _next_token_log_probs(logits, labels)
         is_code = torch.isin(labels, code_set)
         total -= float((picked * is_code).sum())
         count += int(is_code.sum())

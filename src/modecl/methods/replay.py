@@ -33,14 +33,17 @@ class Replay(Method):
     def after_task(self, model: torch.nn.Module, task: Task, loss_fn: LossFn, seed: int) -> None:
         rng = np.random.default_rng(seed)
         self.seen[task.name] = [task.train[i] for i in rng.permutation(len(task.train))]
-        share = self.buffer_size // len(self.seen)
-        self.buffer = [s for samples in self.seen.values() for s in samples[:share]]
+        self._fill_buffer()
 
     def state_dict(self) -> dict:
         return {"seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.seen = state["seen"]
+        self._fill_buffer()
+
+    def _fill_buffer(self) -> None:
+        """An equal share of the buffer for every task seen so far."""
         share = self.buffer_size // max(len(self.seen), 1)
         self.buffer = [s for samples in self.seen.values() for s in samples[:share]]
 
