@@ -45,7 +45,7 @@ def main() -> None:
         attach_adapters(model, method.adapter_config(config))
         start, diagonal = time.perf_counter(), []
         for k, task in enumerate(tasks):
-            train_task(model, host.world.vocab, method, task, config, seed=k, progress=False)
+            train_task(model, host.world.format, method, task, config, seed=k, progress=False)
             diagonal.append(exact_accuracy(model, host.world.vocab, task.test))
         cells = " ".join(f"{a:>10.3f}" for a in diagonal)
         print(

@@ -62,10 +62,10 @@ def main() -> None:
         model = copy.deepcopy(host.model)
         torch.manual_seed(0)
         attach_adapters(model, method.adapter_config(settings))
-        monitor = None if every is None else ConflictMonitor(world.vocab, probe, every)
+        monitor = None if every is None else ConflictMonitor(world.format, probe, every)
         return train_task(
             model,
-            world.vocab,
+            world.format,
             method,
             task,
             settings,

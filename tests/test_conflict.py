@@ -32,7 +32,7 @@ def task(world):
 
 @pytest.fixture(scope="module")
 def monitor(world):
-    return ConflictMonitor(world.vocab, world.draw_pairs(world.pools.test[:16]), every=1)
+    return ConflictMonitor(world.format, world.draw_pairs(world.pools.test[:16]), every=1)
 
 
 def adapted(world, method: str, config: ContinualSettings | None = None) -> torch.nn.Module:
@@ -51,7 +51,7 @@ def test_sgd_step_prediction_matches_measured_change(world, task, monitor):
     model = adapted(world, "mode")
     params = [p for p in model.parameters() if p.requires_grad]
     lr = 1e-3
-    loss = understand_loss(model, world.vocab, task.train[:8])
+    loss = understand_loss(model, world.format, task.train[:8])
     monitor.before(model, loss, lr)
     loss.backward()
     torch.optim.SGD(params, lr=lr).step()
@@ -76,7 +76,7 @@ def test_adamw_prediction_uses_the_real_update(world, task, monitor):
     config = settings(lr=1e-4, warmup_fraction=0.0)
     model = adapted(world, "seq-lora", config)
     log = train_task(
-        model, world.vocab, get_method("seq-lora"), task, config, progress=False, monitor=monitor
+        model, world.format, get_method("seq-lora"), task, config, progress=False, monitor=monitor
     )
     assert [s["step"] for s in log["conflict"]] == [0, 1, 2]
     for step in log["conflict"]:
@@ -99,7 +99,7 @@ def test_the_monitor_does_not_change_training(world, task, monitor):
         model = adapted(world, "mode", config)
         log = train_task(
             model,
-            world.vocab,
+            world.format,
             get_method("mode"),
             task,
             config,
@@ -118,7 +118,7 @@ def test_text_loss_reaches_the_image_branch_only_under_token_routing(
 ):
     model = adapted(world, method)
     batch = task.train[:8]  # understanding samples: each holds an image span
-    loss = understand_loss(model, world.vocab, batch)
+    loss = understand_loss(model, world.format, batch)
     monitor.before(model, loss, 1e-3)
     loss.backward()
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()

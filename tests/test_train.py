@@ -11,9 +11,9 @@ from modecl.config import ContinualSettings, from_dict
 from modecl.digits.model import build_model
 from modecl.digits.tasks import DRAW_PROMPT
 from modecl.methods import METHOD_NAMES, get_method
-from modecl.sequences import collate, next_token_loss, understand_example
+from modecl.sequences import DrawPair, collate, next_token_loss, understand_example
 from modecl.tasks import Task
-from modecl.train import DrawPair, distill_loss, train_task, understand_loss
+from modecl.train import distill_loss, train_task, understand_loss
 from modecl.vocab import IGNORE
 from tests.conftest import tiny_config
 
@@ -100,8 +100,8 @@ def test_kd_is_zero_at_init_and_the_teacher_is_the_host_without_a_copy(world, pa
     assert not torch.equal(model(input_ids=ids).logits, host_logits)
     fresh = fresh_model(world)
     attach_adapters(fresh, get_method("mode").adapter_config(SETTINGS))
-    assert distill_loss(fresh, world.vocab, pairs[:4], SETTINGS.distill).item() == 0.0
-    assert distill_loss(model, world.vocab, pairs[:4], SETTINGS.distill).item() > 0.0
+    assert distill_loss(fresh, world.format, pairs[:4], SETTINGS.distill).item() == 0.0
+    assert distill_loss(model, world.format, pairs[:4], SETTINGS.distill).item() > 0.0
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
@@ -114,7 +114,7 @@ def test_every_method_trains_two_tasks_end_to_end(world, two_tasks, pairs, name)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for k, task in enumerate(two_tasks):
         log = train_task(
-            model, world.vocab, method, task, SETTINGS, draw_pairs=pairs, seed=k, progress=False
+            model, world.format, method, task, SETTINGS, draw_pairs=pairs, seed=k, progress=False
         )
         assert len(log["loss"]) == 2 and all(np.isfinite(log["loss"]))
         assert bool(log["kd"]) == method.distill
@@ -142,7 +142,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance(world, two_ta
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.1)
-    method.after_task(model, two_tasks[0], lambda m, s: understand_loss(m, world.vocab, s), 0)
+    method.after_task(model, two_tasks[0], lambda m, s: understand_loss(m, world.format, s), 0)
     assert method.penalty(model).item() == 0.0
     trained = [p for p in model.parameters() if p.requires_grad]
     values = []

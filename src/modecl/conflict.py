@@ -46,9 +46,8 @@ import numpy as np
 import torch
 
 from modecl.adapters import adapter_layers, lm_logits, pass_kind
-from modecl.evaluate import DrawPair
-from modecl.sequences import collate, draw_example, next_token_loss
-from modecl.vocab import IGNORE, Vocabulary
+from modecl.sequences import DrawPair, Format, collate, next_token_loss
+from modecl.vocab import IGNORE
 
 Pieces = list[tuple[torch.nn.Parameter, tuple[slice, ...]]]
 
@@ -75,11 +74,11 @@ def _cosine(ab: float, aa: float, bb: float) -> float | None:
 class ConflictMonitor:
     """Every ``every`` steps: gradient conflict and image-loss change on a probe batch."""
 
-    def __init__(self, vocab: Vocabulary, probe: Sequence[DrawPair], every: int) -> None:
+    def __init__(self, fmt: Format, probe: Sequence[DrawPair], every: int) -> None:
         if every < 1:
             raise ValueError(f"monitor.every must be at least 1, got {every}")
-        batch = collate([draw_example(vocab, p.prompt, p.codes) for p in probe], vocab.pad_id)
-        codes = torch.isin(batch["labels"], torch.tensor(vocab.image_code_ids))
+        batch = collate([fmt.draw_example(p) for p in probe], fmt.pad_id)
+        codes = fmt.is_image_code(batch["labels"])
         self.inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         self.labels = batch["labels"].masked_fill(~codes, IGNORE)  # the codes only
         self.every = every

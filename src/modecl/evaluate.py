@@ -5,31 +5,36 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from modecl.adapters import has_adapters, lm_logits, pass_kind
 from modecl.generation import generate
+from modecl.scoring import score
 from modecl.sequences import (
+    DigitsFormat,
+    DrawPair,
     Example,
+    Format,
     answer_ids,
     collate,
-    draw_example,
     draw_prompt,
     understand_prompt,
 )
-from modecl.tasks import Sample
+from modecl.tasks import Sample, Task
 from modecl.vocab import IGNORE, Vocabulary
 
-
-@dataclass(frozen=True)
-class DrawPair:
-    """An image-generation pair: text prompt -> image codes (distillation stream, NLL)."""
-
-    prompt: str
-    codes: tuple[int, ...]
+__all__ = [
+    "DrawPair",
+    "answer",
+    "answer_log_likelihoods",
+    "constrained_accuracy",
+    "draw",
+    "exact_accuracy",
+    "image_nll",
+    "task_accuracy",
+]
 
 
 def _pass(model: torch.nn.Module, kind: str) -> AbstractContextManager:
@@ -59,28 +64,42 @@ def _equal_length_batches(
 @torch.no_grad()
 def answer(
     model: torch.nn.Module,
-    vocab: Vocabulary,
+    fmt: Format,
     samples: Sequence[Sample],
     max_new_tokens: int = 4,
     batch_size: int = 256,
 ) -> list[str]:
-    """Greedy-decoded answers to ``samples``' questions (the exact-match setting)."""
-    prompts = [understand_prompt(vocab, s.codes, s.question) for s in samples]
+    """Greedy-decoded answers to ``samples``' questions."""
+    prompts = [fmt.prompt(s) for s in samples]
     out: list[str] = [""] * len(samples)
     for index, batch in _equal_length_batches(prompts, batch_size):
         with _pass(model, "understand"):
-            tokens = generate(model, batch, max_new_tokens, eos_id=vocab.eos_id)
+            tokens = generate(model, batch.to(model.device), max_new_tokens, eos_id=fmt.eos_id)
         for i, row in zip(index, tokens.tolist(), strict=True):
-            out[i] = vocab.decode_words(row)
+            out[i] = fmt.decode(row)
     return out
 
 
 def exact_accuracy(model: torch.nn.Module, vocab: Vocabulary, samples: Sequence[Sample]) -> float:
-    """Share of samples whose greedy answer equals the reference exactly."""
+    """Share of samples whose greedy answer equals the reference exactly (digits host)."""
     if not samples:
         return float("nan")
-    predicted = answer(model, vocab, samples)
+    predicted = answer(model, DigitsFormat(vocab), samples)
     return float(np.mean([p == s.answer for p, s in zip(predicted, samples, strict=True)]))
+
+
+def task_accuracy(
+    model: torch.nn.Module, fmt: Format, task: Task, max_new_tokens: int, batch_size: int = 16
+) -> tuple[float, list[str]]:
+    """Share of ``task.test`` answered right under ``task.scoring``, and the answers given."""
+    if not task.test:
+        return float("nan"), []
+    predicted = answer(model, fmt, task.test, max_new_tokens, batch_size)
+    right = [
+        score(p, s.answer, task.scoring, s.options)
+        for p, s in zip(predicted, task.test, strict=True)
+    ]
+    return float(np.mean(right)), predicted
 
 
 @torch.no_grad()
@@ -157,34 +176,20 @@ def draw(
 
 @torch.no_grad()
 def image_nll(
-    model: torch.nn.Module,
-    vocab: Vocabulary,
-    prompts: Sequence[str],
-    codes: np.ndarray,
-    batch_size: int = 256,
+    model: torch.nn.Module, fmt: Format, pairs: Sequence[DrawPair], batch_size: int = 256
 ) -> float:
     """Teacher-forced mean negative log-likelihood of the image codes of (prompt, image) pairs."""
     total, count = 0.0, 0
-    code_set = torch.tensor(vocab.image_code_ids)
-    for start in range(0, len(prompts), batch_size):
-        batch = collate(
-            [
-                draw_example(vocab, p, c)
-                for p, c in zip(
-                    prompts[start : start + batch_size],
-                    codes[start : start + batch_size],
-                    strict=True,
-                )
-            ],
-            vocab.pad_id,
-        )
+    for start in range(0, len(pairs), batch_size):
+        examples = [fmt.draw_example(p) for p in pairs[start : start + batch_size]]
+        batch = {k: v.to(model.device) for k, v in collate(examples, fmt.pad_id).items()}
         with _pass(model, "draw"):
             logits = lm_logits(
                 model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).float()
         labels = batch["labels"][:, 1:]
         picked = _next_token_log_probs(logits, labels)
-        is_code = torch.isin(labels, code_set)
+        is_code = fmt.is_image_code(labels)
         total -= float((picked * is_code).sum())
         count += int(is_code.sum())
     return total / max(count, 1)

@@ -147,7 +147,7 @@ def run_method(
     draw_pairs = world.draw_pairs(world.pools.train)
     watch = config.continual.monitor
     probe = world.draw_pairs(world.pools.test[: watch.probe_size])
-    monitor = ConflictMonitor(world.vocab, probe, watch.every) if watch.enabled else None
+    monitor = ConflictMonitor(world.format, probe, watch.every) if watch.enabled else None
     stages, grids, resume_from = [], [], None
     for k, task in enumerate(tasks):
         stage_dir = folder / f"stage{k + 1}"
@@ -164,7 +164,7 @@ def run_method(
         start = time.perf_counter()
         log = train_task(
             model,
-            world.vocab,
+            world.format,
             method,
             task,
             config.continual,

@@ -1,6 +1,8 @@
-"""Token sequences: every training sample is ``prompt SEP answer`` with the loss on the answer.
+"""Token sequences: every training sample is a prompt and an answer, the loss on the answer.
 
-Formats (ids from :class:`~modecl.vocab.Vocabulary`)::
+A :class:`Format` is what the training loop and the evaluation need from a host's token
+format; :class:`DigitsFormat` is the embedded host's, :class:`modecl.hf_tasks.HostFormat`
+that of a transformers Chameleon / Emu3 host. The digits formats::
 
     understand: <bos> <boi> c1..c16 <eoi> question words <sep> | answer words <eos>
     draw:       <bos> draw a seven <sep>                       | <boi> c1..c16 <eoi> <eos>
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from modecl.tasks import Sample
 from modecl.vocab import IGNORE, Vocabulary
 
 
@@ -24,6 +28,78 @@ from modecl.vocab import IGNORE, Vocabulary
 class Example:
     input_ids: list[int]
     labels: list[int]
+
+
+@dataclass(frozen=True)
+class DrawPair:
+    """An image-generation pair: text prompt -> image codes (distillation stream, NLL)."""
+
+    prompt: str
+    codes: tuple[int, ...]
+
+
+class Format(Protocol):
+    """A host's token format, as the training loop and the evaluation use it."""
+
+    pad_id: int
+    eos_id: int
+
+    def prompt(self, sample: Sample) -> list[int]:
+        """The understand prompt: image and question, up to where the answer starts."""
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """The answer's tokens, closed by the end of sequence."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Generated answer tokens back to text (up to the end of sequence)."""
+
+    def draw_example(self, pair: DrawPair) -> Example:
+        """Caption, then the image span; labels on the span (and what closes it)."""
+
+    def is_image_code(self, ids: torch.Tensor) -> torch.Tensor:
+        """True where an id is one of the host's image codes (not a marker, not text)."""
+
+    def is_image_token(self, ids: torch.Tensor) -> torch.Tensor:
+        """True where a token's modality is image: a code or an image-span marker."""
+
+
+def understand(fmt: Format, sample: Sample) -> Example:
+    """An understand sample as a training example: labels on the answer only."""
+    prompt, answer = fmt.prompt(sample), fmt.answer_ids(sample.answer)
+    return Example(prompt + answer, [IGNORE] * len(prompt) + answer)
+
+
+@dataclass(frozen=True)
+class DigitsFormat:
+    """The digits host's format (module doc), over its :class:`~modecl.vocab.Vocabulary`."""
+
+    vocab: Vocabulary
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab.pad_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.vocab.eos_id
+
+    def prompt(self, sample: Sample) -> list[int]:
+        return understand_prompt(self.vocab, sample.codes, sample.question)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return answer_ids(self.vocab, answer)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.vocab.decode_words(ids)
+
+    def draw_example(self, pair: DrawPair) -> Example:
+        return draw_example(self.vocab, pair.prompt, pair.codes)
+
+    def is_image_code(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.isin(ids, torch.tensor(self.vocab.image_code_ids, device=ids.device))
+
+    def is_image_token(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.vocab.image_mask(ids)
 
 
 def understand_prompt(vocab: Vocabulary, codes: Sequence[int], question: str) -> list[int]:
@@ -80,8 +156,18 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of position t's logits against label t+1, skipping ``IGNORE``."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
+def next_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy of position t's logits against label t+1, skipping ``IGNORE``.
+
+    The mean over labelled tokens, or their sum divided by ``normalizer`` (data-parallel
+    training divides by the token count of the whole global batch).
+    """
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE,
+        reduction="mean" if normalizer is None else "sum",
     )
+    return loss if normalizer is None else loss / normalizer

@@ -29,16 +29,21 @@ class Sample:
     answer: str
     label: int | None = None  # the source class, when known (analyses only)
     index: int | None = None  # the source image's index in its image set, when known
+    options: tuple[str, ...] | None = None  # a multiple-choice question's options
 
 
 @dataclass
 class Task:
-    """A continual-learning task; ``answers`` is its answer set (for constrained scoring)."""
+    """A continual-learning task; ``answers`` is its answer set (for constrained scoring).
+
+    ``scoring`` is the rule that judges a generated answer (:mod:`modecl.scoring`).
+    """
 
     name: str
     answers: tuple[str, ...]
     train: list[Sample] = field(default_factory=list)
     test: list[Sample] = field(default_factory=list)
+    scoring: str = "exact"
 
 
 class TaskFileError(ValueError):

@@ -1,4 +1,4 @@
-"""The one training loop, shared by every method.
+"""The one training loop, shared by every method and every host.
 
 Per task: AdamW over the adapter parameters, cosine schedule with warm-up, gradient
 clipping, seeded shuffling. Each step's loss is
@@ -11,16 +11,23 @@ The teacher is the same model with the adapters off; each forward tells the rout
 context what kind of pass it is. An optional :class:`~modecl.conflict.ConflictMonitor`
 watches every k-th step (gradient conflict between the CE and the image loss) without
 changing it.
+
+Data parallel: given an `accelerate.Accelerator` (DDP, DeepSpeed ZeRO-2), one step's loss is
+computed by a module that the engine wraps; every rank draws the same global batch (same
+seed) and takes its share, ``batch[rank::world]``. The CE is summed over the rank's answer
+tokens and divided by the global batch's token count / world, so the gradient the engine
+averages is exactly that of the global batch on one process.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -28,30 +35,49 @@ from modecl.adapters import lm_logits, pass_kind
 from modecl.config import ContinualSettings, DistillSettings
 from modecl.conflict import ConflictMonitor
 from modecl.distill import kd_mask, topk_kl
-from modecl.evaluate import DrawPair
 from modecl.methods.base import Method
-from modecl.sequences import collate, draw_example, next_token_loss, understand_example
+from modecl.sequences import DrawPair, Format, collate, next_token_loss, understand
 from modecl.tasks import Sample, Task
-from modecl.vocab import Vocabulary
+from modecl.vocab import IGNORE
+
+Batch = dict[str, torch.Tensor]
 
 
-def understand_loss(model: torch.nn.Module, vocab: Vocabulary, samples: Sequence[Sample]):
-    """Cross-entropy on the answer tokens (after the separator) of an understand pass."""
-    batch = collate(
-        [understand_example(vocab, s.codes, s.question, s.answer) for s in samples], vocab.pad_id
-    )
+def understand_batch(fmt: Format, samples: Sequence[Sample], device: torch.device) -> Batch:
+    batch = collate([understand(fmt, s) for s in samples], fmt.pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def draw_batch(fmt: Format, pairs: Sequence[DrawPair], device: torch.device) -> Batch:
+    batch = collate([fmt.draw_example(p) for p in pairs], fmt.pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _understand_loss(
+    model: nn.Module, batch: Batch, normalizer: torch.Tensor | None = None
+) -> torch.Tensor:
     with pass_kind(model, "understand"):
         logits = lm_logits(
             model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         )
-    return next_token_loss(logits, batch["labels"])
+    return next_token_loss(logits, batch["labels"], normalizer)
+
+
+def understand_loss(model: nn.Module, fmt: Format, samples: Sequence[Sample]) -> torch.Tensor:
+    """Mean cross-entropy on the answer tokens of an understand pass over ``samples``."""
+    return _understand_loss(model, understand_batch(fmt, samples, model.device))
 
 
 def distill_loss(
-    model: torch.nn.Module, vocab: Vocabulary, pairs: Sequence[DrawPair], settings: DistillSettings
+    model: nn.Module, fmt: Format, pairs: Sequence[DrawPair], settings: DistillSettings
 ) -> torch.Tensor:
     """Top-K KL(teacher || student) over a batch of image-generation pairs."""
-    batch = collate([draw_example(vocab, p.prompt, p.codes) for p in pairs], vocab.pad_id)
+    return _distill_loss(model, fmt, draw_batch(fmt, pairs, model.device), settings)
+
+
+def _distill_loss(
+    model: nn.Module, fmt: Format, batch: Batch, settings: DistillSettings
+) -> torch.Tensor:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad(), pass_kind(model, "teacher"):
         teacher = lm_logits(model, **inputs)
@@ -59,7 +85,7 @@ def distill_loss(
         student = lm_logits(model, **inputs)
     # Logits at t predict token t+1: distil the predictions of the image tokens.
     next_is_image = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-    next_is_image[:, :-1] = vocab.image_mask(batch["input_ids"][:, 1:])
+    next_is_image[:, :-1] = fmt.is_image_token(batch["input_ids"][:, 1:])
     mask = kd_mask(next_is_image, batch["attention_mask"], average_over=settings.average_over)
     return topk_kl(
         teacher,
@@ -71,9 +97,35 @@ def distill_loss(
     )
 
 
+class StepLoss(nn.Module):
+    """One training step's loss as a module, so that a DDP / DeepSpeed engine can wrap it.
+
+    Returns (total, task CE, KD or None); the CE keeps its graph for the conflict monitor.
+    """
+
+    def __init__(
+        self, model: nn.Module, fmt: Format, method: Method, distill: DistillSettings
+    ) -> None:
+        super().__init__()
+        self.model, self.fmt, self.method, self.distill = model, fmt, method, distill
+
+    def forward(
+        self, task: Batch, draw: Batch | None, normalizer: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        ce = _understand_loss(self.model, task, normalizer)
+        total, kd = ce, None
+        if draw is not None:
+            kd = _distill_loss(self.model, self.fmt, draw, self.distill)
+            total = total + self.distill.weight * kd
+        penalty = self.method.penalty(self.model)
+        if penalty is not None:
+            total = total + penalty
+        return total, ce, kd
+
+
 def train_task(
-    model: torch.nn.Module,
-    vocab: Vocabulary,
+    model: nn.Module,
+    fmt: Format,
     method: Method,
     task: Task,
     settings: ContinualSettings,
@@ -83,10 +135,13 @@ def train_task(
     progress: bool = True,
     desc: str = "",
     monitor: ConflictMonitor | None = None,
+    accelerator: Accelerator | None = None,
 ) -> dict:
     """Train the adapters of ``model`` on ``task`` with ``method``; returns a small log.
 
-    With a ``monitor``, ``log["conflict"]`` holds its figures of each monitored step.
+    With a ``monitor``, ``log["conflict"]`` holds its figures of each monitored step. With an
+    ``accelerator``, each of its processes calls this with the same arguments (module doc);
+    the logged losses are those of the global batch.
     """
     cfg = settings.train
     rng = np.random.default_rng(seed)
@@ -96,46 +151,68 @@ def train_task(
         samples = [samples[i] for i in rng.permutation(len(samples))[: cfg.max_train_samples]]
     if method.distill and not draw_pairs:
         raise ValueError(f"method '{method.name}' distils but no image-generation pairs were given")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if world > 1 and monitor is not None:
+        raise ValueError("the conflict monitor runs in a single process only")
+    if world > min(cfg.batch_size, len(samples)):
+        raise ValueError(
+            f"{world} processes need a batch of at least {world} samples "
+            f"(train.batch_size {cfg.batch_size}, {len(samples)} samples in '{task.name}')"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
-    steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
+    # Every process needs a sample in every batch: a last batch smaller than that is dropped.
+    steps_per_epoch = len(samples) // cfg.batch_size + (len(samples) % cfg.batch_size >= world)
     total = steps_per_epoch * cfg.epochs
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optim, int(cfg.warmup_fraction * total), total)
+    step_loss: nn.Module = StepLoss(model, fmt, method, settings.distill)
+    if accelerator is not None:
+        step_loss, optim = accelerator.prepare(step_loss, optim)
     log = {"loss": [], "kd": [], "conflict": []}
     start = time.perf_counter()
     model.train()
-    bar = tqdm(total=total, desc=desc or task.name, disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=desc or task.name, disable=not progress or rank > 0, leave=False)
     for epoch in range(cfg.epochs):
         order = rng.permutation(len(samples))
         for step in range(steps_per_epoch):
             index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            batch = method.mix([samples[i] for i in index], rng)
-            loss = understand_loss(model, vocab, batch)
-            total_loss = loss
+            batch = understand_batch(
+                fmt, method.mix([samples[i] for i in index], rng)[rank::world], model.device
+            )
+            draw = None
             if method.distill:
                 pick = rng.choice(len(draw_pairs), settings.distill.batch_size, replace=False)
-                kd = distill_loss(model, vocab, [draw_pairs[i] for i in pick], settings.distill)
-                total_loss = total_loss + settings.distill.weight * kd
-                log["kd"].append(kd.item())
-            penalty = method.penalty(model)
-            if penalty is not None:
-                total_loss = total_loss + penalty
+                draw = draw_batch(fmt, [draw_pairs[i] for i in pick[rank::world]], model.device)
+            normalizer = None
+            if world > 1:
+                tokens = (batch["labels"][:, 1:] != IGNORE).sum()
+                normalizer = accelerator.reduce(tokens, "sum") / world
+            loss, ce, kd = step_loss(batch, draw, normalizer)
             n = epoch * steps_per_epoch + step
             watched = monitor is not None and monitor.due(n)
             if watched:
-                monitor.before(model, loss, lr=optim.param_groups[0]["lr"])
+                monitor.before(model, ce, lr=optim.param_groups[0]["lr"])
             optim.zero_grad(set_to_none=True)
-            total_loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if accelerator is not None:
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optim.step()
             if watched:
                 log["conflict"].append({"step": n, **monitor.after(model)})
             schedule.step()
-            log["loss"].append(loss.item())
+            if world > 1:
+                ce = accelerator.reduce(ce.detach(), "mean")
+                kd = None if kd is None else accelerator.reduce(kd.detach(), "mean")
+            log["loss"].append(ce.item())
+            if kd is not None:
+                log["kd"].append(kd.item())
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{ce.item():.3f}")
     bar.close()
     model.eval()
-    method.after_task(model, task, lambda m, s: understand_loss(m, vocab, s), seed=seed)
+    method.after_task(model, task, lambda m, s: understand_loss(m, fmt, s), seed=seed)
     log["seconds"] = time.perf_counter() - start
     return log

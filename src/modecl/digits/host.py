@@ -16,6 +16,7 @@ from modecl.digits.judge import Judge
 from modecl.digits.tasks import CAPTION_QUESTION, DRAW_PROMPT, builtin_tasks, words
 from modecl.evaluate import DrawPair, draw, exact_accuracy, image_nll
 from modecl.metrics import frechet_distance
+from modecl.sequences import DigitsFormat
 from modecl.tasks import Sample, Task
 from modecl.vocab import Vocabulary
 
@@ -37,6 +38,11 @@ class DigitsWorld:
                 pools.images[pools.pretrain], config.codebook.codes, config.codebook.seed
             )
         return cls(config, pools, codebook, Vocabulary(words(), codebook.size))
+
+    @cached_property
+    def format(self) -> DigitsFormat:
+        """The token format that training and evaluation use."""
+        return DigitsFormat(self.vocab)
 
     @cached_property
     def judge(self) -> Judge:
@@ -112,6 +118,4 @@ class DigitsWorld:
 
     def image_nll(self, model: torch.nn.Module, index: np.ndarray) -> float:
         """Teacher-forced NLL of the image codes of held-out ("draw a <digit>", image) pairs."""
-        labels = self.pools.labels[index]
-        prompts = [DRAW_PROMPT.format(DIGIT_WORDS[y]) for y in labels]
-        return image_nll(model, self.vocab, prompts, self.codebook.encode(self.pools.images[index]))
+        return image_nll(model, self.format, self.draw_pairs(index))
