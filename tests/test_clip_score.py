@@ -22,10 +22,8 @@ from modecl.clip_score import ClipAlignment, clip_alignment
 SIZE = 16
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
+def write_tiny_clip(directory):
     """A tiny random CLIP with its processor, saved as a real checkpoint would be."""
-    directory = tmp_path_factory.mktemp("clip")
     specials = ["<|startoftext|>", "<|endoftext|>"]
     words = [c + suffix for c in string.ascii_lowercase for suffix in ("", "</w>")]
     tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(specials + words)}, merges=[])
@@ -46,6 +44,11 @@ def clip_dir(tmp_path_factory):
     CLIPModel(config).save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return write_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def images(count: int, seed: int) -> list[Image.Image]:

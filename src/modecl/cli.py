@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from modecl.config import ConfigError, DigitsConfig, RunConfig, load_toml
+from modecl.config import ConfigError, DigitsConfig, RunConfig, TrainConfig, load_toml
 from modecl.digits.pretrain import GateError, check_gate, load_or_pretrain
-from modecl.report import headline_rows, write_report
+from modecl.report import headline_rows, write_report, write_train_report
 from modecl.run import quick as quick_config
 from modecl.run import run_benchmark, validate
+from modecl.tasks import TaskFileError
 
 CACHE_HELP = "cache dir (default: $MODECL_CACHE or ~/.cache/modecl)"
 
@@ -85,8 +87,28 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"done in {time.perf_counter() - args.start:.1f} s")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    # Imported here: the digits commands need neither accelerate's nor the hosts' machinery.
+    from modecl.hf_run import train_run
+
+    config = load_toml(TrainConfig, args.config)
+    results = train_run(
+        args.model, args.tasks, args.method, args.out, kd_data=args.kd_data, config=config
+    )
+    if (args.out / "results.json").exists():  # only the main process writes
+        print(f"results in {args.out / 'results.json'}, report {write_train_report(args.out)}")
+        print(
+            f"final average accuracy {results['final_average_accuracy']:.3f}, "
+            f"done in {time.perf_counter() - args.start:.1f} s"
+        )
+
+
 def cmd_report(args: argparse.Namespace) -> None:
-    print(f"report written: {write_report(args.dir)}")
+    results = args.dir / "results.json"
+    if not results.exists():
+        raise ConfigError(f"{results}: not found")
+    train_run = json.loads(results.read_text()).get("schema", "").startswith("modecl.train")
+    print(f"report written: {(write_train_report if train_run else write_report)(args.dir)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a smaller first-look configuration")
     b.add_argument("--seeds", type=int, help="repeat the study over N seeds (default: config)")
     b.set_defaults(func=cmd_bench)
+    t = sub.add_parser(
+        "train", help="continual training of a transformers host (Chameleon/Anole, Emu3)"
+    )
+    t.add_argument("--model", required=True, help="local directory or hub id (from_pretrained)")
+    t.add_argument("--tasks", type=Path, nargs="+", required=True, help="JSONL task files")
+    t.add_argument("--method", required=True, help="one method name (e.g. mode, seq-lora)")
+    t.add_argument("--out", type=Path, required=True, help="run directory (resumes if present)")
+    t.add_argument("--kd-data", type=Path, help="JSONL (caption, image) pairs")
+    t.add_argument("--config", type=Path, help="TOML TrainConfig (default: built-in)")
+    t.set_defaults(func=cmd_train)
     r = sub.add_parser("report", help="rebuild report.md and figures from a run's results")
     r.add_argument("dir", type=Path)
     r.set_defaults(func=cmd_report)
@@ -122,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         args.func(args)
-    except (ConfigError, GateError) as exc:
+    except (ConfigError, GateError, TaskFileError) as exc:
         print(f"modecl: error: {exc}", file=sys.stderr)
         return 2
     return 0

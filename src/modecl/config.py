@@ -115,6 +115,14 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    if origin is dict:
+        key_type, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return {
+            _check_type(k, key_type, where): _check_type(v, item, f"{where}.{k}")
+            for k, v in value.items()
+        }
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -263,3 +271,43 @@ class RunConfig:
     seeds: int = 1
     continual: ContinualSettings = field(default_factory=ContinualSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+def _no_monitor() -> ContinualSettings:
+    settings = ContinualSettings()
+    settings.monitor.enabled = False  # a diagnostic of the benchmark; costs ~1.2x on a host
+    return settings
+
+
+@dataclass
+class HostSettings:
+    """How `modecl train` loads a transformers host and reads images."""
+
+    dtype: str = "auto"  # "auto": bfloat16 on a GPU, float32 on CPU; or "float32", "bfloat16"
+    image_size: int | None = None  # resize images to this square; None: the host's processor
+    gradient_checkpointing: bool = False
+    tokenize_batch_size: int = 16  # images per VQ-tokenizer batch
+
+
+@dataclass
+class HostEvalSettings:
+    """What `modecl train` measures after every task."""
+
+    max_new_tokens: int = 16  # greedy answer length limit
+    batch_size: int = 16
+    max_test_samples: int | None = None  # per task; None = all
+    draws: int = 8  # test pairs of the pairs file drawn per stage (image generation)
+    temperature: float = 1.0
+    top_k: int = 0
+    clip_model: str | None = None  # a local CLIP directory (save_pretrained); None: no CLIP
+
+
+@dataclass
+class TrainConfig:
+    """`modecl train`: continual training of a transformers host on JSONL tasks."""
+
+    seed: int = 0
+    continual: ContinualSettings = field(default_factory=_no_monitor)
+    host: HostSettings = field(default_factory=HostSettings)
+    eval: HostEvalSettings = field(default_factory=HostEvalSettings)
+    scoring: dict[str, str] = field(default_factory=dict)  # task name -> rule (overrides files)

@@ -41,9 +41,12 @@ from modecl.adapters import has_adapters, lm_logits, pass_kind, routing_context
 
 __all__ = [
     "ImageVocabulary",
+    "bos_ids",
     "decode_image",
     "draw_image_tokens",
     "draw_prompt",
+    "image_grid",
+    "image_span",
     "image_tokens",
     "image_vocabulary",
     "load_image",
@@ -123,7 +126,7 @@ def _check_span(vocab: ImageVocabulary, tokens: torch.Tensor, grid: tuple[int, i
         raise ValueError(f"tokens do not form a {grid[0]}x{grid[1]} {vocab.family} image span")
 
 
-def _bos(model: nn.Module) -> list[int]:
+def bos_ids(model: nn.Module) -> list[int]:
     bos = model.config.get_text_config().bos_token_id
     return [] if bos is None else [bos]
 
@@ -164,20 +167,30 @@ def load_image(path: str | Path, size_or_processor: int | tuple[int, int] | Any)
     return (pixels / 127.5 - 1)[None]
 
 
+def image_grid(vocab: ImageVocabulary, body: Sequence[int]) -> tuple[int, int]:
+    """The (h, w) code grid of one row of `image_tokens` (Chameleon's records no shape: 1 x n)."""
+    if vocab.family == "emu3":
+        height = list(body).count(vocab.row_end)
+        return height, len(body) // max(height, 1) - 1
+    return 1, len(body)
+
+
+def image_span(
+    vocab: ImageVocabulary, body: Sequence[int], encode: Encode
+) -> tuple[list[int], list[int]]:
+    """The image span of one row of `image_tokens`, as (head before the first code, rest)."""
+    grid = image_grid(vocab, body)
+    rest = [*body, *_layout(vocab, grid)[len(body) :]]  # the closing markers
+    _check_span(vocab, torch.tensor(rest), grid)
+    return _head(vocab, grid, encode), rest
+
+
 def understand_prompt(
     model: nn.Module, image_ids: torch.Tensor, question: str, encode: Encode
 ) -> torch.Tensor:
     """`[L]` ids: BOS, the image span around `image_ids` (one row of `image_tokens`), question."""
-    vocab = image_vocabulary(model)
-    body = image_ids.tolist()
-    if vocab.family == "emu3":
-        height = body.count(vocab.row_end)
-        grid = (height, len(body) // max(height, 1) - 1)
-    else:
-        grid = (1, len(body))  # Chameleon's span does not record the image's shape
-    span = [*body, *_layout(vocab, grid)[len(body) :]]  # the closing markers
-    _check_span(vocab, torch.tensor(span), grid)
-    return torch.tensor([*_bos(model), *_head(vocab, grid, encode), *span, *encode(question)])
+    head, rest = image_span(image_vocabulary(model), image_ids.tolist(), encode)
+    return torch.tensor([*bos_ids(model), *head, *rest, *encode(question)])
 
 
 def draw_prompt(
@@ -185,7 +198,7 @@ def draw_prompt(
 ) -> torch.Tensor:
     """`[L]` ids: BOS, the caption, and the opening of an image span of `grid` (h, w) codes."""
     vocab = image_vocabulary(model)
-    return torch.tensor([*_bos(model), *encode(caption), *_head(vocab, grid, encode)])
+    return torch.tensor([*bos_ids(model), *encode(caption), *_head(vocab, grid, encode)])
 
 
 def _pick(
@@ -248,8 +261,7 @@ def decode_image(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
             "transformers' Chameleon VQ-VAE has an encoder only (no decoder module or weights); "
             "decode Chameleon/Anole codes with the original VQGAN decoder"
         )
-    height = int((tokens[0] == vocab.row_end).sum())
-    grid = (height, (tokens.shape[1] - 2) // max(height, 1) - 1)
+    grid = image_grid(vocab, tokens[0, :-2].tolist())
     _check_span(vocab, tokens, grid)
     rows = tokens[:, :-2].view(-1, grid[0], grid[1] + 1)
     indices = model.model.vocabulary_mapping.convert_bpe2img(rows)  # drops the row ends

@@ -293,3 +293,65 @@ def write_report(out: str | Path) -> Path:
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out / "report.md")
     return out / "report.md"
+
+
+def _alignment(generation: dict | None) -> tuple[str, str, str]:
+    """(image alignment, text alignment, note) cells of a stage's generation entry."""
+    if generation is None:
+        return "–", "–", "no test pairs"
+    clip = generation["clip"]
+    if clip["status"] != "ok":
+        return "–", "–", clip["reason"]
+    return _fmt(clip["image_alignment"]), _fmt(clip["text_alignment"]), ""
+
+
+def write_train_report(out: str | Path) -> Path:
+    """(Re)build ``report.md`` and ``figures/`` of a `modecl train` run from its results."""
+    out = Path(out)
+    results = json.loads((out / "results.json").read_text())
+    tasks, method = results["task_names"], results["method"]
+    # The benchmark's table and figure helpers read this shape.
+    view = {
+        "tasks": tasks,
+        "pretrained": results["pretrained"],
+        "methods": {method: {"accuracy_matrix": results["accuracy_matrix"]}},
+    }
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    plot_matrices(view, "accuracy_matrix", figures / "accuracy_matrix.png")
+    rules = ", ".join(f"{t} ({results['scoring'][t]})" for t in tasks)
+    lines = [
+        f"# modecl train: {method} on {results['model']}",
+        "",
+        f"Tasks in order, with their scoring rules: {rules}.",
+        "",
+        "| final acc | forgetting | BWT | gain kept |",
+        "|---|---|---|---|",
+        "| "
+        + " | ".join(
+            _fmt(results[k])
+            for k in ("final_average_accuracy", "average_forgetting", "bwt", "gain_kept")
+        )
+        + " |",
+        "",
+        "Accuracy matrix (row: after training that task; column: the task measured):",
+        "",
+        *matrix_rows(view, method, "accuracy_matrix"),
+        "",
+        "![accuracy matrix](figures/accuracy_matrix.png)",
+        "",
+        "Image generation (inter-modal forgetting): teacher-forced image-token NLL of the test",
+        "pairs, and CLIP alignment of images drawn from their captions.",
+        "",
+        "| after | image NLL | CLIP image | CLIP text | note |",
+        "|---|---|---|---|---|",
+    ]
+    for name, stage in [("pre-trained", results["pretrained"])] + [
+        (s["task"], s) for s in results["stages"]
+    ]:
+        image, text, note = _alignment(stage.get("generation"))
+        lines.append(f"| {name} | {_fmt(stage.get('image_nll'))} | {image} | {text} | {note} |")
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out / "report.md")
+    return out / "report.md"

@@ -114,13 +114,19 @@ def measure(
     }, grid
 
 
-def _save_stage(folder: Path, stage: dict, grid: np.ndarray, model, method) -> None:
-    """Write one finished stage as a whole: a crash leaves it either complete or absent."""
+def save_stage(
+    folder: Path, stage: dict, model, method, arrays: dict[str, Any] | None = None
+) -> None:
+    """Write one finished stage as a whole: a crash leaves it either complete or absent.
+
+    ``arrays`` maps file names to what they hold: ``.npy`` numpy arrays, ``.pt`` tensors.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     save_adapters(model, tmp / "adapters")
     torch.save(method.state_dict(), tmp / "method.pt")
-    np.save(tmp / "grid.npy", grid)
+    for name, value in (arrays or {}).items():
+        np.save(tmp / name, value) if name.endswith(".npy") else torch.save(value, tmp / name)
     (tmp / "stage.json").write_text(json.dumps(stage))
     if folder.exists():
         shutil.rmtree(folder)
@@ -185,7 +191,7 @@ def run_method(
             "conflict": summarize_conflict(log["conflict"]),
             "conflict_steps": log["conflict"],  # kept in the checkpoint for conflict.jsonl
         }
-        _save_stage(stage_dir, stage, grid, model, method)
+        save_stage(stage_dir, stage, model, method, {"grid.npy": grid})
         stages.append(stage)
         grids.append(grid)
         tick(f"{name} {task.name}")

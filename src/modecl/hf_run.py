@@ -1,0 +1,299 @@
+"""`modecl train`: one method through a sequence of JSONL tasks on a transformers host.
+
+The same loop as the digits benchmark (:func:`modecl.train.train_task`), on a Chameleon /
+Anole or Emu3 checkpoint loaded with `from_pretrained`. After every task it measures every
+task's test split (the accuracy matrix, forgetting, BWT) and, with a pairs file, the
+inter-modal side: the image-token NLL of its test pairs and images drawn from their
+captions (PNG where the host has a VQ decoder, CLIP-scored when a CLIP model is given).
+
+Layout of an out dir::
+
+    results.json                 every number (schema ``modecl.train/1``); report.md
+    run.json                     what the run was started with (a resume must match it)
+    checkpoints/pretrained.json  the host's measures before any task
+    checkpoints/stage<K>/        {stage.json, answers.json, drawn.pt, adapters/, method.pt}
+    images/stage<K>/<i>.png      drawn images (decodable hosts)
+
+Each stage is written atomically once trained and measured; re-running the same command
+resumes after the last finished stage. Under `accelerate launch` every process trains its
+share of each batch; the main process measures and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+from modecl.adapters import attach_adapters, enable_gradient_checkpointing, load_adapters
+from modecl.clip_score import ClipAlignment, clip_alignment
+from modecl.config import ConfigError, TrainConfig, to_dict
+from modecl.evaluate import image_nll, task_accuracy
+from modecl.hf_host import decode_image, draw_image_tokens, image_grid, save_png
+from modecl.hf_tasks import HostFormat, ImageTokenizer, Pairs, load_image_task, load_pairs
+from modecl.methods import METHOD_NAMES, get_method
+from modecl.metrics import summarize
+from modecl.run import peak_memory_mb, save_stage, write_atomic
+from modecl.tasks import Task
+from modecl.train import train_task
+
+SCHEMA = "modecl.train/1"
+
+
+def default_accelerator() -> Accelerator:
+    """An Accelerator for this launch: GPUs when present, else CPU processes (gloo).
+
+    accelerate treats a torchrun launch on a machine without GPUs as distributed only when
+    asked for CPU explicitly.
+    """
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def load_host(path: str, dtype: str, device: torch.device) -> tuple[nn.Module, Any]:
+    """The model (eval mode, on `device`) and tokenizer of a local directory or hub id."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype not in dtypes:
+        raise ConfigError(f"host.dtype: {dtype!r} is not one of auto, {', '.join(dtypes)}")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtypes[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load a host model and tokenizer from {path}: {err}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def _image_reader(model: nn.Module, path: str, config: TrainConfig) -> ImageTokenizer:
+    size = config.host.image_size
+    if size is None:
+        try:
+            size = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"no image processor at {path} ({err}); set host.image_size to resize instead"
+            ) from None
+    return ImageTokenizer(model, size, config.host.tokenize_batch_size)
+
+
+def _generation(
+    model: nn.Module,
+    fmt: HostFormat,
+    pairs: Pairs,
+    config: TrainConfig,
+    folder: Path,
+    seed: int,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Draw an image from each test caption; decode, save and CLIP-score where possible."""
+    ev = config.eval
+    chosen = pairs.test[: ev.draws]
+    generator = torch.Generator(model.device).manual_seed(seed)
+    drawn = []
+    for pair in chosen:  # one at a time: captions differ in length, prompts are not padded
+        prompt = torch.tensor([fmt.draw_prompt(pair)], device=model.device)
+        grid = image_grid(fmt.vocab, pair.codes)
+        tokens = draw_image_tokens(
+            model, prompt, grid, temperature=ev.temperature, top_k=ev.top_k, generator=generator
+        )
+        drawn.append(tokens[0].cpu())
+    out: dict[str, Any] = {"drawn": len(drawn)}
+    if fmt.vocab.family != "emu3":
+        clip = ClipAlignment(unavailable="no VQ decoder for this host in transformers (Chameleon)")
+    else:
+        files = []
+        for i, tokens in enumerate(drawn):
+            pixels = decode_image(model, tokens[None].to(model.device))[0]
+            files.append(save_png(pixels, folder / f"{i}.png"))
+        out["images"] = [str(f) for f in files]
+        if ev.clip_model is None:
+            clip = ClipAlignment(unavailable="no CLIP model configured (eval.clip_model)")
+        else:
+            images = [Image.open(f) for f in files]
+            references = [[Image.open(f)] for f in pairs.test_images[: len(files)]]
+            prompts = [p.prompt for p in chosen]
+            clip = clip_alignment(ev.clip_model, images, prompts, references, device=model.device)
+    out["clip"] = clip.to_dict()
+    return out, torch.stack(drawn) if drawn else torch.empty(0)
+
+
+def measure(
+    model: nn.Module,
+    fmt: HostFormat,
+    tasks: list[Task],
+    pairs: Pairs | None,
+    config: TrainConfig,
+    images_dir: Path,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, list[str]], torch.Tensor]:
+    """Every measure of one stage, the answers given per task, and the drawn spans."""
+    model.eval()
+    ev = config.eval
+    accuracy, answers = [], {}
+    for task in tasks:
+        value, given = task_accuracy(model, fmt, task, ev.max_new_tokens, ev.batch_size)
+        accuracy.append(value)
+        answers[task.name] = given
+    measures: dict[str, Any] = {"task_accuracy": accuracy}
+    drawn = torch.empty(0)
+    if pairs is not None and pairs.test:
+        measures["image_nll"] = image_nll(model, fmt, pairs.test, ev.batch_size)
+        measures["generation"], drawn = _generation(model, fmt, pairs, config, images_dir, seed)
+    return measures, answers, drawn
+
+
+def _check_resume(out: Path, run: dict[str, Any]) -> None:
+    saved = out / "run.json"
+    if saved.exists() and json.loads(saved.read_text()) != run:
+        raise ConfigError(
+            f"{out} holds a run started differently ({saved}); use another --out or delete it"
+        )
+
+
+def train_run(
+    model_path: str,
+    task_files: list[Path],
+    method_name: str,
+    out: Path,
+    *,
+    kd_data: Path | None = None,
+    config: TrainConfig | None = None,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+) -> dict[str, Any]:
+    """Train `method_name` through `task_files` on the host at `model_path`; results.json."""
+    config = config or TrainConfig()
+    if method_name not in METHOD_NAMES:
+        raise ConfigError(f"unknown method {method_name!r}; valid: {', '.join(METHOD_NAMES)}")
+    if not task_files:
+        raise ConfigError("a run needs at least one task file")
+    accelerator = accelerator or default_accelerator()
+    main = accelerator.is_main_process
+    out = Path(out)
+    run = {
+        "model": str(model_path),
+        "tasks": [str(f) for f in task_files],
+        "method": method_name,
+        "kd_data": None if kd_data is None else str(kd_data),
+        "config": to_dict(config),
+    }
+    _check_resume(out, run)
+    accelerator.wait_for_everyone()  # every process checked before the main one writes
+    if main:
+        write_atomic(out / "run.json", json.dumps(run, indent=1))
+    model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
+    fmt = HostFormat.from_model(model, tokenizer)
+    names = [Path(f).stem for f in task_files]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"task names (the files' stems) repeat: {names}")
+    unknown = sorted(set(config.scoring) - set(names))
+    if unknown:
+        raise ConfigError(f"scoring names unknown tasks {unknown}; the tasks are {names}")
+    images = _image_reader(model, model_path, config)
+    tasks = [
+        load_image_task(f, images, scoring=config.scoring.get(n))
+        for f, n in zip(task_files, names, strict=True)
+    ]
+    if config.eval.max_test_samples is not None:
+        for task in tasks:
+            task.test = task.test[: config.eval.max_test_samples]
+    pairs = None if kd_data is None else load_pairs(kd_data, images)
+    method = get_method(method_name)
+    method.setup(config.continual)
+    if method.distill and (pairs is None or not pairs.train):
+        raise ConfigError(f"method {method_name!r} distils: give --kd-data with train pairs")
+    torch.manual_seed(config.seed)
+    attach_adapters(model, method.adapter_config(config.continual))
+    if config.host.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    folder = out / "checkpoints"
+    seed = config.seed
+
+    def finished(name: str, compute):
+        """Load a main-process result, computing and writing it first when missing."""
+        if main and not (folder / name).exists():
+            compute()
+        accelerator.wait_for_everyone()
+        return json.loads((folder / name / "stage.json").read_text())
+
+    def pretrained() -> None:
+        measures, answers, _ = measure(model, fmt, tasks, pairs, config, out / "images/pre", seed)
+        save_stage(folder / "pretrained", {**measures, "answers": answers}, model, method)
+
+    pre = finished("pretrained", pretrained)
+    stages, resume_from = [], None
+    bar = tqdm(total=len(tasks), desc="stages", unit="stage", disable=not progress or not main)
+    for k, task in enumerate(tasks):
+        name = f"stage{k + 1}"
+        if (folder / name / "stage.json").exists():
+            stages.append(json.loads((folder / name / "stage.json").read_text()))
+            resume_from = folder / name
+            bar.update()
+            continue
+        if resume_from is not None:
+            load_adapters(model, resume_from / "adapters")
+            method.load_state_dict(torch.load(resume_from / "method.pt", weights_only=False))
+            resume_from = None
+        start = time.perf_counter()
+        log = train_task(
+            model,
+            fmt,
+            method,
+            task,
+            config.continual,
+            draw_pairs=pairs.train if pairs else (),
+            seed=seed * 1000 + k,
+            progress=progress,
+            desc=f"{method_name} {k + 1}/{len(tasks)} {task.name}",
+            accelerator=accelerator,
+        )
+
+        def stage(k=k, task=task, log=log, start=start) -> None:
+            images_dir = out / "images" / f"stage{k + 1}"
+            measures, answers, drawn = measure(
+                model, fmt, tasks, pairs, config, images_dir, seed * 1000 + k + 1
+            )
+            entry = {
+                "task": task.name,
+                **measures,
+                "answers": answers,
+                "train_seconds": log["seconds"],
+                "final_loss": float(np.mean(log["loss"][-5:])),
+                "wall_seconds": time.perf_counter() - start,
+                "peak_memory_mb": peak_memory_mb(),
+            }
+            save_stage(folder / f"stage{k + 1}", entry, model, method, {"drawn.pt": drawn})
+
+        stages.append(finished(name, stage))
+        bar.update()
+    bar.close()
+    results = summary(run, tasks, pre, stages)
+    if main:
+        write_atomic(out / "results.json", json.dumps(results, indent=1))
+    return results
+
+
+def summary(
+    run: dict[str, Any], tasks: list[Task], pre: dict[str, Any], stages: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """results.json: the accuracy matrix, its forgetting measures, and every stage."""
+    matrix = [s["task_accuracy"] for s in stages]
+    drop = ("task_accuracy", "answers")
+    return {
+        "schema": SCHEMA,
+        **run,
+        "task_names": [t.name for t in tasks],
+        "scoring": {t.name: t.scoring for t in tasks},
+        "pretrained": {k: v for k, v in pre.items() if k != "answers"},
+        "accuracy_matrix": matrix,
+        **summarize(matrix, pre["task_accuracy"]),
+        "stages": [{k: v for k, v in s.items() if k not in drop} for s in stages],
+    }

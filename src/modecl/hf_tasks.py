@@ -1,0 +1,272 @@
+"""User tasks on a transformers early-fusion host (Chameleon / Anole, Emu3): JSONL files.
+
+A task file holds one sample per line (blank lines skipped)::
+
+    {"image": "img/0001.png", "question": "What color is it?", "answer": "red",
+     "split": "train"}
+    {"image": "img/0002.png", "question": "Which shape? (a) circle (b) square",
+     "answer": "b", "options": ["circle", "square"], "split": "test", "scoring": "choice"}
+
+`image` is a path relative to the file's folder. `options` (multiple choice) are only used
+to score: write them into the question as the model should see them. `scoring` is a rule
+of :mod:`modecl.scoring`, the same on every line; without it a task scores `choice` when
+it has options, else `exact`. A distillation / generation file holds (caption, image) pairs::
+
+    {"caption": "a red circle", "image": "img/0003.png", "split": "train"}
+
+`split` is optional there: `train` pairs (the default) feed the distillation stream,
+`test` pairs the image-generation evaluation. Images become codes through the host's own VQ
+tokenizer (:func:`modecl.hf_host.image_tokens`), each image file once. Reading is
+all-or-nothing: a bad line raises :class:`~modecl.tasks.TaskFileError` naming the file, the
+line and the field, and nothing is returned.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modecl.hf_host import (
+    ImageVocabulary,
+    bos_ids,
+    image_span,
+    image_tokens,
+    image_vocabulary,
+    load_image,
+)
+from modecl.modality import image_mask, image_token_ids
+from modecl.scoring import RULES, normalize, score
+from modecl.sequences import DrawPair, Example
+from modecl.tasks import Sample, Task, TaskFileError
+from modecl.vocab import IGNORE
+
+__all__ = ["HostFormat", "ImageTokenizer", "Pairs", "load_image_task", "load_pairs"]
+
+
+@dataclass(frozen=True)
+class HostFormat:
+    """The token format of a Chameleon / Emu3 host (:class:`modecl.sequences.Format`)::
+
+    understand  BOS <image span> question | answer EOS
+    draw        BOS caption <span head>   | codes and span markers EOS
+
+    A sample's `codes` (a pair's too) are one row of `image_tokens`: vocabulary ids.
+    """
+
+    vocab: ImageVocabulary
+    modality_ids: tuple[int, ...]
+    bos: tuple[int, ...]
+    eos_id: int
+    pad_id: int
+    encode: Callable[[str], Sequence[int]]
+    decode_text: Callable[[Sequence[int]], str]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Any) -> HostFormat:
+        """Read the ids from `model`'s config; text goes through `tokenizer` (transformers)."""
+        text = model.config.get_text_config()
+        eos = text.eos_token_id if text.eos_token_id is not None else tokenizer.eos_token_id
+        pad = text.pad_token_id if text.pad_token_id is not None else tokenizer.pad_token_id
+        if eos is None:
+            raise ValueError("the host defines no end-of-sequence token (eos_token_id)")
+        return cls(
+            vocab=image_vocabulary(model),
+            modality_ids=tuple(image_token_ids(model.config)),
+            bos=tuple(bos_ids(model)),
+            eos_id=int(eos),
+            pad_id=int(eos if pad is None else pad),
+            encode=lambda s: tokenizer(s, add_special_tokens=False)["input_ids"],
+            decode_text=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        )
+
+    def prompt(self, sample: Sample) -> list[int]:
+        head, rest = image_span(self.vocab, sample.codes, self.encode)
+        return [*self.bos, *head, *rest, *self.encode(sample.question)]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return [*self.encode(answer), self.eos_id]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        ids = ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids
+        return self.decode_text(ids).strip()
+
+    def draw_prompt(self, pair: DrawPair) -> list[int]:
+        head, _ = image_span(self.vocab, pair.codes, self.encode)
+        return [*self.bos, *self.encode(pair.prompt), *head]
+
+    def draw_example(self, pair: DrawPair) -> Example:
+        prompt = self.draw_prompt(pair)
+        _, rest = image_span(self.vocab, pair.codes, self.encode)
+        target = [*rest, self.eos_id]
+        return Example(prompt + target, [IGNORE] * len(prompt) + target)
+
+    def is_image_code(self, ids: torch.Tensor) -> torch.Tensor:
+        return image_mask(ids, self.vocab.codes)
+
+    def is_image_token(self, ids: torch.Tensor) -> torch.Tensor:
+        return image_mask(ids, self.modality_ids)
+
+
+@dataclass
+class ImageTokenizer:
+    """Image files -> the host's image tokens, each file tokenized once.
+
+    `size_or_processor`: an int / (h, w) to resize to (the tiny test models), or the host's
+    image processor (a real checkpoint's `AutoImageProcessor`).
+    """
+
+    model: nn.Module
+    size_or_processor: Any
+    batch_size: int = 16
+    cache: dict[Path, tuple[int, ...]] = field(default_factory=dict)
+
+    def __call__(self, files: Sequence[tuple[Path, str]]) -> list[tuple[int, ...]]:
+        """Tokens of each `(file, where)`; `where` prefixes the error of a bad file."""
+        pixels: dict[Path, torch.Tensor] = {}
+        for file, where in files:
+            if file not in self.cache and file not in pixels:
+                try:
+                    pixels[file] = load_image(file, self.size_or_processor)
+                except FileNotFoundError:
+                    raise TaskFileError(f"{where}image file not found: {file}") from None
+                except OSError as err:
+                    raise TaskFileError(f"{where}cannot read image {file}: {err}") from None
+        by_shape: dict[tuple[int, ...], list[Path]] = defaultdict(list)
+        for file, value in pixels.items():
+            by_shape[tuple(value.shape)].append(file)
+        for group in by_shape.values():  # images batch only with others of their shape
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                tokens = image_tokens(self.model, torch.cat([pixels[f] for f in chunk]))
+                for file, row in zip(chunk, tokens.tolist(), strict=True):
+                    self.cache[file] = tuple(row)
+        return [self.cache[file] for file, _ in files]
+
+
+def _records(path: Path, required: Sequence[str], optional: Sequence[str]):
+    """(where, record) per non-blank line, each an object with known fields only."""
+    if not path.is_file():
+        raise TaskFileError(f"{path}: file not found")
+    known = (*required, *optional)
+    with path.open(encoding="utf-8") as lines:
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}: "
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                message = f"{where}invalid JSON: {err.msg} (column {err.colno})"
+                raise TaskFileError(message) from None
+            if not isinstance(record, dict):
+                raise TaskFileError(f"{where}expected a JSON object, got {type(record).__name__}")
+            for key in record:
+                if key not in known:
+                    raise TaskFileError(
+                        f"{where}field '{key}': unknown field; the fields are {', '.join(known)}"
+                    )
+            for key in required:
+                if key not in record:
+                    raise TaskFileError(f"{where}field '{key}': missing")
+            for key in ("image", "question", "answer", "caption", "split", "scoring"):
+                value = record.get(key, "x")
+                if not isinstance(value, str) or not value.strip():
+                    raise TaskFileError(
+                        f"{where}field '{key}': expected a non-empty string, got {value!r}"
+                    )
+            yield where, record
+
+
+def _split(record: dict, where: str, default: str | None = None) -> str:
+    split = record.get("split", default)
+    if split not in ("train", "test"):
+        raise TaskFileError(f'{where}field \'split\': expected "train" or "test", got {split!r}')
+    return split
+
+
+def load_image_task(
+    path: str | Path,
+    images: ImageTokenizer,
+    name: str | None = None,
+    scoring: str | None = None,
+) -> Task:
+    """Read a task file (module doc); `scoring` overrides the file's rule."""
+    path = Path(path)
+    rows, rules = [], set()
+    for where, record in _records(
+        path, ("image", "question", "answer", "split"), ("options", "scoring")
+    ):
+        options = record.get("options")
+        if options is not None:
+            if not isinstance(options, list) or not options:
+                raise TaskFileError(f"{where}field 'options': expected a non-empty list")
+            if not all(isinstance(o, str) and o.strip() for o in options):
+                raise TaskFileError(f"{where}field 'options': expected non-empty strings")
+            options = tuple(options)
+        rule = record.get("scoring", "choice" if options else "exact")
+        if rule not in RULES:
+            raise TaskFileError(
+                f"{where}field 'scoring': {rule!r} is not one of {', '.join(RULES)}"
+            )
+        if rule == "choice":
+            if options is None:
+                raise TaskFileError(f"{where}field 'options': the choice rule needs options")
+            try:
+                score(record["answer"], record["answer"], rule, options)
+            except ValueError as err:
+                raise TaskFileError(f"{where}field 'answer': {err}") from None
+        rules.add(rule)
+        split = _split(record, where)
+        rows.append((where, path.parent / record["image"], split, record, options))
+    if len(rules) > 1 and scoring is None:
+        raise TaskFileError(f"{path}: lines use different scoring rules {sorted(rules)}")
+    codes = images([(file, f"{where}field 'image': ") for where, file, *_ in rows])
+    splits: dict[str, list[Sample]] = {"train": [], "test": []}
+    for (_, _, split, record, options), image in zip(rows, codes, strict=True):
+        question, answer = record["question"].strip(), record["answer"].strip()
+        splits[split].append(Sample(image, question, answer, options=options))
+    for split, samples in splits.items():
+        if not samples:
+            raise TaskFileError(f"{path}: no {split} samples")
+    answers = tuple(sorted({normalize(s.answer) for s in splits["train"] + splits["test"]}))
+    rule = scoring or rules.pop()
+    if rule not in RULES:
+        raise TaskFileError(f"{path}: scoring {rule!r} is not one of {', '.join(RULES)}")
+    if rule == "choice" and any(s.options is None for s in splits["train"] + splits["test"]):
+        raise TaskFileError(f"{path}: the choice rule needs options on every line")
+    return Task(name or path.stem, answers, splits["train"], splits["test"], scoring=rule)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """(caption, image codes) pairs: `train` distils, `test` evaluates image generation."""
+
+    train: list[DrawPair]
+    test: list[DrawPair]
+    test_images: list[Path]  # the real image of each test pair (CLIP image alignment)
+
+
+def load_pairs(path: str | Path, images: ImageTokenizer) -> Pairs:
+    """Read a (caption, image) pairs file (module doc)."""
+    path = Path(path)
+    rows = [
+        (where, path.parent / record["image"], _split(record, where, "train"), record["caption"])
+        for where, record in _records(path, ("caption", "image"), ("split",))
+    ]
+    if not rows:
+        raise TaskFileError(f"{path}: no pairs")
+    codes = images([(file, f"{where}field 'image': ") for where, file, *_ in rows])
+    out: dict[str, list] = {"train": [], "test": [], "files": []}
+    for (_, file, split, caption), image in zip(rows, codes, strict=True):
+        out[split].append(DrawPair(caption.strip(), image))
+        if split == "test":
+            out["files"].append(file)
+    return Pairs(out["train"], out["test"], out["files"])
