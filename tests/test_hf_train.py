@@ -1,0 +1,241 @@
+"""`modecl train` end to end on tiny random Chameleon and Emu3 checkpoints saved to disk."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from modecl.adapters import adapter_state_dict, attach_adapters, load_adapters
+from modecl.cli import main
+from modecl.config import TrainConfig, load_toml
+from modecl.evaluate import task_accuracy
+from modecl.hf_run import load_host
+from modecl.hf_tasks import HostFormat, ImageTokenizer, load_image_task, load_pairs
+from modecl.methods import get_method
+from modecl.sequences import DrawPair, understand
+from modecl.tasks import Sample, TaskFileError
+from modecl.vocab import IGNORE
+from tests.test_clip_score import write_tiny_clip
+from tests.test_hf_host import HOSTS, image_tokens, pixels, understand_prompt
+from tests.tiny_hosts import tokenizer, write_host, write_tasks
+
+CONFIG = """
+seed = 0
+[host]
+image_size = 8
+[continual.train]
+epochs = 4
+batch_size = 4
+lr = 0.02
+[continual.distill]
+batch_size = 4
+top_k = 16
+[eval]
+draws = 2
+max_new_tokens = 4
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Both hosts, the task and pairs files, a tiny CLIP, and a config using it."""
+    root = tmp_path_factory.mktemp("hf")
+    hosts = {family: write_host(family, root / family) for family in HOSTS}
+    files, pairs = write_tasks(root / "data")
+    clip = write_tiny_clip(root / "clip")
+    config = root / "train.toml"
+    config.write_text(CONFIG.replace("[eval]", f'[eval]\nclip_model = "{clip}"'))
+    return {"root": root, "hosts": hosts, "files": files, "pairs": pairs, "config": config}
+
+
+def train(setup, family, method, out, *extra):
+    argv = ["train", "--model", str(setup["hosts"][family]), "--tasks"]
+    argv += [str(f) for f in setup["files"]]
+    argv += ["--method", method, "--out", str(out), "--kd-data", str(setup["pairs"])]
+    return main([*argv, "--config", str(setup["config"]), *extra])
+
+
+def reloaded(setup, family, method, adapters):
+    """A fresh host from disk with the saved adapters loaded, and its format."""
+    model, tok = load_host(str(setup["hosts"][family]), "float32", torch.device("cpu"))
+    config = load_toml(TrainConfig, setup["config"])
+    attach_adapters(model, get_method(method).adapter_config(config.continual))
+    load_adapters(model, adapters)
+    return model, HostFormat.from_model(model, tok)
+
+
+@pytest.mark.parametrize("method", ["mode", "seq-lora"])
+@pytest.mark.parametrize("family", list(HOSTS))
+def test_train_end_to_end(setup, family, method, tmp_path):
+    assert train(setup, family, method, tmp_path) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["schema"] == "modecl.train/1"
+    assert results["task_names"] == ["color", "shape"]
+    assert results["scoring"] == {"color": "exact", "shape": "choice"}
+    matrix = results["accuracy_matrix"]
+    assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+    assert all(0 <= v <= 1 for row in matrix for v in row)
+    assert results["final_average_accuracy"] == pytest.approx(sum(matrix[-1]) / 2)
+    assert results["bwt"] == pytest.approx(matrix[1][0] - matrix[0][0])
+    assert "report.md" in {p.name for p in tmp_path.iterdir()}
+    for stage in [results["pretrained"], *results["stages"]]:
+        assert stage["image_nll"] > 0
+        assert stage["generation"]["drawn"] == 2
+        clip = stage["generation"]["clip"]
+        if family == "emu3":  # decoded to PNG and scored by the tiny CLIP
+            assert clip["status"] == "ok"
+            assert -1 <= clip["image_alignment"] <= 1 and -1 <= clip["text_alignment"] <= 1
+            assert len(stage["generation"]["images"]) == 2
+        else:
+            assert clip["status"] == "unavailable" and "decoder" in clip["reason"]
+    for stage in results["stages"]:
+        assert stage["final_loss"] < math.log(64)  # below chance over the 64-id vocabulary
+
+    # The saved adapters, reloaded into a fresh host, give the answers the run recorded.
+    last = tmp_path / "checkpoints" / "stage2"
+    model, fmt = reloaded(setup, family, method, last / "adapters")
+    trained = adapter_state_dict(model)
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
+    recorded = json.loads((last / "stage.json").read_text())["answers"]
+    images = ImageTokenizer(model, 8)
+    for file in setup["files"]:
+        task = load_image_task(file, images)
+        _, answers = task_accuracy(model, fmt, task, max_new_tokens=4)
+        assert answers == recorded[task.name]
+
+
+def test_resume_gives_the_same_results(setup, tmp_path):
+    assert train(setup, "chameleon", "mode", tmp_path) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    shutil.rmtree(tmp_path / "checkpoints" / "stage2")  # as if it crashed in the last task
+    (tmp_path / "results.json").unlink()
+    assert train(setup, "chameleon", "mode", tmp_path) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["accuracy_matrix"] == first["accuracy_matrix"]
+    for a, b in zip(again["stages"], first["stages"], strict=True):
+        assert a["image_nll"] == b["image_nll"]
+        assert a["final_loss"] == b["final_loss"]
+
+
+def test_resume_refuses_another_configuration(setup, tmp_path, capsys):
+    assert train(setup, "chameleon", "seq-lora", tmp_path) == 0
+    assert train(setup, "chameleon", "mode", tmp_path) == 2
+    assert "started differently" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_trains_the_same(setup, tmp_path):
+    config = setup["config"].read_text().replace("[host]", "[host]\ngradient_checkpointing = true")
+    (tmp_path / "ckpt.toml").write_text(config)
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    assert train(setup, "chameleon", "mode", plain) == 0
+    ckpt = ["--config", str(tmp_path / "ckpt.toml")]  # the later --config wins
+    assert train(setup, "chameleon", "mode", checkpointed, *ckpt) == 0
+    for stage in ("stage1", "stage2"):
+        a = json.loads((plain / "checkpoints" / stage / "stage.json").read_text())
+        b = json.loads((checkpointed / "checkpoints" / stage / "stage.json").read_text())
+        assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-5)
+        assert b["answers"] == a["answers"]
+
+
+def test_cli_errors(setup, tmp_path, capsys):
+    assert train(setup, "chameleon", "no-such-method", tmp_path / "a") == 2
+    assert "unknown method 'no-such-method'" in capsys.readouterr().err
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--tasks", str(setup["files"][0])]
+    assert main([*argv, "--method", "mode", "--out", str(tmp_path / "b")]) == 2
+    assert "cannot load a host model and tokenizer from" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def chameleon_images():
+    model = HOSTS["chameleon"]()
+    return model, ImageTokenizer(model, 8)
+
+
+def write(tmp_path, *rows):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "images" / "ok.png")
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+GOOD = {"image": "images/ok.png", "question": "what color is it ?", "answer": "red"}
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({**GOOD, "image": "images/missing.png", "split": "train"}, "field 'image': image file"),
+        ({**GOOD, "split": "dev"}, 'field \'split\': expected "train" or "test"'),
+        ({**GOOD, "split": "train", "colour": 1}, "field 'colour': unknown field"),
+        (
+            {"image": "images/ok.png", "answer": "red", "split": "train"},
+            "field 'question': missing",
+        ),
+        ({**GOOD, "split": "train", "answer": ""}, "field 'answer': expected a non-empty string"),
+        ({**GOOD, "split": "train", "scoring": "choice"}, "the choice rule needs options"),
+        ({**GOOD, "split": "train", "scoring": "fuzzy"}, "field 'scoring': 'fuzzy' is not one"),
+        (
+            {**GOOD, "split": "train", "options": ["blue", "green"]},
+            "field 'answer': answer 'red' is neither an option letter nor one of",
+        ),
+        ("{not json", "invalid JSON"),
+    ],
+)
+def test_task_file_errors_name_file_line_and_field(chameleon_images, tmp_path, row, message):
+    path = write(tmp_path, {**GOOD, "split": "test"}, row)
+    with pytest.raises(TaskFileError) as error:
+        load_image_task(path, chameleon_images[1])
+    assert f"{path}:2: " in str(error.value)
+    assert message in str(error.value)
+    if "missing.png" in json.dumps(row):
+        assert str(tmp_path / "images" / "missing.png") in str(error.value)
+
+
+def test_task_file_rules(chameleon_images, tmp_path):
+    images = chameleon_images[1]
+    choice = {**GOOD, "answer": "b", "options": ["blue", "red"]}
+    path = write(tmp_path, {**choice, "split": "train"}, {**choice, "split": "test"})
+    task = load_image_task(path, images)
+    assert task.scoring == "choice" and task.test[0].options == ("blue", "red")
+    assert load_image_task(path, images, scoring="contains").scoring == "contains"
+    path = write(tmp_path, {**GOOD, "split": "train"}, {**GOOD, "split": "test"})
+    assert load_image_task(path, images).scoring == "exact"
+    path = write(tmp_path, {**GOOD, "split": "train"}, {**GOOD, "split": "train"})
+    with pytest.raises(TaskFileError, match="no test samples"):
+        load_image_task(path, images)
+    pairs = write(tmp_path, {"caption": "draw red", "image": "images/ok.png"})
+    read = load_pairs(pairs, images)
+    assert len(read.train) == 1 and read.test == []
+
+
+def labelled_ids(example) -> list[int]:
+    return [
+        t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE
+    ]
+
+
+@pytest.mark.parametrize("family", list(HOSTS))
+def test_host_format_sequences(family):
+    """Understand prompts equal `understand_prompt`; draw labels cover exactly the span."""
+    model = HOSTS[family]()
+    fmt = HostFormat.from_model(model, tokenizer())
+    body = tuple(image_tokens(model, pixels(1))[0].tolist())
+    sample = Sample(body, "what color is it ?", "red")
+    expected = understand_prompt(model, torch.tensor(body), sample.question, fmt.encode)
+    assert fmt.prompt(sample) == expected.tolist()
+    example = understand(fmt, sample)
+    assert labelled_ids(example) == [*fmt.encode("red"), fmt.eos_id]
+    labelled = labelled_ids(fmt.draw_example(DrawPair("draw red", body)))
+    # The span after its head (codes, Emu3's row and frame ends, end of image), then EOS.
+    prompt = fmt.prompt(sample)
+    span = prompt[prompt.index(body[0]) : len(prompt) - len(fmt.encode(sample.question))]
+    assert labelled == [*span, fmt.eos_id]
+    ids = torch.tensor(labelled)
+    assert fmt.is_image_code(ids).sum() == 16  # the 4x4 codes; markers and EOS are not codes
+    assert fmt.is_image_token(ids).tolist() == [*[True] * (len(labelled) - 1), False]
