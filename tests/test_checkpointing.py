@@ -48,8 +48,14 @@ def shorter_batch(model: nn.Module, ids: torch.Tensor) -> None:
     model(ids[:, :5])
 
 
-def adapter_grads(host: str, checkpointing: str, between: Between) -> list[torch.Tensor]:
-    """Adapter gradients of one mixed-batch loss, with `between` run before its backward."""
+def adapter_grads(
+    host: str, checkpointing: str, between: Between, grad_first: bool = False
+) -> list[torch.Tensor]:
+    """Adapter gradients of one mixed-batch loss, with `between` run before its backward.
+
+    `grad_first`: an `autograd.grad` over the same graph (kept) runs first, as the conflict
+    monitor does; each checkpointed layer is then recomputed twice.
+    """
     model = attach_adapters(HOSTS[host](), AdapterConfig(dropout=0.0, routing="task"))
     randomize(model)
     model.train()
@@ -60,8 +66,14 @@ def adapter_grads(host: str, checkpointing: str, between: Between) -> list[torch
     ids = batch()
     logits = lm_logits(model, input_ids=ids, use_cache=False)
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    params = [p for p in model.parameters() if p.requires_grad]
+    if grad_first:
+        first = torch.autograd.grad(loss, params, retain_graph=True)
     between(model, ids)
     loss.backward()
+    if grad_first:
+        for a, b in zip(first, params, strict=True):
+            torch.testing.assert_close(a, b.grad, rtol=1e-6, atol=1e-7)
     return [p.grad for p in model.parameters() if p.requires_grad]
 
 
@@ -75,6 +87,14 @@ def test_routing_safe_checkpointing_gives_the_reference_gradients(host, between)
     assert all(torch.count_nonzero(g) > 0 for g in reference)
     grads = adapter_grads(host, "routing-safe", between)
     assert len(grads) == len(reference)
+    for ours, expected in zip(grads, reference, strict=True):
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_routing_safe_checkpointing_backpropagates_a_graph_twice(host):
+    reference = adapter_grads(host, "off", nothing)
+    grads = adapter_grads(host, "routing-safe", teacher, grad_first=True)
     for ours, expected in zip(grads, reference, strict=True):
         torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
 

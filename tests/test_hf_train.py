@@ -95,6 +95,7 @@ def test_train_end_to_end(setup, family, method, tmp_path):
             assert clip["status"] == "unavailable" and "decoder" in clip["reason"]
     for stage in results["stages"]:
         assert stage["final_loss"] < math.log(64)  # below chance over the 64-id vocabulary
+        assert stage["conflict"]["steps"] == 1  # monitored: step 0 of 2 per epoch, every 10
 
     # The saved adapters, reloaded into a fresh host, give the answers the run recorded.
     last = tmp_path / "checkpoints" / "stage2"

@@ -508,13 +508,22 @@ def lm_logits(model: nn.Module, **inputs: Any) -> torch.Tensor:
     return model.get_output_embeddings()(hidden)
 
 
-@contextmanager
-def _routing_state(routing: RoutingContext, state: RoutingState) -> Iterator[None]:
-    previous, routing.state = routing.state, state
-    try:
-        yield
-    finally:
-        routing.state = previous
+class _RestoredState:
+    """Puts a captured routing state back for a recomputation, and the current one after.
+
+    Re-enterable: a graph backpropagated more than once (`retain_graph`, as the conflict
+    monitor does) recomputes each checkpointed layer once per backward.
+    """
+
+    def __init__(self, routing: RoutingContext, state: RoutingState) -> None:
+        self.routing, self.state, self.previous = routing, state, []
+
+    def __enter__(self) -> None:
+        self.previous.append(self.routing.state)
+        self.routing.state = self.state
+
+    def __exit__(self, *exc: object) -> None:
+        self.routing.state = self.previous.pop()
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
@@ -530,7 +539,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
         if not has_adapters(model):
             return nullcontext(), nullcontext()
         routing = routing_context(model)
-        return nullcontext(), _routing_state(routing, routing.state)
+        return nullcontext(), _RestoredState(routing, routing.state)
 
     # transformers renamed the method (the old name warns); both take the kwargs first.
     enable = getattr(model, "activation_checkpointing_enable", None)

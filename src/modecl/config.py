@@ -273,12 +273,6 @@ class RunConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
 
-def _no_monitor() -> ContinualSettings:
-    settings = ContinualSettings()
-    settings.monitor.enabled = False  # a diagnostic of the benchmark; costs ~1.2x on a host
-    return settings
-
-
 @dataclass
 class HostSettings:
     """How `modecl train` loads a transformers host and reads images."""
@@ -307,7 +301,7 @@ class TrainConfig:
     """`modecl train`: continual training of a transformers host on JSONL tasks."""
 
     seed: int = 0
-    continual: ContinualSettings = field(default_factory=_no_monitor)
+    continual: ContinualSettings = field(default_factory=ContinualSettings)
     host: HostSettings = field(default_factory=HostSettings)
     eval: HostEvalSettings = field(default_factory=HostEvalSettings)
     scoring: dict[str, str] = field(default_factory=dict)  # task name -> rule (overrides files)

@@ -4,7 +4,9 @@ The same loop as the digits benchmark (:func:`modecl.train.train_task`), on a Ch
 Anole or Emu3 checkpoint loaded with `from_pretrained`. After every task it measures every
 task's test split (the accuracy matrix, forgetting, BWT) and, with a pairs file, the
 inter-modal side: the image-token NLL of its test pairs and images drawn from their
-captions (PNG where the host has a VQ decoder, CLIP-scored when a CLIP model is given).
+captions (PNG where the host has a VQ decoder, CLIP-scored when a CLIP model is given);
+in one process, the gradient-conflict monitor (:mod:`modecl.conflict`) probes the same
+test pairs when `continual.monitor.enabled`.
 
 Layout of an out dir::
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTo
 from modecl.adapters import attach_adapters, enable_gradient_checkpointing, load_adapters
 from modecl.clip_score import ClipAlignment, clip_alignment
 from modecl.config import ConfigError, TrainConfig, to_dict
+from modecl.conflict import ConflictMonitor, summarize_conflict
 from modecl.evaluate import image_nll, task_accuracy
 from modecl.hf_host import decode_image, draw_image_tokens, image_grid, save_png
 from modecl.hf_tasks import HostFormat, ImageTokenizer, Pairs, load_image_task, load_pairs
@@ -216,6 +220,13 @@ def train_run(
         enable_gradient_checkpointing(model)
     folder = out / "checkpoints"
     seed = config.seed
+    watch = config.continual.monitor
+    monitor = None
+    if watch.enabled and pairs is not None and pairs.test:
+        if accelerator.num_processes == 1:
+            monitor = ConflictMonitor(fmt, pairs.test[: watch.probe_size], watch.every)
+        elif main:
+            warnings.warn("the conflict monitor runs in one process only: skipped", stacklevel=2)
 
     def finished(name: str, compute):
         """Load a main-process result, computing and writing it first when missing."""
@@ -254,6 +265,7 @@ def train_run(
             progress=progress,
             desc=f"{method_name} {k + 1}/{len(tasks)} {task.name}",
             accelerator=accelerator,
+            monitor=monitor,
         )
 
         def stage(k=k, task=task, log=log, start=start) -> None:
@@ -269,6 +281,7 @@ def train_run(
                 "final_loss": float(np.mean(log["loss"][-5:])),
                 "wall_seconds": time.perf_counter() - start,
                 "peak_memory_mb": peak_memory_mb(),
+                "conflict": summarize_conflict(log["conflict"]) if monitor else None,
             }
             save_stage(folder / f"stage{k + 1}", entry, model, method, {"drawn.pt": drawn})
 

@@ -41,6 +41,7 @@ from modecl.tasks import Sample, Task
 from modecl.vocab import IGNORE
 
 Batch = dict[str, torch.Tensor]
+_MICRO = "train_micro_batch_size_per_gpu"
 
 
 def understand_batch(fmt: Format, samples: Sequence[Sample], device: torch.device) -> Batch:
@@ -167,6 +168,10 @@ def train_task(
     schedule = get_cosine_schedule_with_warmup(optim, int(cfg.warmup_fraction * total), total)
     step_loss: nn.Module = StepLoss(model, fmt, method, settings.distill)
     if accelerator is not None:
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.deepspeed_config.get(_MICRO, "auto") == "auto":
+            # DeepSpeed sizes its engine by a per-GPU batch, usually read from a DataLoader.
+            plugin.deepspeed_config[_MICRO] = -(-cfg.batch_size // world)
         step_loss, optim = accelerator.prepare(step_loss, optim)
     log = {"loss": [], "kd": [], "conflict": []}
     start = time.perf_counter()
@@ -212,6 +217,8 @@ def train_task(
             bar.update()
             bar.set_postfix(loss=f"{ce.item():.3f}")
     bar.close()
+    if accelerator is not None:
+        accelerator.free_memory()  # drop this task's engine and optimizer wrappers
     model.eval()
     method.after_task(model, task, lambda m, s: understand_loss(m, fmt, s), seed=seed)
     log["seconds"] = time.perf_counter() - start
