@@ -89,14 +89,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     # Imported here: the digits commands need neither accelerate's nor the hosts' machinery.
+    from accelerate import PartialState
+
     from modecl.hf_run import train_run
 
     config = load_toml(TrainConfig, args.config)
     results = train_run(
         args.model, args.tasks, args.method, args.out, kd_data=args.kd_data, config=config
     )
-    if (args.out / "results.json").exists():  # only the main process writes
-        print(f"results in {args.out / 'results.json'}, report {write_train_report(args.out)}")
+    if PartialState().is_main_process:  # the one process that wrote the results
+        print(f"results in {args.out / 'results.json'}, report {args.out / 'report.md'}")
         print(
             f"final average accuracy {results['final_average_accuracy']:.3f}, "
             f"done in {time.perf_counter() - args.start:.1f} s"

@@ -46,6 +46,7 @@ from modecl.hf_host import decode_image, draw_image_tokens, image_grid, save_png
 from modecl.hf_tasks import HostFormat, ImageTokenizer, Pairs, load_image_task, load_pairs
 from modecl.methods import METHOD_NAMES, get_method
 from modecl.metrics import summarize
+from modecl.report import write_train_report
 from modecl.run import peak_memory_mb, save_stage, write_atomic
 from modecl.tasks import Task
 from modecl.train import train_task
@@ -291,6 +292,7 @@ def train_run(
     results = summary(run, tasks, pre, stages)
     if main:
         write_atomic(out / "results.json", json.dumps(results, indent=1))
+        write_train_report(out)
     return results
 
 
