@@ -35,6 +35,7 @@ from modecl.adapters import (
     save_adapters,
     trainable_parameters,
 )
+from modecl.generation import generate
 from modecl.modality import image_mask
 
 IMAGE_IDS = list(range(40, 64))  # both hosts: codes and markers
@@ -425,3 +426,24 @@ def test_plain_lora_needs_no_image_tokens():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=8, **SIZES, **HEADS))
     attach_adapters(model, AdapterConfig(kind="lora"))
     model(inputs_embeds=torch.randn(1, 3, SIZES["hidden_size"]))
+
+
+@pytest.mark.parametrize("host", [*HOSTS, "emu3"])
+def test_left_padded_generation_equals_one_prompt_at_a_time(host):
+    """Prompts of unequal length in one batch: the tokens each would get alone."""
+    from tests.test_hf_host import tiny_emu3  # that module imports this one
+
+    build = tiny_emu3 if host == "emu3" else HOSTS[host]
+    model = attach_adapters(build(), AdapterConfig(dropout=0.0))
+    randomize(model, std=1.0)
+    prompts = [row.tolist() for row in batch(rows=2)]
+    prompts = [prompts[0], prompts[1][3:], prompts[0][5:]]  # lengths 12, 9, 7
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    together = generate(model, ids, 6, attention_mask=mask)
+    for row, prompt in zip(together, prompts, strict=True):
+        alone = generate(model, torch.tensor([prompt]), 6)[0]
+        assert torch.equal(row, alone)
+    unmasked = generate(model, ids, 6)  # the padding attended to: other tokens
+    assert not torch.equal(unmasked, together)

@@ -69,12 +69,22 @@ def answer(
     max_new_tokens: int = 4,
     batch_size: int = 256,
 ) -> list[str]:
-    """Greedy-decoded answers to ``samples``' questions."""
+    """Greedy-decoded answers to ``samples``' questions, in batches of similar length."""
     prompts = [fmt.prompt(s) for s in samples]
     out: list[str] = [""] * len(samples)
-    for index, batch in _equal_length_batches(prompts, batch_size):
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        longest = max(len(prompts[i]) for i in index)
+        ids = torch.tensor([[fmt.pad_id] * (longest - len(prompts[i])) + prompts[i] for i in index])
+        mask = torch.tensor(
+            [[0] * (longest - len(prompts[i])) + [1] * len(prompts[i]) for i in index]
+        )
+        padded = {"attention_mask": mask.to(model.device)} if not bool(mask.all()) else {}
         with _pass(model, "understand"):
-            tokens = generate(model, batch.to(model.device), max_new_tokens, eos_id=fmt.eos_id)
+            tokens = generate(
+                model, ids.to(model.device), max_new_tokens, eos_id=fmt.eos_id, **padded
+            )
         for i, row in zip(index, tokens.tolist(), strict=True):
             out[i] = fmt.decode(row)
     return out

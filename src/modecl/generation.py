@@ -13,13 +13,17 @@ def generate(
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
     *,
+    attention_mask: torch.Tensor | None = None,
     allowed_ids: Sequence[int] | None = None,
     temperature: float = 0.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
 ) -> torch.Tensor:
-    """Extend equal-length prompts ``[B, P]`` by ``max_new_tokens`` tokens.
+    """Extend prompts ``[B, P]`` by ``max_new_tokens`` tokens.
+
+    Prompts of unequal length are left-padded, with ``attention_mask`` 0 on the padding;
+    positions then count each row's real tokens only, as without padding.
 
     ``allowed_ids`` restricts every new token (Chameleon's image-only mode masks logits
     the same way). ``temperature == 0`` is greedy; otherwise sample from the softmax at
@@ -32,10 +36,15 @@ def generate(
     if allowed_ids is not None:
         allowed = torch.zeros(model.config.vocab_size, dtype=torch.bool)
         allowed[list(allowed_ids)] = True
+        allowed = allowed.to(prompt_ids.device)
     cache, inputs, out = None, prompt_ids, []
-    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool)
+    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    mask, positions = attention_mask, None
+    if mask is not None:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
     for _ in range(max_new_tokens):
-        result = model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        padding = {} if mask is None else {"attention_mask": mask, "position_ids": positions}
+        result = model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1, **padding)
         cache = result.cache
         logits = result.logits[:, -1].float()
         if allowed is not None:
@@ -55,4 +64,7 @@ def generate(
         if eos_id is not None and bool(done.all()):
             break
         inputs = token[:, None]
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+            positions = positions[:, -1:] + 1
     return torch.stack(out, dim=1)
