@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,16 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from modecl.cli import main
 from tests.ddp_worker import train
+from tests.test_hf_train import CONFIG
+from tests.tiny_hosts import write_host, write_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def torchrun() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", str(ROOT / "tests/ddp_worker.py"), str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
+    command = [*torchrun(), str(ROOT / "tests/ddp_worker.py"), str(tmp_path)]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
@@ -37,3 +44,35 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
         assert not torch.equal(value, one["init"][name]), f"{name} did not train"
         # Three AdamW steps of lr 0.01 from the same init: equal up to float summation order.
         torch.testing.assert_close(ranks[0]["adapters"][name], value, atol=1e-4, rtol=1e-4)
+
+
+def test_modecl_train_under_torchrun_matches_one_process(tmp_path):
+    """The CLI under two processes: sharded training and evaluation, the one-process results."""
+    host = write_host("chameleon", tmp_path / "host")
+    files, pairs = write_tasks(tmp_path / "data")
+    config = tmp_path / "train.toml"
+    # No dropout: its masks differ between processes.
+    config.write_text(CONFIG + "[continual.adapter]\ndropout = 0.0\n")
+    args = ["train", "--model", str(host), "--tasks", *map(str, files), "--method", "mode"]
+    args += ["--kd-data", str(pairs), "--config", str(config)]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    done = subprocess.run(
+        [*torchrun(), "-m", "modecl.cli", *args, "--out", str(tmp_path / "two")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two["accuracy_matrix"] == one["accuracy_matrix"]
+    for a, b in zip(two["stages"], one["stages"], strict=True):
+        assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
+        assert a["image_nll"] == pytest.approx(b["image_nll"], rel=1e-5)
+        assert a["generation"]["drawn"] == b["generation"]["drawn"] == 2
+    for stage in ("stage1", "stage2"):
+        answers = [
+            json.loads((tmp_path / d / "checkpoints" / stage / "stage.json").read_text())["answers"]
+            for d in ("one", "two")
+        ]
+        assert answers[0] == answers[1]

@@ -13,7 +13,7 @@ from PIL import Image
 from modecl.adapters import adapter_state_dict, attach_adapters, load_adapters
 from modecl.cli import main
 from modecl.config import TrainConfig, load_toml
-from modecl.evaluate import task_accuracy
+from modecl.evaluate import answer
 from modecl.hf_run import load_host
 from modecl.hf_tasks import HostFormat, ImageTokenizer, load_image_task, load_pairs
 from modecl.methods import get_method
@@ -106,7 +106,7 @@ def test_train_end_to_end(setup, family, method, tmp_path):
     images = ImageTokenizer(model, 8)
     for file in setup["files"]:
         task = load_image_task(file, images)
-        _, answers = task_accuracy(model, fmt, task, max_new_tokens=4)
+        answers = answer(model, fmt, task.test, max_new_tokens=4)
         assert answers == recorded[task.name]
 
 

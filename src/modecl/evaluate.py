@@ -33,7 +33,8 @@ __all__ = [
     "draw",
     "exact_accuracy",
     "image_nll",
-    "task_accuracy",
+    "image_nll_terms",
+    "scored_accuracy",
 ]
 
 
@@ -98,18 +99,12 @@ def exact_accuracy(model: torch.nn.Module, vocab: Vocabulary, samples: Sequence[
     return float(np.mean([p == s.answer for p, s in zip(predicted, samples, strict=True)]))
 
 
-def task_accuracy(
-    model: torch.nn.Module, fmt: Format, task: Task, max_new_tokens: int, batch_size: int = 16
-) -> tuple[float, list[str]]:
-    """Share of ``task.test`` answered right under ``task.scoring``, and the answers given."""
+def scored_accuracy(task: Task, answers: Sequence[str]) -> float:
+    """Share of ``task.test`` that ``answers`` (one per sample) get right under ``task.scoring``."""
     if not task.test:
-        return float("nan"), []
-    predicted = answer(model, fmt, task.test, max_new_tokens, batch_size)
-    right = [
-        score(p, s.answer, task.scoring, s.options)
-        for p, s in zip(predicted, task.test, strict=True)
-    ]
-    return float(np.mean(right)), predicted
+        return float("nan")
+    pairs = zip(answers, task.test, strict=True)
+    return float(np.mean([score(a, s.answer, task.scoring, s.options) for a, s in pairs]))
 
 
 @torch.no_grad()
@@ -189,6 +184,15 @@ def image_nll(
     model: torch.nn.Module, fmt: Format, pairs: Sequence[DrawPair], batch_size: int = 256
 ) -> float:
     """Teacher-forced mean negative log-likelihood of the image codes of (prompt, image) pairs."""
+    total, count = image_nll_terms(model, fmt, pairs, batch_size)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def image_nll_terms(
+    model: torch.nn.Module, fmt: Format, pairs: Sequence[DrawPair], batch_size: int = 256
+) -> tuple[float, int]:
+    """(summed NLL, number of image codes) of ``pairs``: shares of a split set add up."""
     total, count = 0.0, 0
     for start in range(0, len(pairs), batch_size):
         examples = [fmt.draw_example(p) for p in pairs[start : start + batch_size]]
@@ -202,4 +206,4 @@ def image_nll(
         is_code = fmt.is_image_code(labels)
         total -= float((picked * is_code).sum())
         count += int(is_code.sum())
-    return total / max(count, 1)
+    return total, count

@@ -26,12 +26,14 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
@@ -41,7 +43,7 @@ from modecl.adapters import attach_adapters, enable_gradient_checkpointing, load
 from modecl.clip_score import ClipAlignment, clip_alignment
 from modecl.config import ConfigError, TrainConfig, to_dict
 from modecl.conflict import ConflictMonitor, summarize_conflict
-from modecl.evaluate import image_nll, task_accuracy
+from modecl.evaluate import answer, image_nll_terms, scored_accuracy
 from modecl.hf_host import decode_image, draw_image_tokens, image_grid, save_png
 from modecl.hf_tasks import HostFormat, ImageTokenizer, Pairs, load_image_task, load_pairs
 from modecl.methods import METHOD_NAMES, get_method
@@ -138,20 +140,32 @@ def measure(
     config: TrainConfig,
     images_dir: Path,
     seed: int,
+    accelerator: Accelerator,
 ) -> tuple[dict[str, Any], dict[str, list[str]], torch.Tensor]:
-    """Every measure of one stage, the answers given per task, and the drawn spans."""
+    """Every measure of one stage, the answers given per task, and the drawn spans.
+
+    Every process answers and scores its share of the test sets; the main one also draws
+    (its return values are the complete ones).
+    """
     model.eval()
     ev = config.eval
+    rank, world = accelerator.process_index, accelerator.num_processes
     accuracy, answers = [], {}
     for task in tasks:
-        value, given = task_accuracy(model, fmt, task, ev.max_new_tokens, ev.batch_size)
-        accuracy.append(value)
-        answers[task.name] = given
+        mine = list(range(rank, len(task.test), world))
+        given = answer(model, fmt, [task.test[i] for i in mine], ev.max_new_tokens, ev.batch_size)
+        answers[task.name] = [""] * len(task.test)
+        for index, texts in gather_object([(mine, given)]):
+            for i, text in zip(index, texts, strict=True):
+                answers[task.name][i] = text
+        accuracy.append(scored_accuracy(task, answers[task.name]))
     measures: dict[str, Any] = {"task_accuracy": accuracy}
     drawn = torch.empty(0)
     if pairs is not None and pairs.test:
-        measures["image_nll"] = image_nll(model, fmt, pairs.test, ev.batch_size)
-        measures["generation"], drawn = _generation(model, fmt, pairs, config, images_dir, seed)
+        terms = gather_object([image_nll_terms(model, fmt, pairs.test[rank::world], ev.batch_size)])
+        measures["image_nll"] = sum(t for t, _ in terms) / max(sum(n for _, n in terms), 1)
+        if accelerator.is_main_process:
+            measures["generation"], drawn = _generation(model, fmt, pairs, config, images_dir, seed)
     return measures, answers, drawn
 
 
@@ -229,16 +243,21 @@ def train_run(
         elif main:
             warnings.warn("the conflict monitor runs in one process only: skipped", stacklevel=2)
 
-    def finished(name: str, compute):
-        """Load a main-process result, computing and writing it first when missing."""
-        if main and not (folder / name).exists():
+    def finished(name: str, compute: Callable[[], None]) -> dict[str, Any]:
+        """A stage's entry: read if written, else computed by all and written by the main one."""
+        file = folder / name / "stage.json"
+        accelerator.wait_for_everyone()  # every process sees the same files
+        if not file.exists():
             compute()
-        accelerator.wait_for_everyone()
-        return json.loads((folder / name / "stage.json").read_text())
+            accelerator.wait_for_everyone()
+        return json.loads(file.read_text())
 
     def pretrained() -> None:
-        measures, answers, _ = measure(model, fmt, tasks, pairs, config, out / "images/pre", seed)
-        save_stage(folder / "pretrained", {**measures, "answers": answers}, model, method)
+        measures, answers, _ = measure(
+            model, fmt, tasks, pairs, config, out / "images/pre", seed, accelerator
+        )
+        if main:
+            save_stage(folder / "pretrained", {**measures, "answers": answers}, model, method)
 
     pre = finished("pretrained", pretrained)
     stages, resume_from = [], None
@@ -272,8 +291,10 @@ def train_run(
         def stage(k=k, task=task, log=log, start=start) -> None:
             images_dir = out / "images" / f"stage{k + 1}"
             measures, answers, drawn = measure(
-                model, fmt, tasks, pairs, config, images_dir, seed * 1000 + k + 1
+                model, fmt, tasks, pairs, config, images_dir, seed * 1000 + k + 1, accelerator
             )
+            if not main:
+                return
             entry = {
                 "task": task.name,
                 **measures,
