@@ -118,6 +118,9 @@ def test_resume_gives_the_same_results(setup, tmp_path):
     assert train(setup, "chameleon", "mode", tmp_path) == 0
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["accuracy_matrix"] == first["accuracy_matrix"]
+    (tmp_path / "report.md").unlink()
+    assert main(["report", str(tmp_path)]) == 0  # rebuilt from results.json
+    assert "| after | color | shape |" in (tmp_path / "report.md").read_text()
     for a, b in zip(again["stages"], first["stages"], strict=True):
         assert a["image_nll"] == b["image_nll"]
         assert a["final_loss"] == b["final_loss"]

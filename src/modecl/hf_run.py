@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-from modecl.adapters import attach_adapters, enable_gradient_checkpointing, load_adapters
+from modecl.adapters import attach_adapters, enable_gradient_checkpointing
 from modecl.clip_score import ClipAlignment, clip_alignment
 from modecl.config import ConfigError, TrainConfig, to_dict
 from modecl.conflict import ConflictMonitor, summarize_conflict
@@ -49,7 +49,7 @@ from modecl.hf_tasks import HostFormat, ImageTokenizer, Pairs, load_image_task, 
 from modecl.methods import METHOD_NAMES, get_method
 from modecl.metrics import summarize
 from modecl.report import write_train_report
-from modecl.run import peak_memory_mb, save_stage, write_atomic
+from modecl.run import load_stage, peak_memory_mb, save_stage, write_atomic
 from modecl.tasks import Task
 from modecl.train import train_task
 
@@ -270,8 +270,7 @@ def train_run(
             bar.update()
             continue
         if resume_from is not None:
-            load_adapters(model, resume_from / "adapters")
-            method.load_state_dict(torch.load(resume_from / "method.pt", weights_only=False))
+            load_stage(resume_from, model, method)
             resume_from = None
         start = time.perf_counter()
         log = train_task(

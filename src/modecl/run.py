@@ -133,6 +133,12 @@ def save_stage(
     os.replace(tmp, folder)
 
 
+def load_stage(folder: Path, model, method) -> None:
+    """Put a finished stage's adapters and method state back, to resume after it."""
+    load_adapters(model, folder / "adapters")
+    method.load_state_dict(torch.load(folder / "method.pt", weights_only=False))
+
+
 def run_method(
     name: str,
     world: DigitsWorld,
@@ -164,8 +170,7 @@ def run_method(
             tick(f"{name} {task.name} (resumed)")
             continue
         if resume_from is not None:
-            load_adapters(model, resume_from / "adapters")
-            method.load_state_dict(torch.load(resume_from / "method.pt", weights_only=False))
+            load_stage(resume_from, model, method)
             resume_from = None
         start = time.perf_counter()
         log = train_task(
