@@ -115,7 +115,13 @@ def test_resume_gives_the_same_results(setup, tmp_path):
     first = json.loads((tmp_path / "results.json").read_text())
     shutil.rmtree(tmp_path / "checkpoints" / "stage2")  # as if it crashed in the last task
     (tmp_path / "results.json").unlink()
-    assert train(setup, "chameleon", "mode", tmp_path) == 0
+    tokens = json.loads((tmp_path / "image_tokens.json").read_text())
+    assert len(tokens) == 12  # every image file once
+    shutil.rmtree(setup["root"] / "data" / "images", ignore_errors=False)
+    try:  # the resumed run reads the images' tokens back, not the images
+        assert train(setup, "chameleon", "mode", tmp_path) == 0
+    finally:
+        write_tasks(setup["root"] / "data")
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["accuracy_matrix"] == first["accuracy_matrix"]
     (tmp_path / "report.md").unlink()
@@ -243,3 +249,18 @@ def test_host_format_sequences(family):
     ids = torch.tensor(labelled)
     assert fmt.is_image_code(ids).sum() == 16  # the 4x4 codes; markers and EOS are not codes
     assert fmt.is_image_token(ids).tolist() == [*[True] * (len(labelled) - 1), False]
+
+
+def test_image_tokenizer_batches_and_cache(setup, tmp_path):
+    model = HOSTS["emu3"]()
+    folder = setup["root"] / "data" / "images"
+    files = [(folder / f"{i}.png", "") for i in [*range(12), 3]]  # one file twice
+    small = ImageTokenizer(model, 8, batch_size=5, progress=False)
+    tokens = small(files)
+    assert tokens == ImageTokenizer(model, 8, batch_size=16, progress=False)(files)
+    assert tokens[3] == tokens[12] and len(small.cache) == 12
+    assert len(set(tokens)) > 1  # the images differ, and so do their tokens
+    small.save(tmp_path / "tokens.json")
+    again = ImageTokenizer(model, 8, progress=False)
+    again.load(tmp_path / "tokens.json")
+    assert again.cache == small.cache

@@ -12,6 +12,7 @@ Layout of an out dir::
 
     results.json                 every number (schema ``modecl.train/1``); report.md
     run.json                     what the run was started with (a resume must match it)
+    image_tokens.json            every image file's tokens (a resume reads them back)
     checkpoints/pretrained.json  the host's measures before any task
     checkpoints/stage<K>/        {stage.json, answers.json, drawn.pt, adapters/, method.pt}
     images/stage<K>/<i>.png      drawn images (decodable hosts)
@@ -80,7 +81,9 @@ def load_host(path: str, dtype: str, device: torch.device) -> tuple[nn.Module, A
     return model.to(device).eval(), tokenizer
 
 
-def _image_reader(model: nn.Module, path: str, config: TrainConfig) -> ImageTokenizer:
+def _image_reader(
+    model: nn.Module, path: str, config: TrainConfig, progress: bool
+) -> ImageTokenizer:
     size = config.host.image_size
     if size is None:
         try:
@@ -89,7 +92,7 @@ def _image_reader(model: nn.Module, path: str, config: TrainConfig) -> ImageToke
             raise ConfigError(
                 f"no image processor at {path} ({err}); set host.image_size to resize instead"
             ) from None
-    return ImageTokenizer(model, size, config.host.tokenize_batch_size)
+    return ImageTokenizer(model, size, config.host.tokenize_batch_size, progress)
 
 
 def _generation(
@@ -216,7 +219,8 @@ def train_run(
     unknown = sorted(set(config.scoring) - set(names))
     if unknown:
         raise ConfigError(f"scoring names unknown tasks {unknown}; the tasks are {names}")
-    images = _image_reader(model, model_path, config)
+    images = _image_reader(model, model_path, config, progress and main)
+    images.load(out / "image_tokens.json")  # a resumed run tokenizes no image again
     tasks = [
         load_image_task(f, images, scoring=config.scoring.get(n))
         for f, n in zip(task_files, names, strict=True)
@@ -225,6 +229,8 @@ def train_run(
         for task in tasks:
             task.test = task.test[: config.eval.max_test_samples]
     pairs = None if kd_data is None else load_pairs(kd_data, images)
+    if main:
+        images.save(out / "image_tokens.json")
     method = get_method(method_name)
     method.setup(config.continual)
     if method.distill and (pairs is None or not pairs.train):

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from modecl.hf_host import (
     ImageVocabulary,
@@ -120,35 +121,55 @@ class ImageTokenizer:
     """Image files -> the host's image tokens, each file tokenized once.
 
     `size_or_processor`: an int / (h, w) to resize to (the tiny test models), or the host's
-    image processor (a real checkpoint's `AutoImageProcessor`).
+    image processor (a real checkpoint's `AutoImageProcessor`). Files are read and
+    tokenized `batch_size` at a time, so memory does not grow with the data set; `cache`
+    maps every file tokenized so far to its tokens (`save` / `load` keep it across runs).
     """
 
     model: nn.Module
     size_or_processor: Any
     batch_size: int = 16
-    cache: dict[Path, tuple[int, ...]] = field(default_factory=dict)
+    progress: bool = True
+    cache: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __call__(self, files: Sequence[tuple[Path, str]]) -> list[tuple[int, ...]]:
         """Tokens of each `(file, where)`; `where` prefixes the error of a bad file."""
-        pixels: dict[Path, torch.Tensor] = {}
-        for file, where in files:
-            if file not in self.cache and file not in pixels:
+        todo = {}
+        for file, where in files:  # every file checked before any work
+            if str(file) not in self.cache and str(file) not in todo:
+                if not file.is_file():
+                    raise TaskFileError(f"{where}image file not found: {file}")
+                todo[str(file)] = where
+        names = list(todo)
+        bar = tqdm(total=len(names), desc="tokenizing images", disable=not self.progress)
+        for start in range(0, len(names), self.batch_size):
+            pixels = {}
+            for name in names[start : start + self.batch_size]:
                 try:
-                    pixels[file] = load_image(file, self.size_or_processor)
-                except FileNotFoundError:
-                    raise TaskFileError(f"{where}image file not found: {file}") from None
+                    pixels[name] = load_image(name, self.size_or_processor)
                 except OSError as err:
-                    raise TaskFileError(f"{where}cannot read image {file}: {err}") from None
-        by_shape: dict[tuple[int, ...], list[Path]] = defaultdict(list)
-        for file, value in pixels.items():
-            by_shape[tuple(value.shape)].append(file)
-        for group in by_shape.values():  # images batch only with others of their shape
-            for start in range(0, len(group), self.batch_size):
-                chunk = group[start : start + self.batch_size]
-                tokens = image_tokens(self.model, torch.cat([pixels[f] for f in chunk]))
-                for file, row in zip(chunk, tokens.tolist(), strict=True):
-                    self.cache[file] = tuple(row)
-        return [self.cache[file] for file, _ in files]
+                    raise TaskFileError(f"{todo[name]}cannot read image {name}: {err}") from None
+            by_shape: dict[tuple[int, ...], list[str]] = defaultdict(list)
+            for name, value in pixels.items():  # a batch holds images of one shape only
+                by_shape[tuple(value.shape)].append(name)
+            for group in by_shape.values():
+                tokens = image_tokens(self.model, torch.cat([pixels[n] for n in group]))
+                for name, row in zip(group, tokens.tolist(), strict=True):
+                    self.cache[name] = tuple(row)
+            bar.update(len(pixels))
+        bar.close()
+        return [self.cache[str(file)] for file, _ in files]
+
+    def save(self, path: Path) -> None:
+        """Write the cache (JSON, atomically)."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.cache))
+        tmp.replace(path)
+
+    def load(self, path: Path) -> None:
+        """Add a cache written by `save`, if the file exists."""
+        if path.exists():
+            self.cache |= {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
 
 
 def _records(path: Path, required: Sequence[str], optional: Sequence[str]):
