@@ -13,13 +13,15 @@ Layout of an out dir::
     results.json                 every number (schema ``modecl.train/1``); report.md
     run.json                     what the run was started with (a resume must match it)
     image_tokens.json            every image file's tokens (a resume reads them back)
-    checkpoints/pretrained.json  the host's measures before any task
-    checkpoints/stage<K>/        {stage.json, answers.json, drawn.pt, adapters/, method.pt}
-    images/stage<K>/<i>.png      drawn images (decodable hosts)
+    checkpoints/pretrained/      the host's measures before any task (stage.json)
+    checkpoints/stage<K>/        stage.json (measures, every answer given), drawn.pt (the
+                                 drawn spans), adapters/, method.pt
+    images/{pre,stage<K>}/<i>.png  drawn images (hosts with a VQ decoder)
 
 Each stage is written atomically once trained and measured; re-running the same command
-resumes after the last finished stage. Under `accelerate launch` every process trains its
-share of each batch; the main process measures and writes.
+resumes after the last finished stage. Under `accelerate launch` every process trains on
+its share of each batch and answers its share of the test sets; the main process draws
+and writes. CLIP image alignment compares a drawn image with its test pair's real image.
 """
 
 from __future__ import annotations
@@ -95,6 +97,11 @@ def _image_reader(
     return ImageTokenizer(model, size, config.host.tokenize_batch_size, progress)
 
 
+def _read_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def _generation(
     model: nn.Module,
     fmt: HostFormat,
@@ -127,8 +134,8 @@ def _generation(
         if ev.clip_model is None:
             clip = ClipAlignment(unavailable="no CLIP model configured (eval.clip_model)")
         else:
-            images = [Image.open(f) for f in files]
-            references = [[Image.open(f)] for f in pairs.test_images[: len(files)]]
+            images = [_read_rgb(f) for f in files]
+            references = [[_read_rgb(f)] for f in pairs.test_images[: len(files)]]
             prompts = [p.prompt for p in chosen]
             clip = clip_alignment(ev.clip_model, images, prompts, references, device=model.device)
     out["clip"] = clip.to_dict()
