@@ -1,6 +1,6 @@
 """A few MoDE training steps on a tiny Chameleon, in one process or under torchrun.
 
-    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT_DIR [METHOD]
 
 Each process writes OUT_DIR/rank<R>.pt: its logged losses and its adapter weights.
 `tests/test_distributed.py` runs it and compares with `train(None)` in one process.
@@ -37,10 +37,10 @@ SETTINGS = from_dict(
 ANSWERS = ["red", "blue green red", "a", "square circle", "b", "green"]
 
 
-def train(accelerator) -> dict:
-    """Task and KD losses of 3 steps of MoDE on 18 samples, adapters before and after."""
+def train(accelerator, method_name: str = "mode") -> dict:
+    """Task and KD losses of 3 steps of a method on 18 samples, adapters before and after."""
     model = tiny_chameleon()
-    method = get_method("mode")
+    method = get_method(method_name)
     method.setup(SETTINGS)
     torch.manual_seed(0)
     attach_adapters(model, method.adapter_config(SETTINGS))
@@ -70,7 +70,7 @@ if __name__ == "__main__":
     from modecl.hf_run import default_accelerator
 
     accelerator = default_accelerator()
-    result = train(accelerator)
+    result = train(accelerator, *sys.argv[2:3])
     result |= {"world": accelerator.num_processes, "backend": str(accelerator.state.backend)}
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
