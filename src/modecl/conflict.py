@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from modecl.adapters import adapter_layers, lm_logits, pass_kind
-from modecl.sequences import DrawPair, Format, collate, next_token_loss
-from modecl.vocab import IGNORE
+from modecl.adapters import adapter_layers
+from modecl.evaluate import image_code_nll
+from modecl.sequences import DrawPair, Format, collate
 
 Pieces = list[tuple[torch.nn.Parameter, tuple[slice, ...]]]
 
@@ -77,10 +77,8 @@ class ConflictMonitor:
     def __init__(self, fmt: Format, probe: Sequence[DrawPair], every: int) -> None:
         if every < 1:
             raise ValueError(f"monitor.every must be at least 1, got {every}")
-        batch = collate([fmt.draw_example(p) for p in probe], fmt.pad_id)
-        codes = fmt.is_image_code(batch["labels"])
-        self.inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        self.labels = batch["labels"].masked_fill(~codes, IGNORE)  # the codes only
+        self.fmt = fmt
+        self.batch = collate([fmt.draw_example(p) for p in probe], fmt.pad_id)
         self.every = every
         self._pending: dict[str, Any] | None = None
 
@@ -93,9 +91,8 @@ class ConflictMonitor:
         training = model.training
         model.eval()
         try:
-            with pass_kind(model, "draw"):
-                logits = lm_logits(model, **self.inputs)
-            return next_token_loss(logits, self.labels)
+            total, count = image_code_nll(model, self.fmt, self.batch)
+            return total / count
         finally:
             model.train(training)
 

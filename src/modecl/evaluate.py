@@ -32,6 +32,7 @@ __all__ = [
     "constrained_accuracy",
     "draw",
     "exact_accuracy",
+    "image_code_nll",
     "image_nll",
     "image_nll_terms",
     "scored_accuracy",
@@ -195,15 +196,24 @@ def image_nll_terms(
     """(summed NLL, number of image codes) of ``pairs``: shares of a split set add up."""
     total, count = 0.0, 0
     for start in range(0, len(pairs), batch_size):
-        examples = [fmt.draw_example(p) for p in pairs[start : start + batch_size]]
-        batch = {k: v.to(model.device) for k, v in collate(examples, fmt.pad_id).items()}
-        with _pass(model, "draw"):
-            logits = lm_logits(
-                model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).float()
-        labels = batch["labels"][:, 1:]
-        picked = _next_token_log_probs(logits, labels)
-        is_code = fmt.is_image_code(labels)
-        total -= float((picked * is_code).sum())
-        count += int(is_code.sum())
+        batch = collate(
+            [fmt.draw_example(p) for p in pairs[start : start + batch_size]], fmt.pad_id
+        )
+        nll, codes = image_code_nll(model, fmt, batch)
+        total, count = total + float(nll), count + codes
     return total, count
+
+
+def image_code_nll(
+    model: torch.nn.Module, fmt: Format, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, int]:
+    """Summed teacher-forced NLL of the image codes of a collated draw batch (a draw pass,
+    differentiable), and how many codes it covers."""
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    with _pass(model, "draw"):
+        logits = lm_logits(
+            model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).float()
+    labels = batch["labels"][:, 1:]
+    is_code = fmt.is_image_code(labels)
+    return -(_next_token_log_probs(logits, labels) * is_code).sum(), int(is_code.sum())
