@@ -158,6 +158,9 @@ def test_cli_errors(setup, tmp_path, capsys):
     argv = ["train", "--model", str(tmp_path / "nowhere"), "--tasks", str(setup["files"][0])]
     assert main([*argv, "--method", "mode", "--out", str(tmp_path / "b")]) == 2
     assert "cannot load a host model and tokenizer from" in capsys.readouterr().err
+    argv = ["train", "--model", str(setup["hosts"]["chameleon"]), "--tasks", "nope.jsonl"]
+    assert main([*argv, "--method", "mode", "--out", str(tmp_path / "c")]) == 2
+    assert "nope.jsonl: file not found" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -204,6 +204,9 @@ def train_run(
         raise ConfigError(f"unknown method {method_name!r}; valid: {', '.join(METHOD_NAMES)}")
     if not task_files:
         raise ConfigError("a run needs at least one task file")
+    for file in [*task_files, *([kd_data] if kd_data else [])]:
+        if not Path(file).is_file():  # before minutes of loading a large model
+            raise ConfigError(f"{file}: file not found")
     accelerator = accelerator or default_accelerator()
     main = accelerator.is_main_process
     out = Path(out)
