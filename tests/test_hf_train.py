@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from modecl.adapters import adapter_state_dict, attach_adapters, load_adapters
 from modecl.cli import main
@@ -267,3 +268,16 @@ def test_image_tokenizer_batches_and_cache(setup, tmp_path):
     again = ImageTokenizer(model, 8, progress=False)
     again.load(tmp_path / "tokens.json")
     assert again.cache == small.cache
+
+
+@pytest.mark.parametrize("family", list(HOSTS))
+def test_bfloat16_host_with_float32_adapters(setup, family, tmp_path):
+    """The GPU setting (a bf16 host), on CPU: training, drawing, decoding, CLIP all run."""
+    config = setup["config"].read_text().replace("[host]", '[host]\ndtype = "bfloat16"')
+    (tmp_path / "bf16.toml").write_text(config)
+    out = tmp_path / "out"
+    assert train(setup, family, "mode", out, "--config", str(tmp_path / "bf16.toml")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert all(math.isfinite(s["image_nll"]) and s["final_loss"] < 5 for s in results["stages"])
+    saved = load_file(out / "checkpoints" / "stage2" / "adapters" / "adapters.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
