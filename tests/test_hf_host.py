@@ -35,7 +35,8 @@ from modecl.hf_host import (
     understand_prompt,
 )
 from modecl.modality import image_mask, image_token_ids
-from tests.test_adapters import tiny_llama
+from modecl.sequences import left_padded
+from tests.test_adapters import randomize, tiny_llama
 
 # Both tiny hosts: 64 ids, text 0..39 (0 pad, 1 BOS, 2 EOS), the 16 VQ codes at 40..55, markers
 # from 56; 8x8-pixel images give a 4x4 grid of codes.
@@ -267,3 +268,19 @@ def test_mode_training_step_on_a_mixed_sequence(host):
     draw_image_tokens(model, draw_prompt(model, "a cat", encode, GRID)[None], GRID)
     assert routing_context(model).state.branch == "image"  # drawn as a draw pass
     assert routing_context(model).pass_kind is None
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_left_padded_drawing_equals_one_prompt_at_a_time(host):
+    model = attach_adapters(HOSTS[host](), AdapterConfig(dropout=0.0))
+    randomize(model, std=1.0)  # an adapted model, and its logits far from uniform
+    prompts = [draw_prompt(model, c, encode, GRID).tolist() for c in ["a cat", "a big red dog"]]
+    index, ids, mask = next(left_padded(prompts, 0, batch_size=2))
+    assert mask is not None and not bool(mask[0].all())  # the shorter prompt is padded
+    together = draw_image_tokens(model, ids, GRID, attention_mask=mask, temperature=0)
+    for row, i in zip(together, index, strict=True):
+        alone = draw_image_tokens(model, torch.tensor([prompts[i]]), GRID, temperature=0)[0]
+        assert torch.equal(row, alone)
+    unmasked = draw_image_tokens(model, ids, GRID, temperature=0)  # the padding attended to
+    # The tiny Emu3 happens to draw the same greedy codes either way; the Chameleon does not.
+    assert torch.equal(unmasked, together) == (host == "emu3")

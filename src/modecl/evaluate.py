@@ -20,6 +20,7 @@ from modecl.sequences import (
     answer_ids,
     collate,
     draw_prompt,
+    left_padded,
     understand_prompt,
 )
 from modecl.tasks import Sample, Task
@@ -74,15 +75,8 @@ def answer(
     """Greedy-decoded answers to ``samples``' questions, in batches of similar length."""
     prompts = [fmt.prompt(s) for s in samples]
     out: list[str] = [""] * len(samples)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        longest = max(len(prompts[i]) for i in index)
-        ids = torch.tensor([[fmt.pad_id] * (longest - len(prompts[i])) + prompts[i] for i in index])
-        mask = torch.tensor(
-            [[0] * (longest - len(prompts[i])) + [1] * len(prompts[i]) for i in index]
-        )
-        padded = {"attention_mask": mask.to(model.device)} if not bool(mask.all()) else {}
+    for index, ids, mask in left_padded(prompts, fmt.pad_id, batch_size):
+        padded = {} if mask is None else {"attention_mask": mask.to(model.device)}
         with _pass(model, "understand"):
             tokens = generate(
                 model, ids.to(model.device), max_new_tokens, eos_id=fmt.eos_id, **padded

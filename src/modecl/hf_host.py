@@ -220,11 +220,15 @@ def draw_image_tokens(
     prompt_ids: torch.Tensor,
     grid: tuple[int, int],
     *,
+    attention_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Draw an image of `grid` (h, w) codes after equal-length prompts `[B, P]` (no padding).
+    """Draw an image of `grid` (h, w) codes after prompts `[B, P]`.
+
+    Prompts of unequal length are left-padded, with `attention_mask` 0 on the padding;
+    positions then count each row's real tokens only, as without padding.
 
     Returns the rest of the span `[B, m]`: image codes only where codes go, the markers
     (Emu3's row ends, the end of image) forced where they go, like Emu3's documented
@@ -236,15 +240,22 @@ def draw_image_tokens(
     routed = has_adapters(model) and routing_context(model).pass_kind is None
     cache = DynamicCache(config=model.config)
     pending, out = prompt_ids, []  # pending: tokens not yet in the cache
+    mask = attention_mask  # over the cache and the pending tokens
     with pass_kind(model, "draw") if routed else nullcontext():
         for marker in _layout(vocab, grid):
             if marker is None:
-                logits = lm_logits(model, input_ids=pending, cache=cache, use_cache=True)
+                padding = {}
+                if mask is not None:
+                    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -pending.shape[1] :]
+                    padding = {"attention_mask": mask, "position_ids": positions}
+                logits = lm_logits(model, input_ids=pending, cache=cache, use_cache=True, **padding)
                 token = codes[_pick(logits[:, -1, codes].float(), temperature, top_k, generator)]
                 pending = token[:, None]
             else:
                 token = torch.full_like(prompt_ids[:, 0], marker)
                 pending = torch.cat([pending, token[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
             out.append(token)
     return torch.stack(out, dim=1)
 

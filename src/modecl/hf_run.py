@@ -53,6 +53,7 @@ from modecl.methods import METHOD_NAMES, get_method
 from modecl.metrics import summarize
 from modecl.report import write_train_report
 from modecl.run import load_stage, peak_memory_mb, save_stage, write_atomic
+from modecl.sequences import left_padded
 from modecl.tasks import Task
 from modecl.train import train_task
 
@@ -114,14 +115,25 @@ def _generation(
     ev = config.eval
     chosen = pairs.test[: ev.draws]
     generator = torch.Generator(model.device).manual_seed(seed)
-    drawn = []
-    for pair in chosen:  # one at a time: captions differ in length, prompts are not padded
-        prompt = torch.tensor([fmt.draw_prompt(pair)], device=model.device)
-        grid = image_grid(fmt.vocab, pair.codes)
+    spans: list[torch.Tensor] = [torch.empty(0)] * len(chosen)
+    for index, ids, mask in left_padded(
+        [fmt.draw_prompt(p) for p in chosen],
+        fmt.pad_id,
+        ev.batch_size,
+        group=[image_grid(fmt.vocab, p.codes) for p in chosen],  # a batch draws one size
+    ):
         tokens = draw_image_tokens(
-            model, prompt, grid, temperature=ev.temperature, top_k=ev.top_k, generator=generator
+            model,
+            ids.to(model.device),
+            image_grid(fmt.vocab, chosen[index[0]].codes),
+            attention_mask=None if mask is None else mask.to(model.device),
+            temperature=ev.temperature,
+            top_k=ev.top_k,
+            generator=generator,
         )
-        drawn.append(tokens[0].cpu())
+        for i, row in zip(index, tokens.cpu(), strict=True):
+            spans[i] = row
+    drawn = spans
     out: dict[str, Any] = {"drawn": len(drawn)}
     if fmt.vocab.family != "emu3":
         clip = ClipAlignment(unavailable="no VQ decoder for this host in transformers (Chameleon)")

@@ -14,7 +14,7 @@ the separator (optionally also the image codes of the prompt, for pre-training).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -154,6 +154,31 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def left_padded(
+    prompts: Sequence[list[int]],
+    pad_id: int,
+    batch_size: int,
+    group: Sequence[Hashable] | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    """Batches for generation: (indices, left-padded ids, attention mask or None if unpadded).
+
+    Prompts are batched by length, so little is padded; ``group`` (one key per prompt)
+    keeps prompts of different keys in different batches.
+    """
+    keys = group if group is not None else [None] * len(prompts)
+    members: dict[Hashable, list[int]] = {}
+    for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+        members.setdefault(keys[i], []).append(i)
+    for index in members.values():
+        for start in range(0, len(index), batch_size):
+            chunk = index[start : start + batch_size]
+            longest = max(len(prompts[i]) for i in chunk)
+            pads = [longest - len(prompts[i]) for i in chunk]
+            ids = torch.tensor([[pad_id] * (longest - len(prompts[i])) + prompts[i] for i in chunk])
+            mask = torch.tensor([[0] * n + [1] * (longest - n) for n in pads])
+            yield chunk, ids, None if not any(pads) else mask
 
 
 def next_token_loss(
