@@ -45,7 +45,7 @@ from modecl.hf_host import (
 from modecl.modality import image_mask, image_token_ids
 from modecl.scoring import RULES, normalize, score
 from modecl.sequences import DrawPair, Example
-from modecl.tasks import Sample, Task, TaskFileError
+from modecl.tasks import Sample, Task, TaskFileError, read_jsonl
 from modecl.vocab import IGNORE
 
 __all__ = ["HostFormat", "ImageTokenizer", "Pairs", "load_image_task", "load_pairs"]
@@ -172,40 +172,6 @@ class ImageTokenizer:
             self.cache |= {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
 
 
-def _records(path: Path, required: Sequence[str], optional: Sequence[str]):
-    """(where, record) per non-blank line, each an object with known fields only."""
-    if not path.is_file():
-        raise TaskFileError(f"{path}: file not found")
-    known = (*required, *optional)
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}: "
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                message = f"{where}invalid JSON: {err.msg} (column {err.colno})"
-                raise TaskFileError(message) from None
-            if not isinstance(record, dict):
-                raise TaskFileError(f"{where}expected a JSON object, got {type(record).__name__}")
-            for key in record:
-                if key not in known:
-                    raise TaskFileError(
-                        f"{where}field '{key}': unknown field; the fields are {', '.join(known)}"
-                    )
-            for key in required:
-                if key not in record:
-                    raise TaskFileError(f"{where}field '{key}': missing")
-            for key in ("image", "question", "answer", "caption", "split", "scoring"):
-                value = record.get(key, "x")
-                if not isinstance(value, str) or not value.strip():
-                    raise TaskFileError(
-                        f"{where}field '{key}': expected a non-empty string, got {value!r}"
-                    )
-            yield where, record
-
-
 def _split(record: dict, where: str, default: str | None = None) -> str:
     split = record.get("split", default)
     if split not in ("train", "test"):
@@ -222,9 +188,8 @@ def load_image_task(
     """Read a task file (module doc); `scoring` overrides the file's rule."""
     path = Path(path)
     rows, rules = [], set()
-    for where, record in _records(
-        path, ("image", "question", "answer", "split"), ("options", "scoring")
-    ):
+    fields = ("image", "question", "answer", "split")
+    for where, record in read_jsonl(path, fields, ("options", "scoring"), (*fields, "scoring")):
         options = record.get("options")
         if options is not None:
             if not isinstance(options, list) or not options:
@@ -278,9 +243,10 @@ class Pairs:
 def load_pairs(path: str | Path, images: ImageTokenizer) -> Pairs:
     """Read a (caption, image) pairs file (module doc)."""
     path = Path(path)
+    lines = read_jsonl(path, ("caption", "image"), ("split",), ("caption", "image", "split"))
     rows = [
         (where, path.parent / record["image"], _split(record, where, "train"), record["caption"])
-        for where, record in _records(path, ("caption", "image"), ("split",))
+        for where, record in lines
     ]
     if not rows:
         raise TaskFileError(f"{path}: no pairs")

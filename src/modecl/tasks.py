@@ -7,6 +7,7 @@ Built-in tasks come from :mod:`modecl.digits.tasks`; user tasks from JSONL files
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +55,46 @@ _SPLITS = ("train", "test")
 _FIELDS = ("image", "question", "answer", "split")
 
 
+def read_jsonl(
+    path: Path, required: Sequence[str], optional: Sequence[str] = (), text: Sequence[str] = ()
+) -> Iterator[tuple[str, dict]]:
+    """(where, record) per non-blank line of a JSONL file: objects with known fields only.
+
+    `where` ("file:line: ") prefixes any error about the line. Every `required` field is
+    present, and every `text` field that is present is a non-empty string.
+    """
+    if not path.is_file():
+        raise TaskFileError(f"{path}: file not found")
+    known = (*required, *optional)
+    with path.open(encoding="utf-8") as lines:
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}: "
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                message = f"{where}invalid JSON: {err.msg} (column {err.colno})"
+                raise TaskFileError(message) from None
+            if not isinstance(record, dict):
+                raise TaskFileError(f"{where}expected a JSON object, got {type(record).__name__}")
+            for key in record:
+                if key not in known:
+                    raise TaskFileError(
+                        f"{where}field '{key}': unknown field; the fields are {', '.join(known)}"
+                    )
+            for key in required:
+                if key not in record:
+                    raise TaskFileError(f"{where}field '{key}': missing")
+            for key in text:
+                value = record.get(key, "x")
+                if not isinstance(value, str) or not value.strip():
+                    raise TaskFileError(
+                        f"{where}field '{key}': expected a non-empty string, got {value!r}"
+                    )
+            yield where, record
+
+
 def load_task_file(path: str | Path, world: DigitsWorld, name: str | None = None) -> Task:
     """Read a user task from a JSONL file: one sample per line, blank lines skipped.
 
@@ -77,11 +118,9 @@ def load_task_file(path: str | Path, world: DigitsWorld, name: str | None = None
     path = Path(path)
     known = set(world.vocab.words)
     splits: dict[str, list[Sample]] = {s: [] for s in _SPLITS}
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, start=1):
-            if line.strip():
-                split, sample = _parse_line(line, world, known, path, f"{path}:{lineno}: ")
-                splits[split].append(sample)
+    for where, record in read_jsonl(path, _FIELDS, text=("question", "answer", "split")):
+        split, sample = _parse_record(record, world, known, path, where)
+        splits[split].append(sample)
     for split, samples in splits.items():
         if not samples:
             raise TaskFileError(f"{path}: no {split} samples")
@@ -89,29 +128,10 @@ def load_task_file(path: str | Path, world: DigitsWorld, name: str | None = None
     return Task(name or path.stem, answers, splits["train"], splits["test"])
 
 
-def _parse_line(
-    line: str, world: DigitsWorld, known: set[str], path: Path, where: str
+def _parse_record(
+    record: dict, world: DigitsWorld, known: set[str], path: Path, where: str
 ) -> tuple[str, Sample]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise TaskFileError(f"{where}invalid JSON: {err.msg} (column {err.colno})") from None
-    if not isinstance(record, dict):
-        raise TaskFileError(f"{where}expected a JSON object, got {type(record).__name__}")
-    extra = sorted(set(record) - set(_FIELDS))
-    if extra:
-        raise TaskFileError(
-            f"{where}field '{extra[0]}': unknown field; the fields are {', '.join(_FIELDS)}"
-        )
-    for key in _FIELDS:
-        if key not in record:
-            raise TaskFileError(f"{where}field '{key}': missing")
-    text = {}
-    for key in ("question", "answer", "split"):
-        value = record[key]
-        if not isinstance(value, str) or not value.strip():
-            raise TaskFileError(f"{where}field '{key}': expected a non-empty string, got {value!r}")
-        text[key] = " ".join(value.lower().split())
+    text = {key: " ".join(record[key].lower().split()) for key in ("question", "answer", "split")}
     if text["split"] not in _SPLITS:
         raise TaskFileError(
             f'{where}field \'split\': expected "train" or "test", got {json.dumps(record["split"])}'
