@@ -173,6 +173,7 @@ def chameleon_images():
 def write(tmp_path, *rows):
     (tmp_path / "images").mkdir(exist_ok=True)
     Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "images" / "ok.png")
+    (tmp_path / "images" / "bad.png").write_bytes(b"not a PNG")
     path = tmp_path / "task.jsonl"
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
@@ -185,6 +186,7 @@ GOOD = {"image": "images/ok.png", "question": "what color is it ?", "answer": "r
     ("row", "message"),
     [
         ({**GOOD, "image": "images/missing.png", "split": "train"}, "field 'image': image file"),
+        ({**GOOD, "image": "images/bad.png", "split": "train"}, "field 'image': cannot read image"),
         ({**GOOD, "split": "dev"}, 'field \'split\': expected "train" or "test"'),
         ({**GOOD, "split": "train", "colour": 1}, "field 'colour': unknown field"),
         (

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -124,6 +126,7 @@ class ImageTokenizer:
     image processor (a real checkpoint's `AutoImageProcessor`). Files are read and
     tokenized `batch_size` at a time, so memory does not grow with the data set; `cache`
     maps every file tokenized so far to its tokens (`save` / `load` keep it across runs).
+    Under several processes (accelerate), each tokenizes its share and all get every token.
     """
 
     model: nn.Module
@@ -140,7 +143,21 @@ class ImageTokenizer:
                 if not file.is_file():
                     raise TaskFileError(f"{where}image file not found: {file}")
                 todo[str(file)] = where
-        names = list(todo)
+        state = PartialState()
+        names = list(todo)[state.process_index :: state.num_processes]
+        tokens, error = {}, None
+        try:
+            tokens = self._tokenize(names, todo)
+        except TaskFileError as err:  # every process must reach the gather below
+            error = str(err)
+        for part, part_error in gather_object([(tokens, error)]):
+            if part_error is not None:
+                raise TaskFileError(part_error)
+            self.cache |= part
+        return [self.cache[str(file)] for file, _ in files]
+
+    def _tokenize(self, names: list[str], where: dict[str, str]) -> dict[str, tuple[int, ...]]:
+        out = {}
         bar = tqdm(total=len(names), desc="tokenizing images", disable=not self.progress)
         for start in range(0, len(names), self.batch_size):
             pixels = {}
@@ -148,17 +165,16 @@ class ImageTokenizer:
                 try:
                     pixels[name] = load_image(name, self.size_or_processor)
                 except OSError as err:
-                    raise TaskFileError(f"{todo[name]}cannot read image {name}: {err}") from None
+                    raise TaskFileError(f"{where[name]}cannot read image {name}: {err}") from None
             by_shape: dict[tuple[int, ...], list[str]] = defaultdict(list)
             for name, value in pixels.items():  # a batch holds images of one shape only
                 by_shape[tuple(value.shape)].append(name)
             for group in by_shape.values():
                 tokens = image_tokens(self.model, torch.cat([pixels[n] for n in group]))
-                for name, row in zip(group, tokens.tolist(), strict=True):
-                    self.cache[name] = tuple(row)
+                out |= {n: tuple(row) for n, row in zip(group, tokens.tolist(), strict=True)}
             bar.update(len(pixels))
         bar.close()
-        return [self.cache[str(file)] for file, _ in files]
+        return out
 
     def save(self, path: Path) -> None:
         """Write the cache (JSON, atomically)."""
