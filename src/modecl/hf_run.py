@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ from modecl.hf_tasks import HostFormat, ImageTokenizer, Pairs, load_image_task, 
 from modecl.methods import METHOD_NAMES, get_method
 from modecl.metrics import summarize
 from modecl.report import write_train_report
-from modecl.run import load_stage, peak_memory_mb, save_stage, write_atomic
+from modecl.run import peak_memory_mb, resumable, save_stage, write_atomic
 from modecl.sequences import left_padded
 from modecl.tasks import Task
 from modecl.train import train_task
@@ -271,35 +270,23 @@ def train_run(
         elif main:
             warnings.warn("the conflict monitor runs in one process only: skipped", stacklevel=2)
 
-    def finished(name: str, compute: Callable[[], None]) -> dict[str, Any]:
-        """A stage's entry: read if written, else computed by all and written by the main one."""
-        file = folder / name / "stage.json"
-        accelerator.wait_for_everyone()  # every process sees the same files
-        if not file.exists():
-            compute()
-            accelerator.wait_for_everyone()
-        return json.loads(file.read_text())
-
-    def pretrained() -> None:
+    pre_file = folder / "pretrained" / "stage.json"
+    accelerator.wait_for_everyone()  # every process sees the same files
+    if not pre_file.exists():
         measures, answers, _ = measure(
             model, fmt, tasks, pairs, config, out / "images/pre", seed, accelerator
         )
         if main:
-            save_stage(folder / "pretrained", {**measures, "answers": answers}, model, method)
-
-    pre = finished("pretrained", pretrained)
-    stages, resume_from = [], None
+            save_stage(pre_file.parent, {**measures, "answers": answers}, model, method)
+        accelerator.wait_for_everyone()
+    pre = json.loads(pre_file.read_text())
+    stages = []
     bar = tqdm(total=len(tasks), desc="stages", unit="stage", disable=not progress or not main)
-    for k, task in enumerate(tasks):
-        name = f"stage{k + 1}"
-        if (folder / name / "stage.json").exists():
-            stages.append(json.loads((folder / name / "stage.json").read_text()))
-            resume_from = folder / name
+    for k, task, stage_dir, saved in resumable(folder, tasks, model, method):
+        if saved is not None:
+            stages.append(saved)
             bar.update()
             continue
-        if resume_from is not None:
-            load_stage(resume_from, model, method)
-            resume_from = None
         start = time.perf_counter()
         log = train_task(
             model,
@@ -314,14 +301,17 @@ def train_run(
             accelerator=accelerator,
             monitor=monitor,
         )
-
-        def stage(k=k, task=task, log=log, start=start) -> None:
-            images_dir = out / "images" / f"stage{k + 1}"
-            measures, answers, drawn = measure(
-                model, fmt, tasks, pairs, config, images_dir, seed * 1000 + k + 1, accelerator
-            )
-            if not main:
-                return
+        measures, answers, drawn = measure(
+            model,
+            fmt,
+            tasks,
+            pairs,
+            config,
+            out / "images" / stage_dir.name,
+            seed * 1000 + k + 1,
+            accelerator,
+        )
+        if main:
             entry = {
                 "task": task.name,
                 **measures,
@@ -332,9 +322,9 @@ def train_run(
                 "peak_memory_mb": peak_memory_mb(),
                 "conflict": summarize_conflict(log["conflict"]) if monitor else None,
             }
-            save_stage(folder / f"stage{k + 1}", entry, model, method, {"drawn.pt": drawn})
-
-        stages.append(finished(name, stage))
+            save_stage(stage_dir, entry, model, method, {"drawn.pt": drawn})
+        accelerator.wait_for_everyone()  # written before any process reads it
+        stages.append(json.loads((stage_dir / "stage.json").read_text()))
         bar.update()
     bar.close()
     results = summary(run, tasks, pre, stages)

@@ -25,7 +25,7 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from modecl.digits.pretrain import check_gate, load_or_pretrain
 from modecl.digits.tasks import TASK_RULES
 from modecl.evaluate import constrained_accuracy, exact_accuracy
 from modecl.methods import METHOD_NAMES, get_method
+from modecl.methods.base import Method
 from modecl.metrics import mean_std, summarize
 from modecl.tasks import Task
 from modecl.train import train_task
@@ -139,6 +140,27 @@ def load_stage(folder: Path, model, method) -> None:
     method.load_state_dict(torch.load(folder / "method.pt", weights_only=False))
 
 
+def resumable(
+    folder: Path, tasks: list[Task], model: torch.nn.Module, method: Method
+) -> Iterator[tuple[int, Task, Path, dict[str, Any] | None]]:
+    """Each task's (k, task, stage dir, its saved entry, or None when it is to be run).
+
+    Before the first stage to run, the last finished stage's adapters and method state are
+    put back into ``model`` and ``method``.
+    """
+    last = None
+    for k, task in enumerate(tasks):
+        stage_dir = folder / f"stage{k + 1}"
+        if (stage_dir / "stage.json").exists():
+            last = stage_dir
+            yield k, task, stage_dir, json.loads((stage_dir / "stage.json").read_text())
+            continue
+        if last is not None:
+            load_stage(last, model, method)
+            last = None
+        yield k, task, stage_dir, None
+
+
 def run_method(
     name: str,
     world: DigitsWorld,
@@ -160,18 +182,13 @@ def run_method(
     watch = config.continual.monitor
     probe = world.draw_pairs(world.pools.test[: watch.probe_size])
     monitor = ConflictMonitor(world.format, probe, watch.every) if watch.enabled else None
-    stages, grids, resume_from = [], [], None
-    for k, task in enumerate(tasks):
-        stage_dir = folder / f"stage{k + 1}"
-        if (stage_dir / "stage.json").exists():
-            stages.append(json.loads((stage_dir / "stage.json").read_text()))
+    stages, grids = [], []
+    for k, task, stage_dir, saved in resumable(folder, tasks, model, method):
+        if saved is not None:
+            stages.append(saved)
             grids.append(np.load(stage_dir / "grid.npy"))
-            resume_from = stage_dir
             tick(f"{name} {task.name} (resumed)")
             continue
-        if resume_from is not None:
-            load_stage(resume_from, model, method)
-            resume_from = None
         start = time.perf_counter()
         log = train_task(
             model,
