@@ -157,11 +157,17 @@ def test_cli_errors(setup, tmp_path, capsys):
     assert train(setup, "chameleon", "no-such-method", tmp_path / "a") == 2
     assert "unknown method 'no-such-method'" in capsys.readouterr().err
     argv = ["train", "--model", str(tmp_path / "nowhere"), "--tasks", str(setup["files"][0])]
-    assert main([*argv, "--method", "mode", "--out", str(tmp_path / "b")]) == 2
+    assert main([*argv, "--method", "seq-lora", "--out", str(tmp_path / "b")]) == 2
     assert "cannot load a host model and tokenizer from" in capsys.readouterr().err
     argv = ["train", "--model", str(setup["hosts"]["chameleon"]), "--tasks", "nope.jsonl"]
-    assert main([*argv, "--method", "mode", "--out", str(tmp_path / "c")]) == 2
+    assert main([*argv, "--method", "seq-lora", "--out", str(tmp_path / "c")]) == 2
     assert "nope.jsonl: file not found" in capsys.readouterr().err
+    argv = ["train", "--model", "nowhere", "--tasks", *map(str, setup["files"] * 2)]
+    assert main([*argv, "--method", "seq-lora", "--out", str(tmp_path / "d")]) == 2
+    assert "task names (the files' stems) repeat" in capsys.readouterr().err
+    argv = ["train", "--model", "nowhere", "--tasks", str(setup["files"][0])]
+    assert main([*argv, "--method", "lwf", "--out", str(tmp_path / "e")]) == 2
+    assert "method 'lwf' distils: give --kd-data" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

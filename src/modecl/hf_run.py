@@ -215,9 +215,18 @@ def train_run(
         raise ConfigError(f"unknown method {method_name!r}; valid: {', '.join(METHOD_NAMES)}")
     if not task_files:
         raise ConfigError("a run needs at least one task file")
+    # Everything that can be checked without the model, before minutes of loading it.
     for file in [*task_files, *([kd_data] if kd_data else [])]:
-        if not Path(file).is_file():  # before minutes of loading a large model
+        if not Path(file).is_file():
             raise ConfigError(f"{file}: file not found")
+    names = [Path(f).stem for f in task_files]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"task names (the files' stems) repeat: {names}")
+    unknown = sorted(set(config.scoring) - set(names))
+    if unknown:
+        raise ConfigError(f"scoring names unknown tasks {unknown}; the tasks are {names}")
+    if get_method(method_name).distill and kd_data is None:
+        raise ConfigError(f"method {method_name!r} distils: give --kd-data with train pairs")
     accelerator = accelerator or default_accelerator()
     main = accelerator.is_main_process
     out = Path(out)
@@ -234,12 +243,6 @@ def train_run(
         write_atomic(out / "run.json", json.dumps(run, indent=1))
     model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
     fmt = HostFormat.from_model(model, tokenizer)
-    names = [Path(f).stem for f in task_files]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"task names (the files' stems) repeat: {names}")
-    unknown = sorted(set(config.scoring) - set(names))
-    if unknown:
-        raise ConfigError(f"scoring names unknown tasks {unknown}; the tasks are {names}")
     images = _image_reader(model, model_path, config, progress and main)
     images.load(out / "image_tokens.json")  # a resumed run tokenizes no image again
     tasks = [
@@ -254,8 +257,8 @@ def train_run(
         images.save(out / "image_tokens.json")
     method = get_method(method_name)
     method.setup(config.continual)
-    if method.distill and (pairs is None or not pairs.train):
-        raise ConfigError(f"method {method_name!r} distils: give --kd-data with train pairs")
+    if method.distill and not pairs.train:
+        raise ConfigError(f"{kd_data}: method {method_name!r} distils, but it has no train pairs")
     torch.manual_seed(config.seed)
     attach_adapters(model, method.adapter_config(config.continual))
     if config.host.gradient_checkpointing:
