@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from modecl.adapters import AdapterConfig, adapter_layers, attach_adapters, pass_kind
 from modecl.config import DataConfig, DigitsConfig
 from modecl.digits.codebook import Codebook
 from modecl.digits.data import DIGIT_WORDS, load_pools
@@ -19,8 +20,10 @@ from modecl.digits.tasks import (
     statements,
     words,
 )
+from modecl.evaluate import answer_log_likelihoods
 from modecl.generation import generate
-from modecl.vocab import UnknownWordError, Vocabulary
+from modecl.sequences import understand_example
+from modecl.vocab import IGNORE, UnknownWordError, Vocabulary
 from tests.conftest import tiny_config
 
 
@@ -185,3 +188,26 @@ def test_gate_names_each_failing_skill_and_the_shortfall():
     with pytest.raises(GateError, match=r"generation.*short by 0\.300") as info:
         check_gate(config, 0.5, 0.6)
     assert "captioning" in str(info.value)
+
+
+def test_candidate_scores_from_the_cache_equal_whole_sequences(world):
+    """Constrained scoring reuses each prompt's KV cache: the log-likelihoods of scoring
+    every (prompt, candidate) sequence whole, questions of different lengths mixed."""
+    model = build_model(world.vocab, tiny_config().model, seed=0)
+    attach_adapters(model, AdapterConfig(dropout=0.0))
+    for layer in adapter_layers(model).values():  # adapters that change the outputs
+        torch.nn.init.normal_(layer.lora_B, std=0.3)
+    tasks = world.tasks(["parity", "mirrored", "spatial"])  # questions of 6, 4 and 5 words
+    samples = [s for t in tasks for s in t.test[:4]]
+    candidates = ["yes", "no", "seven", "more than five"]  # tails of 2 to 4 tokens
+    ours = answer_log_likelihoods(model, world.vocab, samples, candidates, batch_size=5)
+    for i, sample in enumerate(samples):
+        for c, candidate in enumerate(candidates):
+            example = understand_example(world.vocab, sample.codes, sample.question, candidate)
+            with pass_kind(model, "understand"):
+                logits = model(torch.tensor([example.input_ids])).logits[0, :-1]
+            labels = torch.tensor(example.labels[1:])
+            kept = labels != IGNORE
+            whole = logits.log_softmax(-1)[kept].gather(-1, labels[kept, None]).sum()
+            assert ours[i, c].item() == pytest.approx(whole.item(), abs=1e-4)
+    assert len({len(s.question.split()) for s in samples}) > 1  # padding was exercised

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from modecl.adapters import has_adapters, lm_logits, pass_kind
 from modecl.generation import generate
@@ -15,7 +16,6 @@ from modecl.scoring import score
 from modecl.sequences import (
     DigitsFormat,
     DrawPair,
-    Example,
     Format,
     answer_ids,
     collate,
@@ -24,7 +24,7 @@ from modecl.sequences import (
     understand_prompt,
 )
 from modecl.tasks import Sample, Task
-from modecl.vocab import IGNORE, Vocabulary
+from modecl.vocab import Vocabulary
 
 __all__ = [
     "DrawPair",
@@ -102,6 +102,33 @@ def scored_accuracy(task: Task, answers: Sequence[str]) -> float:
     return float(np.mean([score(a, s.answer, task.scoring, s.options) for a, s in pairs]))
 
 
+def _continuation_log_prob(
+    model: torch.nn.Module,
+    cache: DynamicCache,
+    first: torch.Tensor,
+    tail: list[int],
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """log p(tail | prompt) per row, from the prompt's cache and its last log-probs ``first``.
+
+    The tail's tokens but the last are fed after the prompt, then cropped off the cache.
+    """
+    score = first[:, tail[0]]
+    if len(tail) == 1:
+        return score
+    fed = torch.tensor(tail[:-1]).expand(len(first), -1)
+    padding = {}
+    if mask is not None:  # left padding: positions continue from each row's last real one
+        position = mask.sum(-1, keepdim=True) - 1 + torch.arange(1, fed.shape[1] + 1)
+        padding = {"attention_mask": torch.cat([mask, mask.new_ones(fed.shape)], 1)}
+        padding["position_ids"] = position
+    logits = model(input_ids=fed, cache=cache, use_cache=True, **padding).logits.float()
+    targets = torch.tensor(tail[1:]).expand(len(first), -1)
+    picked = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    cache.crop(-fed.shape[1])  # a negative count removes that many from the end
+    return score + picked.sum(-1)
+
+
 @torch.no_grad()
 def answer_log_likelihoods(
     model: torch.nn.Module,
@@ -110,23 +137,23 @@ def answer_log_likelihoods(
     candidates: Sequence[str],
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """``[len(samples), len(candidates)]`` log p(candidate words + <eos> | prompt)."""
+    """``[len(samples), len(candidates)]`` log p(candidate words + <eos> | prompt).
+
+    Each batch of prompts runs once; every candidate continues from its KV cache.
+    """
     scores = torch.empty(len(samples), len(candidates))
     prompts = [understand_prompt(vocab, s.codes, s.question) for s in samples]
-    for c, candidate in enumerate(candidates):
-        tail = answer_ids(vocab, candidate)
-        for start in range(0, len(samples), batch_size):
-            chunk = prompts[start : start + batch_size]
-            batch = collate(
-                [Example(p + tail, [IGNORE] * len(p) + tail) for p in chunk], vocab.pad_id
-            )
-            with _pass(model, "understand"):
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits.float()
-            labels = batch["labels"][:, 1:]
-            picked = _next_token_log_probs(logits, labels)
-            scores[start : start + len(chunk), c] = (picked * (labels != IGNORE)).sum(-1)
+    tails = [answer_ids(vocab, c) for c in candidates]
+    for index, ids, mask in left_padded(prompts, vocab.pad_id, batch_size):
+        cache = DynamicCache(config=model.config)
+        padding = {}
+        if mask is not None:
+            padding = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        with _pass(model, "understand"):
+            out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **padding)
+            first = out.logits[:, -1].float().log_softmax(-1)
+            for c, tail in enumerate(tails):
+                scores[index, c] = _continuation_log_prob(model, cache, first, tail, mask)
     return scores
 
 
