@@ -97,6 +97,9 @@ def test_train_end_to_end(setup, family, method, tmp_path):
     for stage in results["stages"]:
         assert stage["final_loss"] < math.log(64)  # below chance over the 64-id vocabulary
         assert stage["conflict"]["steps"] == 1  # monitored: step 0 of 2 per epoch, every 10
+        assert len(stage["losses"]) == 8  # 4 epochs of 2 batches
+        assert len(stage["kd_losses"]) == (8 if method == "mode" else 0)
+    assert (tmp_path / "figures" / "losses.png").stat().st_size > 0
 
     # The saved adapters, reloaded into a fresh host, give the answers the run recorded.
     last = tmp_path / "checkpoints" / "stage2"

@@ -321,6 +321,8 @@ def train_run(
                 "answers": answers,
                 "train_seconds": log["seconds"],
                 "final_loss": float(np.mean(log["loss"][-5:])),
+                "losses": log["loss"],  # per step: the task CE and, distilling, the KD
+                "kd_losses": log["kd"],
                 "wall_seconds": time.perf_counter() - start,
                 "peak_memory_mb": peak_memory_mb(),
                 "conflict": summarize_conflict(log["conflict"]) if monitor else None,

@@ -305,6 +305,26 @@ def _alignment(generation: dict | None) -> tuple[str, str, str]:
     return _fmt(clip["image_alignment"]), _fmt(clip["text_alignment"]), ""
 
 
+def plot_losses(stages: list[dict], path: Path) -> None:
+    """Task CE (and KD, when distilling) per step, the tasks one after another."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    start = 0
+    for stage in stages:
+        steps = np.arange(start, start + len(stage["losses"]))
+        ax.plot(steps, stage["losses"], label=f"CE {stage['task']}")
+        if stage["kd_losses"]:
+            ax.plot(steps, stage["kd_losses"], linestyle=":", color="gray")
+        ax.axvline(start, color="lightgray", linewidth=0.8)
+        start += len(stage["losses"])
+    ax.set_xlabel("training step (dotted: distillation KL)")
+    ax.set_ylabel("loss")
+    ax.set_yscale("symlog", linthresh=1e-6)  # the KL starts at exactly 0
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_train_report(out: str | Path) -> Path:
     """(Re)build ``report.md`` and ``figures/`` of a `modecl train` run from its results."""
     out = Path(out)
@@ -319,6 +339,7 @@ def write_train_report(out: str | Path) -> Path:
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
     plot_matrices(view, "accuracy_matrix", figures / "accuracy_matrix.png")
+    plot_losses(results["stages"], figures / "losses.png")
     rules = ", ".join(f"{t} ({results['scoring'][t]})" for t in tasks)
     lines = [
         f"# modecl train: {method} on {results['model']}",
@@ -339,6 +360,8 @@ def write_train_report(out: str | Path) -> Path:
         *matrix_rows(view, method, "accuracy_matrix"),
         "",
         "![accuracy matrix](figures/accuracy_matrix.png)",
+        "",
+        "![training losses](figures/losses.png)",
         "",
         "Image generation (inter-modal forgetting): teacher-forced image-token NLL of the test",
         "pairs, and CLIP alignment of images drawn from their captions.",
