@@ -319,6 +319,8 @@ def plot_losses(stages: list[dict], path: Path) -> None:
     ax.set_xlabel("training step (dotted: distillation KL)")
     ax.set_ylabel("loss")
     ax.set_yscale("symlog", linthresh=1e-6)  # the KL starts at exactly 0
+    highest = max((max(s["losses"]) for s in stages if s["losses"]), default=1.0)
+    ax.set_ylim(0, 2 * highest)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
