@@ -20,7 +20,9 @@ from modecl.sequences import (
     answer_ids,
     collate,
     draw_prompt,
+    grow_mask,
     left_padded,
+    padding_inputs,
     understand_prompt,
 )
 from modecl.tasks import Sample, Task
@@ -117,11 +119,7 @@ def _continuation_log_prob(
     if len(tail) == 1:
         return score
     fed = torch.tensor(tail[:-1]).expand(len(first), -1)
-    padding = {}
-    if mask is not None:  # left padding: positions continue from each row's last real one
-        position = mask.sum(-1, keepdim=True) - 1 + torch.arange(1, fed.shape[1] + 1)
-        padding = {"attention_mask": torch.cat([mask, mask.new_ones(fed.shape)], 1)}
-        padding["position_ids"] = position
+    padding = padding_inputs(grow_mask(mask, fed.shape[1]), fed.shape[1])
     logits = model(input_ids=fed, cache=cache, use_cache=True, **padding).logits.float()
     targets = torch.tensor(tail[1:]).expand(len(first), -1)
     picked = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
@@ -146,9 +144,7 @@ def answer_log_likelihoods(
     tails = [answer_ids(vocab, c) for c in candidates]
     for index, ids, mask in left_padded(prompts, vocab.pad_id, batch_size):
         cache = DynamicCache(config=model.config)
-        padding = {}
-        if mask is not None:
-            padding = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        padding = padding_inputs(mask, ids.shape[1])
         with _pass(model, "understand"):
             out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **padding)
             first = out.logits[:, -1].float().log_softmax(-1)

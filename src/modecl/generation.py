@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from modecl.sequences import grow_mask, padding_inputs
+
 
 @torch.no_grad()
 def generate(
@@ -39,11 +41,9 @@ def generate(
         allowed = allowed.to(prompt_ids.device)
     cache, inputs, out = None, prompt_ids, []
     done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-    mask, positions = attention_mask, None
-    if mask is not None:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    mask = attention_mask
     for _ in range(max_new_tokens):
-        padding = {} if mask is None else {"attention_mask": mask, "position_ids": positions}
+        padding = padding_inputs(mask, inputs.shape[1])
         result = model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1, **padding)
         cache = result.cache
         logits = result.logits[:, -1].float()
@@ -64,7 +64,5 @@ def generate(
         if eos_id is not None and bool(done.all()):
             break
         inputs = token[:, None]
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-            positions = positions[:, -1:] + 1
+        mask = grow_mask(mask, 1)
     return torch.stack(out, dim=1)

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from modecl.adapters import has_adapters, lm_logits, pass_kind, routing_context
+from modecl.sequences import grow_mask, padding_inputs
 
 __all__ = [
     "ImageVocabulary",
@@ -244,18 +245,14 @@ def draw_image_tokens(
     with pass_kind(model, "draw") if routed else nullcontext():
         for marker in _layout(vocab, grid):
             if marker is None:
-                padding = {}
-                if mask is not None:
-                    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -pending.shape[1] :]
-                    padding = {"attention_mask": mask, "position_ids": positions}
+                padding = padding_inputs(mask, pending.shape[1])
                 logits = lm_logits(model, input_ids=pending, cache=cache, use_cache=True, **padding)
                 token = codes[_pick(logits[:, -1, codes].float(), temperature, top_k, generator)]
                 pending = token[:, None]
             else:
                 token = torch.full_like(prompt_ids[:, 0], marker)
                 pending = torch.cat([pending, token[:, None]], dim=1)
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+            mask = grow_mask(mask, 1)
             out.append(token)
     return torch.stack(out, dim=1)
 

@@ -181,6 +181,19 @@ def left_padded(
             yield chunk, ids, None if not any(pads) else mask
 
 
+def padding_inputs(mask: torch.Tensor | None, new: int) -> dict[str, torch.Tensor]:
+    """Forward inputs for the last ``new`` tokens of left-padded rows, ``mask`` covering every
+    token so far: the mask, and positions that count real tokens only ({} when unpadded)."""
+    if mask is None:
+        return {}
+    return {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, -new:]}
+
+
+def grow_mask(mask: torch.Tensor | None, new: int) -> torch.Tensor | None:
+    """``mask`` extended by ``new`` real tokens (None stays None: nothing is padded)."""
+    return None if mask is None else torch.cat([mask, mask.new_ones(len(mask), new)], dim=1)
+
+
 def next_token_loss(
     logits: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | None = None
 ) -> torch.Tensor:
