@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
@@ -51,19 +50,6 @@ def _next_token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     """log p(label t+1 | prefix) at every position; ``labels`` are already shifted left."""
     logp = logits[:, :-1].log_softmax(-1)
     return logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-
-
-def _equal_length_batches(
-    prompts: Sequence[list[int]], batch_size: int
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Indices and stacked prompts, grouped so that a batch needs no padding."""
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        groups[len(p)].append(i)
-    for index in groups.values():
-        for start in range(0, len(index), batch_size):
-            chunk = index[start : start + batch_size]
-            yield chunk, torch.tensor([prompts[i] for i in chunk])
 
 
 @torch.no_grad()
@@ -182,12 +168,13 @@ def draw(
     generator = torch.Generator().manual_seed(seed)
     ids = [[*draw_prompt(vocab, p), vocab.boi_id] for p in prompts]
     out = np.zeros((len(prompts), image_tokens), dtype=np.int64)
-    for index, batch in _equal_length_batches(ids, batch_size):
+    for index, batch, mask in left_padded(ids, vocab.pad_id, batch_size):
         with _pass(model, "draw"):
             tokens = generate(
                 model,
                 batch,
                 image_tokens,
+                attention_mask=mask,
                 allowed_ids=vocab.image_code_ids,
                 temperature=temperature,
                 top_k=top_k,
