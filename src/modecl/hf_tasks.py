@@ -102,14 +102,16 @@ class HostFormat:
         return self.decode_text(ids).strip()
 
     def draw_prompt(self, pair: DrawPair) -> list[int]:
-        head, _ = image_span(self.vocab, pair.codes, self.encode)
-        return [*self.bos, *self.encode(pair.prompt), *head]
+        return self._draw_parts(pair)[0]
 
     def draw_example(self, pair: DrawPair) -> Example:
-        prompt = self.draw_prompt(pair)
-        _, rest = image_span(self.vocab, pair.codes, self.encode)
-        target = [*rest, self.eos_id]
+        prompt, target = self._draw_parts(pair)
         return Example(prompt + target, [IGNORE] * len(prompt) + target)
+
+    def _draw_parts(self, pair: DrawPair) -> tuple[list[int], list[int]]:
+        """(caption and the span's head, the rest of the span and EOS): one span check."""
+        head, rest = image_span(self.vocab, pair.codes, self.encode)
+        return [*self.bos, *self.encode(pair.prompt), *head], [*rest, self.eos_id]
 
     def is_image_code(self, ids: torch.Tensor) -> torch.Tensor:
         return image_mask(ids, self.vocab.codes)
