@@ -46,12 +46,13 @@ from modecl.clip_score import ClipAlignment, clip_alignment
 from modecl.config import ConfigError, TrainConfig, to_dict
 from modecl.conflict import ConflictMonitor, summarize_conflict
 from modecl.evaluate import answer, image_nll_terms, scored_accuracy
+from modecl.files import write_atomic
 from modecl.hf_host import decode_image, draw_image_tokens, image_grid, save_png
 from modecl.hf_tasks import HostFormat, ImageTokenizer, Pairs, load_image_task, load_pairs
 from modecl.methods import METHOD_NAMES, get_method
 from modecl.metrics import summarize
 from modecl.report import write_train_report
-from modecl.run import peak_memory_mb, resumable, save_stage, write_atomic
+from modecl.run import peak_memory_mb, resumable, save_stage
 from modecl.sequences import left_padded
 from modecl.tasks import Task
 from modecl.train import train_task

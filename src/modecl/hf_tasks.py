@@ -36,6 +36,7 @@ from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
+from modecl.files import write_atomic
 from modecl.hf_host import (
     ImageVocabulary,
     bos_ids,
@@ -180,9 +181,7 @@ class ImageTokenizer:
 
     def save(self, path: Path) -> None:
         """Write the cache (JSON, atomically)."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.cache))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(self.cache))
 
     def load(self, path: Path) -> None:
         """Add a cache written by `save`, if the file exists."""

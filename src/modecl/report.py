@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+
+from modecl.files import write_atomic
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _fmt(mean: Any, std: Any = None, digits: int = 3) -> str:
@@ -101,9 +108,7 @@ def plot_matrices(results: dict, key: str, path: Path) -> None:
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle(f"{'constrained ' if 'constrained' in key else ''}accuracy matrix R[i][j]")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_generation(results: dict, path: Path) -> None:
@@ -118,9 +123,7 @@ def plot_generation(results: dict, path: Path) -> None:
     ax.set_title("inter-modal forgetting: drawing after each understanding task")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_samples(results: dict, samples: Any, name: str, path: Path) -> None:
@@ -139,9 +142,7 @@ def plot_samples(results: dict, samples: Any, name: str, path: Path) -> None:
     )
     ax.set_xticks([])
     ax.set_title(f"{name}: 'draw a <digit>' for digits 0-9, after each task", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 GROUPS = ("shared", "text", "image", "router")
@@ -217,9 +218,7 @@ def plot_conflict(series: list[dict], path: Path) -> None:
         top.legend(fontsize=6)
         bottom.legend(fontsize=6)
     fig.suptitle(f"gradient conflict through the sequence (seed {seed})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(out: str | Path) -> Path:
@@ -289,9 +288,7 @@ def write_report(out: str | Path) -> Path:
         lines += ["", "Constrained accuracy matrix:", ""]
         lines += matrix_rows(results, name, "constrained_accuracy_matrix")
         lines += ["", f"![samples](figures/samples_{name}.png)", ""]
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "report.md")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
 
 
@@ -322,9 +319,7 @@ def plot_losses(stages: list[dict], path: Path) -> None:
     highest = max((max(s["losses"]) for s in stages if s["losses"]), default=1.0)
     ax.set_ylim(0, 2 * highest)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_train_report(out: str | Path) -> Path:
@@ -376,7 +371,5 @@ def write_train_report(out: str | Path) -> Path:
     ]:
         image, text, note = _alignment(stage.get("generation"))
         lines.append(f"| {name} | {_fmt(stage.get('image_nll'))} | {image} | {text} | {note} |")
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "report.md")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"

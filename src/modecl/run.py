@@ -40,6 +40,7 @@ from modecl.digits.host import DigitsWorld
 from modecl.digits.pretrain import check_gate, load_or_pretrain
 from modecl.digits.tasks import TASK_RULES
 from modecl.evaluate import constrained_accuracy, exact_accuracy
+from modecl.files import write_atomic
 from modecl.methods import METHOD_NAMES, get_method
 from modecl.methods.base import Method
 from modecl.metrics import mean_std, summarize
@@ -74,15 +75,6 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("a run needs at least one task and one method")
     if config.seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {config.seeds}")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def peak_memory_mb() -> float:
