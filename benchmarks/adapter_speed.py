@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modecl.adapters import AdapterConfig, attach_adapters
+from modecl.core.adapters import AdapterConfig, attach_adapters
 
 TARGETS = ("gate_proj", "up_proj", "down_proj")
 

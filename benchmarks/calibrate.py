@@ -14,12 +14,13 @@ import copy
 import itertools
 import time
 
-from modecl.adapters import attach_adapters
-from modecl.config import RunConfig, load_toml
+from modecl.core.adapters import attach_adapters
+from modecl.core.config import load_toml
+from modecl.core.evaluate import exact_accuracy
+from modecl.core.methods import get_method
+from modecl.core.train import train_task
+from modecl.digits.config import RunConfig
 from modecl.digits.pretrain import load_or_pretrain
-from modecl.evaluate import exact_accuracy
-from modecl.methods import get_method
-from modecl.train import train_task
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
         start, diagonal = time.perf_counter(), []
         for k, task in enumerate(tasks):
             train_task(model, host.world.format, method, task, config, seed=k, progress=False)
-            diagonal.append(exact_accuracy(model, host.world.vocab, task.test))
+            diagonal.append(exact_accuracy(model, host.world.format, task.test))
         cells = " ".join(f"{a:>10.3f}" for a in diagonal)
         print(
             f"{lr:<7g} {epochs:>6} {batch:>5} | {cells} | {min(diagonal):.3f} "

@@ -20,12 +20,12 @@ import statistics
 
 import torch
 
-from modecl.adapters import attach_adapters
-from modecl.config import RunConfig
-from modecl.conflict import ConflictMonitor, summarize_conflict
+from modecl.core.adapters import attach_adapters
+from modecl.core.conflict import ConflictMonitor, summarize_conflict
+from modecl.core.methods import get_method
+from modecl.core.train import train_task
+from modecl.digits.config import RunConfig
 from modecl.digits.pretrain import load_or_pretrain
-from modecl.methods import get_method
-from modecl.train import train_task
 
 METHODS = ("seq-lora", "mode")
 

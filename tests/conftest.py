@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from modecl.config import DigitsConfig, from_dict
+from modecl.core.config import from_dict
+from modecl.digits.config import DigitsConfig
 from modecl.digits.host import DigitsWorld
 
 TINY = {

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from modecl.adapters import adapter_state_dict, attach_adapters
-from modecl.config import ContinualSettings, from_dict
-from modecl.hf_tasks import HostFormat
-from modecl.methods import get_method
-from modecl.sequences import DrawPair
-from modecl.tasks import Sample, Task
-from modecl.train import train_task
+from modecl.core.adapters import adapter_state_dict, attach_adapters
+from modecl.core.config import ContinualSettings, from_dict
+from modecl.core.methods import get_method
+from modecl.core.sequences import DrawPair
+from modecl.core.tasks import Sample, Task
+from modecl.core.train import train_task
+from modecl.hosts.tasks import HostFormat
 from tests.test_hf_host import CODES, tiny_chameleon
 from tests.tiny_hosts import tokenizer
 
@@ -67,7 +67,7 @@ def train(accelerator, method_name: str = "mode") -> dict:
 
 
 if __name__ == "__main__":
-    from modecl.hf_run import default_accelerator
+    from modecl.hosts.run import default_accelerator
 
     accelerator = default_accelerator()
     result = train(accelerator, *sys.argv[2:3])

@@ -15,7 +15,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from modecl.adapters import (
+from modecl.core.adapters import (
     KINDS,
     AdapterConfig,
     AdapterLinear,
@@ -35,8 +35,8 @@ from modecl.adapters import (
     save_adapters,
     trainable_parameters,
 )
-from modecl.generation import generate
-from modecl.modality import image_mask
+from modecl.core.generation import generate
+from modecl.core.modality import image_mask
 
 IMAGE_IDS = list(range(40, 64))  # both hosts: codes and markers
 TEXT_IDS = list(range(3, 39))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointError
 
-from modecl.adapters import (
+from modecl.core.adapters import (
     AdapterConfig,
     attach_adapters,
     enable_gradient_checkpointing,

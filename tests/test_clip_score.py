@@ -17,7 +17,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from modecl.clip_score import ClipAlignment, clip_alignment
+from modecl.hosts.clip import ClipAlignment, clip_alignment
 
 SIZE = 16
 

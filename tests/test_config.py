@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from modecl.config import ConfigError, DigitsConfig, RunConfig, TrainConfig, load_toml, to_dict
+from modecl.core.config import ConfigError, load_toml, to_dict
+from modecl.digits.config import DigitsConfig, RunConfig
+from modecl.hosts.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

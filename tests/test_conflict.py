@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modecl.adapters import attach_adapters
-from modecl.config import ContinualSettings, from_dict
-from modecl.conflict import ConflictMonitor, summarize_conflict
+from modecl.core.adapters import attach_adapters
+from modecl.core.config import ContinualSettings, from_dict
+from modecl.core.conflict import ConflictMonitor, summarize_conflict
+from modecl.core.methods import get_method
+from modecl.core.train import train_task, understand_loss
 from modecl.digits.model import build_model
-from modecl.methods import get_method
-from modecl.train import train_task, understand_loss
 from tests.conftest import tiny_config
 
 

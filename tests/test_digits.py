@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from modecl.adapters import AdapterConfig, adapter_layers, attach_adapters, pass_kind
-from modecl.config import DataConfig, DigitsConfig
+from modecl.core.adapters import AdapterConfig, adapter_layers, attach_adapters, pass_kind
+from modecl.core.evaluate import answer_log_likelihoods
+from modecl.core.generation import generate
+from modecl.core.sequences import IGNORE
 from modecl.digits.codebook import Codebook
+from modecl.digits.config import DataConfig, DigitsConfig
 from modecl.digits.data import DIGIT_WORDS, load_pools
+from modecl.digits.format import understand_example
 from modecl.digits.model import build_model
 from modecl.digits.pretrain import GateError, check_gate, load_or_pretrain
 from modecl.digits.tasks import (
@@ -20,10 +24,7 @@ from modecl.digits.tasks import (
     statements,
     words,
 )
-from modecl.evaluate import answer_log_likelihoods
-from modecl.generation import generate
-from modecl.sequences import understand_example
-from modecl.vocab import IGNORE, UnknownWordError, Vocabulary
+from modecl.digits.vocab import UnknownWordError, Vocabulary
 from tests.conftest import tiny_config
 
 
@@ -200,7 +201,7 @@ def test_candidate_scores_from_the_cache_equal_whole_sequences(world):
     tasks = world.tasks(["parity", "mirrored", "spatial"])  # questions of 6, 4 and 5 words
     samples = [s for t in tasks for s in t.test[:4]]
     candidates = ["yes", "no", "seven", "more than five"]  # tails of 2 to 4 tokens
-    ours = answer_log_likelihoods(model, world.vocab, samples, candidates, batch_size=5)
+    ours = answer_log_likelihoods(model, world.format, samples, candidates, batch_size=5)
     for i, sample in enumerate(samples):
         for c, candidate in enumerate(candidates):
             example = understand_example(world.vocab, sample.codes, sample.question, candidate)

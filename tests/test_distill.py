@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modecl.distill import kd_mask, topk_kl
+from modecl.core.distill import kd_mask, topk_kl
 
 
 def _logits(*shape: int, seed: int, scale: float = 3.0) -> torch.Tensor:

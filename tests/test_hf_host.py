@@ -17,14 +17,16 @@ from transformers import (
     Emu3TextConfig,
 )
 
-from modecl.adapters import (
+from modecl.core.adapters import (
     AdapterConfig,
     adapter_layers,
     attach_adapters,
     lm_logits,
     routing_context,
 )
-from modecl.hf_host import (
+from modecl.core.modality import image_mask, image_token_ids
+from modecl.core.sequences import left_padded
+from modecl.hosts.host import (
     decode_image,
     draw_image_tokens,
     draw_prompt,
@@ -34,8 +36,6 @@ from modecl.hf_host import (
     save_png,
     understand_prompt,
 )
-from modecl.modality import image_mask, image_token_ids
-from modecl.sequences import left_padded
 from tests.test_adapters import randomize, tiny_llama
 
 # Both tiny hosts: 64 ids, text 0..39 (0 pad, 1 BOS, 2 EOS), the 16 VQ codes at 40..55, markers

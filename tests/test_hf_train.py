@@ -11,16 +11,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from modecl.adapters import adapter_state_dict, attach_adapters, load_adapters
 from modecl.cli import main
-from modecl.config import TrainConfig, load_toml
-from modecl.evaluate import answer
-from modecl.hf_run import load_host
-from modecl.hf_tasks import HostFormat, ImageTokenizer, load_image_task, load_pairs
-from modecl.methods import get_method
-from modecl.sequences import DrawPair, understand
-from modecl.tasks import Sample, TaskFileError
-from modecl.vocab import IGNORE
+from modecl.core.adapters import adapter_state_dict, attach_adapters, load_adapters
+from modecl.core.config import load_toml
+from modecl.core.evaluate import answer
+from modecl.core.methods import get_method
+from modecl.core.sequences import IGNORE, DrawPair, understand
+from modecl.core.tasks import Sample, TaskFileError
+from modecl.hosts.config import TrainConfig
+from modecl.hosts.run import load_host
+from modecl.hosts.tasks import HostFormat, ImageTokenizer, load_image_task, load_pairs
 from tests.test_clip_score import write_tiny_clip
 from tests.test_hf_host import HOSTS, image_tokens, pixels, understand_prompt
 from tests.tiny_hosts import tokenizer, write_host, write_tasks

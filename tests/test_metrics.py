@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from modecl.metrics import (
+from modecl.core.metrics import (
     average_forgetting,
     backward_transfer,
     final_average_accuracy,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import ChameleonConfig, Emu3Config, LlamaConfig
 
-from modecl.modality import image_mask, image_token_ids
+from modecl.core.modality import image_mask, image_token_ids
 
 
 def chameleon_vocabulary() -> dict[str, int]:

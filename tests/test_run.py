@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-import modecl.run
-from modecl.config import ConfigError, RunConfig, from_dict, load_toml
-from modecl.report import write_report
-from modecl.run import run_benchmark
+import modecl.digits.bench
+from modecl.core.config import ConfigError, from_dict, load_toml
+from modecl.core.report import write_report
+from modecl.digits.bench import run_benchmark
+from modecl.digits.config import RunConfig
 from tests.conftest import TINY
 
 TASKS = ["parity", "spatial"]
@@ -97,7 +98,7 @@ def test_results_schema(full_run):
 
 def test_resume_after_a_crash_gives_the_same_results(full_run, tmp_path, cache, monkeypatch):
     _, uninterrupted = full_run
-    real_train = modecl.run.train_task
+    real_train = modecl.digits.bench.train_task
     calls = {"n": 0}
 
     def crashing_train(*args, **kwargs):
@@ -106,7 +107,7 @@ def test_resume_after_a_crash_gives_the_same_results(full_run, tmp_path, cache, 
             raise KeyboardInterrupt("simulated crash")
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(modecl.run, "train_task", crashing_train)
+    monkeypatch.setattr(modecl.digits.bench, "train_task", crashing_train)
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(tiny_run(), tmp_path, cache_dir=cache, progress=False)
     assert not (tmp_path / "results.json").exists()
@@ -168,14 +169,14 @@ def test_config_errors_stop_before_any_training(tmp_path, text, message):
 
 
 def test_a_run_extends_with_more_methods_but_refuses_another_recipe(tmp_path, cache, monkeypatch):
-    real_train = modecl.run.train_task
+    real_train = modecl.digits.bench.train_task
     calls = []
 
     def counting_train(model, vocab, method, *args, **kwargs):
         calls.append(method.name)
         return real_train(model, vocab, method, *args, **kwargs)
 
-    monkeypatch.setattr(modecl.run, "train_task", counting_train)
+    monkeypatch.setattr(modecl.digits.bench, "train_task", counting_train)
     run_benchmark(tiny_run(methods=["seq-lora"]), tmp_path, cache_dir=cache, progress=False)
     extended = run_benchmark(
         tiny_run(methods=["seq-lora", "lwf"]), tmp_path, cache_dir=cache, progress=False

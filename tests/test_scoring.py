@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modecl.scoring import RULES, normalize, score
+from modecl.core.scoring import RULES, normalize, score
 
 OPTIONS = ["Mercury", "Venus", "Earth", "Mars"]
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modecl.tasks import TaskFileError, load_task_file
+from modecl.core.tasks import TaskFileError
+from modecl.digits.taskfile import load_task_file
 
 EXAMPLE = Path(__file__).parents[1] / "configs" / "tasks" / "example-parity-jsonl.jsonl"
 Q = "is this digit even or odd"

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from modecl.adapters import attach_adapters, pass_kind, trainable_parameters
-from modecl.config import ContinualSettings, from_dict
+from modecl.core.adapters import attach_adapters, pass_kind, trainable_parameters
+from modecl.core.config import ContinualSettings, from_dict
+from modecl.core.methods import METHOD_NAMES, get_method
+from modecl.core.sequences import IGNORE, DrawPair, collate, next_token_loss
+from modecl.core.tasks import Task
+from modecl.core.train import distill_loss, train_task, understand_loss
+from modecl.digits.format import understand_example
 from modecl.digits.model import build_model
 from modecl.digits.tasks import DRAW_PROMPT
-from modecl.methods import METHOD_NAMES, get_method
-from modecl.sequences import DrawPair, collate, next_token_loss, understand_example
-from modecl.tasks import Task
-from modecl.train import distill_loss, train_task, understand_loss
-from modecl.vocab import IGNORE
 from tests.conftest import tiny_config
 
 SETTINGS = from_dict(

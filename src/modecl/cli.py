@@ -10,12 +10,14 @@ from pathlib import Path
 
 import torch
 
-from modecl.config import ConfigError, DigitsConfig, RunConfig, TrainConfig, load_toml
+from modecl.core.config import ConfigError, load_toml
+from modecl.core.report import headline_rows, write_report, write_train_report
+from modecl.core.tasks import TaskFileError
+from modecl.digits.bench import quick as quick_config
+from modecl.digits.bench import run_benchmark, validate
+from modecl.digits.config import DigitsConfig, RunConfig
 from modecl.digits.pretrain import GateError, check_gate, load_or_pretrain
-from modecl.report import headline_rows, write_report, write_train_report
-from modecl.run import quick as quick_config
-from modecl.run import run_benchmark, validate
-from modecl.tasks import TaskFileError
+from modecl.hosts.config import TrainConfig
 
 CACHE_HELP = "cache dir (default: $MODECL_CACHE or ~/.cache/modecl)"
 
@@ -91,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     # Imported here: the digits commands need neither accelerate's nor the hosts' machinery.
     from accelerate import PartialState
 
-    from modecl.hf_run import train_run
+    from modecl.hosts.run import train_run
 
     config = load_toml(TrainConfig, args.config)
     results = train_run(

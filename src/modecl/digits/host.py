@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -9,16 +10,18 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
-from modecl.config import DigitsConfig
+from modecl.core.evaluate import exact_accuracy, image_nll, pass_if_adapted
+from modecl.core.generation import generate
+from modecl.core.metrics import frechet_distance
+from modecl.core.sequences import DrawPair, left_padded
+from modecl.core.tasks import Sample, Task
 from modecl.digits.codebook import TOKENS_PER_IMAGE, Codebook
+from modecl.digits.config import DigitsConfig
 from modecl.digits.data import DIGIT_WORDS, Pools, load_pools
+from modecl.digits.format import DigitsFormat, draw_prompt
 from modecl.digits.judge import Judge
 from modecl.digits.tasks import CAPTION_QUESTION, DRAW_PROMPT, builtin_tasks, words
-from modecl.evaluate import DrawPair, draw, exact_accuracy, image_nll
-from modecl.metrics import frechet_distance
-from modecl.sequences import DigitsFormat
-from modecl.tasks import Sample, Task
-from modecl.vocab import Vocabulary
+from modecl.digits.vocab import Vocabulary
 
 
 @dataclass
@@ -93,7 +96,7 @@ class DigitsWorld:
         }
 
     def captioning_accuracy(self, model: torch.nn.Module, index: np.ndarray) -> float:
-        return exact_accuracy(model, self.vocab, self.captions(index))
+        return exact_accuracy(model, self.format, self.captions(index))
 
     def draw_digits(
         self, model: torch.nn.Module, per_digit: int, seed: int
@@ -119,3 +122,38 @@ class DigitsWorld:
     def image_nll(self, model: torch.nn.Module, index: np.ndarray) -> float:
         """Teacher-forced NLL of the image codes of held-out ("draw a <digit>", image) pairs."""
         return image_nll(model, self.format, self.draw_pairs(index))
+
+
+@torch.no_grad()
+def draw(
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    prompts: Sequence[str],
+    *,
+    image_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Sample one image per text prompt: ``[len(prompts), image_tokens]`` codes.
+
+    The prompt ends with ``<boi>``; every sampled token is constrained to the image codes.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ids = [[*draw_prompt(vocab, p), vocab.boi_id] for p in prompts]
+    out = np.zeros((len(prompts), image_tokens), dtype=np.int64)
+    for index, batch, mask in left_padded(ids, vocab.pad_id, batch_size):
+        with pass_if_adapted(model, "draw"):
+            tokens = generate(
+                model,
+                batch,
+                image_tokens,
+                attention_mask=mask,
+                allowed_ids=vocab.image_code_ids,
+                temperature=temperature,
+                top_k=top_k,
+                generator=generator,
+            )
+        out[index] = tokens.numpy() - vocab.code_offset
+    return out

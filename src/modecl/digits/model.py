@@ -10,15 +10,15 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modecl.config import ModelConfig
-from modecl.vocab import Vocabulary
+from modecl.digits.config import ModelConfig
+from modecl.digits.vocab import Vocabulary
 
 
 def build_model(vocab: Vocabulary, config: ModelConfig, seed: int) -> LlamaForCausalLM:
     """A randomly initialised model, deterministic by ``seed``.
 
     The config carries ``image_token_ids`` (image codes and begin/end-of-image markers):
-    that is how :mod:`modecl.modality` finds each token's modality for this model.
+    that is how :mod:`modecl.core.modality` finds each token's modality for this model.
     """
     llama = LlamaConfig(
         vocab_size=len(vocab),

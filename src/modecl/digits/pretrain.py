@@ -31,9 +31,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
-from modecl.config import DigitsConfig, PretrainConfig, to_dict
+from modecl.core.config import to_dict
+from modecl.core.sequences import Example, collate, next_token_loss
 from modecl.digits.codebook import Codebook
+from modecl.digits.config import DigitsConfig, PretrainConfig
 from modecl.digits.data import DIGIT_WORDS
+from modecl.digits.format import draw_example, text_example, understand_example
 from modecl.digits.host import DigitsWorld
 from modecl.digits.model import build_model
 from modecl.digits.tasks import (
@@ -42,14 +45,6 @@ from modecl.digits.tasks import (
     TASK_RULES,
     preview_samples,
     statements,
-)
-from modecl.sequences import (
-    Example,
-    collate,
-    draw_example,
-    next_token_loss,
-    text_example,
-    understand_example,
 )
 
 

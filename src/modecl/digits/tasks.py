@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modecl.core.tasks import Sample, Task
 from modecl.digits.codebook import Codebook
 from modecl.digits.data import DIGIT_WORDS, Pools
-from modecl.tasks import Sample, Task
 
 NUMBER_WORDS = (*DIGIT_WORDS, "ten", "eleven", "twelve")
 CAPTION_QUESTION = "what digit is this"

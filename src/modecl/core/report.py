@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from modecl.files import write_atomic
+from modecl.core.files import write_atomic
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

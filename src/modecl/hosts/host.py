@@ -37,8 +37,8 @@ from PIL import Image
 from torch import nn
 from transformers import DynamicCache
 
-from modecl.adapters import has_adapters, lm_logits, pass_kind, routing_context
-from modecl.sequences import grow_mask, padding_inputs
+from modecl.core.adapters import has_adapters, lm_logits, pass_kind, routing_context
+from modecl.core.sequences import grow_mask, padding_inputs
 
 __all__ = [
     "ImageVocabulary",

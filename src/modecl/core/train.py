@@ -8,7 +8,7 @@ clipping, seeded shuffling. Each step's loss is
     + the method's penalty (EWC)
 
 The teacher is the same model with the adapters off; each forward tells the routing
-context what kind of pass it is. An optional :class:`~modecl.conflict.ConflictMonitor`
+context what kind of pass it is. An optional :class:`~modecl.core.conflict.ConflictMonitor`
 watches every k-th step (gradient conflict between the CE and the image loss) without
 changing it.
 
@@ -31,14 +31,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from modecl.adapters import lm_logits, pass_kind
-from modecl.config import ContinualSettings, DistillSettings
-from modecl.conflict import ConflictMonitor
-from modecl.distill import kd_mask, topk_kl
-from modecl.methods.base import Method
-from modecl.sequences import DrawPair, Format, collate, next_token_loss, understand
-from modecl.tasks import Sample, Task
-from modecl.vocab import IGNORE
+from modecl.core.adapters import lm_logits, pass_kind
+from modecl.core.config import ContinualSettings, DistillSettings
+from modecl.core.conflict import ConflictMonitor
+from modecl.core.distill import kd_mask, topk_kl
+from modecl.core.methods.base import Method
+from modecl.core.sequences import IGNORE, DrawPair, Format, collate, next_token_loss, understand
+from modecl.core.tasks import Sample, Task
 
 Batch = dict[str, torch.Tensor]
 _MICRO = "train_micro_batch_size_per_gpu"

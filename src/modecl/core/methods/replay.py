@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from modecl.config import ContinualSettings
-from modecl.methods.base import LossFn, Method
-from modecl.tasks import Sample, Task
+from modecl.core.config import ContinualSettings
+from modecl.core.methods.base import LossFn, Method
+from modecl.core.tasks import Sample, Task
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What a continual-learning method is: an adapter configuration plus a training recipe.
 
-The one training loop (:mod:`modecl.train`) calls these hooks; a method overrides only
+The one training loop (:mod:`modecl.core.train`) calls these hooks; a method overrides only
 what it changes. Adding a method means one module and one line in the registry.
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from modecl.adapters import AdapterConfig
-from modecl.config import ContinualSettings
-from modecl.tasks import Sample, Task
+from modecl.core.adapters import AdapterConfig
+from modecl.core.config import ContinualSettings
+from modecl.core.tasks import Sample, Task
 
 # (model, samples) -> mean task loss over those samples, with the graph (for Fisher estimates)
 LossFn = Callable[[torch.nn.Module, Sequence[Sample]], torch.Tensor]

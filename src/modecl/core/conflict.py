@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from modecl.adapters import adapter_layers
-from modecl.evaluate import image_code_nll
-from modecl.sequences import DrawPair, Format, collate
+from modecl.core.adapters import adapter_layers
+from modecl.core.evaluate import image_code_nll
+from modecl.core.sequences import DrawPair, Format, collate
 
 Pieces = list[tuple[torch.nn.Parameter, tuple[slice, ...]]]
 

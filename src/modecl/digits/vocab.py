@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<boi>", "<eoi>")
-IGNORE = -100  # label value that the loss skips
 
 
 class UnknownWordError(KeyError):

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modecl import modality
+from modecl.core import modality
 
 __all__ = [
     "KINDS",

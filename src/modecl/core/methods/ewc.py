@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from modecl.config import ContinualSettings
-from modecl.methods.base import LossFn, Method
-from modecl.tasks import Task
+from modecl.core.config import ContinualSettings
+from modecl.core.methods.base import LossFn, Method
+from modecl.core.tasks import Task
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -5,7 +5,7 @@ Layout of an out dir::
     results.json                      every number (schema ``modecl.results/1``)
     conflict.jsonl                    the gradient-conflict monitor's figures, one line per
                                       monitored step (seed, method, stage, task, step, ...)
-    report.md, figures/*.png          built by :mod:`modecl.report`
+    report.md, figures/*.png          built by :mod:`modecl.core.report`
     samples.npz                       drawn-image grids (codes) per method and stage
     checkpoints/seed<S>/pretrained.json
     checkpoints/seed<S>/<method>/stage<K>/{stage.json, adapters/, method.pt, grid.npy}
@@ -21,11 +21,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import resource
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +30,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from modecl.adapters import attach_adapters, load_adapters, save_adapters
-from modecl.config import ConfigError, RunConfig, to_dict
-from modecl.conflict import ConflictMonitor, summarize_conflict
+from modecl.core.adapters import attach_adapters
+from modecl.core.config import ConfigError, to_dict
+from modecl.core.conflict import ConflictMonitor, summarize_conflict
+from modecl.core.evaluate import constrained_accuracy, exact_accuracy
+from modecl.core.files import write_atomic
+from modecl.core.methods import METHOD_NAMES, get_method
+from modecl.core.metrics import mean_std, summarize
+from modecl.core.runner import peak_memory_mb, resumable, save_stage
+from modecl.core.tasks import Task
+from modecl.core.train import train_task
+from modecl.digits.config import RunConfig
 from modecl.digits.host import DigitsWorld
 from modecl.digits.pretrain import check_gate, load_or_pretrain
 from modecl.digits.tasks import TASK_RULES
-from modecl.evaluate import constrained_accuracy, exact_accuracy
-from modecl.files import write_atomic
-from modecl.methods import METHOD_NAMES, get_method
-from modecl.methods.base import Method
-from modecl.metrics import mean_std, summarize
-from modecl.tasks import Task
-from modecl.train import train_task
 
 SCHEMA = "modecl.results/1"
 COST_KEYS = ("wall_seconds", "peak_memory_mb")
@@ -77,80 +75,27 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"seeds must be at least 1, got {config.seeds}")
 
 
-def peak_memory_mb() -> float:
-    """Peak memory so far: the GPU's allocator peak, else this process's peak RSS."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure(
     world: DigitsWorld, model: torch.nn.Module, tasks: list[Task], config: RunConfig, seed: int
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Every measure of one stage, and the grid of drawn images (codes) for the report."""
     model.eval()
-    vocab, ev = world.vocab, config.eval
+    ev = config.eval
     codes, labels = world.draw_digits(model, ev.samples_per_digit, seed)
     grid = codes.reshape(10, ev.samples_per_digit, -1)[:, : ev.grid_per_digit]
     test = world.pools.test
     if ev.max_test_samples is not None:
         test = test[: ev.max_test_samples]
     return {
-        "task_accuracy": [exact_accuracy(model, vocab, t.test) for t in tasks],
+        "task_accuracy": [exact_accuracy(model, world.format, t.test) for t in tasks],
         "constrained_task_accuracy": [
-            constrained_accuracy(model, vocab, t.test, t.answers) for t in tasks
+            constrained_accuracy(model, world.format, t.test, t.answers) for t in tasks
         ],
         "captioning_accuracy": world.captioning_accuracy(model, test),
         "generation_accuracy": world.generation_accuracy(codes, labels),
         "frechet_distance": world.frechet_distance(codes),
         "image_nll": world.image_nll(model, test),
     }, grid
-
-
-def save_stage(
-    folder: Path, stage: dict, model, method, arrays: dict[str, Any] | None = None
-) -> None:
-    """Write one finished stage as a whole: a crash leaves it either complete or absent.
-
-    ``arrays`` maps file names to what they hold: ``.npy`` numpy arrays, ``.pt`` tensors.
-    """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    save_adapters(model, tmp / "adapters")
-    torch.save(method.state_dict(), tmp / "method.pt")
-    for name, value in (arrays or {}).items():
-        np.save(tmp / name, value) if name.endswith(".npy") else torch.save(value, tmp / name)
-    (tmp / "stage.json").write_text(json.dumps(stage))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-
-def load_stage(folder: Path, model, method) -> None:
-    """Put a finished stage's adapters and method state back, to resume after it."""
-    load_adapters(model, folder / "adapters")
-    method.load_state_dict(torch.load(folder / "method.pt", weights_only=False))
-
-
-def resumable(
-    folder: Path, tasks: list[Task], model: torch.nn.Module, method: Method
-) -> Iterator[tuple[int, Task, Path, dict[str, Any] | None]]:
-    """Each task's (k, task, stage dir, its saved entry, or None when it is to be run).
-
-    Before the first stage to run, the last finished stage's adapters and method state are
-    put back into ``model`` and ``method``.
-    """
-    last = None
-    for k, task in enumerate(tasks):
-        stage_dir = folder / f"stage{k + 1}"
-        if (stage_dir / "stage.json").exists():
-            last = stage_dir
-            yield k, task, stage_dir, json.loads((stage_dir / "stage.json").read_text())
-            continue
-        if last is not None:
-            load_stage(last, model, method)
-            last = None
-        yield k, task, stage_dir, None
 
 
 def run_method(

@@ -1,4 +1,4 @@
-"""The method registry: a method's name -> the module under ``modecl.methods`` defining it.
+"""The method registry: a method's name -> the module under ``modecl.core.methods`` defining it.
 
 Adding a method: write ``methods/<module>.py`` defining ``METHOD`` and add one line here.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import importlib
 
-from modecl.methods.base import Method
+from modecl.core.methods.base import Method
 
 REGISTRY = {
     "mode": "mode",
@@ -29,5 +29,5 @@ def get_method(name: str) -> Method:
     """A fresh instance of method ``name``; an unknown name lists the valid ones."""
     if name not in REGISTRY:
         raise ValueError(f"unknown method '{name}'; valid methods: {', '.join(METHOD_NAMES)}")
-    method = importlib.import_module(f"modecl.methods.{REGISTRY[name]}").METHOD
+    method = importlib.import_module(f"modecl.core.methods.{REGISTRY[name]}").METHOD
     return copy.deepcopy(method)

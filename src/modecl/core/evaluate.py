@@ -9,30 +9,24 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from modecl.adapters import has_adapters, lm_logits, pass_kind
-from modecl.generation import generate
-from modecl.scoring import score
-from modecl.sequences import (
-    DigitsFormat,
+from modecl.core.adapters import has_adapters, lm_logits, pass_kind
+from modecl.core.generation import generate
+from modecl.core.scoring import score
+from modecl.core.sequences import (
     DrawPair,
     Format,
-    answer_ids,
     collate,
-    draw_prompt,
     grow_mask,
     left_padded,
     padding_inputs,
-    understand_prompt,
 )
-from modecl.tasks import Sample, Task
-from modecl.vocab import Vocabulary
+from modecl.core.tasks import Sample, Task
 
 __all__ = [
     "DrawPair",
     "answer",
     "answer_log_likelihoods",
     "constrained_accuracy",
-    "draw",
     "exact_accuracy",
     "image_code_nll",
     "image_nll",
@@ -41,7 +35,7 @@ __all__ = [
 ]
 
 
-def _pass(model: torch.nn.Module, kind: str) -> AbstractContextManager:
+def pass_if_adapted(model: torch.nn.Module, kind: str) -> AbstractContextManager:
     """Tell attached adapters which pass runs (a host without adapters needs nothing)."""
     return pass_kind(model, kind) if has_adapters(model) else nullcontext()
 
@@ -65,7 +59,7 @@ def answer(
     out: list[str] = [""] * len(samples)
     for index, ids, mask in left_padded(prompts, fmt.pad_id, batch_size):
         padded = {} if mask is None else {"attention_mask": mask.to(model.device)}
-        with _pass(model, "understand"):
+        with pass_if_adapted(model, "understand"):
             tokens = generate(
                 model, ids.to(model.device), max_new_tokens, eos_id=fmt.eos_id, **padded
             )
@@ -74,11 +68,11 @@ def answer(
     return out
 
 
-def exact_accuracy(model: torch.nn.Module, vocab: Vocabulary, samples: Sequence[Sample]) -> float:
-    """Share of samples whose greedy answer equals the reference exactly (digits host)."""
+def exact_accuracy(model: torch.nn.Module, fmt: Format, samples: Sequence[Sample]) -> float:
+    """Share of samples whose greedy answer equals the reference exactly."""
     if not samples:
         return float("nan")
-    predicted = answer(model, DigitsFormat(vocab), samples)
+    predicted = answer(model, fmt, samples)
     return float(np.mean([p == s.answer for p, s in zip(predicted, samples, strict=True)]))
 
 
@@ -116,7 +110,7 @@ def _continuation_log_prob(
 @torch.no_grad()
 def answer_log_likelihoods(
     model: torch.nn.Module,
-    vocab: Vocabulary,
+    fmt: Format,
     samples: Sequence[Sample],
     candidates: Sequence[str],
     batch_size: int = 256,
@@ -126,12 +120,12 @@ def answer_log_likelihoods(
     Each batch of prompts runs once; every candidate continues from its KV cache.
     """
     scores = torch.empty(len(samples), len(candidates))
-    prompts = [understand_prompt(vocab, s.codes, s.question) for s in samples]
-    tails = [answer_ids(vocab, c) for c in candidates]
-    for index, ids, mask in left_padded(prompts, vocab.pad_id, batch_size):
+    prompts = [fmt.prompt(s) for s in samples]
+    tails = [fmt.answer_ids(c) for c in candidates]
+    for index, ids, mask in left_padded(prompts, fmt.pad_id, batch_size):
         cache = DynamicCache(config=model.config)
         padding = padding_inputs(mask, ids.shape[1])
-        with _pass(model, "understand"):
+        with pass_if_adapted(model, "understand"):
             out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **padding)
             first = out.logits[:, -1].float().log_softmax(-1)
             for c, tail in enumerate(tails):
@@ -140,48 +134,13 @@ def answer_log_likelihoods(
 
 
 def constrained_accuracy(
-    model: torch.nn.Module, vocab: Vocabulary, samples: Sequence[Sample], answers: Sequence[str]
+    model: torch.nn.Module, fmt: Format, samples: Sequence[Sample], answers: Sequence[str]
 ) -> float:
     """Accuracy when the answer is restricted to the task's answer set (most likely one)."""
     if not samples:
         return float("nan")
-    best = answer_log_likelihoods(model, vocab, samples, answers).argmax(-1)
+    best = answer_log_likelihoods(model, fmt, samples, answers).argmax(-1)
     return float(np.mean([answers[b] == s.answer for b, s in zip(best, samples, strict=True)]))
-
-
-@torch.no_grad()
-def draw(
-    model: torch.nn.Module,
-    vocab: Vocabulary,
-    prompts: Sequence[str],
-    *,
-    image_tokens: int,
-    temperature: float,
-    top_k: int,
-    seed: int,
-    batch_size: int = 256,
-) -> np.ndarray:
-    """Sample one image per text prompt: ``[len(prompts), image_tokens]`` codes.
-
-    The prompt ends with ``<boi>``; every sampled token is constrained to the image codes.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    ids = [[*draw_prompt(vocab, p), vocab.boi_id] for p in prompts]
-    out = np.zeros((len(prompts), image_tokens), dtype=np.int64)
-    for index, batch, mask in left_padded(ids, vocab.pad_id, batch_size):
-        with _pass(model, "draw"):
-            tokens = generate(
-                model,
-                batch,
-                image_tokens,
-                attention_mask=mask,
-                allowed_ids=vocab.image_code_ids,
-                temperature=temperature,
-                top_k=top_k,
-                generator=generator,
-            )
-        out[index] = tokens.numpy() - vocab.code_offset
-    return out
 
 
 @torch.no_grad()
@@ -214,7 +173,7 @@ def image_code_nll(
     """Summed teacher-forced NLL of the image codes of a collated draw batch (a draw pass,
     differentiable), and how many codes it covers."""
     batch = {k: v.to(model.device) for k, v in batch.items()}
-    with _pass(model, "draw"):
+    with pass_if_adapted(model, "draw"):
         logits = lm_logits(
             model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).float()

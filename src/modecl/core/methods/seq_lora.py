@@ -1,5 +1,5 @@
 """Plain LoRA fine-tuned through the sequence (SeqLoRA)."""
 
-from modecl.methods.base import Method
+from modecl.core.methods.base import Method
 
 METHOD = Method("seq-lora", kind="lora", policy="token", distill=False)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from modecl.sequences import grow_mask, padding_inputs
+from modecl.core.sequences import grow_mask, padding_inputs
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """MoDE, every token routed by its own modality, with distillation."""
 
-from modecl.methods.base import Method
+from modecl.core.methods.base import Method
 
 METHOD = Method("mode", kind="mode", policy="token", distill=True)

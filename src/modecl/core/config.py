@@ -8,8 +8,6 @@ path (``pretrain.epochs``), before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import tomllib
 import types
 import typing
@@ -20,79 +18,6 @@ from typing import Any, TypeVar
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid."""
-
-
-@dataclass
-class DataConfig:
-    seed: int = 0  # the one fixed split; independent of the run seed
-    pretrain_fraction: float = 0.6
-    train_fraction: float = 0.2  # continual-learning train pool; the rest is the test pool
-    val_fraction: float = 0.15  # share of the pre-training pool held out for validation
-
-
-@dataclass
-class CodebookConfig:
-    codes: int = 64
-    seed: int = 0
-
-
-@dataclass
-class ModelConfig:
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_layers: int = 4
-    num_heads: int = 4
-    max_positions: int = 64
-
-
-@dataclass
-class PretrainConfig:
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.05
-    preview_digits: list[int] = field(default_factory=lambda: [0, 1, 2])
-    preview_per_task: int = 120  # preview samples drawn per task per epoch
-    caption_copies: int = 2  # augmented captioning copies of each image per epoch
-    shift_prob: float = 0.8  # captioning inputs only: random 1-pixel shift
-    noise_std: float = 1.0  # captioning inputs only: pixel noise (pixel range 0..16)
-    eval_from_epoch: int = 20  # validation-based checkpoint selection starts here
-    eval_every: int = 2
-    ema_decay: float = 0.995  # per step
-
-
-@dataclass
-class GenerationConfig:
-    temperature: float = 0.7
-    top_k: int = 8
-    samples_per_digit: int = 20
-
-
-@dataclass
-class GateConfig:
-    captioning: float = 0.95
-    generation: float = 0.90
-
-
-@dataclass
-class DigitsConfig:
-    """Everything that defines the embedded digits host model (its cache key)."""
-
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    codebook: CodebookConfig = field(default_factory=CodebookConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    gate: GateConfig = field(default_factory=GateConfig)
-    spatial_margin: float = 0.1  # |top - bottom| ink below this share of all ink: ambiguous
-
-    def cache_key(self) -> str:
-        """Hash of what determines the pre-trained weights (not gate or sampling)."""
-        keyed = {k: v for k, v in to_dict(self).items() if k not in ("gate", "generation")}
-        blob = json.dumps(keyed, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 T = TypeVar("T")
@@ -220,7 +145,7 @@ class EWCSettings:
 
 @dataclass
 class MonitorSettings:
-    """The gradient-conflict monitor (:mod:`modecl.conflict`)."""
+    """The gradient-conflict monitor (:mod:`modecl.core.conflict`)."""
 
     enabled: bool = True
     every: int = 10  # monitor one training step in this many; each costs about two probe passes
@@ -237,71 +162,3 @@ class ContinualSettings:
     replay: ReplaySettings = field(default_factory=ReplaySettings)
     ewc: EWCSettings = field(default_factory=EWCSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
-
-
-@dataclass
-class EvalSettings:
-    samples_per_digit: int = 20  # drawn images per digit for generation accuracy and FD
-    grid_per_digit: int = 2  # drawn images per digit kept for the report's picture grid
-    max_test_samples: int | None = None  # per task; None = the whole test pool
-
-
-@dataclass
-class RunConfig:
-    """A benchmark run: host model, task sequence, methods, and the shared recipe."""
-
-    host: DigitsConfig = field(default_factory=DigitsConfig)
-    tasks: list[str] = field(
-        default_factory=lambda: ["parity", "comparison", "arithmetic", "mirrored", "spatial"]
-    )
-    methods: list[str] = field(
-        default_factory=lambda: [
-            "seq-lora",
-            "moe-lora",
-            "lwf",
-            "replay",
-            "ewc",
-            "mode",
-            "mode-task",
-            "mode-sample",
-            "mode-no-kd",
-            "mode-text-lora",
-        ]
-    )
-    seeds: int = 1
-    continual: ContinualSettings = field(default_factory=ContinualSettings)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-
-
-@dataclass
-class HostSettings:
-    """How `modecl train` loads a transformers host and reads images."""
-
-    dtype: str = "auto"  # "auto": bfloat16 on a GPU, float32 on CPU; or "float32", "bfloat16"
-    image_size: int | None = None  # resize images to this square; None: the host's processor
-    gradient_checkpointing: bool = False
-    tokenize_batch_size: int = 16  # images per VQ-tokenizer batch
-
-
-@dataclass
-class HostEvalSettings:
-    """What `modecl train` measures after every task."""
-
-    max_new_tokens: int = 16  # greedy answer length limit
-    batch_size: int = 16
-    max_test_samples: int | None = None  # per task; None = all
-    draws: int = 8  # test pairs of the pairs file drawn per stage (image generation)
-    temperature: float = 1.0
-    top_k: int = 0
-    clip_model: str | None = None  # a local CLIP directory (save_pretrained); None: no CLIP
-
-
-@dataclass
-class TrainConfig:
-    """`modecl train`: continual training of a transformers host on JSONL tasks."""
-
-    seed: int = 0
-    continual: ContinualSettings = field(default_factory=ContinualSettings)
-    host: HostSettings = field(default_factory=HostSettings)
-    eval: HostEvalSettings = field(default_factory=HostEvalSettings)
-    scoring: dict[str, str] = field(default_factory=dict)  # task name -> rule (overrides files)

@@ -1,11 +1,11 @@
 """`modecl train`: one method through a sequence of JSONL tasks on a transformers host.
 
-The same loop as the digits benchmark (:func:`modecl.train.train_task`), on a Chameleon /
+The same loop as the digits benchmark (:func:`modecl.core.train.train_task`), on a Chameleon /
 Anole or Emu3 checkpoint loaded with `from_pretrained`. After every task it measures every
 task's test split (the accuracy matrix, forgetting, BWT) and, with a pairs file, the
 inter-modal side: the image-token NLL of its test pairs and images drawn from their
 captions (PNG where the host has a VQ decoder, CLIP-scored when a CLIP model is given);
-in one process, the gradient-conflict monitor (:mod:`modecl.conflict`) probes the same
+in one process, the gradient-conflict monitor (:mod:`modecl.core.conflict`) probes the same
 test pairs when `continual.monitor.enabled`.
 
 Layout of an out dir::
@@ -41,21 +41,22 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-from modecl.adapters import attach_adapters, enable_gradient_checkpointing
-from modecl.clip_score import ClipAlignment, clip_alignment
-from modecl.config import ConfigError, TrainConfig, to_dict
-from modecl.conflict import ConflictMonitor, summarize_conflict
-from modecl.evaluate import answer, image_nll_terms, scored_accuracy
-from modecl.files import write_atomic
-from modecl.hf_host import decode_image, draw_image_tokens, image_grid, save_png
-from modecl.hf_tasks import HostFormat, ImageTokenizer, Pairs, load_image_task, load_pairs
-from modecl.methods import METHOD_NAMES, get_method
-from modecl.metrics import summarize
-from modecl.report import write_train_report
-from modecl.run import peak_memory_mb, resumable, save_stage
-from modecl.sequences import left_padded
-from modecl.tasks import Task
-from modecl.train import train_task
+from modecl.core.adapters import attach_adapters, enable_gradient_checkpointing
+from modecl.core.config import ConfigError, to_dict
+from modecl.core.conflict import ConflictMonitor, summarize_conflict
+from modecl.core.evaluate import answer, image_nll_terms, scored_accuracy
+from modecl.core.files import write_atomic
+from modecl.core.methods import METHOD_NAMES, get_method
+from modecl.core.metrics import summarize
+from modecl.core.report import write_train_report
+from modecl.core.runner import peak_memory_mb, resumable, save_stage
+from modecl.core.sequences import left_padded
+from modecl.core.tasks import Task
+from modecl.core.train import train_task
+from modecl.hosts.clip import ClipAlignment, clip_alignment
+from modecl.hosts.config import TrainConfig
+from modecl.hosts.host import decode_image, draw_image_tokens, image_grid, save_png
+from modecl.hosts.tasks import HostFormat, ImageTokenizer, Pairs, load_image_task, load_pairs
 
 SCHEMA = "modecl.train/1"
 

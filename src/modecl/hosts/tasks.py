@@ -9,15 +9,15 @@ A task file holds one sample per line (blank lines skipped)::
 
 `image` is a path relative to the file's folder. `options` (multiple choice) are only used
 to score: write them into the question as the model should see them. `scoring` is a rule
-of :mod:`modecl.scoring`, the same on every line; without it a task scores `choice` when
+of :mod:`modecl.core.scoring`, the same on every line; without it a task scores `choice` when
 it has options, else `exact`. A distillation / generation file holds (caption, image) pairs::
 
     {"caption": "a red circle", "image": "img/0003.png", "split": "train"}
 
 `split` is optional there: `train` pairs (the default) feed the distillation stream,
 `test` pairs the image-generation evaluation. Images become codes through the host's own VQ
-tokenizer (:func:`modecl.hf_host.image_tokens`), each image file once. Reading is
-all-or-nothing: a bad line raises :class:`~modecl.tasks.TaskFileError` naming the file, the
+tokenizer (:func:`modecl.hosts.host.image_tokens`), each image file once. Reading is
+all-or-nothing: a bad line raises :class:`~modecl.core.tasks.TaskFileError` naming the file, the
 line and the field, and nothing is returned.
 """
 
@@ -36,8 +36,12 @@ from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
-from modecl.files import write_atomic
-from modecl.hf_host import (
+from modecl.core.files import write_atomic
+from modecl.core.modality import image_mask, image_token_ids
+from modecl.core.scoring import RULES, normalize, score
+from modecl.core.sequences import IGNORE, DrawPair, Example
+from modecl.core.tasks import Sample, Task, TaskFileError, read_jsonl
+from modecl.hosts.host import (
     ImageVocabulary,
     bos_ids,
     image_span,
@@ -45,18 +49,13 @@ from modecl.hf_host import (
     image_vocabulary,
     load_image,
 )
-from modecl.modality import image_mask, image_token_ids
-from modecl.scoring import RULES, normalize, score
-from modecl.sequences import DrawPair, Example
-from modecl.tasks import Sample, Task, TaskFileError, read_jsonl
-from modecl.vocab import IGNORE
 
 __all__ = ["HostFormat", "ImageTokenizer", "Pairs", "load_image_task", "load_pairs"]
 
 
 @dataclass(frozen=True)
 class HostFormat:
-    """The token format of a Chameleon / Emu3 host (:class:`modecl.sequences.Format`)::
+    """The token format of a Chameleon / Emu3 host (:class:`modecl.core.sequences.Format`)::
 
     understand  BOS <image span> question | answer EOS
     draw        BOS caption <span head>   | codes and span markers EOS

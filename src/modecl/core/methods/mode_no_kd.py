@@ -1,5 +1,5 @@
 """Ablation: MoDE without distillation."""
 
-from modecl.methods.base import Method
+from modecl.core.methods.base import Method
 
 METHOD = Method("mode-no-kd", kind="mode", policy="token", distill=False)

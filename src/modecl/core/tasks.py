@@ -1,0 +1,82 @@
+"""Tasks: named sets of (image, question, answer) samples with train and test splits.
+
+A world builds them: the digits benchmark's built-in tasks, or a transformers host's task
+files. :func:`read_jsonl` is the one checked reader of JSONL files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One question about one image. ``codes`` is the tokenized image (VQ codes)."""
+
+    codes: tuple[int, ...]
+    question: str
+    answer: str
+    label: int | None = None  # the source class, when known (analyses only)
+    index: int | None = None  # the source image's index in its image set, when known
+    options: tuple[str, ...] | None = None  # a multiple-choice question's options
+
+
+@dataclass
+class Task:
+    """A continual-learning task; ``answers`` is its answer set (for constrained scoring).
+
+    ``scoring`` is the rule that judges a generated answer (:mod:`modecl.core.scoring`).
+    """
+
+    name: str
+    answers: tuple[str, ...]
+    train: list[Sample] = field(default_factory=list)
+    test: list[Sample] = field(default_factory=list)
+    scoring: str = "exact"
+
+
+class TaskFileError(ValueError):
+    """A task file is malformed; the message names the file, the line and the field."""
+
+
+def read_jsonl(
+    path: Path, required: Sequence[str], optional: Sequence[str] = (), text: Sequence[str] = ()
+) -> Iterator[tuple[str, dict]]:
+    """(where, record) per non-blank line of a JSONL file: objects with known fields only.
+
+    `where` ("file:line: ") prefixes any error about the line. Every `required` field is
+    present, and every `text` field that is present is a non-empty string.
+    """
+    if not path.is_file():
+        raise TaskFileError(f"{path}: file not found")
+    known = (*required, *optional)
+    with path.open(encoding="utf-8") as lines:
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}: "
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                message = f"{where}invalid JSON: {err.msg} (column {err.colno})"
+                raise TaskFileError(message) from None
+            if not isinstance(record, dict):
+                raise TaskFileError(f"{where}expected a JSON object, got {type(record).__name__}")
+            for key in record:
+                if key not in known:
+                    raise TaskFileError(
+                        f"{where}field '{key}': unknown field; the fields are {', '.join(known)}"
+                    )
+            for key in required:
+                if key not in record:
+                    raise TaskFileError(f"{where}field '{key}': missing")
+            for key in text:
+                value = record.get(key, "x")
+                if not isinstance(value, str) or not value.strip():
+                    raise TaskFileError(
+                        f"{where}field '{key}': expected a non-empty string, got {value!r}"
+                    )
+            yield where, record
