@@ -58,7 +58,6 @@ def main() -> None:
 
     def train(name: str, every: int | None) -> dict:
         method = get_method(name)
-        method.setup(settings)
         model = copy.deepcopy(host.model)
         torch.manual_seed(0)
         attach_adapters(model, method.adapter_config(settings))

@@ -41,7 +41,6 @@ def train(accelerator, method_name: str = "mode") -> dict:
     """Task and KD losses of 3 steps of a method on 18 samples, adapters before and after."""
     model = tiny_chameleon()
     method = get_method(method_name)
-    method.setup(SETTINGS)
     torch.manual_seed(0)
     attach_adapters(model, method.adapter_config(SETTINGS))
     fmt = HostFormat.from_model(model, tokenizer())
@@ -63,7 +62,8 @@ def train(accelerator, method_name: str = "mode") -> dict:
         accelerator=accelerator,
     )
     trained = adapter_state_dict(model)
-    return {"loss": log["loss"], "kd": log["kd"], "init": init, "adapters": trained}
+    kd = log["terms"].get("kd", [])
+    return {"loss": log["loss"], "kd": kd, "init": init, "adapters": trained}
 
 
 if __name__ == "__main__":

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-import modecl.digits.bench
+import modecl.core.runner
 from modecl.core.config import ConfigError, from_dict, load_toml
 from modecl.core.report import write_report
+from modecl.core.results import Results, read_results
 from modecl.digits.bench import run_benchmark
 from modecl.digits.config import RunConfig
+from modecl.digits.pretrain import GateError
 from tests.conftest import TINY
 
 TASKS = ["parity", "spatial"]
@@ -34,15 +37,16 @@ def tiny_run(**overrides) -> RunConfig:
     return from_dict(RunConfig, data | overrides)
 
 
-def without_cost(results: dict) -> dict:
+def without_cost(results: Results) -> dict:
     """Results minus what legitimately differs between two runs: timing, memory, cache."""
-    results = json.loads(json.dumps(results))
-    results.pop("host")
-    for entry in results["methods"].values():
-        for stage in entry["stages"]:
-            for key in ("wall_seconds", "peak_memory_mb", "train_seconds"):
-                stage.pop(key)
-    return results
+    tree = json.loads(json.dumps(dataclasses.asdict(results)))
+    tree["world"].pop("host")
+    for seed in [*tree["per_seed"], tree["mean"]]:
+        for entry in seed["methods"].values():
+            for stage in entry["stages"]:
+                for key in ("wall_seconds", "peak_memory_mb", "train_seconds"):
+                    stage.pop(key)
+    return tree
 
 
 @pytest.fixture(scope="module")
@@ -58,37 +62,34 @@ def full_run(tmp_path_factory, cache):
 
 def test_results_schema(full_run):
     out, results = full_run
-    on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk == json.loads(json.dumps(results))
-    assert results["schema"] == "modecl.results/1" and results["quick"] is False
-    assert results["tasks"] == TASKS and results["seed"] == 0
-    assert set(results["judge"]) == {"real_accuracy", "reconstructed_accuracy"}
-    pre = results["pretrained"]
-    assert len(pre["task_accuracy"]) == len(TASKS)
+    assert read_results(out / "results.json") == results
+    assert results.schema == "modecl.results/2" and results.front == "bench"
+    assert results.quick is False and results.tasks == TASKS and results.seeds == [0]
+    assert results.std is None and results.mean == results.per_seed[0]
+    assert set(results.world["judge"]) == {"real_accuracy", "reconstructed_accuracy"}
+    pre = results.mean.pretrained
+    assert len(pre.task_accuracy) == len(TASKS) == len(pre.constrained_task_accuracy)
     for key in ("captioning_accuracy", "generation_accuracy", "frechet_distance", "image_nll"):
-        assert isinstance(pre[key], float)
-    assert set(results["methods"]) == set(METHODS)
-    for entry in results["methods"].values():
-        for key in ("accuracy_matrix", "constrained_accuracy_matrix"):
-            assert len(entry[key]) == len(TASKS)
-            assert all(len(row) == len(TASKS) for row in entry[key])
-            assert all(0.0 <= v <= 1.0 for row in entry[key] for v in row)
+        assert isinstance(pre.measures[key], float)
+    assert set(results.mean.methods) == set(METHODS)
+    for entry in results.mean.methods.values():
+        for matrix in (entry.accuracy_matrix, entry.constrained_accuracy_matrix):
+            assert len(matrix) == len(TASKS)
+            assert all(len(row) == len(TASKS) for row in matrix)
+            assert all(0.0 <= v <= 1.0 for row in matrix for v in row)
         for key in ("final_average_accuracy", "average_forgetting", "bwt", "gain_kept"):
-            assert key in entry and f"constrained_{key}" in entry
-        assert [s["task"] for s in entry["stages"]] == TASKS
-        for stage in entry["stages"]:
-            for key in (
-                "captioning_accuracy",
-                "generation_accuracy",
-                "frechet_distance",
-                "image_nll",
-                "wall_seconds",
-                "peak_memory_mb",
-            ):
-                assert isinstance(stage[key], float), key
-            conflict = stage["conflict"]
+            assert key in entry.summary and f"constrained_{key}" in entry.summary
+        assert entry.summary["constrained_final_average_accuracy"] is not None
+        assert [s.task for s in entry.stages] == TASKS
+        for stage in entry.stages:
+            for key in ("captioning_accuracy", "generation_accuracy", "frechet_distance"):
+                assert isinstance(stage.measures[key], float), key
+            assert isinstance(stage.wall_seconds, float) and stage.peak_memory_mb > 0
+            assert len(stage.losses["ce"]) == 2
+            conflict = stage.conflict
             assert conflict["steps"] == 1 and isinstance(conflict["mean_cosine"], float)
             assert conflict["correlation"] is None  # one monitored step: undefined
+    assert "kd" in results.mean.methods["mode"].stages[0].losses
     lines = [json.loads(line) for line in (out / "conflict.jsonl").read_text().splitlines()]
     assert len(lines) == len(METHODS) * len(TASKS)
     assert {(s["method"], s["stage"], s["step"]) for s in lines} == {
@@ -98,7 +99,7 @@ def test_results_schema(full_run):
 
 def test_resume_after_a_crash_gives_the_same_results(full_run, tmp_path, cache, monkeypatch):
     _, uninterrupted = full_run
-    real_train = modecl.digits.bench.train_task
+    real_train = modecl.core.runner.train_task
     calls = {"n": 0}
 
     def crashing_train(*args, **kwargs):
@@ -107,11 +108,12 @@ def test_resume_after_a_crash_gives_the_same_results(full_run, tmp_path, cache, 
             raise KeyboardInterrupt("simulated crash")
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(modecl.digits.bench, "train_task", crashing_train)
+    monkeypatch.setattr(modecl.core.runner, "train_task", crashing_train)
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(tiny_run(), tmp_path, cache_dir=cache, progress=False)
     assert not (tmp_path / "results.json").exists()
-    finished = sorted(p.parent.name + "/" + p.name for p in tmp_path.glob("checkpoints/*/*/stage*"))
+    stages = tmp_path.glob("checkpoints/*/*/stage*/stage.json")
+    finished = sorted(p.parent.parent.name + "/" + p.parent.name for p in stages)
     assert finished == ["mode/stage1", "seq-lora/stage1", "seq-lora/stage2"]
     calls["n"] = -100  # no more crashes
     resumed = run_benchmark(tiny_run(), tmp_path, cache_dir=cache, progress=False)
@@ -127,11 +129,11 @@ def test_report_is_rebuilt_from_saved_results(full_run):
     for name in METHODS:
         assert f"## {name}" in report
         assert (out / "figures" / f"samples_{name}.png").stat().st_size > 1000
-    figures = ("accuracy_matrices", "constrained_accuracy_matrices", "generation_accuracy")
+    figures = ("accuracy_matrices", "constrained_accuracy_matrices", "generation", "losses")
     for figure in (*figures, "conflict"):
         assert (out / "figures" / f"{figure}.png").exists()
     assert "## Gradient conflict" in report
-    final = results["methods"]["mode"]["final_average_accuracy"]
+    final = results.mean.methods["mode"].summary["final_average_accuracy"]
     assert f"| mode | {final:.3f} |" in report
 
 
@@ -139,15 +141,15 @@ def test_multi_seed_results_hold_each_seed_and_mean_std(tmp_path, cache):
     results = run_benchmark(
         tiny_run(methods=["seq-lora"], seeds=2), tmp_path, cache_dir=cache, progress=False
     )
-    assert results["seed"] == [0, 1] and len(results["per_seed"]) == 2
+    assert results.seeds == [0, 1] and len(results.per_seed) == 2
     values = [
-        r["methods"]["seq-lora"]["stages"][-1]["generation_accuracy"] for r in results["per_seed"]
+        r.methods["seq-lora"].stages[-1].measures["generation_accuracy"] for r in results.per_seed
     ]
-    entry = results["methods"]["seq-lora"]
-    assert entry["stages"][-1]["generation_accuracy"] == pytest.approx(sum(values) / 2)
-    assert entry["std"]["stages"][-1]["generation_accuracy"] == pytest.approx(
-        abs(values[0] - values[1]) / 2**0.5
-    )
+    assert results.mean.seed is None
+    entry = results.mean.methods["seq-lora"]
+    assert entry.stages[-1].measures["generation_accuracy"] == pytest.approx(sum(values) / 2)
+    spread = results.std["methods"]["seq-lora"]["stages"][-1]["measures"]["generation_accuracy"]
+    assert spread == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
 
 
 @pytest.mark.parametrize(
@@ -155,6 +157,8 @@ def test_multi_seed_results_hold_each_seed_and_mean_std(tmp_path, cache):
     [
         ('methods = ["seq-lora", "modee"]', r"unknown method\(s\) \['modee'\]"),
         ('tasks = ["parity", "colour"]', r"unknown task\(s\) \['colour'\]"),
+        ('methods = ["seq-lora", "seq-lora"]', r"methods repeat"),
+        ("methods = []", r"at least one method"),
         ("[continual.train]\nepochs = 'ten'", r"continual\.train\.epochs: expected int"),
         ("[continual.train]\nepoch = 3", r"unknown key 'continual\.train\.epoch'"),
     ],
@@ -169,21 +173,33 @@ def test_config_errors_stop_before_any_training(tmp_path, text, message):
 
 
 def test_a_run_extends_with_more_methods_but_refuses_another_recipe(tmp_path, cache, monkeypatch):
-    real_train = modecl.digits.bench.train_task
+    real_train = modecl.core.runner.train_task
     calls = []
 
     def counting_train(model, vocab, method, *args, **kwargs):
         calls.append(method.name)
         return real_train(model, vocab, method, *args, **kwargs)
 
-    monkeypatch.setattr(modecl.digits.bench, "train_task", counting_train)
+    monkeypatch.setattr(modecl.core.runner, "train_task", counting_train)
     run_benchmark(tiny_run(methods=["seq-lora"]), tmp_path, cache_dir=cache, progress=False)
     extended = run_benchmark(
         tiny_run(methods=["seq-lora", "lwf"]), tmp_path, cache_dir=cache, progress=False
     )
     assert calls == ["seq-lora"] * len(TASKS) + ["lwf"] * len(TASKS)
-    assert set(extended["methods"]) == {"seq-lora", "lwf"}
+    assert set(extended.mean.methods) == {"seq-lora", "lwf"}
     other = tiny_run(methods=["seq-lora"])
     other.continual.train.lr *= 2
-    with pytest.raises(ConfigError, match="another configuration"):
+    with pytest.raises(ConfigError, match="other settings"):
         run_benchmark(other, tmp_path, cache_dir=cache, progress=False)
+
+
+def test_a_failed_gate_leaves_the_out_dir_unclaimed(tmp_path, cache):
+    """The run key is written only once the host passed its gate: a corrected rerun runs."""
+    strict = tiny_run(methods=["seq-lora"])
+    strict.host.gate.captioning = 1.1  # no host can pass
+    with pytest.raises(GateError):
+        run_benchmark(strict, tmp_path, cache_dir=cache, progress=False)
+    assert not (tmp_path / "run.json").exists()
+    relaxed = tiny_run(methods=["seq-lora"])
+    relaxed.host.gate.captioning = 0.0
+    assert run_benchmark(relaxed, tmp_path, cache_dir=cache, progress=False).tasks == TASKS

@@ -11,7 +11,8 @@ from modecl.core.config import ContinualSettings, from_dict
 from modecl.core.methods import METHOD_NAMES, get_method
 from modecl.core.sequences import IGNORE, DrawPair, collate, next_token_loss
 from modecl.core.tasks import Task
-from modecl.core.train import distill_loss, train_task, understand_loss
+from modecl.core.methods.distillation import distill_loss
+from modecl.core.train import train_task, understand_loss
 from modecl.digits.format import understand_example
 from modecl.digits.model import build_model
 from modecl.digits.tasks import DRAW_PROMPT
@@ -108,7 +109,6 @@ def test_kd_is_zero_at_init_and_the_teacher_is_the_host_without_a_copy(world, pa
 def test_every_method_trains_two_tasks_end_to_end(world, two_tasks, pairs, name):
     model = fresh_model(world)
     method = get_method(name)
-    method.setup(SETTINGS)
     attach_adapters(model, method.adapter_config(SETTINGS))
     host = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -117,7 +117,7 @@ def test_every_method_trains_two_tasks_end_to_end(world, two_tasks, pairs, name)
             model, world.format, method, task, SETTINGS, draw_pairs=pairs, seed=k, progress=False
         )
         assert len(log["loss"]) == 2 and all(np.isfinite(log["loss"]))
-        assert bool(log["kd"]) == method.distill
+        assert bool(log["terms"].get("kd")) == method.needs_pairs
     for n, p in model.named_parameters():
         if n in host:
             assert torch.equal(p, host[n]), f"host weight {n} changed"
@@ -135,15 +135,20 @@ def test_unknown_method_lists_the_valid_ones():
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance(world, two_tasks):
     model = fresh_model(world)
     method = get_method("ewc")
-    method.setup(SETTINGS)
+    method.configure(SETTINGS)
     attach_adapters(model, method.adapter_config(SETTINGS))
-    assert method.penalty(model) is None
+
+    def penalty(model):
+        loss, weight = method.loss_terms(model, world.format, None)["ewc"]
+        return weight * loss
+
+    assert method.loss_terms(model, world.format, None) == {}
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.1)
     method.after_task(model, two_tasks[0], lambda m, s: understand_loss(m, world.format, s), 0)
-    assert method.penalty(model).item() == 0.0
+    assert penalty(model).item() == 0.0
     trained = [p for p in model.parameters() if p.requires_grad]
     values = []
     for step in (0.01, 0.1, 1.0):
@@ -151,7 +156,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance(world, two_ta
             saved = [p.clone() for p in trained]
             for p in trained:
                 p.add_(step)
-            values.append(method.penalty(model).item())
+            values.append(penalty(model).item())
             for p, s in zip(trained, saved, strict=True):
                 p.copy_(s)
     assert 0 < values[0] < values[1] < values[2]
@@ -159,7 +164,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance(world, two_ta
 
 def test_replay_batches_contain_old_tasks_samples(world, two_tasks):
     method = get_method("replay")
-    method.setup(SETTINGS)
+    method.configure(SETTINGS)
     rng = np.random.default_rng(0)
     first, second = two_tasks
     batch = second.train[:4]

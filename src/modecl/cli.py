@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 
 from modecl.core.config import ConfigError, load_toml
-from modecl.core.report import headline_rows, write_report, write_train_report
+from modecl.core.report import headline_rows, write_report
 from modecl.core.tasks import TaskFileError
 from modecl.digits.bench import quick as quick_config
 from modecl.digits.bench import run_benchmark, validate
@@ -72,8 +71,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     config = load_toml(RunConfig, args.config)
-    if args.methods:
-        config.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods is not None:
+        config.methods = parse_methods(args.methods)
     if args.seeds is not None:
         config.seeds = args.seeds
     if args.quick:
@@ -89,30 +88,39 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"done in {time.perf_counter() - args.start:.1f} s")
 
 
+def parse_methods(text: str) -> list[str]:
+    """``--methods a,b``: the names, stripped; empty entries and repeats are refused later."""
+    return [m.strip() for m in text.split(",")] if text.strip() else []
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     # Imported here: the digits commands need neither accelerate's nor the hosts' machinery.
     from accelerate import PartialState
 
-    from modecl.hosts.run import train_run
+    from modecl.hosts.world import train_run
 
+    if args.method and args.methods:
+        raise ConfigError("give --method or --methods, not both")
+    methods = parse_methods(args.methods) if args.methods is not None else [args.method or "mode"]
     config = load_toml(TrainConfig, args.config)
     results = train_run(
-        args.model, args.tasks, args.method, args.out, kd_data=args.kd_data, config=config
+        args.model,
+        args.tasks,
+        methods,
+        args.out,
+        kd_data=args.kd_data,
+        config=config,
+        seeds=args.seeds,
     )
     if PartialState().is_main_process:  # the one process that wrote the results
-        print(f"results in {args.out / 'results.json'}, report {args.out / 'report.md'}")
-        print(
-            f"final average accuracy {results['final_average_accuracy']:.3f}, "
-            f"done in {time.perf_counter() - args.start:.1f} s"
-        )
+        report = write_report(args.out)
+        print(f"results in {args.out / 'results.json'}, report {report}")
+        print("\n".join(headline_rows(results)))
+        print(f"done in {time.perf_counter() - args.start:.1f} s")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    results = args.dir / "results.json"
-    if not results.exists():
-        raise ConfigError(f"{results}: not found")
-    train_run = json.loads(results.read_text()).get("schema", "").startswith("modecl.train")
-    print(f"report written: {(write_train_report if train_run else write_report)(args.dir)}")
+    print(f"report written: {write_report(args.dir)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--model", required=True, help="local directory or hub id (from_pretrained)")
     t.add_argument("--tasks", type=Path, nargs="+", required=True, help="JSONL task files")
-    t.add_argument("--method", required=True, help="one method name (e.g. mode, seq-lora)")
+    t.add_argument("--method", help="one method name (default: mode)")
+    t.add_argument("--methods", help="comma-separated method names, e.g. mode,seq-lora")
+    t.add_argument("--seeds", type=int, default=1, help="repeat over N seeds (mean ± std)")
     t.add_argument("--out", type=Path, required=True, help="run directory (resumes if present)")
     t.add_argument("--kd-data", type=Path, help="JSONL (caption, image) pairs")
     t.add_argument("--config", type=Path, help="TOML TrainConfig (default: built-in)")

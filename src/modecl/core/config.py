@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from modecl.core.methods.distillation import DistillSettings
+from modecl.core.methods.ewc import EWCSettings
+from modecl.core.methods.replay import ReplaySettings
+
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid."""
@@ -118,29 +122,6 @@ class TrainSettings:
     weight_decay: float = 0.0
     grad_clip: float = 10.0
     max_train_samples: int | None = None  # per task; None = all
-
-
-@dataclass
-class DistillSettings:
-    weight: float = 0.3  # lambda
-    temperature: float = 2.0
-    top_k: int = 256
-    average_over: str = "image"  # "image" (default), "attended", or "all" (the paper's code)
-    batch_size: int = 16  # image-generation pairs beside each task batch
-    chunk_size: int = 1024
-
-
-@dataclass
-class ReplaySettings:
-    buffer_size: int = 100  # samples kept over all earlier tasks, equal share per task
-    per_batch: int = 8  # buffer samples mixed into each task batch
-
-
-@dataclass
-class EWCSettings:
-    weight: float = 1000.0
-    fisher_batches: int = 16
-    fisher_batch_size: int = 8
 
 
 @dataclass

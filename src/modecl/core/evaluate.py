@@ -26,7 +26,9 @@ __all__ = [
     "DrawPair",
     "answer",
     "answer_log_likelihoods",
+    "answer_set",
     "constrained_accuracy",
+    "constrained_choices",
     "exact_accuracy",
     "image_code_nll",
     "image_nll",
@@ -133,14 +135,50 @@ def answer_log_likelihoods(
     return scores
 
 
+def answer_set(task: Task, sample: Sample) -> tuple[str, ...] | None:
+    """The closed set ``sample``'s answer is chosen from: its options, else the task's
+    declared answers; None for an open-ended question."""
+    return sample.options or task.answers or None
+
+
+def constrained_choices(
+    model: torch.nn.Module,
+    fmt: Format,
+    samples: Sequence[Sample],
+    answer_sets: Sequence[tuple[str, ...]],
+    batch_size: int = 256,
+) -> list[str]:
+    """Each sample's most likely answer among its answer set (the first on a tie)."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, candidates in enumerate(answer_sets):
+        groups.setdefault(candidates, []).append(i)
+    picks = [""] * len(samples)
+    for candidates, index in groups.items():
+        scores = answer_log_likelihoods(
+            model, fmt, [samples[i] for i in index], candidates, batch_size
+        )
+        for i, best in zip(index, scores.argmax(-1).tolist(), strict=True):
+            picks[i] = candidates[best]
+    return picks
+
+
 def constrained_accuracy(
-    model: torch.nn.Module, fmt: Format, samples: Sequence[Sample], answers: Sequence[str]
-) -> float:
-    """Accuracy when the answer is restricted to the task's answer set (most likely one)."""
-    if not samples:
-        return float("nan")
-    best = answer_log_likelihoods(model, fmt, samples, answers).argmax(-1)
-    return float(np.mean([answers[b] == s.answer for b, s in zip(best, samples, strict=True)]))
+    model: torch.nn.Module,
+    fmt: Format,
+    task: Task,
+    samples: Sequence[Sample],
+    batch_size: int = 256,
+) -> float | None:
+    """Accuracy when each answer is restricted to its answer set (:func:`answer_set`) and
+    picked by likelihood, scored by ``task.scoring``; None when a sample has no closed set."""
+    sets = [answer_set(task, s) for s in samples]
+    if not samples or any(s is None for s in sets):
+        return None if samples else float("nan")
+    picks = constrained_choices(model, fmt, samples, sets, batch_size)
+    hits = [
+        score(p, s.answer, task.scoring, s.options) for p, s in zip(picks, samples, strict=True)
+    ]
+    return float(np.mean(hits))
 
 
 @torch.no_grad()

@@ -1,4 +1,6 @@
-"""The report: Markdown tables and figures, built from ``results.json`` and ``samples.npz``."""
+"""The report: Markdown tables and figures, built from ``results.json`` (and ``samples.npz``,
+``conflict.jsonl``) of either front door. Sections appear when the run has their data:
+drawn-image grids, CLIP alignment, gradient conflict, constrained accuracy."""
 
 from __future__ import annotations
 
@@ -13,6 +15,25 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from modecl.core.files import write_atomic
+from modecl.core.results import Results, SeedResult, Stage, read_results
+
+# World measures shown as headline columns when a run has them: (label, key, digits).
+MEASURES = (
+    ("captioning", "captioning_accuracy", 3),
+    ("generation", "generation_accuracy", 3),
+    ("FD", "frechet_distance", 1),
+    ("image NLL", "image_nll", 3),
+    ("CLIP image", "clip_image_alignment", 3),
+    ("CLIP text", "clip_text_alignment", 3),
+)
+SUMMARY = (
+    ("final acc", "final_average_accuracy"),
+    ("forgetting", "average_forgetting"),
+    ("BWT", "bwt"),
+    ("gain kept", "gain_kept"),
+    ("constr. acc", "constrained_final_average_accuracy"),
+    ("constr. forg.", "constrained_average_forgetting"),
+)
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -22,126 +43,159 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def _fmt(mean: Any, std: Any = None, digits: int = 3) -> str:
-    if mean is None:
+    if mean is None or (isinstance(mean, float) and np.isnan(mean)):
         return "–"
     text = f"{mean:.{digits}f}"
     return f"{text} ± {std:.{digits}f}" if std is not None else text
 
 
-def _get(entry: dict, key: str, final: bool = False) -> tuple[Any, Any]:
-    """(mean, std) of a method entry's key, or of its final stage's key."""
-    std = entry.get("std")
-    if final:
-        return entry["stages"][-1][key], std["stages"][-1][key] if std else None
-    return entry[key], std[key] if std else None
+def _measures_present(results: Results) -> list[tuple[str, str, int]]:
+    """The world measures of this run that hold a number (pre-trained or after a stage)."""
+    stages = [results.mean.pretrained] + [
+        s for m in results.mean.methods.values() for s in m.stages
+    ]
+    return [c for c in MEASURES if any(s.measures.get(c[1]) is not None for s in stages)]
 
 
-def headline_rows(results: dict) -> list[str]:
-    pre = results["pretrained"]
-    columns = [
-        ("final acc", "final_average_accuracy", False),
-        ("forgetting", "average_forgetting", False),
-        ("BWT", "bwt", False),
-        ("gain kept", "gain_kept", False),
-        ("constr. acc", "constrained_final_average_accuracy", False),
-        ("constr. forg.", "constrained_average_forgetting", False),
-        ("captioning", "captioning_accuracy", True),
-        ("generation", "generation_accuracy", True),
-        ("FD", "frechet_distance", True),
-        ("image NLL", "image_nll", True),
-    ]
-    head = "| method | " + " | ".join(c[0] for c in columns) + " | gen. retention | time (s) |"
-    rows = [head, "|" + "---|" * (len(columns) + 3)]
-    pre_cells = ["–"] * 6 + [
-        _fmt(pre["captioning_accuracy"]),
-        _fmt(pre["generation_accuracy"]),
-        _fmt(pre["frechet_distance"], digits=1),
-        _fmt(pre["image_nll"]),
-    ]
-    rows.append("| pre-trained | " + " | ".join(pre_cells) + " | 1.000 | – |")
-    for name, entry in results["methods"].items():
+def headline_rows(results: Results) -> list[str]:
+    """The headline table: one row per method (mean ± std over seeds), the host first."""
+    mean, std = results.mean, results.std
+    measures = _measures_present(results)
+    head = [c[0] for c in SUMMARY] + [c[0] for c in measures]
+    generation = any(c[1] == "generation_accuracy" for c in measures)
+    head += ["gen. retention"] * generation + ["time (s)"]
+    rows = ["| method | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
+    pre = mean.pretrained.measures
+    cells = ["–"] * len(SUMMARY) + [_fmt(pre.get(k), digits=d) for _, k, d in measures]
+    cells += ["1.000"] * generation + ["–"]
+    rows.append("| pre-trained | " + " | ".join(cells) + " |")
+    for name, entry in mean.methods.items():
+        spread = std["methods"][name] if std else None
         cells = [
-            _fmt(*_get(entry, key, final), digits=1 if key == "frechet_distance" else 3)
-            for _, key, final in columns
+            _fmt(entry.summary[k], spread["summary"][k] if spread else None) for _, k in SUMMARY
         ]
-        generation = entry["stages"][-1]["generation_accuracy"]
-        retention = generation / pre["generation_accuracy"] if pre["generation_accuracy"] else None
-        seconds = sum(s["wall_seconds"] for s in entry["stages"])
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(retention)} | {seconds:.0f} |")
+        last = entry.stages[-1].measures
+        last_std = spread["stages"][-1]["measures"] if spread else {}
+        cells += [_fmt(last.get(k), last_std.get(k), digits=d) for _, k, d in measures]
+        if generation:
+            base = pre.get("generation_accuracy")
+            cells.append(_fmt(last["generation_accuracy"] / base if base else None))
+        cells.append(f"{sum(s.wall_seconds for s in entry.stages):.0f}")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return rows
 
 
-def matrix_rows(results: dict, name: str, key: str) -> list[str]:
-    tasks = results["tasks"]
-    pre_key = "task_accuracy" if key == "accuracy_matrix" else "constrained_task_accuracy"
+def _has_constrained(results: Results) -> bool:
+    stages = [results.mean.pretrained] + [
+        s for m in results.mean.methods.values() for s in m.stages
+    ]
+    return any(v is not None for s in stages for v in s.constrained_task_accuracy)
+
+
+def matrix_rows(results: Results, name: str, constrained: bool = False) -> list[str]:
+    tasks, mean = results.tasks, results.mean
+    pre = mean.pretrained
+    entry = mean.methods[name]
     rows = ["| after | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
-    rows.append(
-        "| pre-trained | " + " | ".join(_fmt(v) for v in results["pretrained"][pre_key]) + " |"
-    )
-    for task, row in zip(tasks, results["methods"][name][key], strict=True):
+    first = pre.constrained_task_accuracy if constrained else pre.task_accuracy
+    rows.append("| pre-trained | " + " | ".join(_fmt(v) for v in first) + " |")
+    matrix = entry.constrained_accuracy_matrix if constrained else entry.accuracy_matrix
+    for task, row in zip(tasks, matrix, strict=True):
         rows.append(f"| {task} | " + " | ".join(_fmt(v) for v in row) + " |")
     return rows
 
 
-def plot_matrices(results: dict, key: str, path: Path) -> None:
-    names = list(results["methods"])
+def plot_matrices(results: Results, path: Path, constrained: bool = False) -> None:
+    names = list(results.mean.methods)
     cols = min(5, len(names))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
-    tasks = results["tasks"]
+    tasks = results.tasks
     for ax, name in zip(axes.flat, names, strict=False):
-        matrix = np.array(results["methods"][name][key], dtype=float)
+        entry = results.mean.methods[name]
+        matrix = entry.constrained_accuracy_matrix if constrained else entry.accuracy_matrix
+        matrix = np.array([[np.nan if v is None else v for v in row] for row in matrix])
         ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
         for (i, j), v in np.ndenumerate(matrix):
-            ax.text(
-                j,
-                i,
-                f"{v:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if v < 0.6 else "black",
-            )
+            text = "–" if np.isnan(v) else f"{v:.2f}"
+            color = "white" if np.isnan(v) or v < 0.6 else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
         ax.set_title(name, fontsize=9)
         ax.set_xticks(range(len(tasks)), [t[:5] for t in tasks], fontsize=7, rotation=45)
         ax.set_yticks(range(len(tasks)), [f"after {t[:5]}" for t in tasks], fontsize=7)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    fig.suptitle(f"{'constrained ' if 'constrained' in key else ''}accuracy matrix R[i][j]")
+    fig.suptitle(f"{'constrained ' if constrained else ''}accuracy matrix R[i][j]")
     _save(fig, path)
 
 
-def plot_generation(results: dict, path: Path) -> None:
+def plot_generation(results: Results, key: str, label: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
-    stages = ["pre-trained", *results["tasks"]]
-    pre = results["pretrained"]["generation_accuracy"]
-    for name, entry in results["methods"].items():
-        ys = [pre] + [s["generation_accuracy"] for s in entry["stages"]]
-        ax.plot(range(len(stages)), ys, marker="o", label=name)
+    stages = ["pre-trained", *results.tasks]
+    pre = results.mean.pretrained.measures.get(key)
+    for name, entry in results.mean.methods.items():
+        ys = [pre] + [s.measures.get(key) for s in entry.stages]
+        ax.plot(
+            range(len(stages)), [np.nan if y is None else y for y in ys], marker="o", label=name
+        )
     ax.set_xticks(range(len(stages)), stages, rotation=20)
-    ax.set_ylabel("generation accuracy (judge)")
+    ax.set_ylabel(label)
     ax.set_title("inter-modal forgetting: drawing after each understanding task")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     _save(fig, path)
 
 
-def plot_samples(results: dict, samples: Any, name: str, path: Path) -> None:
-    """Rows: stages; columns: digits 0-9 (several draws each)."""
-    keys = ["pretrained"] + [f"{name}/stage{k + 1}" for k in range(len(results["tasks"]))]
-    grids = [samples[k] for k in keys if k in samples]
-    # [digits, draws, 8, 8] -> one 8-pixel-high strip: digit 0's draws, then digit 1's ...
-    rows = [g.transpose(2, 0, 1, 3).reshape(g.shape[2], -1) for g in grids]
-    picture = np.concatenate([np.pad(r, ((1, 1), (0, 0))) for r in rows], axis=0)
-    fig, ax = plt.subplots(figsize=(max(6, picture.shape[1] / 12), 0.8 + len(rows) * 0.75))
-    ax.imshow(picture, cmap="gray_r", vmin=0, vmax=16)
+def plot_samples(results: Results, samples: Any, name: str, path: Path) -> None:
+    """Rows: stages; columns: the drawn images (gray digits 0..16, or RGB bytes)."""
+    keys = ["pretrained"] + [f"{name}/stage{k + 1}" for k in range(len(results.tasks))]
+    labels = ["pre-trained", *results.tasks]
+    present = [(k, label) for k, label in zip(keys, labels, strict=True) if k in samples]
+    grids = [samples[k] for k, _ in present]
+    rgb = grids[0].ndim == 5
+    # [groups, draws, H, W(, 3)] -> one strip per stage: group 0's draws, then group 1's ...
+    strips = [np.concatenate(list(g.reshape(-1, *g.shape[2:])), axis=1) for g in grids]
+    height = strips[0].shape[0]
+    pad = ((1, 1), (0, 0), (0, 0)) if rgb else ((1, 1), (0, 0))
+    picture = np.concatenate([np.pad(s, pad) for s in strips], axis=0)
+    fig, ax = plt.subplots(figsize=(max(6, picture.shape[1] / 12), 0.8 + len(strips) * 0.75))
+    if rgb:
+        ax.imshow(picture.astype(np.uint8))
+    else:
+        ax.imshow(picture, cmap="gray_r", vmin=0, vmax=16)
     ax.set_yticks(
-        [10 * i + 5 for i in range(len(rows))],
-        ["pre-trained", *results["tasks"]][: len(rows)],
+        [(height + 2) * i + height / 2 for i in range(len(strips))],
+        [label for _, label in present],
         fontsize=8,
     )
     ax.set_xticks([])
-    ax.set_title(f"{name}: 'draw a <digit>' for digits 0-9, after each task", fontsize=9)
+    ax.set_title(f"{name}: images drawn after each task", fontsize=9)
+    _save(fig, path)
+
+
+def plot_losses(results: Results, path: Path) -> None:
+    """Per method (first seed): the task CE and each loss term per step, tasks in turn."""
+    names = list(results.per_seed[0].methods)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.0 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        stages = results.per_seed[0].methods[name].stages
+        start, highest = 0, 1e-6
+        for stage in stages:
+            steps = np.arange(start, start + len(stage.losses.get("ce", [])))
+            for term, values in stage.losses.items():
+                style = {"linestyle": "-"} if term == "ce" else {"linestyle": ":", "color": "gray"}
+                ax.plot(steps, values, lw=0.8, **style)
+                highest = max(highest, max(values, default=0.0))
+            ax.axvline(start, color="lightgray", linewidth=0.8)
+            start += len(steps)
+        ax.set_yscale("symlog", linthresh=1e-6)  # a distillation KL starts at exactly 0
+        ax.set_ylim(0, 2 * highest)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step (solid: task CE; dotted: loss terms)", fontsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
     _save(fig, path)
 
 
@@ -158,13 +212,13 @@ def _curve(values: list) -> list[float]:
     return [float("nan") if v is None else v for v in values]
 
 
-def conflict_rows(results: dict) -> list[str]:
+def conflict_rows(results: Results) -> list[str]:
     """Per method: mean cosine(grad L_image, grad L_text) by group, and the image-loss change."""
     head = "| method | cos all | " + " | ".join(f"cos {g}" for g in GROUPS)
     head += " | predicted ΔL_image | measured ΔL_image | corr. (mean over tasks) | SGD formula |"
     rows = [head, "|" + "---|" * (len(GROUPS) + 6)]
-    for name, entry in results["methods"].items():
-        stages = [s["conflict"] for s in entry["stages"] if s.get("conflict", {}).get("steps")]
+    for name, entry in results.mean.methods.items():
+        stages = [s.conflict for s in entry.stages if s.conflict and s.conflict.get("steps")]
         if not stages:
             continue
         cosines = [
@@ -221,45 +275,95 @@ def plot_conflict(series: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def _clip_rows(results: Results) -> list[str]:
+    """Per method and stage: the generation entry's CLIP scores, or why there are none."""
+    rows = [
+        "| method | after | image NLL | CLIP image | CLIP text | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    seed: SeedResult = results.per_seed[0]
+    entries: list[tuple[str, Stage]] = [("pre-trained", seed.pretrained)]
+    for name, entry in seed.methods.items():
+        entries += [(name, s) for s in entry.stages]
+    for name, stage in entries:
+        m = stage.measures
+        clip = (m.get("generation") or {}).get("clip", {})
+        note = clip.get("reason", "") if clip.get("status") != "ok" else ""
+        cells = [
+            _fmt(m.get("image_nll")),
+            _fmt(m.get("clip_image_alignment")),
+            _fmt(m.get("clip_text_alignment")),
+            note,
+        ]
+        rows.append(f"| {name} | {stage.task} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def write_report(out: str | Path) -> Path:
     """(Re)build ``report.md`` and ``figures/`` in ``out`` from its saved results."""
     out = Path(out)
-    results = json.loads((out / "results.json").read_text())
+    results = read_results(out / "results.json")
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    plot_matrices(results, "accuracy_matrix", figures / "accuracy_matrices.png")
-    plot_matrices(
-        results, "constrained_accuracy_matrix", figures / "constrained_accuracy_matrices.png"
+    plot_matrices(results, figures / "accuracy_matrices.png")
+    quick = " (QUICK run: a first look, not the benchmark)" if results.quick else ""
+    title = (
+        "digits benchmark"
+        if results.front == "bench"
+        else f"train on {results.inputs.get('model')}"
     )
-    plot_generation(results, figures / "generation_accuracy.png")
-    samples = np.load(out / "samples.npz") if (out / "samples.npz").exists() else {}
-    for name in results["methods"]:
-        plot_samples(results, samples, name, figures / f"samples_{name}.png")
-    seeds = results["seed"] if isinstance(results["seed"], list) else [results["seed"]]
-    judge = results["judge"]
-    quick = " (QUICK run: a first look, not the benchmark)" if results["quick"] else ""
+    seeds = results.seeds
+    rules = ", ".join(f"{t} ({results.scoring[t]})" for t in results.tasks)
     lines = [
-        f"# modecl digits benchmark{quick}",
+        f"# modecl {title}{quick}",
         "",
-        f"Tasks in order: {', '.join(results['tasks'])}. Seeds: {seeds}"
-        f"{' (mean ± std over seeds)' if len(seeds) > 1 else ''}. "
-        f"Judge accuracy on real test images {judge['real_accuracy']:.3f}, "
-        f"on codebook reconstructions {judge['reconstructed_accuracy']:.3f}.",
+        f"Tasks in order, with their scoring rules: {rules}. Seeds: {seeds}"
+        f"{' (mean ± std over seeds)' if len(seeds) > 1 else ''}.",
+    ]
+    judge = results.world.get("judge")
+    if judge:
+        lines.append(
+            f"Judge accuracy on real test images {judge['real_accuracy']:.3f}, "
+            f"on codebook reconstructions {judge['reconstructed_accuracy']:.3f}."
+        )
+    lines += [
         "",
-        "Accuracies are exact match on each task's test set; 'constr.' restricts the answer to",
-        "the task's answer set. Captioning, generation (share of drawn digits the judge",
-        "recognises), FD (Frechet distance to real test images) and image NLL are measured",
-        "after the last task; generation retention is final over pre-trained generation.",
+        "Accuracies are each task's test set under its scoring rule; 'constr.' restricts each",
+        "answer to its closed answer set (options, or the task's answers), picked by likelihood.",
+        "World measures (captioning, generation, FD, image NLL, CLIP) are after the last task.",
         "",
         *headline_rows(results),
         "",
-        "![generation accuracy](figures/generation_accuracy.png)",
-        "",
-        "![accuracy matrices](figures/accuracy_matrices.png)",
-        "",
-        "![constrained accuracy matrices](figures/constrained_accuracy_matrices.png)",
-        "",
     ]
+    measures = _measures_present(results)
+    curve = next(
+        (
+            c
+            for c in measures
+            if c[1] in ("generation_accuracy", "clip_image_alignment", "image_nll")
+        ),
+        None,
+    )
+    if curve is not None:
+        plot_generation(results, curve[1], curve[0], figures / "generation.png")
+        lines += ["![generation after each task](figures/generation.png)", ""]
+    lines += ["![accuracy matrices](figures/accuracy_matrices.png)", ""]
+    if _has_constrained(results):
+        plot_matrices(results, figures / "constrained_accuracy_matrices.png", constrained=True)
+        lines += ["![constrained accuracy matrices](figures/constrained_accuracy_matrices.png)", ""]
+    plot_losses(results, figures / "losses.png")
+    lines += ["![training losses](figures/losses.png)", ""]
+    if any(
+        "clip" in (s.measures.get("generation") or {}) for s in [results.per_seed[0].pretrained]
+    ):
+        lines += [
+            "## Image generation",
+            "",
+            "Teacher-forced image-token NLL of the test pairs "
+            "and CLIP alignment of images drawn from their captions (first seed).",
+            "",
+        ]
+        lines += [*_clip_rows(results), ""]
     series_file = out / "conflict.jsonl"
     text = series_file.read_text() if series_file.exists() else ""
     series = [json.loads(line) for line in text.splitlines()]
@@ -269,7 +373,7 @@ def write_report(out: str | Path) -> Path:
             "## Gradient conflict",
             "",
             "On every monitored step: the cosine between the gradient of the image loss",
-            "(teacher-forced NLL of held-out 'draw a <digit>' images) and that of the task's",
+            "(teacher-forced NLL of held-out image-generation pairs) and that of the task's",
             "cross-entropy, by parameter group, and the image loss's change across the step,",
             "predicted to first order (<grad L_image, Δθ>, Δθ the optimizer's real update) and",
             "measured. Cosines are means over monitored steps and tasks; changes are sums over",
@@ -282,94 +386,21 @@ def write_report(out: str | Path) -> Path:
             "![gradient conflict](figures/conflict.png)",
             "",
         ]
-    for name in results["methods"]:
-        lines += [f"## {name}", "", "Exact-match accuracy matrix:", ""]
-        lines += matrix_rows(results, name, "accuracy_matrix")
-        lines += ["", "Constrained accuracy matrix:", ""]
-        lines += matrix_rows(results, name, "constrained_accuracy_matrix")
-        lines += ["", f"![samples](figures/samples_{name}.png)", ""]
-    write_atomic(out / "report.md", "\n".join(lines) + "\n")
-    return out / "report.md"
-
-
-def _alignment(generation: dict | None) -> tuple[str, str, str]:
-    """(image alignment, text alignment, note) cells of a stage's generation entry."""
-    if generation is None:
-        return "–", "–", "no test pairs"
-    clip = generation["clip"]
-    if clip["status"] != "ok":
-        return "–", "–", clip["reason"]
-    return _fmt(clip["image_alignment"]), _fmt(clip["text_alignment"]), ""
-
-
-def plot_losses(stages: list[dict], path: Path) -> None:
-    """Task CE (and KD, when distilling) per step, the tasks one after another."""
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    start = 0
-    for stage in stages:
-        steps = np.arange(start, start + len(stage["losses"]))
-        ax.plot(steps, stage["losses"], label=f"CE {stage['task']}")
-        if stage["kd_losses"]:
-            ax.plot(steps, stage["kd_losses"], linestyle=":", color="gray")
-        ax.axvline(start, color="lightgray", linewidth=0.8)
-        start += len(stage["losses"])
-    ax.set_xlabel("training step (dotted: distillation KL)")
-    ax.set_ylabel("loss")
-    ax.set_yscale("symlog", linthresh=1e-6)  # the KL starts at exactly 0
-    highest = max((max(s["losses"]) for s in stages if s["losses"]), default=1.0)
-    ax.set_ylim(0, 2 * highest)
-    ax.legend(fontsize=7)
-    _save(fig, path)
-
-
-def write_train_report(out: str | Path) -> Path:
-    """(Re)build ``report.md`` and ``figures/`` of a `modecl train` run from its results."""
-    out = Path(out)
-    results = json.loads((out / "results.json").read_text())
-    tasks, method = results["task_names"], results["method"]
-    # The benchmark's table and figure helpers read this shape.
-    view = {
-        "tasks": tasks,
-        "pretrained": results["pretrained"],
-        "methods": {method: {"accuracy_matrix": results["accuracy_matrix"]}},
-    }
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
-    plot_matrices(view, "accuracy_matrix", figures / "accuracy_matrix.png")
-    plot_losses(results["stages"], figures / "losses.png")
-    rules = ", ".join(f"{t} ({results['scoring'][t]})" for t in tasks)
-    lines = [
-        f"# modecl train: {method} on {results['model']}",
-        "",
-        f"Tasks in order, with their scoring rules: {rules}.",
-        "",
-        "| final acc | forgetting | BWT | gain kept |",
-        "|---|---|---|---|",
-        "| "
-        + " | ".join(
-            _fmt(results[k])
-            for k in ("final_average_accuracy", "average_forgetting", "bwt", "gain_kept")
-        )
-        + " |",
-        "",
-        "Accuracy matrix (row: after training that task; column: the task measured):",
-        "",
-        *matrix_rows(view, method, "accuracy_matrix"),
-        "",
-        "![accuracy matrix](figures/accuracy_matrix.png)",
-        "",
-        "![training losses](figures/losses.png)",
-        "",
-        "Image generation (inter-modal forgetting): teacher-forced image-token NLL of the test",
-        "pairs, and CLIP alignment of images drawn from their captions.",
-        "",
-        "| after | image NLL | CLIP image | CLIP text | note |",
-        "|---|---|---|---|---|",
-    ]
-    for name, stage in [("pre-trained", results["pretrained"])] + [
-        (s["task"], s) for s in results["stages"]
-    ]:
-        image, text, note = _alignment(stage.get("generation"))
-        lines.append(f"| {name} | {_fmt(stage.get('image_nll'))} | {image} | {text} | {note} |")
+    samples = np.load(out / "samples.npz") if (out / "samples.npz").exists() else {}
+    for name in results.mean.methods:
+        lines += [
+            f"## {name}",
+            "",
+            "Accuracy matrix (row: after that task; column: task measured):",
+            "",
+        ]
+        lines += matrix_rows(results, name)
+        if _has_constrained(results):
+            lines += ["", "Constrained accuracy matrix:", ""]
+            lines += matrix_rows(results, name, constrained=True)
+        lines.append("")
+        if "pretrained" in samples or f"{name}/stage1" in samples:
+            plot_samples(results, samples, name, figures / f"samples_{name}.png")
+            lines += [f"![samples](figures/samples_{name}.png)", ""]
     write_atomic(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"

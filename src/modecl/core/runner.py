@@ -1,22 +1,108 @@
-"""The one runner: seeds x methods x tasks, each stage written atomically, resumable."""
+"""The one runner: seeds x methods x tasks on a world, each stage written atomically, resumable.
+
+`modecl bench` (the digits world) and `modecl train` (a transformers host with task files)
+are two front doors to :func:`run`. Layout of an out dir::
+
+    run.json                  what the run was started with (a resume must match it)
+    results.json              every number (:mod:`modecl.core.results`, ``modecl.results/2``)
+    conflict.jsonl            the gradient-conflict monitor's figures, one line per step
+    samples.npz               the first seed's drawn-image grids per method and stage
+    report.md, figures/       built by :mod:`modecl.core.report`
+    checkpoints/seed<S>/pretrained/         stage.json (measures, answers), pictures.npy
+    checkpoints/seed<S>/<method>/stage<K>/  stage.json, pictures.npy, adapters/, method.pt
+    images/seed<S>/<method>/stage<K>/       drawn images, where the world decodes pixels
+
+Each stage is written atomically once trained and measured; re-running the same command
+resumes after the last finished stage of every (seed, method) and yields the same results.
+Under several processes (accelerate) every process trains on its share of each batch and
+answers its share of the test sets; the main process writes. The host's frozen weights are
+shared by every method: each attaches its adapters to it and detaches them when done.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
-from modecl.core.adapters import load_adapters, save_adapters
+from modecl.core.adapters import attach_adapters, detach_adapters, load_adapters, save_adapters
+from modecl.core.config import ConfigError, ContinualSettings
+from modecl.core.conflict import ConflictMonitor, summarize_conflict
+from modecl.core.evaluate import answer, answer_set, constrained_choices
+from modecl.core.files import write_atomic
+from modecl.core.methods import METHOD_NAMES, get_method
 from modecl.core.methods.base import Method
+from modecl.core.results import (
+    SCHEMA,
+    Results,
+    SeedResult,
+    Stage,
+    aggregate,
+    method_result,
+    write_results,
+)
+from modecl.core.scoring import score
 from modecl.core.tasks import Task
+from modecl.core.train import train_task
+from modecl.core.world import World
+
+Gather = Callable[[list[Any]], list[Any]]
+
+
+@dataclass
+class RunSpec:
+    """What a run does on its world: methods x seeds under one recipe, and what to record."""
+
+    methods: list[str]
+    seeds: list[int]
+    continual: ContinualSettings
+    front: str  # "bench" or "train"
+    config: dict[str, Any]  # the front door's whole configuration, as recorded
+    inputs: dict[str, Any]  # files the run reads (model, tasks, pairs); {} for bench
+    quick: bool = False
+
+
+def check_methods(methods: list[str]) -> None:
+    """Stop on an unknown or repeated method name, or none at all."""
+    if not methods:
+        raise ConfigError(f"a run needs at least one method; valid: {', '.join(METHOD_NAMES)}")
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHOD_NAMES)}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"methods repeat: {methods}")
+
+
+def run_key(spec: RunSpec) -> dict[str, Any]:
+    """What every stage of an out dir depends on: all but the methods and seeds, so a
+    finished run can be extended with more of either in the same out dir."""
+    config = {k: v for k, v in spec.config.items() if k not in ("methods", "seeds")}
+    return {"front": spec.front, "config": config, "inputs": spec.inputs}
+
+
+def check_run_key(out: Path, spec: RunSpec) -> None:
+    """Refuse an out dir that holds a run started with other settings (before any work)."""
+    saved = Path(out) / "run.json"
+    if saved.exists() and json.loads(saved.read_text()) != run_key(spec):
+        raise ConfigError(
+            f"{out} holds a run started with other settings ({saved}); "
+            "use another --out or delete it"
+        )
 
 
 def peak_memory_mb() -> float:
@@ -26,20 +112,16 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def save_stage(
-    folder: Path, stage: dict, model, method, arrays: dict[str, Any] | None = None
-) -> None:
-    """Write one finished stage as a whole: a crash leaves it either complete or absent.
-
-    ``arrays`` maps file names to what they hold: ``.npy`` numpy arrays, ``.pt`` tensors.
-    """
+def save_stage(folder: Path, entry: dict, model, method, pictures: np.ndarray | None) -> None:
+    """Write one finished stage as a whole: a crash leaves it either complete or absent."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    save_adapters(model, tmp / "adapters")
-    torch.save(method.state_dict(), tmp / "method.pt")
-    for name, value in (arrays or {}).items():
-        np.save(tmp / name, value) if name.endswith(".npy") else torch.save(value, tmp / name)
-    (tmp / "stage.json").write_text(json.dumps(stage))
+    if model is not None:
+        save_adapters(model, tmp / "adapters")
+        torch.save(method.state_dict(), tmp / "method.pt")
+    if pictures is not None:
+        np.save(tmp / "pictures.npy", pictures)
+    (tmp / "stage.json").write_text(json.dumps(entry))
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -70,3 +152,249 @@ def resumable(
             load_stage(last, model, method)
             last = None
         yield k, task, stage_dir, None
+
+
+class _Processes:
+    """This process's place among the run's processes, and the collective calls."""
+
+    def __init__(self, accelerator: Accelerator | None) -> None:
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator else 0
+        self.count = accelerator.num_processes if accelerator else 1
+        self.main = self.rank == 0
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        return gather_object(items) if self.count > 1 else items
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+
+def _sharded(items: list[Any], compute: Callable[[list[Any]], list[Any]], p: _Processes) -> list:
+    """``compute`` over ``items``, each process taking its share; every result, in order."""
+    mine = list(range(p.rank, len(items), p.count))
+    out: list[Any] = [None] * len(items)
+    for index, results in p.gather([(mine, compute([items[i] for i in mine]))]):
+        for i, value in zip(index, results, strict=True):
+            out[i] = value
+    return out
+
+
+def measure(
+    world: World, model: torch.nn.Module, tasks: list[Task], seed: int, images: Path, p: _Processes
+) -> tuple[dict[str, Any], dict[str, list[str]], np.ndarray | None]:
+    """Task accuracies (exact and constrained), the world's measures, answers, pictures."""
+    model.eval()
+    fmt, how = world.format, world.answering
+    exact, constrained, answers = [], [], {}
+    for task in tasks:
+        given = _sharded(
+            task.test,
+            lambda s: answer(model, fmt, s, how.max_new_tokens, how.batch_size),
+            p,
+        )
+        answers[task.name] = given
+        hits = [
+            score(a, s.answer, task.scoring, s.options)
+            for a, s in zip(given, task.test, strict=True)
+        ]
+        exact.append(float(np.mean(hits)) if hits else float("nan"))
+        sets = [answer_set(task, s) for s in task.test]
+        if any(s is None for s in sets) or not sets:
+            constrained.append(None)
+            continue
+        picks = _sharded(
+            list(zip(task.test, sets, strict=True)),
+            lambda part: constrained_choices(
+                model, fmt, [s for s, _ in part], [c for _, c in part], how.batch_size
+            ),
+            p,
+        )
+        hits = [
+            score(c, s.answer, task.scoring, s.options)
+            for c, s in zip(picks, task.test, strict=True)
+        ]
+        constrained.append(float(np.mean(hits)))
+    measured = world.measure(model, seed, images, p.rank, p.count, p.gather)
+    fields = {"task_accuracy": exact, "constrained_task_accuracy": constrained}
+    return fields | {"measures": measured.measures}, answers, measured.pictures
+
+
+def _pretrained(
+    world: World, tasks: list[Task], seed: int, out: Path, p: _Processes
+) -> tuple[Stage, np.ndarray | None]:
+    folder = out / "checkpoints" / f"seed{seed}" / "pretrained"
+    if not (folder / "stage.json").exists():
+        fields, answers, pictures = measure(
+            world, world.host, tasks, seed * 1000, out / "images" / f"seed{seed}" / "pretrained", p
+        )
+        if p.main:
+            entry = {"stage": {"task": "pretrained", **fields}, "answers": answers}
+            save_stage(folder, entry, None, None, pictures)
+        p.barrier()
+    saved = json.loads((folder / "stage.json").read_text())
+    pictures = np.load(folder / "pictures.npy") if (folder / "pictures.npy").exists() else None
+    return Stage(**saved["stage"]), pictures
+
+
+def _run_method(
+    name: str,
+    world: World,
+    tasks: list[Task],
+    spec: RunSpec,
+    seed: int,
+    out: Path,
+    p: _Processes,
+    tick: Callable[[str], None],
+    progress: bool,
+) -> tuple[list[Stage], list[np.ndarray | None], list[dict[str, Any]]]:
+    """Train ``name`` through ``tasks`` from the host, resuming from finished stages:
+    its stages, their pictures and its monitored steps."""
+    settings, model = spec.continual, world.host
+    method = get_method(name)
+    method.configure(settings, world.distill_pairs())
+    torch.manual_seed(seed)
+    attach_adapters(model, method.adapter_config(settings))
+    watch = settings.monitor
+    monitor, probe = None, world.probe_pairs(watch.probe_size) if watch.enabled else []
+    if probe and p.count == 1:
+        monitor = ConflictMonitor(world.format, probe, watch.every)
+    elif probe and p.main:
+        warnings.warn("the conflict monitor runs in one process only: skipped", stacklevel=2)
+    folder = out / "checkpoints" / f"seed{seed}" / name
+    stages, pictures, steps = [], [], []
+    try:
+        for k, task, stage_dir, saved in resumable(folder, tasks, model, method):
+            if saved is None:
+                _train_stage(
+                    world, model, method, tasks, k, spec, seed, stage_dir, monitor, p, progress
+                )
+                saved = json.loads((stage_dir / "stage.json").read_text())
+            stages.append(Stage(**saved["stage"]))
+            file = stage_dir / "pictures.npy"
+            pictures.append(np.load(file) if file.exists() else None)
+            steps += [
+                {"seed": seed, "method": name, "stage": k + 1, "task": task.name, **s}
+                for s in saved["conflict_steps"]
+            ]
+            tick(f"seed {seed}: {name} {task.name}")
+    finally:
+        detach_adapters(model)
+    return stages, pictures, steps
+
+
+def _train_stage(
+    world: World,
+    model: torch.nn.Module,
+    method: Method,
+    tasks: list[Task],
+    k: int,
+    spec: RunSpec,
+    seed: int,
+    stage_dir: Path,
+    monitor: ConflictMonitor | None,
+    p: _Processes,
+    progress: bool,
+) -> None:
+    """Train task ``k``, measure every task, write the stage (main process)."""
+    task, start = tasks[k], time.perf_counter()
+    log = train_task(
+        model,
+        world.format,
+        method,
+        task,
+        spec.continual,
+        draw_pairs=world.distill_pairs(),
+        seed=seed * 1000 + k,
+        progress=progress,
+        desc=f"{method.name} {k + 1}/{len(tasks)} {task.name}",
+        monitor=monitor,
+        accelerator=p.accelerator,
+    )
+    images = Path(str(stage_dir).replace(f"{os.sep}checkpoints{os.sep}", f"{os.sep}images{os.sep}"))
+    fields, answers, pictures = measure(world, model, tasks, seed * 1000 + k + 1, images, p)
+    if p.main:
+        stage = Stage(
+            task=task.name,
+            **fields,
+            train_seconds=log["seconds"],
+            final_loss=float(np.mean(log["loss"][-5:])),
+            losses={"ce": log["loss"], **log["terms"]},
+            wall_seconds=time.perf_counter() - start,
+            peak_memory_mb=peak_memory_mb(),
+            conflict=summarize_conflict(log["conflict"]) if monitor is not None else None,
+        )
+        entry = {
+            "stage": dataclasses.asdict(stage),
+            "answers": answers,
+            "conflict_steps": log["conflict"],
+        }
+        save_stage(stage_dir, entry, model, method, pictures)
+    p.barrier()  # written before any process reads it
+
+
+def run(
+    world: World,
+    spec: RunSpec,
+    out: Path,
+    *,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+    describe: dict[str, Any] | None = None,
+) -> Results:
+    """Every method and seed through the world's tasks; writes run.json (now that the world
+    loaded), every stage, results.json, conflict.jsonl and samples.npz."""
+    check_methods(spec.methods)
+    out = Path(out)
+    p = _Processes(accelerator)
+    check_run_key(out, spec)
+    p.barrier()  # every process checked before the main one writes
+    if p.main:
+        write_atomic(out / "run.json", json.dumps(run_key(spec), indent=1))
+    tasks = world.tasks()
+    total = len(spec.seeds) * len(spec.methods) * len(tasks)
+    bar = tqdm(total=total, desc="stages", unit="stage", disable=not progress or not p.main)
+
+    def tick(what: str) -> None:
+        bar.set_postfix_str(what)
+        bar.update()
+
+    per_seed, series, samples = [], [], {}
+    for seed in spec.seeds:
+        pretrained, pictures = _pretrained(world, tasks, seed, out, p)
+        if seed == spec.seeds[0] and pictures is not None:
+            samples["pretrained"] = pictures
+        methods = {}
+        for name in spec.methods:
+            stages, grids, steps = _run_method(
+                name, world, tasks, spec, seed, out, p, tick, progress
+            )
+            methods[name] = method_result(stages, pretrained)
+            series += steps
+            for k, grid in enumerate(grids):
+                if seed == spec.seeds[0] and grid is not None:
+                    samples[f"{name}/stage{k + 1}"] = grid
+        per_seed.append(SeedResult(seed, pretrained, methods))
+    bar.close()
+    mean, std = aggregate(per_seed)
+    results = Results(
+        schema=SCHEMA,
+        front=spec.front,
+        quick=spec.quick,
+        tasks=[t.name for t in tasks],
+        scoring={t.name: t.scoring for t in tasks},
+        seeds=list(spec.seeds),
+        config=spec.config,
+        inputs=spec.inputs,
+        world=describe if describe is not None else world.describe(),
+        per_seed=per_seed,
+        mean=mean,
+        std=std,
+    )
+    if p.main:
+        np.savez(out / ".samples.tmp.npz", **samples)
+        os.replace(out / ".samples.tmp.npz", out / "samples.npz")
+        write_atomic(out / "conflict.jsonl", "".join(json.dumps(s) + "\n" for s in series))
+        write_results(out / "results.json", results)
+    return results

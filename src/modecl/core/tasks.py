@@ -26,7 +26,8 @@ class Sample:
 
 @dataclass
 class Task:
-    """A continual-learning task; ``answers`` is its answer set (for constrained scoring).
+    """A continual-learning task. ``answers`` is its closed answer set, for constrained
+    accuracy (empty: open-ended, unless its samples carry options).
 
     ``scoring`` is the rule that judges a generated answer (:mod:`modecl.core.scoring`).
     """

@@ -3,14 +3,12 @@
 Per task: AdamW over the adapter parameters, cosine schedule with warm-up, gradient
 clipping, seeded shuffling. Each step's loss is
 
-    CE(answer tokens | understand pass)
-    + lambda * KL_topK(teacher || student) on a batch of image-generation pairs  (if distilling)
-    + the method's penalty (EWC)
+    CE(answer tokens | understand pass) + sum of the method's weighted loss terms
 
-The teacher is the same model with the adapters off; each forward tells the routing
-context what kind of pass it is. An optional :class:`~modecl.core.conflict.ConflictMonitor`
-watches every k-th step (gradient conflict between the CE and the image loss) without
-changing it.
+(:meth:`~modecl.core.methods.base.Method.loss_terms`: distillation from the adapters-off
+teacher, EWC's penalty). Each forward tells the routing context what kind of pass it is. An
+optional :class:`~modecl.core.conflict.ConflictMonitor` watches every k-th step (gradient
+conflict between the CE and the image loss) without changing it.
 
 Data parallel: given an `accelerate.Accelerator` (DDP, DeepSpeed ZeRO-2), one step's loss is
 computed by a module that the engine wraps; every rank draws the same global batch (same
@@ -23,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,9 +31,8 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from modecl.core.adapters import lm_logits, pass_kind
-from modecl.core.config import ContinualSettings, DistillSettings
+from modecl.core.config import ContinualSettings
 from modecl.core.conflict import ConflictMonitor
-from modecl.core.distill import kd_mask, topk_kl
 from modecl.core.methods.base import Method
 from modecl.core.sequences import IGNORE, DrawPair, Format, collate, next_token_loss, understand
 from modecl.core.tasks import Sample, Task
@@ -45,11 +43,6 @@ _MICRO = "train_micro_batch_size_per_gpu"
 
 def understand_batch(fmt: Format, samples: Sequence[Sample], device: torch.device) -> Batch:
     batch = collate([understand(fmt, s) for s in samples], fmt.pad_id)
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def draw_batch(fmt: Format, pairs: Sequence[DrawPair], device: torch.device) -> Batch:
-    batch = collate([fmt.draw_example(p) for p in pairs], fmt.pad_id)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -68,59 +61,26 @@ def understand_loss(model: nn.Module, fmt: Format, samples: Sequence[Sample]) ->
     return _understand_loss(model, understand_batch(fmt, samples, model.device))
 
 
-def distill_loss(
-    model: nn.Module, fmt: Format, pairs: Sequence[DrawPair], settings: DistillSettings
-) -> torch.Tensor:
-    """Top-K KL(teacher || student) over a batch of image-generation pairs."""
-    return _distill_loss(model, fmt, draw_batch(fmt, pairs, model.device), settings)
-
-
-def _distill_loss(
-    model: nn.Module, fmt: Format, batch: Batch, settings: DistillSettings
-) -> torch.Tensor:
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    with torch.no_grad(), pass_kind(model, "teacher"):
-        teacher = lm_logits(model, **inputs)
-    with pass_kind(model, "student"):
-        student = lm_logits(model, **inputs)
-    # Logits at t predict token t+1: distil the predictions of the image tokens.
-    next_is_image = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-    next_is_image[:, :-1] = fmt.is_image_token(batch["input_ids"][:, 1:])
-    mask = kd_mask(next_is_image, batch["attention_mask"], average_over=settings.average_over)
-    return topk_kl(
-        teacher,
-        student,
-        mask,
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        chunk_size=settings.chunk_size,
-    )
-
-
 class StepLoss(nn.Module):
     """One training step's loss as a module, so that a DDP / DeepSpeed engine can wrap it.
 
-    Returns (total, task CE, KD or None); the CE keeps its graph for the conflict monitor.
+    Returns (total, task CE, {term: unweighted loss}); the CE keeps its graph for the
+    conflict monitor.
     """
 
-    def __init__(
-        self, model: nn.Module, fmt: Format, method: Method, distill: DistillSettings
-    ) -> None:
+    def __init__(self, model: nn.Module, fmt: Format, method: Method) -> None:
         super().__init__()
-        self.model, self.fmt, self.method, self.distill = model, fmt, method, distill
+        self.model, self.fmt, self.method = model, fmt, method
 
     def forward(
-        self, task: Batch, draw: Batch | None, normalizer: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self, task: Batch, inputs: Any, normalizer: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         ce = _understand_loss(self.model, task, normalizer)
-        total, kd = ce, None
-        if draw is not None:
-            kd = _distill_loss(self.model, self.fmt, draw, self.distill)
-            total = total + self.distill.weight * kd
-        penalty = self.method.penalty(self.model)
-        if penalty is not None:
-            total = total + penalty
-        return total, ce, kd
+        total, terms = ce, {}
+        for name, (loss, weight) in self.method.loss_terms(self.model, self.fmt, inputs).items():
+            total = total + weight * loss
+            terms[name] = loss
+        return total, ce, terms
 
 
 def train_task(
@@ -149,8 +109,7 @@ def train_task(
     samples = task.train
     if cfg.max_train_samples is not None:
         samples = [samples[i] for i in rng.permutation(len(samples))[: cfg.max_train_samples]]
-    if method.distill and not draw_pairs:
-        raise ValueError(f"method '{method.name}' distils but no image-generation pairs were given")
+    method.configure(settings, draw_pairs)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if world > 1 and monitor is not None:
         raise ValueError("the conflict monitor runs in a single process only")
@@ -165,14 +124,14 @@ def train_task(
     total = steps_per_epoch * cfg.epochs
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optim, int(cfg.warmup_fraction * total), total)
-    step_loss: nn.Module = StepLoss(model, fmt, method, settings.distill)
+    step_loss: nn.Module = StepLoss(model, fmt, method)
     if accelerator is not None:
         plugin = accelerator.state.deepspeed_plugin
         if plugin is not None and plugin.deepspeed_config.get(_MICRO, "auto") == "auto":
             # DeepSpeed sizes its engine by a per-GPU batch, usually read from a DataLoader.
             plugin.deepspeed_config[_MICRO] = -(-cfg.batch_size // world)
         step_loss, optim = accelerator.prepare(step_loss, optim)
-    log = {"loss": [], "kd": [], "conflict": []}
+    log: dict[str, Any] = {"loss": [], "terms": {}, "conflict": []}
     start = time.perf_counter()
     model.train()
     bar = tqdm(total=total, desc=desc or task.name, disable=not progress or rank > 0, leave=False)
@@ -183,15 +142,12 @@ def train_task(
             batch = understand_batch(
                 fmt, method.mix([samples[i] for i in index], rng)[rank::world], model.device
             )
-            draw = None
-            if method.distill:
-                pick = rng.choice(len(draw_pairs), settings.distill.batch_size, replace=False)
-                draw = draw_batch(fmt, [draw_pairs[i] for i in pick[rank::world]], model.device)
+            inputs = method.step_inputs(rng, rank, world)
             normalizer = None
             if world > 1:
                 tokens = (batch["labels"][:, 1:] != IGNORE).sum()
                 normalizer = accelerator.reduce(tokens, "sum") / world
-            loss, ce, kd = step_loss(batch, draw, normalizer)
+            loss, ce, terms = step_loss(batch, inputs, normalizer)
             n = epoch * steps_per_epoch + step
             watched = monitor is not None and monitor.due(n)
             if watched:
@@ -209,10 +165,10 @@ def train_task(
             schedule.step()
             if world > 1:
                 ce = accelerator.reduce(ce.detach(), "mean")
-                kd = None if kd is None else accelerator.reduce(kd.detach(), "mean")
+                terms = {k: accelerator.reduce(v.detach(), "mean") for k, v in terms.items()}
             log["loss"].append(ce.item())
-            if kd is not None:
-                log["kd"].append(kd.item())
+            for name, value in terms.items():
+                log["terms"].setdefault(name, []).append(value.item())
             bar.update()
             bar.set_postfix(loss=f"{ce.item():.3f}")
     bar.close()

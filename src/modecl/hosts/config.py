@@ -39,3 +39,5 @@ class TrainConfig:
     host: HostSettings = field(default_factory=HostSettings)
     eval: HostEvalSettings = field(default_factory=HostEvalSettings)
     scoring: dict[str, str] = field(default_factory=dict)  # task name -> rule (overrides files)
+    # task name -> its closed answer set, for constrained accuracy of an open-ended task
+    answer_sets: dict[str, list[str]] = field(default_factory=dict)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from modecl.core.files import write_atomic
 from modecl.core.modality import image_mask, image_token_ids
-from modecl.core.scoring import RULES, normalize, score
+from modecl.core.scoring import RULES, score
 from modecl.core.sequences import IGNORE, DrawPair, Example
 from modecl.core.tasks import Sample, Task, TaskFileError, read_jsonl
 from modecl.hosts.host import (
@@ -200,8 +200,11 @@ def load_image_task(
     images: ImageTokenizer,
     name: str | None = None,
     scoring: str | None = None,
+    answers: Sequence[str] | None = None,
 ) -> Task:
-    """Read a task file (module doc); `scoring` overrides the file's rule."""
+    """Read a task file (module doc); `scoring` overrides the file's rule. `answers`
+    declares a closed answer set (constrained accuracy); multiple-choice samples have
+    theirs in their options."""
     path = Path(path)
     rows, rules = [], set()
     fields = ("image", "question", "answer", "split")
@@ -238,13 +241,13 @@ def load_image_task(
     for split, samples in splits.items():
         if not samples:
             raise TaskFileError(f"{path}: no {split} samples")
-    answers = tuple(sorted({normalize(s.answer) for s in splits["train"] + splits["test"]}))
     rule = scoring or rules.pop()
     if rule not in RULES:
         raise TaskFileError(f"{path}: scoring {rule!r} is not one of {', '.join(RULES)}")
     if rule == "choice" and any(s.options is None for s in splits["train"] + splits["test"]):
         raise TaskFileError(f"{path}: the choice rule needs options on every line")
-    return Task(name or path.stem, answers, splits["train"], splits["test"], scoring=rule)
+    closed = tuple(answers or ())
+    return Task(name or path.stem, closed, splits["train"], splits["test"], scoring=rule)
 
 
 @dataclass(frozen=True)

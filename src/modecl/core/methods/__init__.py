@@ -1,27 +1,39 @@
-"""The method registry: a method's name -> the module under ``modecl.core.methods`` defining it.
+"""The method registry: each method module defines ``METHOD``, which carries its name.
 
-Adding a method: write ``methods/<module>.py`` defining ``METHOD`` and add one line here.
+Adding a method: write ``methods/<module>.py`` defining ``METHOD`` and add it to ``_MODULES``.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 
+from modecl.core.methods import (
+    ewc,
+    lwf,
+    mode,
+    mode_no_kd,
+    mode_sample,
+    mode_task,
+    mode_text_lora,
+    moe_lora,
+    replay,
+    seq_lora,
+)
 from modecl.core.methods.base import Method
 
-REGISTRY = {
-    "mode": "mode",
-    "mode-task": "mode_task",
-    "mode-sample": "mode_sample",
-    "seq-lora": "seq_lora",
-    "moe-lora": "moe_lora",
-    "lwf": "lwf",
-    "replay": "replay",
-    "ewc": "ewc",
-    "mode-no-kd": "mode_no_kd",
-    "mode-text-lora": "mode_text_lora",
-}
+_MODULES = (
+    seq_lora,
+    moe_lora,
+    lwf,
+    replay,
+    ewc,
+    mode,
+    mode_task,
+    mode_sample,
+    mode_no_kd,
+    mode_text_lora,
+)
+REGISTRY: dict[str, Method] = {m.METHOD.name: m.METHOD for m in _MODULES}
 METHOD_NAMES = tuple(REGISTRY)
 
 
@@ -29,5 +41,4 @@ def get_method(name: str) -> Method:
     """A fresh instance of method ``name``; an unknown name lists the valid ones."""
     if name not in REGISTRY:
         raise ValueError(f"unknown method '{name}'; valid methods: {', '.join(METHOD_NAMES)}")
-    method = importlib.import_module(f"modecl.core.methods.{REGISTRY[name]}").METHOD
-    return copy.deepcopy(method)
+    return copy.deepcopy(REGISTRY[name])

@@ -1,20 +1,27 @@
 """What a continual-learning method is: an adapter configuration plus a training recipe.
 
 The one training loop (:mod:`modecl.core.train`) calls these hooks; a method overrides only
-what it changes. Adding a method means one module and one line in the registry.
+what it changes. Each step's loss is the task CE plus the method's named loss terms
+(:meth:`Method.loss_terms`: distillation, EWC's penalty). A method's settings live in its own
+module (e.g. ``ReplaySettings`` in ``replay.py``); ``ContinualSettings`` gathers them.
+Adding a method: one module defining ``METHOD``, and one line in the registry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from modecl.core.adapters import AdapterConfig
-from modecl.core.config import ContinualSettings
+from modecl.core.sequences import DrawPair, Format
 from modecl.core.tasks import Sample, Task
+
+if TYPE_CHECKING:  # config.py gathers the methods' settings
+    from modecl.core.config import ContinualSettings
 
 # (model, samples) -> mean task loss over those samples, with the graph (for Fisher estimates)
 LossFn = Callable[[torch.nn.Module, Sequence[Sample]], torch.Tensor]
@@ -22,12 +29,16 @@ LossFn = Callable[[torch.nn.Module, Sequence[Sample]], torch.Tensor]
 
 @dataclass
 class Method:
-    """A named strategy: adapter ``kind`` under a routing ``policy``, optionally distilling."""
+    """A named strategy: adapter ``kind`` under a routing ``policy``, plus its recipe hooks."""
 
     name: str
     kind: str = "lora"
     policy: str = "token"
-    distill: bool = False
+
+    @property
+    def needs_pairs(self) -> bool:
+        """Whether the method trains on an image-generation stream (distillation)."""
+        return False
 
     def adapter_config(self, settings: ContinualSettings) -> AdapterConfig:
         a = settings.adapter
@@ -41,16 +52,26 @@ class Method:
             routing=self.policy,
         )
 
-    def setup(self, settings: ContinualSettings) -> None:
-        """Called once before the first task."""
+    def configure(self, settings: ContinualSettings, pairs: Sequence[DrawPair] = ()) -> None:
+        """Take the settings (and the image-generation stream); called before each task.
+
+        Only settings are taken here, never state: calling it again changes nothing.
+        """
 
     def mix(self, batch: list[Sample], rng: np.random.Generator) -> list[Sample]:
         """The samples actually trained on for one task batch (replay adds old ones)."""
         return batch
 
-    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
-        """An extra loss term (EWC), or None."""
+    def step_inputs(self, rng: np.random.Generator, rank: int, world: int) -> Any:
+        """What this step's loss terms need beyond the task batch, drawn from ``rng`` on
+        every process alike and cut to this process's share (distillation's pairs)."""
         return None
+
+    def loss_terms(
+        self, model: torch.nn.Module, fmt: Format, inputs: Any
+    ) -> dict[str, tuple[torch.Tensor, float]]:
+        """Named (loss, weight) terms added to the task CE: total = CE + sum weight * loss."""
+        return {}
 
     def after_task(self, model: torch.nn.Module, task: Task, loss_fn: LossFn, seed: int) -> None:
         """Called after training each task (replay fills its buffer, EWC its Fisher)."""

@@ -8,14 +8,19 @@ task."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from modecl.core.config import ContinualSettings
 from modecl.core.methods.base import LossFn, Method
+from modecl.core.sequences import DrawPair, Format
 from modecl.core.tasks import Task
+
+if TYPE_CHECKING:
+    from modecl.core.config import ContinualSettings
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -23,31 +28,36 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 @dataclass
-class EWC(Method):
+class EWCSettings:
     weight: float = 1000.0
     fisher_batches: int = 16
     fisher_batch_size: int = 8
+
+
+@dataclass
+class EWC(Method):
+    settings: EWCSettings = field(default_factory=EWCSettings)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     anchor: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def setup(self, settings: ContinualSettings) -> None:
-        self.weight = settings.ewc.weight
-        self.fisher_batches = settings.ewc.fisher_batches
-        self.fisher_batch_size = settings.ewc.fisher_batch_size
+    def configure(self, settings: ContinualSettings, pairs: Sequence[DrawPair] = ()) -> None:
+        self.settings = settings.ewc
 
-    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+    def loss_terms(
+        self, model: torch.nn.Module, fmt: Format, inputs: Any
+    ) -> dict[str, tuple[torch.Tensor, float]]:
         if not self.fisher:
-            return None
+            return {}
         params = trainable(model)
         total = sum((self.fisher[n] * (params[n] - self.anchor[n]) ** 2).sum() for n in self.fisher)
-        return 0.5 * self.weight * total
+        return {"ewc": (0.5 * total, self.settings.weight)}
 
     def after_task(self, model: torch.nn.Module, task: Task, loss_fn: LossFn, seed: int) -> None:
         params = trainable(model)
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         order = np.random.default_rng(seed).permutation(len(task.train))
-        size = self.fisher_batch_size
-        batches = [order[i : i + size] for i in range(0, len(order), size)][: self.fisher_batches]
+        size, count = self.settings.fisher_batch_size, self.settings.fisher_batches
+        batches = [order[i : i + size] for i in range(0, len(order), size)][:count]
         for index in batches:
             model.zero_grad(set_to_none=True)
             loss_fn(model, [task.train[i] for i in index]).backward()

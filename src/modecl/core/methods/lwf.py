@@ -1,5 +1,5 @@
 """Plain LoRA with MoDE's distillation (LwF-style): isolates what decoupling adds."""
 
-from modecl.core.methods.base import Method
+from modecl.core.methods.distillation import Distilling
 
-METHOD = Method("lwf", kind="lora", policy="token", distill=True)
+METHOD = Distilling("lwf", kind="lora", policy="token")

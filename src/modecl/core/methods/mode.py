@@ -1,5 +1,5 @@
 """MoDE, every token routed by its own modality, with distillation."""
 
-from modecl.core.methods.base import Method
+from modecl.core.methods.distillation import Distilling
 
-METHOD = Method("mode", kind="mode", policy="token", distill=True)
+METHOD = Distilling("mode", kind="mode", policy="token")

@@ -2,4 +2,4 @@
 
 from modecl.core.methods.base import Method
 
-METHOD = Method("mode-no-kd", kind="mode", policy="token", distill=False)
+METHOD = Method("mode-no-kd", kind="mode", policy="token")

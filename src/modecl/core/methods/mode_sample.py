@@ -1,6 +1,6 @@
 """MoDE under the sample policy: every token follows its sample's output modality,
 so no understanding loss reaches the V-Adapter."""
 
-from modecl.core.methods.base import Method
+from modecl.core.methods.distillation import Distilling
 
-METHOD = Method("mode-sample", kind="mode", policy="sample", distill=True)
+METHOD = Distilling("mode-sample", kind="mode", policy="sample")

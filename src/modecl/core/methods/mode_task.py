@@ -2,6 +2,6 @@
 answering every token goes to the text branch, when drawing and in the student pass to
 the image branch."""
 
-from modecl.core.methods.base import Method
+from modecl.core.methods.distillation import Distilling
 
-METHOD = Method("mode-task", kind="mode", policy="task", distill=True)
+METHOD = Distilling("mode-task", kind="mode", policy="task")

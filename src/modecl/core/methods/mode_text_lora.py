@@ -1,5 +1,5 @@
 """Ablation: MoDE with a single text LoRA instead of the T-MoE."""
 
-from modecl.core.methods.base import Method
+from modecl.core.methods.distillation import Distilling
 
-METHOD = Method("mode-text-lora", kind="mode-text-lora", policy="token", distill=True)
+METHOD = Distilling("mode-text-lora", kind="mode-text-lora", policy="token")

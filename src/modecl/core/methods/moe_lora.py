@@ -2,4 +2,4 @@
 
 from modecl.core.methods.base import Method
 
-METHOD = Method("moe-lora", kind="moe-lora", policy="token", distill=False)
+METHOD = Method("moe-lora", kind="moe-lora", policy="token")

@@ -3,31 +3,42 @@ mixed into every task batch. The buffer holds an equal share of each earlier tas
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from modecl.core.config import ContinualSettings
 from modecl.core.methods.base import LossFn, Method
+from modecl.core.sequences import DrawPair
 from modecl.core.tasks import Sample, Task
+
+if TYPE_CHECKING:
+    from modecl.core.config import ContinualSettings
+
+
+@dataclass
+class ReplaySettings:
+    buffer_size: int = 100  # samples kept over all earlier tasks, equal share per task
+    per_batch: int = 8  # buffer samples mixed into each task batch
 
 
 @dataclass
 class Replay(Method):
-    buffer_size: int = 100
-    per_batch: int = 8
+    settings: ReplaySettings = field(default_factory=ReplaySettings)
     seen: dict[str, list[Sample]] = field(default_factory=dict)  # task name -> its samples
     buffer: list[Sample] = field(default_factory=list)
 
-    def setup(self, settings: ContinualSettings) -> None:
-        self.buffer_size = settings.replay.buffer_size
-        self.per_batch = settings.replay.per_batch
+    def configure(self, settings: ContinualSettings, pairs: Sequence[DrawPair] = ()) -> None:
+        self.settings = settings.replay
+        self._fill_buffer()
 
     def mix(self, batch: list[Sample], rng: np.random.Generator) -> list[Sample]:
-        if not self.buffer or self.per_batch == 0:
+        per_batch = self.settings.per_batch
+        if not self.buffer or per_batch == 0:
             return batch
-        take = rng.choice(len(self.buffer), min(self.per_batch, len(self.buffer)), replace=False)
+        take = rng.choice(len(self.buffer), min(per_batch, len(self.buffer)), replace=False)
         return batch + [self.buffer[i] for i in take]
 
     def after_task(self, model: torch.nn.Module, task: Task, loss_fn: LossFn, seed: int) -> None:
@@ -44,7 +55,7 @@ class Replay(Method):
 
     def _fill_buffer(self) -> None:
         """An equal share of the buffer for every task seen so far."""
-        share = self.buffer_size // max(len(self.seen), 1)
+        share = self.settings.buffer_size // max(len(self.seen), 1)
         self.buffer = [s for samples in self.seen.values() for s in samples[:share]]
 
 

@@ -2,4 +2,4 @@
 
 from modecl.core.methods.base import Method
 
-METHOD = Method("seq-lora", kind="lora", policy="token", distill=False)
+METHOD = Method("seq-lora", kind="lora", policy="token")

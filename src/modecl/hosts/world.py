@@ -1,0 +1,276 @@
+"""`modecl train`: a transformers host with task files as a world for the one runner.
+
+A Chameleon / Anole or Emu3 checkpoint loaded with `from_pretrained`, JSONL task files and
+an optional pairs file (:mod:`modecl.hosts.tasks`). After every task the runner measures
+every task's test split; this world adds the inter-modal side: the image-token NLL of the
+test pairs and images drawn from their captions (PNG where the host has a VQ decoder,
+CLIP-scored when a CLIP model is given). The out dir is the runner's
+(:mod:`modecl.core.runner`), plus ``image_tokens.json``: every image file's tokens, so a
+resume tokenizes nothing. CLIP image alignment compares a drawn image with its test pair's
+real image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from torch import nn
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+from modecl.core.adapters import enable_gradient_checkpointing
+from modecl.core.config import ConfigError, to_dict
+from modecl.core.evaluate import image_nll_terms
+from modecl.core.methods import get_method
+from modecl.core.methods.distillation import check_pairs
+from modecl.core.results import Results
+from modecl.core.runner import RunSpec, check_methods, check_run_key, run
+from modecl.core.sequences import DrawPair, left_padded
+from modecl.core.tasks import Task
+from modecl.core.world import Answering, Measured
+from modecl.hosts.clip import ClipAlignment, clip_alignment
+from modecl.hosts.config import TrainConfig
+from modecl.hosts.host import decode_image, draw_image_tokens, image_grid, save_png
+from modecl.hosts.tasks import HostFormat, ImageTokenizer, Pairs, load_image_task, load_pairs
+
+
+def default_accelerator() -> Accelerator:
+    """An Accelerator for this launch: GPUs when present, else CPU processes (gloo).
+
+    accelerate treats a torchrun launch on a machine without GPUs as distributed only when
+    asked for CPU explicitly.
+    """
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def load_host(path: str, dtype: str, device: torch.device) -> tuple[nn.Module, Any]:
+    """The model (eval mode, on `device`) and tokenizer of a local directory or hub id."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype not in dtypes:
+        raise ConfigError(f"host.dtype: {dtype!r} is not one of auto, {', '.join(dtypes)}")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtypes[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load a host model and tokenizer from {path}: {err}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def _image_reader(
+    model: nn.Module, path: str, config: TrainConfig, progress: bool
+) -> ImageTokenizer:
+    size = config.host.image_size
+    if size is None:
+        try:
+            size = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"no image processor at {path} ({err}); set host.image_size to resize instead"
+            ) from None
+    return ImageTokenizer(model, size, config.host.tokenize_batch_size, progress)
+
+
+def _read_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _generation(
+    model: nn.Module,
+    fmt: HostFormat,
+    pairs: Pairs,
+    config: TrainConfig,
+    folder: Path,
+    seed: int,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Draw an image from each test caption; decode, save and CLIP-score where possible.
+
+    Returns the generation entry and the decoded drawings as one row of RGB bytes
+    ``[1, n, H, W, 3]`` for the report (None without a decoder or with mixed sizes)."""
+    ev = config.eval
+    chosen = pairs.test[: ev.draws]
+    generator = torch.Generator(model.device).manual_seed(seed)
+    spans: list[torch.Tensor] = [torch.empty(0)] * len(chosen)
+    for index, ids, mask in left_padded(
+        [fmt.draw_prompt(p) for p in chosen],
+        fmt.pad_id,
+        ev.batch_size,
+        group=[image_grid(fmt.vocab, p.codes) for p in chosen],  # a batch draws one size
+    ):
+        tokens = draw_image_tokens(
+            model,
+            ids.to(model.device),
+            image_grid(fmt.vocab, chosen[index[0]].codes),
+            attention_mask=None if mask is None else mask.to(model.device),
+            temperature=ev.temperature,
+            top_k=ev.top_k,
+            generator=generator,
+        )
+        for i, row in zip(index, tokens.cpu(), strict=True):
+            spans[i] = row
+    drawn, pixels = spans, None
+    out: dict[str, Any] = {"drawn": len(drawn)}
+    if fmt.vocab.family != "emu3":
+        clip = ClipAlignment(unavailable="no VQ decoder for this host in transformers (Chameleon)")
+    else:
+        files = []
+        for i, tokens in enumerate(drawn):
+            image = decode_image(model, tokens[None].to(model.device))[0]
+            files.append(save_png(image, folder / f"{i}.png"))
+        out["images"] = [str(f) for f in files]
+        arrays = [np.asarray(_read_rgb(f)) for f in files]
+        if arrays and len({a.shape for a in arrays}) == 1:
+            pixels = np.stack(arrays)[None]
+        if ev.clip_model is None:
+            clip = ClipAlignment(unavailable="no CLIP model configured (eval.clip_model)")
+        else:
+            images = [_read_rgb(f) for f in files]
+            references = [[_read_rgb(f)] for f in pairs.test_images[: len(files)]]
+            prompts = [p.prompt for p in chosen]
+            clip = clip_alignment(ev.clip_model, images, prompts, references, device=model.device)
+    out["clip"] = clip.to_dict()
+    return out, pixels
+
+
+class HostWorld:
+    """A transformers host, its tasks and pairs (:class:`modecl.core.world.World`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fmt: HostFormat,
+        tasks: list[Task],
+        pairs: Pairs | None,
+        config: TrainConfig,
+    ) -> None:
+        self.model, self.format, self._tasks, self.pairs, self.config = (
+            model,
+            fmt,
+            tasks,
+            pairs,
+            config,
+        )
+        self.answering = Answering(config.eval.max_new_tokens, config.eval.batch_size)
+
+    @property
+    def host(self) -> nn.Module:
+        return self.model
+
+    def tasks(self) -> list[Task]:
+        return self._tasks
+
+    def distill_pairs(self) -> Sequence[DrawPair]:
+        return self.pairs.train if self.pairs else []
+
+    def probe_pairs(self, size: int) -> Sequence[DrawPair]:
+        return self.pairs.test[:size] if self.pairs else []
+
+    def measure(
+        self, model: nn.Module, seed: int, images: Path, rank: int, processes: int, gather: Any
+    ) -> Measured:
+        """Image-token NLL of the test pairs (shared out), drawings and CLIP (main process)."""
+        pairs, ev = self.pairs, self.config.eval
+        if pairs is None or not pairs.test:
+            return Measured()
+        terms = gather(
+            [image_nll_terms(model, self.format, pairs.test[rank::processes], ev.batch_size)]
+        )
+        measures: dict[str, Any] = {
+            "image_nll": sum(t for t, _ in terms) / max(sum(n for _, n in terms), 1)
+        }
+        if rank > 0:
+            return Measured(measures)
+        generation, pixels = _generation(model, self.format, pairs, self.config, images, seed)
+        clip = generation["clip"]
+        measures |= {
+            "generation": generation,
+            "clip_image_alignment": clip.get("image_alignment"),
+            "clip_text_alignment": clip.get("text_alignment"),
+        }
+        return Measured(measures, pixels)
+
+    def describe(self) -> dict[str, Any]:
+        return {"host": {"family": self.format.vocab.family, "dtype": str(self.model.dtype)}}
+
+
+def train_run(
+    model_path: str,
+    task_files: list[Path],
+    methods: list[str] | str,
+    out: Path,
+    *,
+    kd_data: Path | None = None,
+    config: TrainConfig | None = None,
+    seeds: int = 1,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+) -> Results:
+    """Train every method of `methods` through `task_files` on the host at `model_path`,
+    over `seeds` seeds from `config.seed` on; writes the out dir and returns results.json."""
+    config = config or TrainConfig()
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    check_methods(methods)
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if not task_files:
+        raise ConfigError("a run needs at least one task file")
+    # Everything that can be checked without the model, before minutes of loading it.
+    for file in [*task_files, *([kd_data] if kd_data else [])]:
+        if not Path(file).is_file():
+            raise ConfigError(f"{file}: file not found")
+    names = [Path(f).stem for f in task_files]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"task names (the files' stems) repeat: {names}")
+    for key in ("scoring", "answer_sets"):
+        unknown = sorted(set(getattr(config, key)) - set(names))
+        if unknown:
+            raise ConfigError(f"{key} names unknown tasks {unknown}; the tasks are {names}")
+    distilling = [m for m in methods if get_method(m).needs_pairs]
+    if distilling and kd_data is None:
+        raise ConfigError(f"method(s) {distilling} distil: give --kd-data with train pairs")
+    spec = RunSpec(
+        methods=methods,
+        seeds=[config.seed + i for i in range(seeds)],
+        continual=config.continual,
+        front="train",
+        config=to_dict(config),
+        inputs={
+            "model": str(model_path),
+            "tasks": [str(f) for f in task_files],
+            "kd_data": None if kd_data is None else str(kd_data),
+        },
+    )
+    out = Path(out)
+    check_run_key(out, spec)
+    accelerator = accelerator or default_accelerator()
+    main = accelerator.is_main_process
+    model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
+    fmt = HostFormat.from_model(model, tokenizer)
+    images = _image_reader(model, model_path, config, progress and main)
+    images.load(out / "image_tokens.json")  # a resumed run tokenizes no image again
+    tasks = [
+        load_image_task(f, images, scoring=config.scoring.get(n), answers=config.answer_sets.get(n))
+        for f, n in zip(task_files, names, strict=True)
+    ]
+    if config.eval.max_test_samples is not None:
+        for task in tasks:
+            task.test = task.test[: config.eval.max_test_samples]
+    pairs = None if kd_data is None else load_pairs(kd_data, images)
+    if distilling:
+        try:
+            check_pairs(distilling[0], len(pairs.train), config.continual.distill.batch_size)
+        except ValueError as err:
+            raise ConfigError(f"{kd_data}: {err}") from None
+    if main:
+        images.save(out / "image_tokens.json")
+    if config.host.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    world = HostWorld(model, fmt, tasks, pairs, config)
+    return run(world, spec, out, accelerator=accelerator, progress=progress)
