@@ -67,7 +67,7 @@ def train(accelerator, method_name: str = "mode") -> dict:
 
 
 if __name__ == "__main__":
-    from modecl.hosts.run import default_accelerator
+    from modecl.hosts.world import default_accelerator
 
     accelerator = default_accelerator()
     result = train(accelerator, *sys.argv[2:3])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from modecl.cli import main
+from modecl.core.results import read_results
 from tests.ddp_worker import train
 from tests.test_hf_train import CONFIG
 from tests.tiny_hosts import write_host, write_tasks
@@ -64,15 +66,14 @@ def test_modecl_train_under_torchrun_matches_one_process(tmp_path):
         timeout=280,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
-    assert two["accuracy_matrix"] == one["accuracy_matrix"]
-    for a, b in zip(two["stages"], one["stages"], strict=True):
-        assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
-        assert a["image_nll"] == pytest.approx(b["image_nll"], rel=1e-5)
-        assert a["generation"]["drawn"] == b["generation"]["drawn"] == 2
+    one, two = (read_results(tmp_path / d / "results.json").mean for d in ("one", "two"))
+    assert two.methods["mode"].accuracy_matrix == one.methods["mode"].accuracy_matrix
+    pairs = zip(two.methods["mode"].stages, one.methods["mode"].stages, strict=True)
+    for a, b in pairs:
+        assert a.final_loss == pytest.approx(b.final_loss, rel=1e-5)
+        assert a.measures["image_nll"] == pytest.approx(b.measures["image_nll"], rel=1e-5)
+        assert a.measures["generation"]["drawn"] == b.measures["generation"]["drawn"] == 2
     for stage in ("stage1", "stage2"):
-        answers = [
-            json.loads((tmp_path / d / "checkpoints" / stage / "stage.json").read_text())["answers"]
-            for d in ("one", "two")
-        ]
+        path = pathlib.Path("checkpoints", "seed0", "mode", stage, "stage.json")
+        answers = [json.loads((tmp_path / d / path).read_text())["answers"] for d in ("one", "two")]
         assert answers[0] == answers[1]

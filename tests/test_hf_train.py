@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 import shutil
 
 import pytest
@@ -16,11 +17,12 @@ from modecl.core.adapters import adapter_state_dict, attach_adapters, load_adapt
 from modecl.core.config import load_toml
 from modecl.core.evaluate import answer
 from modecl.core.methods import get_method
+from modecl.core.results import read_results
 from modecl.core.sequences import IGNORE, DrawPair, understand
 from modecl.core.tasks import Sample, TaskFileError
 from modecl.hosts.config import TrainConfig
-from modecl.hosts.run import load_host
 from modecl.hosts.tasks import HostFormat, ImageTokenizer, load_image_task, load_pairs
+from modecl.hosts.world import load_host
 from tests.test_clip_score import write_tiny_clip
 from tests.test_hf_host import HOSTS, image_tokens, pixels, understand_prompt
 from tests.tiny_hosts import tokenizer, write_host, write_tasks
@@ -54,10 +56,10 @@ def setup(tmp_path_factory):
     return {"root": root, "hosts": hosts, "files": files, "pairs": pairs, "config": config}
 
 
-def train(setup, family, method, out, *extra):
+def train(setup, family, methods, out, *extra):
     argv = ["train", "--model", str(setup["hosts"][family]), "--tasks"]
     argv += [str(f) for f in setup["files"]]
-    argv += ["--method", method, "--out", str(out), "--kd-data", str(setup["pairs"])]
+    argv += ["--methods", methods, "--out", str(out), "--kd-data", str(setup["pairs"])]
     return main([*argv, "--config", str(setup["config"]), *extra])
 
 
@@ -70,40 +72,63 @@ def reloaded(setup, family, method, adapters):
     return model, HostFormat.from_model(model, tok)
 
 
-@pytest.mark.parametrize("method", ["mode", "seq-lora"])
-@pytest.mark.parametrize("family", list(HOSTS))
-def test_train_end_to_end(setup, family, method, tmp_path):
-    assert train(setup, family, method, tmp_path) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["schema"] == "modecl.train/1"
-    assert results["task_names"] == ["color", "shape"]
-    assert results["scoring"] == {"color": "exact", "shape": "choice"}
-    matrix = results["accuracy_matrix"]
-    assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
-    assert all(0 <= v <= 1 for row in matrix for v in row)
-    assert results["final_average_accuracy"] == pytest.approx(sum(matrix[-1]) / 2)
-    assert results["bwt"] == pytest.approx(matrix[1][0] - matrix[0][0])
-    assert "report.md" in {p.name for p in tmp_path.iterdir()}
-    for stage in [results["pretrained"], *results["stages"]]:
-        assert stage["image_nll"] > 0
-        assert stage["generation"]["drawn"] == 2
-        clip = stage["generation"]["clip"]
-        if family == "emu3":  # decoded to PNG and scored by the tiny CLIP
-            assert clip["status"] == "ok"
-            assert -1 <= clip["image_alignment"] <= 1 and -1 <= clip["text_alignment"] <= 1
-            assert len(stage["generation"]["images"]) == 2
-        else:
-            assert clip["status"] == "unavailable" and "decoder" in clip["reason"]
-    for stage in results["stages"]:
-        assert stage["final_loss"] < math.log(64)  # below chance over the 64-id vocabulary
-        assert stage["conflict"]["steps"] == 1  # monitored: step 0 of 2 per epoch, every 10
-        assert len(stage["losses"]) == 8  # 4 epochs of 2 batches
-        assert len(stage["kd_losses"]) == (8 if method == "mode" else 0)
-    assert (tmp_path / "figures" / "losses.png").stat().st_size > 0
+@pytest.fixture(scope="module", params=list(HOSTS))
+def two_methods_two_seeds(request, setup, tmp_path_factory):
+    """`modecl train --methods mode,seq-lora --seeds 2` on one tiny host."""
+    out = tmp_path_factory.mktemp(f"run-{request.param}")
+    assert train(setup, request.param, "mode,seq-lora", out, "--seeds", "2") == 0
+    return request.param, out
 
-    # The saved adapters, reloaded into a fresh host, give the answers the run recorded.
-    last = tmp_path / "checkpoints" / "stage2"
-    model, fmt = reloaded(setup, family, method, last / "adapters")
+
+def test_train_end_to_end(setup, two_methods_two_seeds):
+    family, out = two_methods_two_seeds
+    results = read_results(out / "results.json")
+    assert results.schema == "modecl.results/2" and results.front == "train"
+    assert results.tasks == ["color", "shape"] and results.seeds == [0, 1]
+    assert results.scoring == {"color": "exact", "shape": "choice"}
+    assert set(results.mean.methods) == {"mode", "seq-lora"} and results.std is not None
+    for seed in results.per_seed:
+        for name, entry in seed.methods.items():
+            matrix = entry.accuracy_matrix
+            assert len(matrix) == 2 and all(0 <= v <= 1 for row in matrix for v in row)
+            assert entry.summary["final_average_accuracy"] == pytest.approx(sum(matrix[-1]) / 2)
+            assert entry.summary["bwt"] == pytest.approx(matrix[1][0] - matrix[0][0])
+            # The open-ended color task has no closed answer set; the multiple-choice one has.
+            assert all(
+                row[0] is None and 0 <= row[1] <= 1 for row in entry.constrained_accuracy_matrix
+            )
+            for stage in entry.stages:
+                assert stage.final_loss < math.log(64)  # below chance over the 64-id vocabulary
+                assert stage.conflict["steps"] == 1  # monitored: step 0 of 2 per epoch, every 10
+                assert len(stage.losses["ce"]) == 8  # 4 epochs of 2 batches
+                assert len(stage.losses.get("kd", [])) == (8 if name == "mode" else 0)
+    final = [s.methods["mode"].summary["final_average_accuracy"] for s in results.per_seed]
+    assert results.mean.methods["mode"].summary["final_average_accuracy"] == pytest.approx(
+        sum(final) / 2
+    )
+    for stage in [results.mean.pretrained, *results.per_seed[1].methods["mode"].stages]:
+        assert stage.measures["image_nll"] > 0
+        generation = stage.measures["generation"]
+        assert generation["drawn"] == 2
+        if family == "emu3":  # decoded to PNG and scored by the tiny CLIP
+            assert generation["clip"]["status"] == "ok"
+            assert -1 <= stage.measures["clip_image_alignment"] <= 1
+            assert len(generation["images"]) == 2
+        else:
+            assert generation["clip"]["status"] == "unavailable"
+            assert "decoder" in generation["clip"]["reason"]
+    report = (out / "report.md").read_text()
+    for figure in ("accuracy_matrices", "constrained_accuracy_matrices", "losses", "conflict"):
+        assert f"figures/{figure}.png" in report and (out / "figures" / f"{figure}.png").exists()
+    assert "## Gradient conflict" in report and "| mode | " in report
+    if family == "emu3":
+        assert (out / "figures" / "samples_mode.png").exists() and "CLIP image" in report
+
+
+def test_saved_adapters_reproduce_the_recorded_answers(setup, two_methods_two_seeds):
+    family, out = two_methods_two_seeds
+    last = out / "checkpoints" / "seed1" / "mode" / "stage2"
+    model, fmt = reloaded(setup, family, "mode", last / "adapters")
     trained = adapter_state_dict(model)
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
     recorded = json.loads((last / "stage.json").read_text())["answers"]
@@ -114,32 +139,72 @@ def test_train_end_to_end(setup, family, method, tmp_path):
         assert answers == recorded[task.name]
 
 
-def test_resume_gives_the_same_results(setup, tmp_path):
-    assert train(setup, "chameleon", "mode", tmp_path) == 0
-    first = json.loads((tmp_path / "results.json").read_text())
-    shutil.rmtree(tmp_path / "checkpoints" / "stage2")  # as if it crashed in the last task
-    (tmp_path / "results.json").unlink()
-    tokens = json.loads((tmp_path / "image_tokens.json").read_text())
-    assert len(tokens) == 12  # every image file once
-    shutil.rmtree(setup["root"] / "data" / "images", ignore_errors=False)
+def test_a_run_killed_between_stages_resumes_to_the_same_results(
+    setup, two_methods_two_seeds, tmp_path
+):
+    family, first = two_methods_two_seeds
+    shutil.copytree(first, tmp_path / "run")
+    out = tmp_path / "run"
+    # As if killed in seed 1's seq-lora second task: that stage and the results are missing.
+    shutil.rmtree(out / "checkpoints" / "seed1" / "seq-lora" / "stage2")
+    (out / "results.json").unlink()
+    assert len(json.loads((out / "image_tokens.json").read_text())) == 12  # every image once
+    if family == "chameleon":  # (Emu3's CLIP scoring reads the real test images)
+        shutil.rmtree(setup["root"] / "data" / "images")
     try:  # the resumed run reads the images' tokens back, not the images
-        assert train(setup, "chameleon", "mode", tmp_path) == 0
+        assert train(setup, family, "mode,seq-lora", out, "--seeds", "2") == 0
     finally:
         write_tasks(setup["root"] / "data")
-    again = json.loads((tmp_path / "results.json").read_text())
-    assert again["accuracy_matrix"] == first["accuracy_matrix"]
-    (tmp_path / "report.md").unlink()
-    assert main(["report", str(tmp_path)]) == 0  # rebuilt from results.json
-    assert "| after | color | shape |" in (tmp_path / "report.md").read_text()
-    for a, b in zip(again["stages"], first["stages"], strict=True):
-        assert a["image_nll"] == b["image_nll"]
-        assert a["final_loss"] == b["final_loss"]
+    again, before = read_results(out / "results.json"), read_results(first / "results.json")
+    for a, b in zip(again.per_seed, before.per_seed, strict=True):
+        for name in ("mode", "seq-lora"):
+            assert a.methods[name].accuracy_matrix == b.methods[name].accuracy_matrix
+            for x, y in zip(a.methods[name].stages, b.methods[name].stages, strict=True):
+                assert (x.measures["image_nll"], x.losses) == (y.measures["image_nll"], y.losses)
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0  # rebuilt from results.json
+    assert "| after | color | shape |" in (out / "report.md").read_text()
 
 
 def test_resume_refuses_another_configuration(setup, tmp_path, capsys):
     assert train(setup, "chameleon", "seq-lora", tmp_path) == 0
-    assert train(setup, "chameleon", "mode", tmp_path) == 2
-    assert "started differently" in capsys.readouterr().err
+    other = setup["config"].read_text().replace("lr = 0.02", "lr = 0.03")
+    (tmp_path / "other.toml").write_text(other)
+    assert (
+        train(setup, "chameleon", "seq-lora", tmp_path, "--config", str(tmp_path / "other.toml"))
+        == 2
+    )
+    assert "other settings" in capsys.readouterr().err
+    assert train(setup, "chameleon", "seq-lora,lwf", tmp_path) == 0  # more methods extend it
+
+
+def test_a_load_failure_leaves_the_out_dir_unclaimed(setup, tmp_path, capsys):
+    """A mistyped --model or a bad dtype stop before the run key is written: the corrected
+    command then runs in the same out dir."""
+    argv = ["train", "--model", str(tmp_path / "typo"), "--tasks", *map(str, setup["files"])]
+    argv += ["--methods", "seq-lora", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--config", str(setup["config"])]) == 2
+    assert "cannot load a host model" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "run.json").exists()
+    assert train(setup, "chameleon", "seq-lora", tmp_path / "out") == 0
+
+
+def test_too_few_pairs_for_a_distillation_batch_are_refused_before_training(
+    setup, tmp_path, capsys
+):
+    config = (
+        setup["config"]
+        .read_text()
+        .replace("[continual.distill]\nbatch_size = 4", "[continual.distill]\nbatch_size = 9")
+    )
+    (tmp_path / "big.toml").write_text(config)
+    assert (
+        train(setup, "chameleon", "mode", tmp_path / "out", "--config", str(tmp_path / "big.toml"))
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "pairs.jsonl" in err and "only 8 training pairs" in err and "batch_size" in err
+    assert not (tmp_path / "out" / "run.json").exists()
 
 
 def test_gradient_checkpointing_trains_the_same(setup, tmp_path):
@@ -150,15 +215,16 @@ def test_gradient_checkpointing_trains_the_same(setup, tmp_path):
     ckpt = ["--config", str(tmp_path / "ckpt.toml")]  # the later --config wins
     assert train(setup, "chameleon", "mode", checkpointed, *ckpt) == 0
     for stage in ("stage1", "stage2"):
-        a = json.loads((plain / "checkpoints" / stage / "stage.json").read_text())
-        b = json.loads((checkpointed / "checkpoints" / stage / "stage.json").read_text())
-        assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-5)
+        path = pathlib.Path("checkpoints", "seed0", "mode", stage, "stage.json")
+        a = json.loads((plain / path).read_text())
+        b = json.loads((checkpointed / path).read_text())
+        assert b["stage"]["final_loss"] == pytest.approx(a["stage"]["final_loss"], rel=1e-5)
         assert b["answers"] == a["answers"]
 
 
 def test_cli_errors(setup, tmp_path, capsys):
     assert train(setup, "chameleon", "no-such-method", tmp_path / "a") == 2
-    assert "unknown method 'no-such-method'" in capsys.readouterr().err
+    assert "unknown method(s) ['no-such-method']" in capsys.readouterr().err
     argv = ["train", "--model", str(tmp_path / "nowhere"), "--tasks", str(setup["files"][0])]
     assert main([*argv, "--method", "seq-lora", "--out", str(tmp_path / "b")]) == 2
     assert "cannot load a host model and tokenizer from" in capsys.readouterr().err
@@ -170,7 +236,10 @@ def test_cli_errors(setup, tmp_path, capsys):
     assert "task names (the files' stems) repeat" in capsys.readouterr().err
     argv = ["train", "--model", "nowhere", "--tasks", str(setup["files"][0])]
     assert main([*argv, "--method", "lwf", "--out", str(tmp_path / "e")]) == 2
-    assert "method 'lwf' distils: give --kd-data" in capsys.readouterr().err
+    assert "method(s) ['lwf'] distil: give --kd-data" in capsys.readouterr().err
+    argv = ["train", "--model", "nowhere", "--tasks", str(setup["files"][0])]
+    assert main([*argv, "--methods", "seq-lora,seq-lora", "--out", str(tmp_path / "f")]) == 2
+    assert "methods repeat" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +357,8 @@ def test_bfloat16_host_with_float32_adapters(setup, family, tmp_path):
     (tmp_path / "bf16.toml").write_text(config)
     out = tmp_path / "out"
     assert train(setup, family, "mode", out, "--config", str(tmp_path / "bf16.toml")) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert all(math.isfinite(s["image_nll"]) and s["final_loss"] < 5 for s in results["stages"])
-    saved = load_file(out / "checkpoints" / "stage2" / "adapters" / "adapters.safetensors")
+    stages = read_results(out / "results.json").mean.methods["mode"].stages
+    assert all(math.isfinite(s.measures["image_nll"]) and s.final_loss < 5 for s in stages)
+    adapters = out / "checkpoints" / "seed0" / "mode" / "stage2" / "adapters"
+    saved = load_file(adapters / "adapters.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}

@@ -9,9 +9,9 @@ import torch
 from modecl.core.adapters import attach_adapters, pass_kind, trainable_parameters
 from modecl.core.config import ContinualSettings, from_dict
 from modecl.core.methods import METHOD_NAMES, get_method
+from modecl.core.methods.distillation import distill_loss
 from modecl.core.sequences import IGNORE, DrawPair, collate, next_token_loss
 from modecl.core.tasks import Task
-from modecl.core.methods.distillation import distill_loss
 from modecl.core.train import train_task, understand_loss
 from modecl.digits.format import understand_example
 from modecl.digits.model import build_model
