@@ -64,6 +64,51 @@ def test_cache_key_covers_the_worlds_texts(monkeypatch, module, name, value):
     assert cache_key(DigitsConfig()) != base
 
 
+@pytest.mark.parametrize(
+    ("cls", "text", "message"),
+    [
+        (
+            RunConfig,
+            '[continual.distill]\naverage_over = "imgae"',
+            "continual.distill.average_over: 'imgae' is not one of 'image', 'attended', 'all'",
+        ),
+        (
+            TrainConfig,
+            "[continual.distill]\naverage_over = 1",
+            "continual.distill.average_over: 1 is not one of 'image', 'attended', 'all'",
+        ),
+        (
+            TrainConfig,
+            '[host]\ndtype = "float16"',
+            "host.dtype: 'float16' is not one of 'auto', 'float32', 'bfloat16'",
+        ),
+    ],
+)
+def test_choices_are_checked_at_load(tmp_path, cls, text, message):
+    path = tmp_path / "config.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as error:
+        load_toml(cls, path)
+    assert str(error.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("cls", "section", "key", "value"),
+    [
+        (RunConfig, "continual.distill", "average_over", "all"),
+        (TrainConfig, "continual.distill", "average_over", "attended"),
+        (TrainConfig, "host", "dtype", "bfloat16"),
+    ],
+)
+def test_valid_choices_load(tmp_path, cls, section, key, value):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[{section}]\n{key} = "{value}"\n')
+    table = load_toml(cls, path)
+    for part in section.split("."):
+        table = getattr(table, part)
+    assert getattr(table, key) == value
+
+
 def test_shipped_train_config_is_the_papers_schedule():
     config = load_toml(TrainConfig, ROOT / "configs" / "train-anole.toml")
     train = config.continual.train

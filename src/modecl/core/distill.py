@@ -7,11 +7,9 @@ the loss and the helper that picks the positions it is averaged over.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-AverageOver = Literal["image", "attended", "all"]
+from modecl.core.config import AverageOver
 
 
 def kd_mask(
