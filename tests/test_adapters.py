@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 
 import pytest
@@ -420,6 +421,31 @@ def test_expert_shares_cover_routed_tokens_only(tokens, kind, routed):
 def test_errors(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize(
+    ("kind", "routing", "accepted"),
+    [
+        ("mode", "task", True),
+        ("mode", "sample", True),
+        ("mode-text-lora", "task", True),
+        ("mode-text-lora", "sample", True),
+        ("lora", "task", False),
+        ("lora", "sample", False),
+        ("moe-lora", "task", False),
+        ("moe-lora", "sample", False),
+    ],
+)
+def test_routing_policies_need_a_kind_that_splits_modality(kind, routing, accepted):
+    if accepted:
+        assert AdapterConfig(kind=kind, routing=routing).routing == routing
+        return
+    expected = (
+        f"routing: '{routing}' is only for kinds that split modality ('mode', 'mode-text-lora'); "
+        f"kind '{kind}' has one branch, so routing must be 'token'"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        AdapterConfig(kind=kind, routing=routing)
 
 
 def test_plain_lora_needs_no_image_tokens():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from modecl.core.config import ConfigError, load_toml, to_dict
+from modecl.digits import data, pretrain, tasks
 from modecl.digits.config import DigitsConfig, RunConfig
+from modecl.digits.pretrain import cache_key
+from modecl.digits.tasks import TaskRule
 from modecl.hosts.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,12 +31,82 @@ def test_missing_file_and_bad_toml_name_the_file(tmp_path):
 
 
 def test_cache_key_follows_what_shapes_the_weights():
-    base = DigitsConfig()
-    assert base.cache_key() == DigitsConfig().cache_key()
-    assert DigitsConfig(seed=1).cache_key() != base.cache_key()
+    base = cache_key(DigitsConfig())
+    assert base == cache_key(DigitsConfig())
+    assert cache_key(DigitsConfig(seed=1)) != base
     gate_only = DigitsConfig()
     gate_only.gate.captioning = 0.5
-    assert gate_only.cache_key() == base.cache_key()
+    assert cache_key(gate_only) == base
+
+
+def _renamed_rule(rule: str, question: str) -> dict[str, TaskRule]:
+    rules = dict(tasks.TASK_RULES)
+    rules[rule] = dataclasses.replace(rules[rule], question=question)
+    return rules
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "value"),
+    [
+        (data, "DIGIT_WORDS", ("nil", *data.DIGIT_WORDS[1:])),
+        (tasks, "DIGIT_WORDS", ("nil", *data.DIGIT_WORDS[1:])),
+        (tasks, "NUMBER_WORDS", (*tasks.NUMBER_WORDS[:-1], "dozen")),
+        (tasks, "CAPTION_QUESTION", "which digit is shown"),
+        (tasks, "DRAW_PROMPT", "paint a {}"),
+        (tasks, "TASK_RULES", _renamed_rule("parity", "is this digit odd or even")),
+        (pretrain, "FORMAT_VERSION", pretrain.FORMAT_VERSION + 1),
+    ],
+)
+def test_cache_key_covers_the_worlds_texts(monkeypatch, module, name, value):
+    """A changed word, question or template, or a new format version, is a new host."""
+    base = cache_key(DigitsConfig())
+    monkeypatch.setattr(module, name, value)
+    assert cache_key(DigitsConfig()) != base
+
+
+@pytest.mark.parametrize(
+    ("cls", "text", "message"),
+    [
+        (
+            RunConfig,
+            '[continual.distill]\naverage_over = "imgae"',
+            "continual.distill.average_over: 'imgae' is not one of 'image', 'attended', 'all'",
+        ),
+        (
+            TrainConfig,
+            "[continual.distill]\naverage_over = 1",
+            "continual.distill.average_over: 1 is not one of 'image', 'attended', 'all'",
+        ),
+        (
+            TrainConfig,
+            '[host]\ndtype = "float16"',
+            "host.dtype: 'float16' is not one of 'auto', 'float32', 'bfloat16'",
+        ),
+    ],
+)
+def test_choices_are_checked_at_load(tmp_path, cls, text, message):
+    path = tmp_path / "config.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as error:
+        load_toml(cls, path)
+    assert str(error.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("cls", "section", "key", "value"),
+    [
+        (RunConfig, "continual.distill", "average_over", "all"),
+        (TrainConfig, "continual.distill", "average_over", "attended"),
+        (TrainConfig, "host", "dtype", "bfloat16"),
+    ],
+)
+def test_valid_choices_load(tmp_path, cls, section, key, value):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[{section}]\n{key} = "{value}"\n')
+    table = load_toml(cls, path)
+    for part in section.split("."):
+        table = getattr(table, part)
+    assert getattr(table, key) == value
 
 
 def test_shipped_train_config_is_the_papers_schedule():

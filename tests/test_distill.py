@@ -130,6 +130,28 @@ def test_temperature_squared_scaling():
         assert got.item() == pytest.approx(temperature**2 * raw_kl.item(), rel=1e-5)
 
 
+def _published_kd(teacher, student, top_k, temperature=2.0):
+    """The paper's code, transcribed: logits / T, then / T again inside its KL, on the
+    teacher's top-K support renormalised, scaled by T^2, mean over every position."""
+    teacher, student = teacher / temperature, student / temperature  # the training step
+    support = teacher.topk(top_k, dim=-1).indices  # the KL function from here on
+    p = torch.softmax(teacher.gather(-1, support) / temperature, dim=-1)
+    log_q = torch.log_softmax(student.gather(-1, support) / temperature, dim=-1)
+    kl = (p * (p.log() - log_q)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+def test_documented_mapping_to_the_papers_code():
+    teacher, student = _logits(2, 6, 40, seed=25), _logits(2, 6, 40, seed=26)
+    expected = _published_kd(teacher, student, top_k=8).item()
+    assert "topk_kl(teacher_logits / 2, student_logits / 2, temperature=2.0)" in topk_kl.__doc__
+    halved = topk_kl(teacher / 2, student / 2, temperature=2.0, top_k=8)
+    assert halved.item() == pytest.approx(expected, rel=1e-5)
+    assert "topk_kl(teacher_logits, student_logits, temperature=4.0) / 4" in topk_kl.__doc__
+    at_four = topk_kl(teacher, student, temperature=4.0, top_k=8)
+    assert at_four.item() / 4 == pytest.approx(expected, rel=1e-5)
+
+
 def test_bf16_input_is_computed_in_float32():
     teacher = _logits(2, 8, 64, seed=17).bfloat16()
     student = _logits(2, 8, 64, seed=18).bfloat16().requires_grad_(True)

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from modecl.core.adapters import attach_adapters, pass_kind, trainable_parameters
+from modecl.core.adapters import (
+    adapters_off,
+    attach_adapters,
+    lm_logits,
+    pass_kind,
+    trainable_parameters,
+)
 from modecl.core.config import ContinualSettings, from_dict
 from modecl.core.methods import METHOD_NAMES, get_method
 from modecl.core.methods.distillation import distill_loss
@@ -179,3 +185,25 @@ def test_replay_batches_contain_old_tasks_samples(world, two_tasks):
         first.train[0].question,
         second.train[0].question,
     }
+
+
+def test_the_distillation_teacher_is_the_host_without_dropout(world, pairs):
+    """A host with attention dropout (Emu3's text config has 0.1) trains in train mode; the
+    teacher's logits must still be the deterministic host's, and the mode is kept."""
+    model = fresh_model(world)
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    attach_adapters(model, get_method("mode").adapter_config(SETTINGS))
+    batch = collate([world.format.draw_example(p) for p in pairs[:4]], world.format.pad_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    model.train()
+    torch.manual_seed(0)
+    distill_loss(model, world.format, pairs[:4], SETTINGS.distill)
+    hook.remove()
+    assert model.training
+    model.eval()
+    with torch.no_grad(), adapters_off(model):
+        host = lm_logits(model, **inputs)
+    assert torch.equal(seen[0], host)  # the first head call of the loss is the teacher's

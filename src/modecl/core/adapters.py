@@ -42,6 +42,9 @@ routing policy and the pass kind decide the forced branch::
     student     per token  image                   image
     teacher     adapters off, whatever the policy
 
+`task` and `sample` apply only to kinds that split modality (mode, mode-text-lora); a
+one-branch kind (lora, moe-lora) takes `token` only, and any other policy is refused.
+
 Public API::
 
     AdapterConfig(kind="mode", rank=8, alpha=16.0, dropout=0.05, num_experts=4,
@@ -135,6 +138,12 @@ class AdapterConfig:
             raise ValueError(f"unknown adapter kind {self.kind!r}; expected one of {KINDS}")
         if self.routing not in POLICIES:
             raise ValueError(f"unknown routing policy {self.routing!r}; expected one of {POLICIES}")
+        if self.routing != "token" and not self.splits_modality:
+            splitting = tuple(k for k in KINDS if AdapterConfig(kind=k).splits_modality)
+            raise ValueError(
+                f"routing: {self.routing!r} is only for kinds that split modality {splitting}; "
+                f"kind {self.kind!r} has one branch, so routing must be 'token'"
+            )
         if self.rank <= 0:
             raise ValueError(f"rank must be positive, got {self.rank}")
         if self.num_experts < 1:

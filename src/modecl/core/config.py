@@ -1,8 +1,8 @@
 """Typed configuration: nested dataclasses loaded strictly from TOML.
 
 Every section is a dataclass; a TOML file may set any subset of the fields. An unknown
-key or a value of the wrong type stops with one message naming the file and the key
-path (``pretrain.epochs``), before any work starts.
+key, a value of the wrong type or a value outside a ``Literal`` field's choices stops with
+one message naming the file and the key path (``pretrain.epochs``), before any work starts.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from modecl.core.methods.distillation import DistillSettings
 from modecl.core.methods.ewc import EWCSettings
@@ -44,6 +44,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
     if origin is dict:
         key_type, item = typing.get_args(tp)
         if not isinstance(value, dict):

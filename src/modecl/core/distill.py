@@ -73,10 +73,14 @@ def topk_kl(
     still attached to the student's graph. Tokens where the teacher has probability 0
     (e.g. logits masked to ``-inf``) contribute 0. The teacher is detached.
 
-    ``T`` is applied once. The paper's published code divides the logits by ``T`` twice
-    (effective temperature 4 with ``T = 2``); pass ``temperature=4.0`` to reproduce that.
-    The project averages over image-token positions by default, the published code over
-    every position including padding; see :func:`kd_mask` for both.
+    ``T`` is applied once. The paper's published code divides the logits by ``T = 2``
+    twice (effective temperature 4) but scales by ``T^2 = 4``, and averages over every
+    position. Its loss is exactly
+    ``topk_kl(teacher_logits / 2, student_logits / 2, temperature=2.0)``, or equally
+    ``topk_kl(teacher_logits, student_logits, temperature=4.0) / 4`` (``mask=None``);
+    ``temperature=4.0`` alone gives 4x its loss (in a config: temperature 4.0 with
+    weight 0.3 / 4 = 0.075). The project averages over image-token positions by default;
+    see :func:`kd_mask` for both.
 
     Memory: masked positions are selected first, so padding costs nothing. The teacher's
     full-vocabulary rows are read ``chunk_size`` positions at a time; only the gathered

@@ -37,7 +37,8 @@ SUMMARY = (
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -236,17 +237,22 @@ def conflict_rows(results: Results) -> list[str]:
     return rows
 
 
+CONFLICT_COLUMNS = 3  # methods per row: about 1,200 px wide at the saved dpi
+
+
 def plot_conflict(series: list[dict], path: Path) -> None:
-    """A column per method: cumulative predicted vs measured ΔL_image, and cosines, per step."""
+    """Per method, two stacked panels over the monitored steps: cumulative predicted vs
+    measured ΔL_image, and cosines; methods fill a grid of ``CONFLICT_COLUMNS`` per row."""
     seed = series[0]["seed"]
     names = list(dict.fromkeys(s["method"] for s in series))
-    fig, axes = plt.subplots(
-        2, len(names), figsize=(3.4 * len(names), 5.2), squeeze=False, sharex="col"
-    )
-    for col, name in enumerate(names):
+    cols = min(CONFLICT_COLUMNS, len(names))
+    rows = -(-len(names) // cols)
+    fig = plt.figure(figsize=(3.6 * cols, 4.4 * rows), layout="constrained")
+    panels = fig.subfigures(rows, cols, squeeze=False, hspace=0.04, wspace=0.02)
+    for cell, (name, panel) in enumerate(zip(names, panels.flat, strict=False)):
         steps = [s for s in series if s["method"] == name and s["seed"] == seed]
         x = np.arange(len(steps))
-        top, bottom = axes[0, col], axes[1, col]
+        top, bottom = panel.subplots(2, 1, sharex=True)
         for key, label, style in (
             ("predicted", "predicted <g_I, Δθ>", "-"),
             ("measured", "measured", "-"),
@@ -266,7 +272,7 @@ def plot_conflict(series: list[dict], path: Path) -> None:
                 bottom.axvline(i - 0.5, color="grey", ls=":", lw=0.8)
         top.set_title(name, fontsize=9)
         bottom.set_xlabel("monitored step (all tasks)", fontsize=8)
-        if col == 0:
+        if cell % cols == 0:
             top.set_ylabel("cumulative ΔL_image", fontsize=8)
             bottom.set_ylabel("cos(g_image, g_text)", fontsize=8)
         top.legend(fontsize=6)

@@ -1,12 +1,10 @@
-"""The digits benchmark's configuration: its host model (the pre-training cache key) and a run."""
+"""The digits benchmark's configuration: its host model and a run."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 
-from modecl.core.config import ContinualSettings, to_dict
+from modecl.core.config import ContinualSettings
 
 
 @dataclass
@@ -64,7 +62,7 @@ class GateConfig:
 
 @dataclass
 class DigitsConfig:
-    """Everything that defines the embedded digits host model (its cache key)."""
+    """Every setting of the embedded digits host model (keyed by ``pretrain.cache_key``)."""
 
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -74,12 +72,6 @@ class DigitsConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     spatial_margin: float = 0.1  # |top - bottom| ink below this share of all ink: ambiguous
-
-    def cache_key(self) -> str:
-        """Hash of what determines the pre-trained weights (not gate or sampling)."""
-        keyed = {k: v for k, v in to_dict(self).items() if k not in ("gate", "generation")}
-        blob = json.dumps(keyed, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass

@@ -11,12 +11,14 @@ Four streams, mixed and shuffled every epoch (all from the pre-training pool):
   the base model follows every question format with partial skill.
 
 Checkpoint selection uses the validation part of the pre-training pool, never the test
-pool. The result is cached under a hash of the config: a second run loads in seconds.
+pool. The result is cached under :func:`cache_key` (the config, the world's texts and
+FORMAT_VERSION): a second run loads in seconds.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -33,19 +35,17 @@ from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 from modecl.core.config import to_dict
 from modecl.core.sequences import Example, collate, next_token_loss
+from modecl.digits import data, tasks
 from modecl.digits.codebook import Codebook
 from modecl.digits.config import DigitsConfig, PretrainConfig
-from modecl.digits.data import DIGIT_WORDS
 from modecl.digits.format import draw_example, text_example, understand_example
 from modecl.digits.host import DigitsWorld
 from modecl.digits.model import build_model
-from modecl.digits.tasks import (
-    CAPTION_QUESTION,
-    DRAW_PROMPT,
-    TASK_RULES,
-    preview_samples,
-    statements,
-)
+from modecl.digits.vocab import SPECIALS
+
+# Bump when code changes what pre-training learns beyond the config and the world's texts
+# (the streams, the token format, the model): it retires every cached host.
+FORMAT_VERSION = 1
 
 
 class GateError(RuntimeError):
@@ -54,6 +54,24 @@ class GateError(RuntimeError):
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MODECL_CACHE", Path.home() / ".cache" / "modecl"))
+
+
+def cache_key(config: DigitsConfig) -> str:
+    """Hash of what shapes the pre-trained host: the config (not gate or sampling), the
+    world's texts (vocabulary words, questions, templates, statements) and FORMAT_VERSION."""
+    settings = {k: v for k, v in to_dict(config).items() if k not in ("gate", "generation")}
+    texts = {
+        "words": tasks.words(),
+        "specials": list(SPECIALS),
+        "digit_words": list(data.DIGIT_WORDS),
+        "number_words": list(tasks.NUMBER_WORDS),
+        "caption_question": tasks.CAPTION_QUESTION,
+        "draw_prompt": tasks.DRAW_PROMPT,
+        "tasks": {name: [rule.question, *rule.answers] for name, rule in tasks.TASK_RULES.items()},
+        "statements": tasks.statements(),
+    }
+    keyed = {"format_version": FORMAT_VERSION, "config": settings, "texts": texts}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, shift_prob: float, noise: float):
@@ -74,14 +92,16 @@ def epoch_examples(world: DigitsWorld, rng: np.random.Generator, preview) -> lis
     copies = np.concatenate([pools.images[index]] * cfg.caption_copies)
     noisy = world.codebook.encode(augment(copies, rng, cfg.shift_prob, cfg.noise_std))
     examples = [
-        draw_example(vocab, DRAW_PROMPT.format(DIGIT_WORDS[y]), c)
+        draw_example(vocab, tasks.DRAW_PROMPT.format(data.DIGIT_WORDS[y]), c)
         for c, y in zip(clean, labels, strict=True)
     ]
     examples += [
-        understand_example(vocab, c, CAPTION_QUESTION, DIGIT_WORDS[y], loss_on_prompt_codes=True)
+        understand_example(
+            vocab, c, tasks.CAPTION_QUESTION, data.DIGIT_WORDS[y], loss_on_prompt_codes=True
+        )
         for c, y in zip(noisy, np.tile(labels, cfg.caption_copies), strict=True)
     ]
-    examples += [text_example(vocab, s) for s in statements()]
+    examples += [text_example(vocab, s) for s in tasks.statements()]
     if preview:
         take = rng.choice(len(preview), preview_count(cfg, preview), replace=False)
         examples += [
@@ -92,7 +112,7 @@ def epoch_examples(world: DigitsWorld, rng: np.random.Generator, preview) -> lis
 
 
 def preview_count(cfg: PretrainConfig, preview: list) -> int:
-    return min(len(preview), cfg.preview_per_task * len(TASK_RULES))
+    return min(len(preview), cfg.preview_per_task * len(tasks.TASK_RULES))
 
 
 def validation_scores(world: DigitsWorld, model: torch.nn.Module, seed: int) -> tuple[float, float]:
@@ -107,12 +127,12 @@ def train_host(world: DigitsWorld, progress: bool = True) -> tuple[LlamaForCausa
     cfg, gate, seed = world.config.pretrain, world.config.gate, world.config.seed
     model = build_model(world.vocab, world.config.model, seed)
     rng = np.random.default_rng(seed)
-    preview = preview_samples(
+    preview = tasks.preview_samples(
         world.pools, world.codebook, cfg.preview_digits, world.config.spatial_margin
     )
     epoch_size = (
         (1 + cfg.caption_copies) * len(world.pools.pretrain)
-        + len(statements())
+        + len(tasks.statements())
         + preview_count(cfg, preview)
     )
     steps_per_epoch = -(-epoch_size // cfg.batch_size)
@@ -172,7 +192,7 @@ def load_or_pretrain(
     config: DigitsConfig, cache_dir: str | Path | None = None, progress: bool = True
 ) -> PretrainedHost:
     """The pre-trained host for ``config``: loaded from the cache, or trained and cached."""
-    folder = Path(cache_dir or default_cache_dir()) / f"digits-{config.cache_key()}"
+    folder = Path(cache_dir or default_cache_dir()) / f"digits-{cache_key(config)}"
     if (folder / "log.json").exists():
         start = time.perf_counter()
         world = DigitsWorld.build(config, Codebook.load(folder / "codebook.npy"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from modecl.core.config import ContinualSettings
 
@@ -11,7 +12,7 @@ from modecl.core.config import ContinualSettings
 class HostSettings:
     """How `modecl train` loads a transformers host and reads images."""
 
-    dtype: str = "auto"  # "auto": bfloat16 on a GPU, float32 on CPU; or "float32", "bfloat16"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on a GPU, else float32
     image_size: int | None = None  # resize images to this square; None: the host's processor
     gradient_checkpointing: bool = False
     tokenize_batch_size: int = 16  # images per VQ-tokenizer batch

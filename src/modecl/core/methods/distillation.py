@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from modecl.core.adapters import lm_logits, pass_kind
-from modecl.core.distill import kd_mask, topk_kl
+from modecl.core.distill import AverageOver, kd_mask, topk_kl
 from modecl.core.methods.base import Method
 from modecl.core.sequences import DrawPair, Format, collate
 
@@ -30,7 +30,7 @@ class DistillSettings:
     weight: float = 0.3  # lambda
     temperature: float = 2.0
     top_k: int = 256
-    average_over: str = "image"  # "image" (default), "attended", or "all" (the paper's code)
+    average_over: AverageOver = "image"  # "attended", or "all" (the paper's code)
     batch_size: int = 16  # image-generation pairs beside each task batch
     chunk_size: int = 1024
 
