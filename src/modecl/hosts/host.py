@@ -38,6 +38,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from modecl.core.adapters import has_adapters, lm_logits, pass_kind, routing_context
+from modecl.core.modality import HOST_FAMILIES, host_family
 from modecl.core.sequences import grow_mask, padding_inputs
 
 __all__ = [
@@ -57,18 +58,6 @@ __all__ = [
 
 Encode = Callable[[str], Sequence[int]]
 
-_CODE_PREFIX = {"chameleon": "IMGIMG", "emu3": "<|visual token"}
-_MARKERS = {
-    "chameleon": {"begin": "<racm3:break>", "end": "<eoss>"},
-    "emu3": {
-        "begin": "<|image start|>",
-        "end": "<|image end|>",
-        "wrapper": "<|image token|>",
-        "row_end": "<|extra_200|>",
-        "frame_end": "<|extra_201|>",
-    },
-}
-
 
 @dataclass(frozen=True)
 class ImageVocabulary:
@@ -86,18 +75,19 @@ class ImageVocabulary:
 def image_vocabulary(model: nn.Module) -> ImageVocabulary:
     """Read the image ids of a Chameleon or Emu3 `model` from its `config.vocabulary_map`."""
     vocabulary: dict[str, int] = getattr(model.config, "vocabulary_map", None) or {}
-    for family, prefix in _CODE_PREFIX.items():
-        codes = sorted(i for name, i in vocabulary.items() if name.startswith(prefix))
-        if codes:
-            missing = [name for name in _MARKERS[family].values() if name not in vocabulary]
-            if missing:
-                raise ValueError(f"{family} vocabulary_map lacks the image markers {missing}")
-            markers = {key: vocabulary[name] for key, name in _MARKERS[family].items()}
-            return ImageVocabulary(family, tuple(codes), **markers)
-    raise ValueError(
-        f"{type(model).__name__} is not a Chameleon or Emu3 host: its config has no "
-        "vocabulary_map with IMGIMG... or <|visual token ...|> entries"
-    )
+    found = host_family(vocabulary)
+    if found is None:
+        raise ValueError(
+            f"{type(model).__name__} is not a Chameleon or Emu3 host: its config has no "
+            "vocabulary_map with IMGIMG... or <|visual token ...|> entries"
+        )
+    family, codes = found
+    names = HOST_FAMILIES[family].markers
+    missing = [name for name in names.values() if name not in vocabulary]
+    if missing:
+        raise ValueError(f"{family} vocabulary_map lacks the image markers {missing}")
+    markers = {role: vocabulary[name] for role, name in names.items()}
+    return ImageVocabulary(family, tuple(codes), **markers)
 
 
 def _layout(vocab: ImageVocabulary, grid: tuple[int, int]) -> list[int | None]:
