@@ -34,10 +34,13 @@ class HostFamily:
     code_prefix: str  # every VQ code's name starts with it
     markers: dict[str, str]  # the image span's markers: role (begin, end, ...) -> name
     placeholder: str = "<image>"  # what the processors expand into an image's codes
+    forward_masks_codes: bool = False  # the model's own logits hide its codes from text
 
 
 HOST_FAMILIES: dict[str, HostFamily] = {
-    "chameleon": HostFamily("IMGIMG", {"begin": "<racm3:break>", "end": "<eoss>"}),  # and Anole
+    "chameleon": HostFamily(  # and Anole
+        "IMGIMG", {"begin": "<racm3:break>", "end": "<eoss>"}, forward_masks_codes=True
+    ),
     "emu3": HostFamily(
         "<|visual token",
         {
