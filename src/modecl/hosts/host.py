@@ -35,11 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import DynamicCache
 
-from modecl.core.adapters import has_adapters, lm_logits, pass_kind, routing_context
+from modecl.core.adapters import has_adapters, pass_kind, routing_context
+from modecl.core.generation import generate
 from modecl.core.modality import HOST_FAMILIES, host_family
-from modecl.core.sequences import grow_mask, padding_inputs
 
 __all__ = [
     "ImageVocabulary",
@@ -192,19 +191,6 @@ def draw_prompt(
     return torch.tensor([*bos_ids(model), *encode(caption), *_head(vocab, grid, encode)])
 
 
-def _pick(
-    logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Greedy at temperature 0, else a sample from the `top_k` best (0: all)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
 @torch.no_grad()
 def draw_image_tokens(
     model: nn.Module,
@@ -216,35 +202,27 @@ def draw_image_tokens(
     top_k: int = 0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Draw an image of `grid` (h, w) codes after prompts `[B, P]`.
-
-    Prompts of unequal length are left-padded, with `attention_mask` 0 on the padding;
-    positions then count each row's real tokens only, as without padding.
+    """Draw an image of `grid` (h, w) codes after prompts `[B, P]` (left-padded, with
+    `attention_mask` 0 on the padding, where of unequal length).
 
     Returns the rest of the span `[B, m]`: image codes only where codes go, the markers
-    (Emu3's row ends, the end of image) forced where they go, like Emu3's documented
-    `prefix_allowed_tokens_fn`. Logits come from `lm_logits` (Chameleon's forward masks image
-    codes) with a KV cache. Unless a pass kind is set, adapters route it as a `draw` pass.
+    (Emu3's row ends, the end of image) forced where they go; decoded by
+    :func:`~modecl.core.generation.generate`. Unless a pass kind is set, adapters route it
+    as a `draw` pass.
     """
     vocab = image_vocabulary(model)
-    codes = torch.tensor(vocab.codes, device=prompt_ids.device)
     routed = has_adapters(model) and routing_context(model).pass_kind is None
-    cache = DynamicCache(config=model.config)
-    pending, out = prompt_ids, []  # pending: tokens not yet in the cache
-    mask = attention_mask  # over the cache and the pending tokens
     with pass_kind(model, "draw") if routed else nullcontext():
-        for marker in _layout(vocab, grid):
-            if marker is None:
-                padding = padding_inputs(mask, pending.shape[1])
-                logits = lm_logits(model, input_ids=pending, cache=cache, use_cache=True, **padding)
-                token = codes[_pick(logits[:, -1, codes].float(), temperature, top_k, generator)]
-                pending = token[:, None]
-            else:
-                token = torch.full_like(prompt_ids[:, 0], marker)
-                pending = torch.cat([pending, token[:, None]], dim=1)
-            mask = grow_mask(mask, 1)
-            out.append(token)
-    return torch.stack(out, dim=1)
+        return generate(
+            model,
+            prompt_ids,
+            _layout(vocab, grid),
+            allowed=torch.tensor(vocab.codes, device=prompt_ids.device),
+            attention_mask=attention_mask,
+            temperature=temperature,
+            top_k=top_k,
+            generator=generator,
+        )
 
 
 @torch.no_grad()
