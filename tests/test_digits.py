@@ -155,7 +155,7 @@ def test_constrained_generation_emits_only_image_codes(world):
         model,
         prompts,
         16,
-        allowed_ids=world.vocab.image_code_ids,
+        allowed=world.vocab.image_code_ids,
         temperature=5.0,
         generator=gen,
     )

@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from modecl.cli import main
 from modecl.core.adapters import adapter_state_dict, attach_adapters, load_adapters
 from modecl.core.config import load_toml
 from modecl.core.evaluate import answer
+from modecl.core.generation import generate
 from modecl.core.methods import get_method
 from modecl.core.results import read_results
 from modecl.core.sequences import IGNORE, DrawPair, understand
@@ -333,6 +335,28 @@ def test_host_format_sequences(family):
     ids = torch.tensor(labelled)
     assert fmt.is_image_code(ids).sum() == 16  # the 4x4 codes; markers and EOS are not codes
     assert fmt.is_image_token(ids).tolist() == [*[True] * (len(labelled) - 1), False]
+
+
+@pytest.mark.parametrize("family", list(HOSTS))
+def test_answers_are_the_greedy_tokens_of_the_hosts_own_forward(family):
+    """Chameleon's forward masks its image codes, so its answers hold none; Emu3's does not."""
+    model = HOSTS[family]()
+    fmt = replace(HostFormat.from_model(model, tokenizer()), decode_text=lambda ids: str(ids))
+    questions = ["what color is it ?", "which shape ? ( a ) circle ( b ) square", "what ?"]
+    bodies = image_tokens(model, pixels(3)).tolist()
+    samples = [Sample(tuple(body), q, "red") for body in bodies for q in questions]
+    expected, free = [], []
+    for sample in samples:
+        prompt = torch.tensor([fmt.prompt(sample)])
+        sequence = prompt
+        for _ in range(6):
+            following = model(sequence).logits[:, -1:].argmax(-1)
+            sequence = torch.cat([sequence, following], dim=1)
+        expected.append(fmt.decode(sequence[0, prompt.shape[1] :].tolist()))
+        free.append(generate(model, prompt, 6, eos_id=fmt.eos_id)[0])
+    assert answer(model, fmt, samples, max_new_tokens=6, batch_size=4) == expected
+    if family == "chameleon":  # unrestricted, lm_head's logits would answer with codes
+        assert fmt.is_image_code(torch.stack(free)).any()
 
 
 def test_image_tokenizer_batches_and_cache(setup, tmp_path):

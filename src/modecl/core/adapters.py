@@ -59,7 +59,7 @@ Public API::
     save_adapters(model, directory); load_adapters(model, directory) -> model
     trainable_parameters(model) -> {"text"|"image"|"shared"|"router": count}
     expert_shares(model) -> {layer name: mean router weight per expert, last forward}
-    lm_logits(model, **inputs) -> logits from lm_head over the final hidden states
+    lm_logits(model, last_only=False, **inputs) -> lm_head over the final hidden states
     routing_context(model) -> RoutingContext
     enable_gradient_checkpointing(model) -> model   # HF checkpointing, routing-safe
 
@@ -504,17 +504,19 @@ def expert_shares(model: nn.Module) -> dict[str, torch.Tensor]:
     return shares
 
 
-def lm_logits(model: nn.Module, **inputs: Any) -> torch.Tensor:
+def lm_logits(model: nn.Module, *, last_only: bool = False, **inputs: Any) -> torch.Tensor:
     """Logits of the whole vocabulary: `lm_head` over the final hidden states.
 
     Unlike Chameleon's forward, which sets image-token logits to the dtype minimum, these
     are usable for a loss on image tokens. `inputs` are the model's forward inputs.
+    `last_only`: the last position's only, `[B, 1, V]`; the hidden states are sliced before
+    the head, as the forward's `logits_to_keep=1` does (the same floats).
     """
     if has_adapters(model):
         # The body is called directly, below the top-level hook: route here instead.
         routing_context(model).prepare(model.training, inputs.get("input_ids"))
     hidden = model.base_model(**inputs).last_hidden_state
-    return model.get_output_embeddings()(hidden)
+    return model.get_output_embeddings()(hidden[:, -1:] if last_only else hidden)
 
 
 class _RestoredState:

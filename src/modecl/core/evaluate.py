@@ -56,14 +56,23 @@ def answer(
     max_new_tokens: int = 4,
     batch_size: int = 256,
 ) -> list[str]:
-    """Greedy-decoded answers to ``samples``' questions, in batches of similar length."""
+    """Greedy-decoded answers to ``samples``' questions, in batches of similar length.
+
+    Answer tokens are restricted to ``fmt.answer_allowed`` (Chameleon: no image code).
+    """
     prompts = [fmt.prompt(s) for s in samples]
     out: list[str] = [""] * len(samples)
+    allowed = fmt.answer_allowed(model.get_output_embeddings().out_features)
     for index, ids, mask in left_padded(prompts, fmt.pad_id, batch_size):
         padded = {} if mask is None else {"attention_mask": mask.to(model.device)}
         with pass_if_adapted(model, "understand"):
             tokens = generate(
-                model, ids.to(model.device), max_new_tokens, eos_id=fmt.eos_id, **padded
+                model,
+                ids.to(model.device),
+                max_new_tokens,
+                allowed=allowed,
+                eos_id=fmt.eos_id,
+                **padded,
             )
         for i, row in zip(index, tokens.tolist(), strict=True):
             out[i] = fmt.decode(row)

@@ -5,14 +5,12 @@ tokens (begin/end of image and kin); everything else is `text` (glossary). The i
 from the config, never from constants, because every host family numbers them differently:
 
 - the digits model: a `LlamaConfig` carrying `image_token_ids` (codes and markers already);
-- Chameleon / Anole: `config.vocabulary_map` entries named `IMGIMG...` (the VQ codes), plus
-  `<racm3:break>` (begin of image), `<eoss>` (end of image) and the `<image>` placeholder
-  that the model overwrites with image-code embeddings when given `pixel_values`;
-- Emu3: `config.vocabulary_map` entries named `<|visual token NNNNNN|>`, plus
-  `<|image start|>`, `<|image end|>`, the `<|image token|>` wrapper, the `<|extra_200|>`
-  row end and `<|extra_201|>` frame end that Emu3 writes inside every image, and `<image>`.
-  The "H*W" size digits that Emu3 writes after `<|image start|>` are ordinary text ids
-  and stay text.
+- Chameleon / Anole and Emu3: `config.vocabulary_map`, read by the one table of each host
+  family's special tokens, `HOST_FAMILIES`: the name prefix of the VQ codes, the span
+  markers by role, and the `<image>` placeholder that the model overwrites with image-code
+  embeddings when given `pixel_values`. Emu3's markers include the `<|extra_200|>` row end
+  and `<|extra_201|>` frame end that it writes inside every image; the "H*W" size digits
+  that it writes after `<|image start|>` are ordinary text ids and stay text.
 
     >>> ids = image_token_ids(model.config)
     >>> image_mask(input_ids, ids)  # bool, same shape as input_ids
@@ -21,27 +19,48 @@ from the config, never from constants, because every host family numbers them di
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["image_mask", "image_token_ids"]
+__all__ = ["HOST_FAMILIES", "HostFamily", "host_family", "image_mask", "image_token_ids"]
 
-# (name prefix of the image codes, names of the marker tokens) per vocabulary_map family.
-_VOCABULARY_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("IMGIMG", ("<image>", "<racm3:break>", "<eoss>")),  # Chameleon, Anole
-    (
+
+@dataclass(frozen=True)
+class HostFamily:
+    """The special tokens of one host family, by their `vocabulary_map` names."""
+
+    code_prefix: str  # every VQ code's name starts with it
+    markers: dict[str, str]  # the image span's markers: role (begin, end, ...) -> name
+    placeholder: str = "<image>"  # what the processors expand into an image's codes
+    forward_masks_codes: bool = False  # the model's own logits hide its codes from text
+
+
+HOST_FAMILIES: dict[str, HostFamily] = {
+    "chameleon": HostFamily(  # and Anole
+        "IMGIMG", {"begin": "<racm3:break>", "end": "<eoss>"}, forward_masks_codes=True
+    ),
+    "emu3": HostFamily(
         "<|visual token",
-        (
-            "<image>",
-            "<|image start|>",
-            "<|image end|>",
-            "<|image token|>",
-            "<|extra_200|>",
-            "<|extra_201|>",
-        ),
-    ),  # Emu3
-)
+        {
+            "begin": "<|image start|>",
+            "end": "<|image end|>",
+            "wrapper": "<|image token|>",
+            "row_end": "<|extra_200|>",
+            "frame_end": "<|extra_201|>",
+        },
+    ),
+}
+
+
+def host_family(vocabulary: dict[str, int]) -> tuple[str, list[int]] | None:
+    """The family whose codes `vocabulary` (a `vocabulary_map`) holds, and their sorted ids."""
+    for name, family in HOST_FAMILIES.items():
+        codes = sorted(i for token, i in vocabulary.items() if token.startswith(family.code_prefix))
+        if codes:
+            return name, codes
+    return None
 
 
 def image_token_ids(config: Any) -> list[int]:
@@ -53,11 +72,12 @@ def image_token_ids(config: Any) -> list[int]:
     if explicit:
         return sorted({int(i) for i in explicit})
     vocabulary = getattr(config, "vocabulary_map", None) or {}
-    for prefix, markers in _VOCABULARY_RULES:
-        codes = [token_id for name, token_id in vocabulary.items() if name.startswith(prefix)]
-        if codes:
-            present = [vocabulary[name] for name in markers if name in vocabulary]
-            return sorted({int(i) for i in codes + present})
+    found = host_family(vocabulary)
+    if found is not None:
+        name, codes = found
+        family = HOST_FAMILIES[name]
+        names = (family.placeholder, *family.markers.values())
+        return sorted({int(i) for i in codes + [vocabulary[n] for n in names if n in vocabulary]})
     raise ValueError(
         f"{type(config).__name__} defines no image tokens: expected an `image_token_ids` "
         "attribute or a `vocabulary_map` with Chameleon (IMGIMG...) or Emu3 "

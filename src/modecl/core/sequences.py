@@ -48,6 +48,9 @@ class Format(Protocol):
     def decode(self, ids: Sequence[int]) -> str:
         """Generated answer tokens back to text (up to the end of sequence)."""
 
+    def answer_allowed(self, vocab_size: int) -> torch.Tensor | None:
+        """Bool ``[vocab_size]``: the ids an answer token may take (None: every id)."""
+
     def draw_example(self, pair: DrawPair) -> Example:
         """Caption, then the image span; labels on the span (and what closes it)."""
 

@@ -43,6 +43,9 @@ class DigitsFormat:
     def decode(self, ids: Sequence[int]) -> str:
         return self.vocab.decode_words(ids)
 
+    def answer_allowed(self, vocab_size: int) -> None:
+        return None
+
     def draw_example(self, pair: DrawPair) -> Example:
         return draw_example(self.vocab, pair.prompt, pair.codes)
 

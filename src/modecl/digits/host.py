@@ -141,6 +141,9 @@ def draw(
     The prompt ends with ``<boi>``; every sampled token is constrained to the image codes.
     """
     generator = torch.Generator().manual_seed(seed)
+    # A mask, not ids: a sample draws over the whole vocabulary, as the benchmark always has.
+    is_code = torch.zeros(len(vocab), dtype=torch.bool)
+    is_code[vocab.image_code_ids] = True
     ids = [[*draw_prompt(vocab, p), vocab.boi_id] for p in prompts]
     out = np.zeros((len(prompts), image_tokens), dtype=np.int64)
     for index, batch, mask in left_padded(ids, vocab.pad_id, batch_size):
@@ -149,8 +152,8 @@ def draw(
                 model,
                 batch,
                 image_tokens,
+                allowed=is_code,
                 attention_mask=mask,
-                allowed_ids=vocab.image_code_ids,
                 temperature=temperature,
                 top_k=top_k,
                 generator=generator,

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import DynamicCache
 
-from modecl.core.adapters import has_adapters, lm_logits, pass_kind, routing_context
-from modecl.core.sequences import grow_mask, padding_inputs
+from modecl.core.adapters import has_adapters, pass_kind, routing_context
+from modecl.core.generation import generate
+from modecl.core.modality import HOST_FAMILIES, host_family
 
 __all__ = [
     "ImageVocabulary",
@@ -57,18 +57,6 @@ __all__ = [
 
 Encode = Callable[[str], Sequence[int]]
 
-_CODE_PREFIX = {"chameleon": "IMGIMG", "emu3": "<|visual token"}
-_MARKERS = {
-    "chameleon": {"begin": "<racm3:break>", "end": "<eoss>"},
-    "emu3": {
-        "begin": "<|image start|>",
-        "end": "<|image end|>",
-        "wrapper": "<|image token|>",
-        "row_end": "<|extra_200|>",
-        "frame_end": "<|extra_201|>",
-    },
-}
-
 
 @dataclass(frozen=True)
 class ImageVocabulary:
@@ -86,18 +74,19 @@ class ImageVocabulary:
 def image_vocabulary(model: nn.Module) -> ImageVocabulary:
     """Read the image ids of a Chameleon or Emu3 `model` from its `config.vocabulary_map`."""
     vocabulary: dict[str, int] = getattr(model.config, "vocabulary_map", None) or {}
-    for family, prefix in _CODE_PREFIX.items():
-        codes = sorted(i for name, i in vocabulary.items() if name.startswith(prefix))
-        if codes:
-            missing = [name for name in _MARKERS[family].values() if name not in vocabulary]
-            if missing:
-                raise ValueError(f"{family} vocabulary_map lacks the image markers {missing}")
-            markers = {key: vocabulary[name] for key, name in _MARKERS[family].items()}
-            return ImageVocabulary(family, tuple(codes), **markers)
-    raise ValueError(
-        f"{type(model).__name__} is not a Chameleon or Emu3 host: its config has no "
-        "vocabulary_map with IMGIMG... or <|visual token ...|> entries"
-    )
+    found = host_family(vocabulary)
+    if found is None:
+        raise ValueError(
+            f"{type(model).__name__} is not a Chameleon or Emu3 host: its config has no "
+            "vocabulary_map with IMGIMG... or <|visual token ...|> entries"
+        )
+    family, codes = found
+    names = HOST_FAMILIES[family].markers
+    missing = [name for name in names.values() if name not in vocabulary]
+    if missing:
+        raise ValueError(f"{family} vocabulary_map lacks the image markers {missing}")
+    markers = {role: vocabulary[name] for role, name in names.items()}
+    return ImageVocabulary(family, tuple(codes), **markers)
 
 
 def _layout(vocab: ImageVocabulary, grid: tuple[int, int]) -> list[int | None]:
@@ -202,19 +191,6 @@ def draw_prompt(
     return torch.tensor([*bos_ids(model), *encode(caption), *_head(vocab, grid, encode)])
 
 
-def _pick(
-    logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Greedy at temperature 0, else a sample from the `top_k` best (0: all)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
 @torch.no_grad()
 def draw_image_tokens(
     model: nn.Module,
@@ -226,35 +202,27 @@ def draw_image_tokens(
     top_k: int = 0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Draw an image of `grid` (h, w) codes after prompts `[B, P]`.
-
-    Prompts of unequal length are left-padded, with `attention_mask` 0 on the padding;
-    positions then count each row's real tokens only, as without padding.
+    """Draw an image of `grid` (h, w) codes after prompts `[B, P]` (left-padded, with
+    `attention_mask` 0 on the padding, where of unequal length).
 
     Returns the rest of the span `[B, m]`: image codes only where codes go, the markers
-    (Emu3's row ends, the end of image) forced where they go, like Emu3's documented
-    `prefix_allowed_tokens_fn`. Logits come from `lm_logits` (Chameleon's forward masks image
-    codes) with a KV cache. Unless a pass kind is set, adapters route it as a `draw` pass.
+    (Emu3's row ends, the end of image) forced where they go; decoded by
+    :func:`~modecl.core.generation.generate`. Unless a pass kind is set, adapters route it
+    as a `draw` pass.
     """
     vocab = image_vocabulary(model)
-    codes = torch.tensor(vocab.codes, device=prompt_ids.device)
     routed = has_adapters(model) and routing_context(model).pass_kind is None
-    cache = DynamicCache(config=model.config)
-    pending, out = prompt_ids, []  # pending: tokens not yet in the cache
-    mask = attention_mask  # over the cache and the pending tokens
     with pass_kind(model, "draw") if routed else nullcontext():
-        for marker in _layout(vocab, grid):
-            if marker is None:
-                padding = padding_inputs(mask, pending.shape[1])
-                logits = lm_logits(model, input_ids=pending, cache=cache, use_cache=True, **padding)
-                token = codes[_pick(logits[:, -1, codes].float(), temperature, top_k, generator)]
-                pending = token[:, None]
-            else:
-                token = torch.full_like(prompt_ids[:, 0], marker)
-                pending = torch.cat([pending, token[:, None]], dim=1)
-            mask = grow_mask(mask, 1)
-            out.append(token)
-    return torch.stack(out, dim=1)
+        return generate(
+            model,
+            prompt_ids,
+            _layout(vocab, grid),
+            allowed=torch.tensor(vocab.codes, device=prompt_ids.device),
+            attention_mask=attention_mask,
+            temperature=temperature,
+            top_k=top_k,
+            generator=generator,
+        )
 
 
 @torch.no_grad()

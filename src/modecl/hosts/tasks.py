@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from modecl.core.files import write_atomic
-from modecl.core.modality import image_mask, image_token_ids
+from modecl.core.modality import HOST_FAMILIES, image_mask, image_token_ids
 from modecl.core.scoring import RULES, score
 from modecl.core.sequences import IGNORE, DrawPair, Example
 from modecl.core.tasks import Sample, Task, TaskFileError, read_jsonl
@@ -100,6 +100,12 @@ class HostFormat:
         ids = list(ids)
         ids = ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids
         return self.decode_text(ids).strip()
+
+    def answer_allowed(self, vocab_size: int) -> torch.Tensor | None:
+        """No image code where the host's own forward masks them (Chameleon's)."""
+        if not HOST_FAMILIES[self.vocab.family].forward_masks_codes:
+            return None
+        return ~self.is_image_code(torch.arange(vocab_size))
 
     def draw_prompt(self, pair: DrawPair) -> list[int]:
         return self._draw_parts(pair)[0]

@@ -1,0 +1,114 @@
+"""The one decoding loop, by value: forced markers, allowed ids, greedy equals a recompute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from modecl.core.adapters import lm_logits
+from modecl.core.generation import Constraint, generate
+from tests.test_adapters import HOSTS, TEXT_IDS, adapted, batch
+
+VOCAB, EOS, ROWS = 64, 2, 3
+CODES = list(range(40, 61))  # the Chameleon's IMGIMG codes, which its own forward masks
+ROW_END, END = 61, 62
+
+
+def ids_mask(ids: list[int]) -> torch.Tensor:
+    return torch.zeros(VOCAB, dtype=torch.bool).index_fill(0, torch.tensor(ids), True)
+
+
+def alternate(step: int, so_far: torch.Tensor) -> torch.Tensor:
+    """Per step: ids at even steps, a mask at odd ones."""
+    return torch.tensor(CODES[:8]) if step % 2 == 0 else ids_mask(CODES[8:])
+
+
+def no_repeat(step: int, so_far: torch.Tensor) -> torch.Tensor | None:
+    """Per row, from the tokens so far: anything but the row's previous token."""
+    if step == 0:
+        return None
+    mask = torch.ones(len(so_far), VOCAB, dtype=torch.bool)
+    mask[torch.arange(len(so_far)), so_far[:, -1]] = False
+    return mask
+
+
+# name: (new_tokens, allowed)
+CASES: dict[str, tuple[int | list[int | None], Constraint | None]] = {
+    "count": (5, None),
+    "ids": (5, [7, 12, 40, 41, 55]),
+    "mask": (5, ids_mask(TEXT_IDS)),
+    "layout, ids": ([None, None, ROW_END, None, None, ROW_END, END], CODES),
+    "layout, forced first and last": ([63, None, None, END, END], CODES),
+    "per step": ([None, None, ROW_END, None, None, END], alternate),
+    "per row": (6, no_repeat),
+}
+
+
+def allowed_mask(allowed: Constraint | None, step: int, so_far: torch.Tensor) -> torch.Tensor:
+    """``[rows, VOCAB]``: True where a generated token at ``step`` may go."""
+    if callable(allowed):
+        allowed = allowed(step, so_far)
+    if allowed is None:
+        return torch.ones(len(so_far), VOCAB, dtype=torch.bool)
+    allowed = torch.as_tensor(allowed)
+    mask = allowed if allowed.dtype == torch.bool else ids_mask(allowed.tolist())
+    return mask.expand(len(so_far), VOCAB)
+
+
+def greedy_without_cache(
+    model: nn.Module, prompt: torch.Tensor, layout: list[int | None], allowed: Constraint | None
+) -> torch.Tensor:
+    """The reference: the whole sequence recomputed for every token, argmax over the allowed."""
+    sequence = prompt
+    for step, forced in enumerate(layout):
+        if forced is None:
+            logits = lm_logits(model, input_ids=sequence, use_cache=False)[:, -1]
+            mask = allowed_mask(allowed, step, sequence[:, prompt.shape[1] :])
+            token = logits.masked_fill(~mask, float("-inf")).argmax(-1)
+        else:
+            token = torch.full((len(prompt),), forced)
+        sequence = torch.cat([sequence, token[:, None]], dim=1)
+    return sequence[:, prompt.shape[1] :]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("host", HOSTS)
+def test_forced_markers_and_allowed_ids(host, case):
+    new_tokens, allowed = CASES[case]
+    layout = [None] * new_tokens if isinstance(new_tokens, int) else new_tokens
+    model = adapted(host, std=1.0)
+    prompt = batch(rows=ROWS)
+    generator = torch.Generator().manual_seed(0)
+    sampled = generate(
+        model, prompt, new_tokens, allowed=allowed, temperature=1.0, top_k=5, generator=generator
+    )
+    greedy = generate(model, prompt, new_tokens, allowed=allowed)
+    for tokens in (sampled, greedy):
+        assert tokens.shape == (ROWS, len(layout))
+        for step, forced in enumerate(layout):
+            if forced is None:
+                mask = allowed_mask(allowed, step, tokens[:, :step])
+                assert mask[torch.arange(ROWS), tokens[:, step]].all(), step
+            else:
+                assert tokens[:, step].tolist() == [forced] * ROWS, step
+    assert torch.equal(greedy, greedy_without_cache(model, prompt, layout, allowed))
+
+
+def test_rows_that_emit_eos_keep_it_forced_positions_included():
+    model = adapted("llama", std=1.0)
+    prompt = batch(rows=2)
+
+    def end_first_row(step: int, so_far: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(2, VOCAB, dtype=torch.bool)
+        mask[:, EOS] = False
+        if step == 1:  # the first row must end here, the second never
+            mask[0] = ids_mask([EOS])
+        return mask
+
+    layout = [None, None, ROW_END, None]
+    tokens = generate(model, prompt, layout, allowed=end_first_row, eos_id=EOS)
+    assert tokens[0, 0] != EOS and tokens[0, 1:].tolist() == [EOS] * 3
+    assert tokens[1, 2] == ROW_END and EOS not in tokens[1].tolist()
+    ended = generate(model, prompt, layout, allowed=[EOS], eos_id=EOS)
+    assert ended.tolist() == [[EOS], [EOS]]  # every row ended: no further step
