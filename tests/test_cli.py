@@ -19,7 +19,7 @@ def test_unknown_method_is_one_clear_error(tmp_path, capsys):
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("modecl: error: unknown method(s) ['nope']; valid methods: mode,")
+    assert err.startswith("modecl: error: unknown method(s) ['nope']; valid methods: seq-lora,")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
