@@ -158,7 +158,7 @@ def test_multi_seed_results_hold_each_seed_and_mean_std(tmp_path, cache):
         ('methods = ["seq-lora", "modee"]', r"unknown method\(s\) \['modee'\]"),
         ('tasks = ["parity", "colour"]', r"unknown task\(s\) \['colour'\]"),
         ('methods = ["seq-lora", "seq-lora"]', r"methods repeat"),
-        ("methods = []", r"at least one method"),
+        ("methods = []", r"methods: must not be empty"),
         ("[continual.train]\nepochs = 'ten'", r"continual\.train\.epochs: expected int"),
         ("[continual.train]\nepoch = 3", r"unknown key 'continual\.train\.epoch'"),
     ],

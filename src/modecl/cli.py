@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from modecl.core.config import ConfigError, load_toml
+from modecl.core.config import ConfigError, load_toml, toml_keys
 from modecl.core.report import headline_rows, write_report
 from modecl.core.tasks import TaskFileError
 from modecl.digits.bench import quick as quick_config
@@ -76,10 +76,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.seeds is not None:
         config.seeds = args.seeds
     if args.quick:
-        config = quick_config(config)
+        config, notes = quick_config(config, toml_keys(args.config))
+        for note in notes:
+            print(note)
     out = args.out or Path("runs/digits-quick" if args.quick else "runs/digits")
     validate(config)
-    results = run_benchmark(config, out, quick=args.quick, cache_dir=args.cache)
+    results = run_benchmark(
+        config, out, quick=args.quick, cache_dir=args.cache, config_file=args.config
+    )
     report = write_report(out)
     print(
         f"{'QUICK run: ' if args.quick else ''}results in {out / 'results.json'}, report {report}"
@@ -111,6 +115,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         kd_data=args.kd_data,
         config=config,
         seeds=args.seeds,
+        config_files=[args.config] if args.config else [],
     )
     if PartialState().is_main_process:  # the one process that wrote the results
         report = write_report(args.out)
@@ -123,11 +128,22 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report written: {write_report(args.dir)}")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modecl", description=__doc__)
     parser.add_argument(
         "--threads",
-        type=int,
+        type=_positive,
         default=1,
         help="CPU threads for torch (default 1: the tiny digits model runs as fast on one, "
         "and more threads than free cores slow it down many times over)",
@@ -142,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", help="comma-separated method names (default: the config's)")
     b.add_argument("--out", type=Path, help="default: runs/digits (quick: runs/digits-quick)")
     b.add_argument("--quick", action="store_true", help="a smaller first-look configuration")
-    b.add_argument("--seeds", type=int, help="repeat the study over N seeds (default: config)")
+    b.add_argument(
+        "--seeds", type=_positive, help="repeat the study over N seeds (default: config)"
+    )
     b.set_defaults(func=cmd_bench)
     t = sub.add_parser(
         "train", help="continual training of a transformers host (Chameleon/Anole, Emu3)"
@@ -151,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tasks", type=Path, nargs="+", required=True, help="JSONL task files")
     t.add_argument("--method", help="one method name (default: mode)")
     t.add_argument("--methods", help="comma-separated method names, e.g. mode,seq-lora")
-    t.add_argument("--seeds", type=int, default=1, help="repeat over N seeds (mean ± std)")
+    t.add_argument("--seeds", type=_positive, default=1, help="repeat over N seeds (mean ± std)")
     t.add_argument("--out", type=Path, required=True, help="run directory (resumes if present)")
     t.add_argument("--kd-data", type=Path, help="JSONL (caption, image) pairs")
     t.add_argument("--config", type=Path, help="TOML TrainConfig (default: built-in)")

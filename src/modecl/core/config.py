@@ -1,8 +1,9 @@
 """Typed configuration: nested dataclasses loaded strictly from TOML.
 
 Every section is a dataclass; a TOML file may set any subset of the fields. An unknown
-key, a value of the wrong type or a value outside a ``Literal`` field's choices stops with
-one message naming the file and the key path (``pretrain.epochs``), before any work starts.
+key, a value of the wrong type, outside a ``Literal`` field's choices or outside a field's
+range (:mod:`modecl.core.values`) stops with one message naming the file, the key path
+(``pretrain.epochs``), the value and what is allowed, before any work starts.
 """
 
 from __future__ import annotations
@@ -13,11 +14,22 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
+from modecl.core.files import read_text
 from modecl.core.methods.distillation import DistillSettings
 from modecl.core.methods.ewc import EWCSettings
 from modecl.core.methods.replay import ReplaySettings
+from modecl.core.values import (
+    Count,
+    Fraction,
+    NonEmpty,
+    NonNegative,
+    Positive,
+    Probability,
+    Range,
+    Size,
+)
 
 
 class ConfigError(ValueError):
@@ -37,8 +49,22 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
         return from_dict(tp, value, where)
+    if origin is Annotated:
+        base, *rules = typing.get_args(tp)
+        value = _check_type(value, base, where)
+        for rule in rules:
+            if isinstance(rule, Range) and not rule.contains(value):
+                raise ConfigError(f"{where}: {value!r} is out of range (allowed: {rule.allowed()})")
+            if isinstance(rule, NonEmpty) and not value:
+                raise ConfigError(f"{where}: must not be empty")
+        return value
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
+        options = [o for o in typing.get_args(tp) if o is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
+            return None
+        if len(options) == 1:  # X | None: X's own message
+            return _check_type(value, options[0], where)
+        for option in options:
             try:
                 return _check_type(value, option, where)
             except ConfigError:
@@ -77,7 +103,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs = {}
     for key, value in data.items():
@@ -85,7 +111,25 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         if key not in names:
             raise ConfigError(f"unknown key '{path}' (valid: {', '.join(sorted(names))})")
         kwargs[key] = _check_type(value, hints[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a check across fields (__post_init__): name the section
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from None
+
+
+def toml_keys(path: str | Path | None) -> set[str]:
+    """The dotted keys a TOML file sets (``continual.train.epochs``); empty for None."""
+    if path is None:
+        return set()
+
+    def walk(table: dict[str, Any], prefix: str) -> set[str]:
+        keys = set()
+        for key, value in table.items():
+            dotted = f"{prefix}{key}"
+            keys |= walk(value, f"{dotted}.") if isinstance(value, dict) else {dotted}
+        return keys
+
+    return walk(tomllib.loads(read_text(Path(path), ConfigError, limit=2**20)), "")
 
 
 def load_toml(cls: type[T], path: str | Path | None) -> T:
@@ -93,12 +137,13 @@ def load_toml(cls: type[T], path: str | Path | None) -> T:
     if path is None:
         return cls()
     path = Path(path)
+    text = read_text(path, ConfigError, limit=2**20)
     try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
@@ -109,24 +154,26 @@ def load_toml(cls: type[T], path: str | Path | None) -> T:
 class AdapterSettings:
     """LoRA hyper-parameters shared by every method (the paper's defaults)."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    num_experts: int = 4
-    target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    rank: Count = 8
+    alpha: Positive = 16.0
+    dropout: Probability = 0.05
+    num_experts: Count = 4
+    target_modules: Annotated[list[str], NonEmpty()] = field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"]
+    )
 
 
 @dataclass
 class TrainSettings:
     """One training recipe for every method: never tuned per method."""
 
-    epochs: int = 10
-    lr: float = 3e-3
-    batch_size: int = 32
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 10.0
-    max_train_samples: int | None = None  # per task; None = all
+    epochs: Count = 10
+    lr: Positive = 3e-3
+    batch_size: Count = 32
+    warmup_fraction: Fraction = 0.1
+    weight_decay: NonNegative = 0.0
+    grad_clip: Positive = 10.0
+    max_train_samples: Count | None = None  # per task; None = all
 
 
 @dataclass
@@ -134,8 +181,8 @@ class MonitorSettings:
     """The gradient-conflict monitor (:mod:`modecl.core.conflict`)."""
 
     enabled: bool = True
-    every: int = 10  # monitor one training step in this many; each costs about two probe passes
-    probe_size: int = 64  # held-out ("draw a <digit>", image) pairs from the test pool
+    every: Count = 10  # monitor one training step in this many; each costs about two probe passes
+    probe_size: Size = 64  # held-out ("draw a <digit>", image) pairs from the test pool
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from modecl.core.config import ConfigError, from_dict
-from modecl.core.files import write_atomic
+from modecl.core.files import finite, read_text, write_atomic
 from modecl.core.metrics import mean_std, summarize
 
 SCHEMA = "modecl.results/2"
@@ -29,8 +29,8 @@ class Stage:
     constrained_task_accuracy: list[float | None]  # None: a task with no closed answer set
     measures: dict[str, Any] = field(default_factory=dict)  # the world's own
     train_seconds: float = 0.0
-    final_loss: float | None = None
-    losses: dict[str, list[float]] = field(default_factory=dict)  # "ce" and each loss term
+    final_loss: float | None = None  # None: not finite (a diverged run)
+    losses: dict[str, list[float | None]] = field(default_factory=dict)  # "ce" and each loss term
     wall_seconds: float = 0.0
     peak_memory_mb: float = 0.0
     conflict: dict[str, Any] | None = None
@@ -109,19 +109,18 @@ def aggregate(per_seed: list[SeedResult]) -> tuple[SeedResult, dict[str, Any] | 
 
 def write_results(path: Path, results: Results) -> None:
     """Write ``results`` as JSON, atomically."""
-    write_atomic(Path(path), json.dumps(dataclasses.asdict(results), indent=1))
+    tree = finite(dataclasses.asdict(results))  # strict JSON: NaN and infinities as null
+    write_atomic(Path(path), json.dumps(tree, indent=1, allow_nan=False))
 
 
 def read_results(path: Path) -> Results:
     """Read a results.json written by :func:`write_results`; a file of another schema, or
     one that does not parse, raises ConfigError naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not a results file ({err})") from None
+        data = json.loads(read_text(path, ConfigError, limit=2**31))
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ConfigError(f"{path}: not a complete results file ({err})") from None
     schema = data.get("schema") if isinstance(data, dict) else None
     if schema != SCHEMA:
         raise ConfigError(f"{path}: schema {schema!r}, expected {SCHEMA!r}; rerun the command")

@@ -22,15 +22,14 @@ shared by every method: each attaches its adapters to it and detaches them when 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import resource
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,14 @@ from modecl.core.adapters import attach_adapters, detach_adapters, load_adapters
 from modecl.core.config import ConfigError, ContinualSettings
 from modecl.core.conflict import ConflictMonitor, summarize_conflict
 from modecl.core.evaluate import answer, answer_set, constrained_choices
-from modecl.core.files import write_atomic
+from modecl.core.files import (
+    TEMP_MARK,
+    finite,
+    remove_leftovers,
+    replace_dir,
+    temporary_dir,
+    write_atomic,
+)
 from modecl.core.methods import METHOD_NAMES, get_method
 from modecl.core.methods.base import Method
 from modecl.core.results import (
@@ -75,6 +81,7 @@ class RunSpec:
     config: dict[str, Any]  # the front door's whole configuration, as recorded
     inputs: dict[str, Any]  # files the run reads (model, tasks, pairs); {} for bench
     quick: bool = False
+    files: list[Path] = field(default_factory=list)  # input files, hashed into the run key
 
 
 def check_methods(methods: list[str]) -> None:
@@ -88,21 +95,47 @@ def check_methods(methods: list[str]) -> None:
         raise ConfigError(f"methods repeat: {methods}")
 
 
+def file_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def run_key(spec: RunSpec) -> dict[str, Any]:
-    """What every stage of an out dir depends on: all but the methods and seeds, so a
-    finished run can be extended with more of either in the same out dir."""
+    """What every stage of an out dir depends on: all but the methods and seeds (so a
+    finished run can be extended with more of either), and the bytes of every input file."""
     config = {k: v for k, v in spec.config.items() if k not in ("methods", "seeds")}
-    return {"front": spec.front, "config": config, "inputs": spec.inputs}
+    hashes = {str(f): file_hash(f) for f in spec.files}
+    return {"front": spec.front, "config": config, "inputs": spec.inputs, "hashes": hashes}
 
 
 def check_run_key(out: Path, spec: RunSpec) -> None:
-    """Refuse an out dir that holds a run started with other settings (before any work)."""
-    saved = Path(out) / "run.json"
-    if saved.exists() and json.loads(saved.read_text()) != run_key(spec):
+    """Refuse an out dir that is a file, or holds a run started with other settings or
+    other input files (naming those that changed), before any work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, expected a folder for the run")
+    saved = out / "run.json"
+    if not saved.exists():
+        return
+    before, now = json.loads(saved.read_text()), run_key(spec)
+    if before == now:
+        return
+    old = before.get("hashes", {})
+    changed = [f for f, h in now["hashes"].items() if f in old and old[f] != h]
+    if changed and {k: v for k, v in before.items() if k != "hashes"} == {
+        k: v for k, v in now.items() if k != "hashes"
+    }:
         raise ConfigError(
-            f"{out} holds a run started with other settings ({saved}); "
-            "use another --out or delete it"
+            f"{out} holds a run whose input files have changed since it started: "
+            f"{', '.join(changed)}; restore them, or use another --out"
         )
+    raise ConfigError(
+        f"{out} holds a run started with other settings ({saved}); use another --out or delete it"
+    )
 
 
 def peak_memory_mb() -> float:
@@ -114,17 +147,14 @@ def peak_memory_mb() -> float:
 
 def save_stage(folder: Path, entry: dict, model, method, pictures: np.ndarray | None) -> None:
     """Write one finished stage as a whole: a crash leaves it either complete or absent."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    tmp = temporary_dir(folder)
     if model is not None:
         save_adapters(model, tmp / "adapters")
         torch.save(method.state_dict(), tmp / "method.pt")
     if pictures is not None:
         np.save(tmp / "pictures.npy", pictures)
-    (tmp / "stage.json").write_text(json.dumps(entry))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    (tmp / "stage.json").write_text(json.dumps(finite(entry), allow_nan=False))
+    replace_dir(tmp, folder)
 
 
 def load_stage(folder: Path, model, method) -> None:
@@ -351,6 +381,7 @@ def run(
     check_run_key(out, spec)
     p.barrier()  # every process checked before the main one writes
     if p.main:
+        remove_leftovers(out)  # of a write that a kill interrupted
         write_atomic(out / "run.json", json.dumps(run_key(spec), indent=1))
     tasks = world.tasks()
     total = len(spec.seeds) * len(spec.methods) * len(tasks)
@@ -393,8 +424,9 @@ def run(
         std=std,
     )
     if p.main:
-        np.savez(out / ".samples.tmp.npz", **samples)
-        os.replace(out / ".samples.tmp.npz", out / "samples.npz")
+        tmp = out / f".samples{TEMP_MARK}.npz"
+        np.savez(tmp, **samples)
+        os.replace(tmp, out / "samples.npz")
         write_atomic(out / "conflict.jsonl", "".join(json.dumps(s) + "\n" for s in series))
         write_results(out / "results.json", results)
     return results

@@ -7,6 +7,7 @@ files. :func:`read_jsonl` is the one checked reader of JSONL files.
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ class Sample:
     label: int | None = None  # the source class, when known (analyses only)
     index: int | None = None  # the source image's index in its image set, when known
     options: tuple[str, ...] | None = None  # a multiple-choice question's options
+    source: str | None = None  # where it was read ("file:line"), for messages
 
 
 @dataclass
@@ -43,6 +45,34 @@ class TaskFileError(ValueError):
     """A task file is malformed; the message names the file, the line and the field."""
 
 
+LINE_LIMIT = 2**20  # bytes of one JSONL record: a sample, not a data set
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file, streamed; every fault names the file."""
+    if not path.exists():
+        raise TaskFileError(f"{path}: file not found")
+    if path.is_dir():
+        raise TaskFileError(f"{path}: is a directory, expected a file")
+    try:
+        with path.open("rb") as lines:
+            for lineno, raw in enumerate(lines, start=1):
+                if len(raw) > LINE_LIMIT:
+                    raise TaskFileError(
+                        f"{path}:{lineno}: a line of {len(raw)} bytes, over the limit of "
+                        f"{LINE_LIMIT} bytes for one record"
+                    )
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise TaskFileError(
+                        f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} at "
+                        f"column {err.start + 1})"
+                    ) from None
+    except OSError as err:
+        raise TaskFileError(f"{path}: cannot read: {err.strerror or err}") from None
+
+
 def read_jsonl(
     path: Path, required: Sequence[str], optional: Sequence[str] = (), text: Sequence[str] = ()
 ) -> Iterator[tuple[str, dict]]:
@@ -51,33 +81,32 @@ def read_jsonl(
     `where` ("file:line: ") prefixes any error about the line. Every `required` field is
     present, and every `text` field that is present is a non-empty string.
     """
-    if not path.is_file():
-        raise TaskFileError(f"{path}: file not found")
     known = (*required, *optional)
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}: "
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                message = f"{where}invalid JSON: {err.msg} (column {err.colno})"
-                raise TaskFileError(message) from None
-            if not isinstance(record, dict):
-                raise TaskFileError(f"{where}expected a JSON object, got {type(record).__name__}")
-            for key in record:
-                if key not in known:
-                    raise TaskFileError(
-                        f"{where}field '{key}': unknown field; the fields are {', '.join(known)}"
-                    )
-            for key in required:
-                if key not in record:
-                    raise TaskFileError(f"{where}field '{key}': missing")
-            for key in text:
-                value = record.get(key, "x")
-                if not isinstance(value, str) or not value.strip():
-                    raise TaskFileError(
-                        f"{where}field '{key}': expected a non-empty string, got {value!r}"
-                    )
-            yield where, record
+    for lineno, line in _lines(Path(path)):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}: "
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            message = f"{where}invalid JSON: {err.msg} (column {err.colno})"
+            raise TaskFileError(message) from None
+        except RecursionError:
+            raise TaskFileError(f"{where}JSON nested too deeply") from None
+        if not isinstance(record, dict):
+            raise TaskFileError(f"{where}expected a JSON object, got {type(record).__name__}")
+        for key in record:
+            if key not in known:
+                raise TaskFileError(
+                    f"{where}field '{key}': unknown field; the fields are {', '.join(known)}"
+                )
+        for key in required:
+            if key not in record:
+                raise TaskFileError(f"{where}field '{key}': missing")
+        for key in text:
+            value = record.get(key, "x")
+            if not isinstance(value, str) or not value.strip():
+                raise TaskFileError(
+                    f"{where}field '{key}': expected a non-empty string, got {reprlib.repr(value)}"
+                )
+        yield where, record

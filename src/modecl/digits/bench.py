@@ -10,7 +10,7 @@ and sampling.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -28,16 +28,32 @@ from modecl.digits.format import DigitsFormat
 from modecl.digits.pretrain import PretrainedHost, check_gate, load_or_pretrain
 from modecl.digits.tasks import TASK_RULES
 
+QUICK = {  # key -> (the quick value from the config's), a smaller first look
+    "continual.train.epochs": lambda v: min(v, 2),
+    "continual.train.max_train_samples": lambda v: 64,
+    "continual.distill.batch_size": lambda v: min(v, 8),
+    "eval.samples_per_digit": lambda v: min(v, 4),
+    "eval.grid_per_digit": lambda v: min(v, 2),
+    "eval.max_test_samples": lambda v: 60,
+}
 
-def quick(config: RunConfig) -> RunConfig:
-    """A smaller run for a first look: fewer epochs, samples and draws; still every method."""
-    config = copy.deepcopy(config)
-    config.continual.train.epochs = min(config.continual.train.epochs, 2)
-    config.continual.train.max_train_samples = 64
-    config.continual.distill.batch_size = min(config.continual.distill.batch_size, 8)
-    config.eval.samples_per_digit = min(config.eval.samples_per_digit, 4)
-    config.eval.max_test_samples = 60
-    return config
+
+def quick(config: RunConfig, given: Collection[str] = ()) -> tuple[RunConfig, list[str]]:
+    """A smaller run for a first look: fewer epochs, samples and draws; still every method.
+
+    A key in ``given`` (set by the user's config) keeps the user's value; the returned notes
+    say which, so that --quick never silently overrides a value the user set."""
+    config, notes = copy.deepcopy(config), []
+    for key, shrink in QUICK.items():
+        *path, name = key.split(".")
+        section = config
+        for part in path:
+            section = getattr(section, part)
+        if key in given:
+            notes.append(f"--quick keeps {key} = {getattr(section, name)!r} from your config")
+        else:
+            setattr(section, name, shrink(getattr(section, name)))
+    return config, notes
 
 
 def validate(config: RunConfig) -> None:
@@ -107,7 +123,7 @@ class DigitsBench:
         return {"judge": self.digits.judge_report(), "host": log}
 
 
-def bench_spec(config: RunConfig, quick_run: bool) -> RunSpec:
+def bench_spec(config: RunConfig, quick_run: bool, files: list[Path]) -> RunSpec:
     return RunSpec(
         methods=list(config.methods),
         seeds=list(range(config.seeds)),
@@ -116,6 +132,7 @@ def bench_spec(config: RunConfig, quick_run: bool) -> RunSpec:
         config=to_dict(config),
         inputs={},
         quick=quick_run,
+        files=files,
     )
 
 
@@ -126,12 +143,13 @@ def run_benchmark(
     quick: bool = False,
     cache_dir: Path | None = None,
     progress: bool = True,
+    config_file: Path | None = None,
 ) -> Results:
     """Pre-train or load the host (gated), run every method and seed, write results.json.
 
     The out dir is checked first and written only once the host passed its gate."""
     validate(config)
-    spec = bench_spec(config, quick)
+    spec = bench_spec(config, quick, [Path(config_file)] if config_file else [])
     check_run_key(out, spec)
     host = load_or_pretrain(config.host, cache_dir, progress)
     world, model = host.world, host.model

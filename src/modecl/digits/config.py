@@ -3,82 +3,122 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from modecl.core.config import ContinualSettings
+from modecl.core.config import ConfigError, ContinualSettings
+from modecl.core.values import (
+    Count,
+    Fraction,
+    NonEmpty,
+    NonNegative,
+    Positive,
+    Probability,
+    Range,
+    Seed,
+    Size,
+)
+
+OpenFraction = Annotated[float, Range(low=0, high=1, low_open=True, high_open=True)]
 
 
 @dataclass
 class DataConfig:
-    seed: int = 0  # the one fixed split; independent of the run seed
-    pretrain_fraction: float = 0.6
-    train_fraction: float = 0.2  # continual-learning train pool; the rest is the test pool
-    val_fraction: float = 0.15  # share of the pre-training pool held out for validation
+    seed: Seed = 0  # the one fixed split; independent of the run seed
+    pretrain_fraction: OpenFraction = 0.6
+    train_fraction: OpenFraction = 0.2  # continual-learning train pool; the rest is the test pool
+    val_fraction: OpenFraction = 0.15  # share of the pre-training pool held out for validation
+
+    def __post_init__(self) -> None:
+        if self.pretrain_fraction + self.train_fraction >= 1:
+            raise ConfigError(
+                "pretrain_fraction + train_fraction must be below 1 (the rest is the test pool), "
+                f"got {self.pretrain_fraction} + {self.train_fraction}"
+            )
 
 
 @dataclass
 class CodebookConfig:
-    codes: int = 64
-    seed: int = 0
+    codes: Annotated[int, Range(low=2)] = 64
+    seed: Seed = 0
 
 
 @dataclass
 class ModelConfig:
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_layers: int = 4
-    num_heads: int = 4
-    max_positions: int = 64
+    hidden_size: Count = 128
+    intermediate_size: Count = 352
+    num_layers: Count = 4
+    num_heads: Count = 4
+    max_positions: Count = 64
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}"
+            )
 
 
 @dataclass
 class PretrainConfig:
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.05
+    epochs: Count = 40
+    batch_size: Count = 64
+    lr: Positive = 3e-3
+    weight_decay: NonNegative = 0.01
+    warmup_fraction: Fraction = 0.05
     preview_digits: list[int] = field(default_factory=lambda: [0, 1, 2])
-    preview_per_task: int = 120  # preview samples drawn per task per epoch
-    caption_copies: int = 2  # augmented captioning copies of each image per epoch
-    shift_prob: float = 0.8  # captioning inputs only: random 1-pixel shift
-    noise_std: float = 1.0  # captioning inputs only: pixel noise (pixel range 0..16)
-    eval_from_epoch: int = 20  # validation-based checkpoint selection starts here
-    eval_every: int = 2
-    ema_decay: float = 0.995  # per step
+    preview_per_task: Size = 120  # preview samples drawn per task per epoch
+    caption_copies: Size = 2  # augmented captioning copies of each image per epoch
+    shift_prob: Fraction = 0.8  # captioning inputs only: random 1-pixel shift
+    noise_std: NonNegative = 1.0  # captioning inputs only: pixel noise (pixel range 0..16)
+    eval_from_epoch: Count = 20  # validation-based checkpoint selection starts here
+    eval_every: Count = 2
+    ema_decay: Probability = 0.995  # per step
+
+    def __post_init__(self) -> None:
+        if self.eval_from_epoch > self.epochs:
+            raise ConfigError(
+                f"eval_from_epoch {self.eval_from_epoch} is after the last epoch {self.epochs}"
+            )
 
 
 @dataclass
 class GenerationConfig:
-    temperature: float = 0.7
-    top_k: int = 8
-    samples_per_digit: int = 20
+    temperature: NonNegative = 0.7
+    top_k: Size = 8  # 0: every code
+    samples_per_digit: Count = 20
 
 
 @dataclass
 class GateConfig:
-    captioning: float = 0.95
-    generation: float = 0.90
+    captioning: Fraction = 0.95
+    generation: Fraction = 0.90
 
 
 @dataclass
 class DigitsConfig:
     """Every setting of the embedded digits host model (keyed by ``pretrain.cache_key``)."""
 
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig = field(default_factory=DataConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     gate: GateConfig = field(default_factory=GateConfig)
-    spatial_margin: float = 0.1  # |top - bottom| ink below this share of all ink: ambiguous
+    spatial_margin: Fraction = 0.1  # |top - bottom| ink below this share of all ink: ambiguous
 
 
 @dataclass
 class EvalSettings:
-    samples_per_digit: int = 20  # drawn images per digit for generation accuracy and FD
-    grid_per_digit: int = 2  # drawn images per digit kept for the report's picture grid
-    max_test_samples: int | None = None  # per task; None = the whole test pool
+    samples_per_digit: Count = 20  # drawn images per digit for generation accuracy and FD
+    grid_per_digit: Count = 2  # drawn images per digit kept for the report's picture grid
+    max_test_samples: Count | None = None  # per task; None = the whole test pool
+
+    def __post_init__(self) -> None:
+        if self.grid_per_digit > self.samples_per_digit:
+            raise ConfigError(
+                f"grid_per_digit {self.grid_per_digit} exceeds samples_per_digit "
+                f"{self.samples_per_digit} (the grid shows some of the drawn images)"
+            )
 
 
 @dataclass
@@ -86,10 +126,10 @@ class RunConfig:
     """A benchmark run: host model, task sequence, methods, and the shared recipe."""
 
     host: DigitsConfig = field(default_factory=DigitsConfig)
-    tasks: list[str] = field(
+    tasks: Annotated[list[str], NonEmpty()] = field(
         default_factory=lambda: ["parity", "comparison", "arithmetic", "mirrored", "spatial"]
     )
-    methods: list[str] = field(
+    methods: Annotated[list[str], NonEmpty()] = field(
         default_factory=lambda: [
             "seq-lora",
             "moe-lora",
@@ -103,6 +143,6 @@ class RunConfig:
             "mode-text-lora",
         ]
     )
-    seeds: int = 1
+    seeds: Count = 1
     continual: ContinualSettings = field(default_factory=ContinualSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)

@@ -21,8 +21,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 from modecl.core.config import to_dict
+from modecl.core.files import remove_leftovers, replace_dir, temporary_dir
 from modecl.core.sequences import Example, collate, next_token_loss
 from modecl.digits import data, tasks
 from modecl.digits.codebook import Codebook
@@ -205,14 +204,13 @@ def load_or_pretrain(
     model, log = train_host(world, progress)
     log |= {"seconds": time.perf_counter() - start, "config": to_dict(config)}
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    remove_leftovers(folder.parent)  # of a pre-training that was killed while saving
+    tmp = temporary_dir(folder)
     world.codebook.save(tmp / "codebook.npy")
     world.vocab.save(tmp / "vocab.json")
     model.save_pretrained(tmp / "model")
     (tmp / "log.json").write_text(json.dumps(log, indent=1))
-    if folder.exists():  # a half-written folder from a crash: replace it whole
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    replace_dir(tmp, folder)  # a half-written folder from a crash is replaced whole
     return PretrainedHost(world, model, log | {"cached": False})
 
 

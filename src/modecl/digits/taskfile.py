@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from modecl.core.files import read_image
 from modecl.core.tasks import Sample, Task, TaskFileError, read_jsonl
 from modecl.digits.codebook import TOKENS_PER_IMAGE
 from modecl.digits.host import DigitsWorld
@@ -103,11 +104,11 @@ def _read_image(file: Path, where: str) -> np.ndarray:
     """An image file -> [8, 8] pixels on the digits' scale (integers 0..16, ink high)."""
     if not file.is_file():
         raise TaskFileError(f"{where}image file not found: {file}")
-    try:
-        with Image.open(file) as img:
-            gray = img.convert("L").resize((8, 8), Image.Resampling.BOX)
-    except OSError as err:
-        raise TaskFileError(f"{where}cannot read image {file}: {err}") from None
+    try:  # any mode and bit depth; transparency on black (the digits' background)
+        gray = read_image(file, background=(0, 0, 0)).convert("L")
+    except ValueError as err:
+        raise TaskFileError(f"{where}{err}") from None
+    gray = gray.resize((8, 8), Image.Resampling.BOX)
     # Digits pixels are whole counts 0..16; rounding to them keeps a PNG-written digits
     # image exact on the way back and gives user images the host's input domain.
     return np.rint(np.asarray(gray, dtype=np.float32) * (16 / 255))

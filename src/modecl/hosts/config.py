@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from modecl.core.config import ContinualSettings
+from modecl.core.values import Count, NonEmpty, NonNegative, Seed, Size
+
+Rule = Literal["exact", "choice", "contains"]  # modecl.core.scoring.RULES
 
 
 @dataclass
@@ -13,21 +16,21 @@ class HostSettings:
     """How `modecl train` loads a transformers host and reads images."""
 
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on a GPU, else float32
-    image_size: int | None = None  # resize images to this square; None: the host's processor
+    image_size: Count | None = None  # resize images to this square; None: the host's processor
     gradient_checkpointing: bool = False
-    tokenize_batch_size: int = 16  # images per VQ-tokenizer batch
+    tokenize_batch_size: Count = 16  # images per VQ-tokenizer batch
 
 
 @dataclass
 class HostEvalSettings:
     """What `modecl train` measures after every task."""
 
-    max_new_tokens: int = 16  # greedy answer length limit
-    batch_size: int = 16
-    max_test_samples: int | None = None  # per task; None = all
-    draws: int = 8  # test pairs of the pairs file drawn per stage (image generation)
-    temperature: float = 1.0
-    top_k: int = 0
+    max_new_tokens: Count = 16  # greedy answer length limit
+    batch_size: Count = 16
+    max_test_samples: Count | None = None  # per task; None = all
+    draws: Size = 8  # test pairs of the pairs file drawn per stage (image generation)
+    temperature: NonNegative = 1.0  # 0: greedy
+    top_k: Size = 0  # 0: every code
     clip_model: str | None = None  # a local CLIP directory (save_pretrained); None: no CLIP
 
 
@@ -35,10 +38,10 @@ class HostEvalSettings:
 class TrainConfig:
     """`modecl train`: continual training of a transformers host on JSONL tasks."""
 
-    seed: int = 0
+    seed: Seed = 0
     continual: ContinualSettings = field(default_factory=ContinualSettings)
     host: HostSettings = field(default_factory=HostSettings)
     eval: HostEvalSettings = field(default_factory=HostEvalSettings)
-    scoring: dict[str, str] = field(default_factory=dict)  # task name -> rule (overrides files)
+    scoring: dict[str, Rule] = field(default_factory=dict)  # task name -> rule (overrides files)
     # task name -> its closed answer set, for constrained accuracy of an open-ended task
-    answer_sets: dict[str, list[str]] = field(default_factory=dict)
+    answer_sets: dict[str, Annotated[list[str], NonEmpty()]] = field(default_factory=dict)

@@ -37,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from modecl.core.adapters import has_adapters, pass_kind, routing_context
+from modecl.core.files import read_image
 from modecl.core.generation import generate
 from modecl.core.modality import HOST_FAMILIES, host_family
 
@@ -146,8 +147,7 @@ def load_image(path: str | Path, size_or_processor: int | tuple[int, int] | Any)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
+    image = read_image(path)  # any mode and bit depth; transparency on white
     if not isinstance(size_or_processor, int | tuple):
         return size_or_processor(images=image, return_tensors="pt")["pixel_values"]
     size = size_or_processor

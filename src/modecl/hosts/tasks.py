@@ -172,8 +172,8 @@ class ImageTokenizer:
             for name in names[start : start + self.batch_size]:
                 try:
                     pixels[name] = load_image(name, self.size_or_processor)
-                except OSError as err:
-                    raise TaskFileError(f"{where[name]}cannot read image {name}: {err}") from None
+                except (OSError, ValueError) as err:
+                    raise TaskFileError(f"{where[name]}{err}") from None
             by_shape: dict[tuple[int, ...], list[str]] = defaultdict(list)
             for name, value in pixels.items():  # a batch holds images of one shape only
                 by_shape[tuple(value.shape)].append(name)
@@ -241,9 +241,10 @@ def load_image_task(
         raise TaskFileError(f"{path}: lines use different scoring rules {sorted(rules)}")
     codes = images([(file, f"{where}field 'image': ") for where, file, *_ in rows])
     splits: dict[str, list[Sample]] = {"train": [], "test": []}
-    for (_, _, split, record, options), image in zip(rows, codes, strict=True):
+    for (where, _, split, record, options), image in zip(rows, codes, strict=True):
         question, answer = record["question"].strip(), record["answer"].strip()
-        splits[split].append(Sample(image, question, answer, options=options))
+        source = where.rstrip(": ")
+        splits[split].append(Sample(image, question, answer, options=options, source=source))
     for split, samples in splits.items():
         if not samples:
             raise TaskFileError(f"{path}: no {split} samples")

@@ -12,6 +12,7 @@ real image.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTo
 from modecl.core.adapters import enable_gradient_checkpointing
 from modecl.core.config import ConfigError, to_dict
 from modecl.core.evaluate import image_nll_terms
+from modecl.core.files import read_image
 from modecl.core.methods import get_method
 from modecl.core.methods.distillation import check_pairs
 from modecl.core.results import Results
@@ -55,10 +57,14 @@ def load_host(path: str, dtype: str, device: torch.device) -> tuple[nn.Module, A
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     if dtype not in dtypes:
         raise ConfigError(f"host.dtype: {dtype!r} is not one of auto, {', '.join(dtypes)}")
+    if Path(path).is_file():
+        raise ConfigError(
+            f"--model {path}: is a file; expected a checkpoint folder (save_pretrained) or a hub id"
+        )
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtypes[dtype])
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as err:
         raise ConfigError(f"cannot load a host model and tokenizer from {path}: {err}") from None
     return model.to(device).eval(), tokenizer
 
@@ -78,8 +84,7 @@ def _image_reader(
 
 
 def _read_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return read_image(path)
 
 
 def _generation(
@@ -200,6 +205,31 @@ class HostWorld:
         return {"host": {"family": self.format.vocab.family, "dtype": str(self.model.dtype)}}
 
 
+def check_context(
+    model: nn.Module, fmt: HostFormat, tasks: list[Task], pairs: Pairs | None, kd_data: Any
+) -> None:
+    """Refuse, before training, a sample or pair longer than the host's context."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is None:
+        return
+    for task in tasks:
+        for sample in [*task.train, *task.test]:
+            length = len(fmt.prompt(sample)) + len(fmt.answer_ids(sample.answer))
+            if length > limit:
+                raise ConfigError(
+                    f"{sample.source or task.name}: the image, question and answer take "
+                    f"{length} tokens, more than the host's context of {limit} "
+                    "(max_position_embeddings)"
+                )
+    for i, pair in enumerate([*pairs.train, *pairs.test] if pairs else []):
+        length = len(fmt.draw_example(pair).input_ids)
+        if length > limit:
+            raise ConfigError(
+                f"{kd_data}: pair {i + 1} ({pair.prompt[:40]!r}) takes {length} tokens, more "
+                f"than the host's context of {limit} (max_position_embeddings)"
+            )
+
+
 def train_run(
     model_path: str,
     task_files: list[Path],
@@ -211,9 +241,11 @@ def train_run(
     seeds: int = 1,
     progress: bool = True,
     accelerator: Accelerator | None = None,
+    config_files: Sequence[Path] = (),
 ) -> Results:
     """Train every method of `methods` through `task_files` on the host at `model_path`,
-    over `seeds` seeds from `config.seed` on; writes the out dir and returns results.json."""
+    over `seeds` seeds from `config.seed` on; writes the out dir and returns results.json.
+    `config_files` (the TOML it came from) are hashed into the run key with the task files."""
     config = config or TrainConfig()
     methods = [methods] if isinstance(methods, str) else list(methods)
     check_methods(methods)
@@ -246,6 +278,7 @@ def train_run(
             "tasks": [str(f) for f in task_files],
             "kd_data": None if kd_data is None else str(kd_data),
         },
+        files=[Path(f) for f in [*task_files, *([kd_data] if kd_data else []), *config_files]],
     )
     out = Path(out)
     check_run_key(out, spec)
@@ -263,6 +296,7 @@ def train_run(
         for task in tasks:
             task.test = task.test[: config.eval.max_test_samples]
     pairs = None if kd_data is None else load_pairs(kd_data, images)
+    check_context(model, fmt, tasks, pairs, kd_data)
     if distilling:
         try:
             check_pairs(distilling[0], len(pairs.train), config.continual.distill.batch_size)

@@ -20,6 +20,7 @@ from modecl.core.adapters import lm_logits, pass_kind
 from modecl.core.distill import AverageOver, kd_mask, topk_kl
 from modecl.core.methods.base import Method
 from modecl.core.sequences import DrawPair, Format, collate
+from modecl.core.values import Count, NonNegative, Positive
 
 if TYPE_CHECKING:
     from modecl.core.config import ContinualSettings
@@ -27,12 +28,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class DistillSettings:
-    weight: float = 0.3  # lambda
-    temperature: float = 2.0
-    top_k: int = 256
+    weight: NonNegative = 0.3  # lambda
+    temperature: Positive = 2.0
+    top_k: Count = 256
     average_over: AverageOver = "image"  # "attended", or "all" (the paper's code)
-    batch_size: int = 16  # image-generation pairs beside each task batch
-    chunk_size: int = 1024
+    batch_size: Count = 16  # image-generation pairs beside each task batch
+    chunk_size: Count = 1024
 
 
 def teacher_logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from modecl.core.methods.base import LossFn, Method
 from modecl.core.sequences import DrawPair, Format
 from modecl.core.tasks import Task
+from modecl.core.values import Count, NonNegative
 
 if TYPE_CHECKING:
     from modecl.core.config import ContinualSettings
@@ -29,9 +30,9 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 @dataclass
 class EWCSettings:
-    weight: float = 1000.0
-    fisher_batches: int = 16
-    fisher_batch_size: int = 8
+    weight: NonNegative = 1000.0
+    fisher_batches: Count = 16
+    fisher_batch_size: Count = 8
 
 
 @dataclass

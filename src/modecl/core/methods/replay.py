@@ -13,6 +13,7 @@ import torch
 from modecl.core.methods.base import LossFn, Method
 from modecl.core.sequences import DrawPair
 from modecl.core.tasks import Sample, Task
+from modecl.core.values import Size
 
 if TYPE_CHECKING:
     from modecl.core.config import ContinualSettings
@@ -20,8 +21,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class ReplaySettings:
-    buffer_size: int = 100  # samples kept over all earlier tasks, equal share per task
-    per_batch: int = 8  # buffer samples mixed into each task batch
+    buffer_size: Size = 100  # samples kept over all earlier tasks, equal share per task
+    per_batch: Size = 8  # buffer samples mixed into each task batch
 
 
 @dataclass
