@@ -20,8 +20,7 @@ from modecl.core.sequences import DrawPair
 from modecl.core.tasks import Sample, Task
 from modecl.core.train import train_task
 from modecl.hosts.tasks import HostFormat
-from tests.test_hf_host import CODES, tiny_chameleon
-from tests.tiny_hosts import tokenizer
+from tests.fixtures import CODES, tiny_chameleon, tokenizer
 
 SETTINGS = from_dict(
     ContinualSettings,

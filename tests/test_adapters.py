@@ -9,12 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    ChameleonConfig,
-    ChameleonForConditionalGeneration,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from modecl.core.adapters import (
     KINDS,
@@ -37,72 +32,37 @@ from modecl.core.adapters import (
     trainable_parameters,
 )
 from modecl.core.generation import generate
-from modecl.core.modality import image_mask
-
-IMAGE_IDS = list(range(40, 64))  # both hosts: codes and markers
-TEXT_IDS = list(range(3, 39))
-SIZES = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2}
-HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2}
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, pad_token_id=0, **SIZES, **HEADS)
-    config.image_token_ids = IMAGE_IDS
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_chameleon() -> ChameleonForConditionalGeneration:
-    vocabulary = {f"tok{i}": i for i in range(40)}
-    for i in range(40, 61):  # as on the hub: IMGIMG + the code's digits as letters + Z
-        vocabulary["IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(i)) + "Z"] = i
-    vocabulary.update({"<image>": 61, "<eoss>": 62, "<racm3:break>": 63})
-    vq = {"embed_dim": 4, "num_embeddings": 21, "latent_channels": 4, "base_channels": 32}
-    torch.manual_seed(0)
-    config = ChameleonConfig(
-        vocab_size=64,
-        pad_token_id=0,
-        vocabulary_map=vocabulary,
-        vq_config={**vq, "in_channels": 3, "channel_multiplier": [1, 2]},
-        **SIZES,
-        **HEADS,
-    )
-    return ChameleonForConditionalGeneration(config).eval()
+from modecl.core.modality import image_mask, image_token_ids
+from tests.fixtures import (
+    ADAPTER_HOSTS,
+    CODES,
+    HEADS,
+    HOSTS,
+    IMAGE_IDS,
+    SIZES,
+    TEXT_IDS,
+    adapted,
+    batch,
+    randomize,
+    tiny_llama,
+)
 
 
-HOSTS = {"llama": tiny_llama, "chameleon": tiny_chameleon}
-
-
-def batch(kind: str = "mixed", rows: int = 2) -> torch.Tensor:
-    """Token ids: a caption, an image span, more text; or text / image tokens only."""
-    g = torch.Generator().manual_seed(1)
-    text = torch.tensor(TEXT_IDS)[torch.randint(len(TEXT_IDS), (rows, 12), generator=g)]
-    image = torch.tensor(IMAGE_IDS)[torch.randint(len(IMAGE_IDS), (rows, 12), generator=g)]
-    if kind == "text":
-        return text
-    if kind == "image":
-        return image
-    return torch.cat([text[:, :4], image[:, :6], text[:, 4:6]], dim=1)
-
-
-def randomize(model: nn.Module, std: float = 0.3) -> None:
-    """Non-zero B so that every expert changes the output and A gets gradient."""
-    torch.manual_seed(2)
-    for layer in adapter_layers(model).values():
-        nn.init.normal_(layer.lora_B, std=std)
-
-
-def adapted(host: str, std: float = 0.3, **config) -> nn.Module:
-    model = attach_adapters(HOSTS[host](), AdapterConfig(**config))
-    randomize(model, std)
-    return model
+def test_both_hosts_see_the_same_modality_for_the_same_ids():
+    """The tiny Llama names the tiny Chameleon's image ids; the batches' ids are of each kind."""
+    llama, chameleon = (image_token_ids(HOSTS[host]().config) for host in ADAPTER_HOSTS)
+    assert llama == chameleon == IMAGE_IDS
+    assert set(IMAGE_IDS) <= set(image_token_ids(HOSTS["emu3"]().config))
+    assert not set(TEXT_IDS) & set(image_token_ids(HOSTS["emu3"]().config))
+    assert set(batch("image").unique().tolist()) <= set(IMAGE_IDS)
+    assert not set(batch("text").unique().tolist()) & set(IMAGE_IDS)
 
 
 # --- zero init, peft, the stacked layer ---------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", ADAPTER_HOSTS)
 def test_zero_init_equals_host(host, kind):
     model = HOSTS[host]()
     ids = batch()
@@ -286,7 +246,7 @@ def test_teacher_pass_and_adapters_off_are_the_host():
 # --- generation, inputs_embeds, lm_logits ------------------------------------------------
 
 
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", ADAPTER_HOSTS)
 def test_generate_with_cache_equals_greedy_recompute(host):
     model = adapted(host, std=1.0)
     model.generation_config.eos_token_id = None
@@ -317,7 +277,7 @@ def test_inputs_embeds_need_an_explicit_mask():
         model(inputs_embeds=embeds)
 
 
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", ADAPTER_HOSTS)
 def test_lm_logits_are_the_forward_logits_without_the_image_mask(host):
     model = adapted(host)
     ids = batch()
@@ -326,7 +286,7 @@ def test_lm_logits_are_the_forward_logits_without_the_image_mask(host):
     blocked = forward == torch.finfo(forward.dtype).min
     assert torch.equal(ours[~blocked], forward[~blocked])
     # Chameleon blocks its IMGIMG codes (not the markers); Llama blocks nothing
-    expected_blocked = list(range(40, 61)) if host == "chameleon" else []
+    expected_blocked = CODES if host == "chameleon" else []
     assert blocked.all(dim=(0, 1)).nonzero().flatten().tolist() == expected_blocked
 
 
@@ -454,13 +414,10 @@ def test_plain_lora_needs_no_image_tokens():
     model(inputs_embeds=torch.randn(1, 3, SIZES["hidden_size"]))
 
 
-@pytest.mark.parametrize("host", [*HOSTS, "emu3"])
+@pytest.mark.parametrize("host", [*ADAPTER_HOSTS, "emu3"])
 def test_left_padded_generation_equals_one_prompt_at_a_time(host):
     """Prompts of unequal length in one batch: the tokens each would get alone."""
-    from tests.test_hf_host import tiny_emu3  # that module imports this one
-
-    build = tiny_emu3 if host == "emu3" else HOSTS[host]
-    model = attach_adapters(build(), AdapterConfig(dropout=0.0))
+    model = attach_adapters(HOSTS[host](), AdapterConfig(dropout=0.0))
     randomize(model, std=1.0)
     prompts = [row.tolist() for row in batch(rows=2)]
     prompts = [prompts[0], prompts[1][3:], prompts[0][5:]]  # lengths 12, 9, 7

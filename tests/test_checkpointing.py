@@ -21,7 +21,7 @@ from modecl.core.adapters import (
     lm_logits,
     pass_kind,
 )
-from tests.test_adapters import HOSTS, batch, randomize
+from tests.fixtures import ADAPTER_HOSTS, HOSTS, batch, randomize
 
 Between = Callable[[nn.Module, torch.Tensor], None]
 
@@ -81,7 +81,7 @@ BETWEEN = [nothing, other_batch, teacher, draw, shorter_batch]
 
 
 @pytest.mark.parametrize("between", BETWEEN, ids=lambda f: f.__name__)
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", ADAPTER_HOSTS)
 def test_routing_safe_checkpointing_gives_the_reference_gradients(host, between):
     reference = adapter_grads(host, "off", nothing)
     assert all(torch.count_nonzero(g) > 0 for g in reference)
@@ -91,7 +91,7 @@ def test_routing_safe_checkpointing_gives_the_reference_gradients(host, between)
         torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", ADAPTER_HOSTS)
 def test_routing_safe_checkpointing_backpropagates_a_graph_twice(host):
     reference = adapter_grads(host, "off", nothing)
     grads = adapter_grads(host, "routing-safe", teacher, grad_first=True)

@@ -1,49 +1,16 @@
-"""CLIP alignment with a tiny random CLIP saved to disk."""
+"""CLIP alignment with a tiny random CLIP saved to disk (`tests.fixtures.write_tiny_clip`)."""
 
 from __future__ import annotations
-
-import string
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import (
-    CLIPConfig,
-    CLIPImageProcessorPil,
-    CLIPModel,
-    CLIPProcessor,
-    CLIPTokenizer,
-)
+from transformers import CLIPModel, CLIPProcessor
 
 from modecl.hosts.clip import ClipAlignment, clip_alignment
-
-SIZE = 16
-
-
-def write_tiny_clip(directory):
-    """A tiny random CLIP with its processor, saved as a real checkpoint would be."""
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    words = [c + suffix for c in string.ascii_lowercase for suffix in ("", "</w>")]
-    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(specials + words)}, merges=[])
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}
-        ),
-        tokenizer=tokenizer,
-    )
-    small = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2}
-    small |= {"num_attention_heads": 4}
-    config = CLIPConfig(
-        text_config={**small, "vocab_size": len(tokenizer), "max_position_embeddings": 32},
-        vision_config={**small, "image_size": SIZE, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+from tests.fixtures import CLIP_SIZE, write_tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +21,8 @@ def clip_dir(tmp_path_factory):
 def images(count: int, seed: int) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [
-        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(count)
+        Image.fromarray(rng.integers(0, 256, (CLIP_SIZE, CLIP_SIZE, 3), dtype=np.uint8))
+        for _ in range(count)
     ]
 
 

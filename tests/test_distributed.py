@@ -15,8 +15,7 @@ import torch
 from modecl.cli import main
 from modecl.core.results import read_results
 from tests.ddp_worker import train
-from tests.test_hf_train import CONFIG
-from tests.tiny_hosts import write_host, write_tasks
+from tests.fixtures import TRAIN_CONFIG, write_host, write_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -54,7 +53,7 @@ def test_modecl_train_under_torchrun_matches_one_process(tmp_path):
     files, pairs = write_tasks(tmp_path / "data")
     config = tmp_path / "train.toml"
     # No dropout: its masks differ between processes.
-    config.write_text(CONFIG + "[continual.adapter]\ndropout = 0.0\n")
+    config.write_text(TRAIN_CONFIG + "[continual.adapter]\ndropout = 0.0\n")
     args = ["train", "--model", str(host), "--tasks", *map(str, files), "--method", "mode"]
     args += ["--kd-data", str(pairs), "--config", str(config)]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0

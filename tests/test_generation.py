@@ -8,11 +8,12 @@ from torch import nn
 
 from modecl.core.adapters import lm_logits
 from modecl.core.generation import Constraint, generate
-from tests.test_adapters import HOSTS, TEXT_IDS, adapted, batch
+from tests.fixtures import ADAPTER_HOSTS, CODES, EOS_ID, TEXT_IDS, VOCAB_SIZE, adapted, batch
 
-VOCAB, EOS, ROWS = 64, 2, 3
-CODES = list(range(40, 61))  # the Chameleon's IMGIMG codes, which its own forward masks
-ROW_END, END = 61, 62
+VOCAB, EOS, ROWS = VOCAB_SIZE, EOS_ID, 3
+# CODES: the Chameleon's IMGIMG codes, which its own forward masks. Forced markers: its
+# `<image>`, `<eoss>` (end of image) and `<racm3:break>` (begin of image), image tokens all.
+MARKER, END, BEGIN = 56, 57, 58
 
 
 def ids_mask(ids: list[int]) -> torch.Tensor:
@@ -38,9 +39,9 @@ CASES: dict[str, tuple[int | list[int | None], Constraint | None]] = {
     "count": (5, None),
     "ids": (5, [7, 12, 40, 41, 55]),
     "mask": (5, ids_mask(TEXT_IDS)),
-    "layout, ids": ([None, None, ROW_END, None, None, ROW_END, END], CODES),
-    "layout, forced first and last": ([63, None, None, END, END], CODES),
-    "per step": ([None, None, ROW_END, None, None, END], alternate),
+    "layout, ids": ([None, None, MARKER, None, None, MARKER, END], CODES),
+    "layout, forced first and last": ([BEGIN, None, None, END, END], CODES),
+    "per step": ([None, None, MARKER, None, None, END], alternate),
     "per row": (6, no_repeat),
 }
 
@@ -73,7 +74,7 @@ def greedy_without_cache(
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", ADAPTER_HOSTS)
 def test_forced_markers_and_allowed_ids(host, case):
     new_tokens, allowed = CASES[case]
     layout = [None] * new_tokens if isinstance(new_tokens, int) else new_tokens
@@ -106,9 +107,9 @@ def test_rows_that_emit_eos_keep_it_forced_positions_included():
             mask[0] = ids_mask([EOS])
         return mask
 
-    layout = [None, None, ROW_END, None]
+    layout = [None, None, MARKER, None]
     tokens = generate(model, prompt, layout, allowed=end_first_row, eos_id=EOS)
     assert tokens[0, 0] != EOS and tokens[0, 1:].tolist() == [EOS] * 3
-    assert tokens[1, 2] == ROW_END and EOS not in tokens[1].tolist()
+    assert tokens[1, 2] == MARKER and EOS not in tokens[1].tolist()
     ended = generate(model, prompt, layout, allowed=[EOS], eos_id=EOS)
     assert ended.tolist() == [[EOS], [EOS]]  # every row ended: no further step

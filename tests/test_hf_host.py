@@ -1,4 +1,5 @@
-"""Chameleon and Emu3 hosts from transformers, as tiny random models built from configs."""
+"""Chameleon and Emu3 hosts from transformers, as tiny random models built from configs
+(`tests.fixtures`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import (
-    ChameleonConfig,
-    ChameleonForConditionalGeneration,
-    ChameleonImageProcessorPil,
-    Emu3Config,
-    Emu3ForConditionalGeneration,
-    Emu3TextConfig,
-)
+from transformers import ChameleonImageProcessorPil
 
 from modecl.core.adapters import (
     AdapterConfig,
@@ -36,76 +30,22 @@ from modecl.hosts.host import (
     save_png,
     understand_prompt,
 )
-from tests.test_adapters import randomize, tiny_llama
-
-# Both tiny hosts: 64 ids, text 0..39 (0 pad, 1 BOS, 2 EOS), the 16 VQ codes at 40..55, markers
-# from 56; 8x8-pixel images give a 4x4 grid of codes.
-CODES = list(range(40, 56))
-TEXT = {"vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-SIZES = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2}
-HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2}
-PIXELS, GRID = 8, (4, 4)
-
-
-def text_vocabulary() -> dict[str, int]:
-    return {f"tok{i}": i for i in [*range(40), *range(62, 64)]}
-
-
-def tiny_chameleon() -> ChameleonForConditionalGeneration:
-    vocabulary = text_vocabulary()
-    for code, i in enumerate(CODES):  # as on the hub: IMGIMG + the code's digits as letters + Z
-        vocabulary["IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(code)) + "Z"] = i
-    vocabulary.update({"<image>": 56, "<eoss>": 57, "<racm3:break>": 58})
-    vq = {"embed_dim": 4, "num_embeddings": 16, "latent_channels": 4, "base_channels": 32}
-    torch.manual_seed(0)
-    config = ChameleonConfig(
-        vocabulary_map=vocabulary,
-        vq_config={**vq, "in_channels": 3, "channel_multiplier": [1, 2]},
-        **TEXT,
-        **SIZES,
-        **HEADS,
-    )
-    return ChameleonForConditionalGeneration(config).eval()
-
-
-def tiny_emu3() -> Emu3ForConditionalGeneration:
-    vocabulary = text_vocabulary()
-    for code, i in enumerate(CODES):
-        vocabulary[f"<|visual token{code:06d}|>"] = i
-    names = ["<image>", "<|image start|>", "<|image end|>", "<|image token|>"]
-    vocabulary.update({name: 56 + k for k, name in enumerate(names)})
-    vocabulary.update({"<|extra_200|>": 60, "<|extra_201|>": 61})
-    vq = {"codebook_size": 16, "embed_dim": 4, "latent_channels": 4, "base_channels": 32}
-    torch.manual_seed(0)
-    config = Emu3Config(
-        text_config=Emu3TextConfig(**TEXT, **SIZES, **HEADS),
-        # channels stay 32 (the VQ attention's hidden_size) and halve the size once: 8 -> 4
-        vq_config={
-            **vq,
-            "hidden_size": 32,
-            "channel_multiplier": [1, 1],
-            "temporal_downsample_factor": 1,
-            "attn_resolutions": [],
-        },
-        vocabulary_map=vocabulary,
-    )
-    return Emu3ForConditionalGeneration(config).eval()
-
-
-HOSTS = {"chameleon": tiny_chameleon, "emu3": tiny_emu3}
-# Ids of the tiny vocabularies above, to check the ones read from the configs.
-BEGIN = {"chameleon": 58, "emu3": 57}
-END = {"chameleon": 57, "emu3": 58}
-ROW_END, FRAME_END, WRAPPER = 60, 61, 59
-
-
-def encode(text: str) -> list[int]:
-    """A toy tokenizer: one text id (3..38) per character."""
-    return [3 + ord(c) % 36 for c in text]
-
-
-def pixels(rows: int = 2) -> torch.Tensor:
-    return torch.rand(rows, 3, PIXELS, PIXELS, generator=torch.Generator().manual_seed(3)) * 2 - 1
+from tests.fixtures import (
+    BEGIN,
+    CODES,
+    END,
+    FRAME_END,
+    GRID,
+    HOSTS,
+    IMAGE_HOSTS,
+    PIXELS,
+    ROW_END,
+    WRAPPER,
+    encode,
+    pixels,
+    randomize,
+    tiny_llama,
+)
 
 
 def span_layout(host: str) -> list[int | None]:
@@ -124,7 +64,7 @@ def assert_span(host: str, tokens: torch.Tensor) -> None:
             assert (column == expected).all(), position
 
 
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", IMAGE_HOSTS)
 def test_image_vocabulary_is_read_from_the_config(host):
     vocab = image_vocabulary(HOSTS[host]())
     assert (vocab.family, list(vocab.codes), vocab.begin, vocab.end) == (
@@ -157,7 +97,7 @@ def test_load_image(tmp_path):
         load_image(tmp_path / "missing.png", PIXELS)
 
 
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", IMAGE_HOSTS)
 def test_image_tokens_are_the_vq_codes_in_the_models_ids(host):
     model = HOSTS[host]()
     images = pixels()
@@ -178,7 +118,7 @@ def test_image_tokens_are_the_vq_codes_in_the_models_ids(host):
     assert torch.equal(codes.flatten(), torch.tensor(CODES)[indices.flatten()])
 
 
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", IMAGE_HOSTS)
 def test_understand_prompt_marks_exactly_the_image_span(host):
     model = HOSTS[host]()
     body = image_tokens(model, pixels(1))[0]
@@ -212,7 +152,7 @@ def greedy_without_cache(model: nn.Module, prompt: torch.Tensor, host: str) -> t
     return sequence[:, prompt.shape[1] :]
 
 
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", IMAGE_HOSTS)
 def test_draw_image_tokens_emits_codes_and_closes_the_span(host):
     model = HOSTS[host]()
     prompt = torch.stack([draw_prompt(model, c, encode, GRID) for c in ("a cat", "a dog")])
@@ -228,7 +168,7 @@ def test_draw_image_tokens_emits_codes_and_closes_the_span(host):
     assert torch.equal(greedy, greedy_without_cache(model, prompt, host))
 
 
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", IMAGE_HOSTS)
 def test_decode_image(host, tmp_path):
     model = HOSTS[host]()
     prompt = draw_prompt(model, "a cat", encode, GRID)[None].repeat(2, 1)
@@ -251,7 +191,7 @@ def test_decode_image(host, tmp_path):
         save_png(images, tmp_path / "batch.png")
 
 
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", IMAGE_HOSTS)
 def test_mode_training_step_on_a_mixed_sequence(host):
     config = AdapterConfig(kind="mode", routing="task")  # training: per token
     model = attach_adapters(HOSTS[host](), config).train()
@@ -270,7 +210,7 @@ def test_mode_training_step_on_a_mixed_sequence(host):
     assert routing_context(model).pass_kind is None
 
 
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", IMAGE_HOSTS)
 def test_left_padded_drawing_equals_one_prompt_at_a_time(host):
     model = attach_adapters(HOSTS[host](), AdapterConfig(dropout=0.0))
     randomize(model, std=1.0)  # an adapted model, and its logits far from uniform

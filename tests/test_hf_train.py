@@ -23,38 +23,30 @@ from modecl.core.results import read_results
 from modecl.core.sequences import IGNORE, DrawPair, understand
 from modecl.core.tasks import Sample, TaskFileError
 from modecl.hosts.config import TrainConfig
+from modecl.hosts.host import image_tokens, understand_prompt
 from modecl.hosts.tasks import HostFormat, ImageTokenizer, load_image_task, load_pairs
 from modecl.hosts.world import load_host
-from tests.test_clip_score import write_tiny_clip
-from tests.test_hf_host import HOSTS, image_tokens, pixels, understand_prompt
-from tests.tiny_hosts import tokenizer, write_host, write_tasks
-
-CONFIG = """
-seed = 0
-[host]
-image_size = 8
-[continual.train]
-epochs = 4
-batch_size = 4
-lr = 0.02
-[continual.distill]
-batch_size = 4
-top_k = 16
-[eval]
-draws = 2
-max_new_tokens = 4
-"""
+from tests.fixtures import (
+    HOSTS,
+    IMAGE_HOSTS,
+    TRAIN_CONFIG,
+    pixels,
+    tokenizer,
+    write_host,
+    write_tasks,
+    write_tiny_clip,
+)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Both hosts, the task and pairs files, a tiny CLIP, and a config using it."""
     root = tmp_path_factory.mktemp("hf")
-    hosts = {family: write_host(family, root / family) for family in HOSTS}
+    hosts = {family: write_host(family, root / family) for family in IMAGE_HOSTS}
     files, pairs = write_tasks(root / "data")
     clip = write_tiny_clip(root / "clip")
     config = root / "train.toml"
-    config.write_text(CONFIG.replace("[eval]", f'[eval]\nclip_model = "{clip}"'))
+    config.write_text(TRAIN_CONFIG.replace("[eval]", f'[eval]\nclip_model = "{clip}"'))
     return {"root": root, "hosts": hosts, "files": files, "pairs": pairs, "config": config}
 
 
@@ -74,7 +66,7 @@ def reloaded(setup, family, method, adapters):
     return model, HostFormat.from_model(model, tok)
 
 
-@pytest.fixture(scope="module", params=list(HOSTS))
+@pytest.fixture(scope="module", params=list(IMAGE_HOSTS))
 def two_methods_two_seeds(request, setup, tmp_path_factory):
     """`modecl train --methods mode,seq-lora --seeds 2` on one tiny host."""
     out = tmp_path_factory.mktemp(f"run-{request.param}")
@@ -316,7 +308,7 @@ def labelled_ids(example) -> list[int]:
     ]
 
 
-@pytest.mark.parametrize("family", list(HOSTS))
+@pytest.mark.parametrize("family", list(IMAGE_HOSTS))
 def test_host_format_sequences(family):
     """Understand prompts equal `understand_prompt`; draw labels cover exactly the span."""
     model = HOSTS[family]()
@@ -337,7 +329,7 @@ def test_host_format_sequences(family):
     assert fmt.is_image_token(ids).tolist() == [*[True] * (len(labelled) - 1), False]
 
 
-@pytest.mark.parametrize("family", list(HOSTS))
+@pytest.mark.parametrize("family", list(IMAGE_HOSTS))
 def test_answers_are_the_greedy_tokens_of_the_hosts_own_forward(family):
     """Chameleon's forward masks its image codes, so its answers hold none; Emu3's does not."""
     model = HOSTS[family]()
@@ -374,7 +366,7 @@ def test_image_tokenizer_batches_and_cache(setup, tmp_path):
     assert again.cache == small.cache
 
 
-@pytest.mark.parametrize("family", list(HOSTS))
+@pytest.mark.parametrize("family", list(IMAGE_HOSTS))
 def test_bfloat16_host_with_float32_adapters(setup, family, tmp_path):
     """The GPU setting (a bf16 host), on CPU: training, drawing, decoding, CLIP all run."""
     config = setup["config"].read_text().replace("[host]", '[host]\ndtype = "bfloat16"')
