@@ -19,6 +19,9 @@ class HostSettings:
     image_size: Count | None = None  # resize images to this square; None: the host's processor
     gradient_checkpointing: bool = False
     tokenize_batch_size: Count = 16  # images per VQ-tokenizer batch
+    # Chameleon's taming `vqgan.ckpt`, to decode drawings when the checkpoint has no
+    # model.vqmodel.decoder.* weights (modecl.hosts.vqgan); None: the checkpoint's or none
+    vqgan: str | None = None
 
 
 @dataclass

@@ -20,11 +20,13 @@ have no tokenizer and pass a toy one. Pixels are in [-1, 1] (both hosts' process
     codes = image_tokens(model, load_image("cat.png", 512))            # [1, n]
     prompt = understand_prompt(model, codes[0], "What is it?", encode)  # [L]
     drawn = draw_image_tokens(model, draw_prompt(model, "a cat", encode, (32, 32))[None], (32, 32))
-    save_png(decode_image(model, drawn)[0], "cat.png")                  # Emu3 only
+    save_png(decode_image(model, drawn)[0], "cat.png")                  # Emu3
+    save_png(decode_image(model, drawn, vqgan.load_vqgan(model, path))[0], "cat.png")  # Chameleon
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import VQModel
 from PIL import Image
 from torch import nn
 
@@ -40,6 +43,7 @@ from modecl.core.adapters import has_adapters, pass_kind, routing_context
 from modecl.core.files import read_image
 from modecl.core.generation import generate
 from modecl.core.modality import HOST_FAMILIES, host_family
+from modecl.hosts.vqgan import code_indices, decode_codes
 
 __all__ = [
     "ImageVocabulary",
@@ -226,22 +230,29 @@ def draw_image_tokens(
 
 
 @torch.no_grad()
-def decode_image(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def decode_image(
+    model: nn.Module, tokens: torch.Tensor, vqgan: VQModel | None = None
+) -> torch.Tensor:
     """Pixels `[B, 3, H, W]` (about [-1, 1]) of drawn spans `[B, m]` (`draw_image_tokens`).
 
-    Emu3 only: transformers' Chameleon ships the VQ encoder without its decoder.
+    Emu3 decodes with its own VQ model. transformers' Chameleon has an encoder only: its
+    square spans decode with `vqgan` (:func:`modecl.hosts.vqgan.load_vqgan`).
     """
     vocab = image_vocabulary(model)
-    if vocab.family != "emu3":
+    if vocab.family == "emu3":
+        grid = image_grid(vocab, tokens[0, :-2].tolist())
+        _check_span(vocab, tokens, grid)
+        rows = tokens[:, :-2].view(-1, grid[0], grid[1] + 1)
+        indices = model.model.vocabulary_mapping.convert_bpe2img(rows)  # drops the row ends
+        return model.model.vqmodel.decode(indices.long())
+    if vqgan is None:
         raise NotImplementedError(
             "transformers' Chameleon VQ-VAE has an encoder only (no decoder module or weights); "
-            "decode Chameleon/Anole codes with the original VQGAN decoder"
+            "pass the VQGAN decoder of modecl.hosts.vqgan.load_vqgan"
         )
-    grid = image_grid(vocab, tokens[0, :-2].tolist())
-    _check_span(vocab, tokens, grid)
-    rows = tokens[:, :-2].view(-1, grid[0], grid[1] + 1)
-    indices = model.model.vocabulary_mapping.convert_bpe2img(rows)  # drops the row ends
-    return model.model.vqmodel.decode(indices.long())
+    side = math.isqrt(tokens.shape[-1] - 1)
+    _check_span(vocab, tokens, (side, side))
+    return decode_codes(vqgan, code_indices(model, tokens[:, :-1]).view(-1, side, side))
 
 
 def save_png(pixels: torch.Tensor, path: str | Path) -> Path:

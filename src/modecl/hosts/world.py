@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from diffusers import VQModel
 from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -39,6 +40,7 @@ from modecl.hosts.clip import ClipAlignment, clip_alignment
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.host import decode_image, draw_image_tokens, image_grid, save_png
 from modecl.hosts.tasks import HostFormat, ImageTokenizer, Pairs, load_image_task, load_pairs
+from modecl.hosts.vqgan import load_vqgan
 
 
 def default_accelerator() -> Accelerator:
@@ -83,6 +85,18 @@ def _image_reader(
     return ImageTokenizer(model, size, config.host.tokenize_batch_size, progress)
 
 
+def _vqgan(model: nn.Module, fmt: HostFormat, path: str, config: TrainConfig) -> VQModel | None:
+    """Chameleon's VQGAN decoder from `host.vqgan` or the checkpoint; None without weights."""
+    if fmt.vocab.family != "chameleon":
+        if config.host.vqgan is not None:
+            raise ConfigError("host.vqgan: only a Chameleon / Anole host takes a VQGAN decoder")
+        return None
+    try:
+        return load_vqgan(model, config.host.vqgan or path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
 def _read_rgb(path: Path) -> Image.Image:
     return read_image(path)
 
@@ -94,6 +108,7 @@ def _generation(
     config: TrainConfig,
     folder: Path,
     seed: int,
+    vqgan: VQModel | None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Draw an image from each test caption; decode, save and CLIP-score where possible.
 
@@ -122,12 +137,14 @@ def _generation(
             spans[i] = row
     drawn, pixels = spans, None
     out: dict[str, Any] = {"drawn": len(drawn)}
-    if fmt.vocab.family != "emu3":
-        clip = ClipAlignment(unavailable="no VQ decoder for this host in transformers (Chameleon)")
+    if fmt.vocab.family == "chameleon" and vqgan is None:
+        clip = ClipAlignment(
+            unavailable="no VQGAN decoder weights in the checkpoint; set host.vqgan"
+        )
     else:
         files = []
         for i, tokens in enumerate(drawn):
-            image = decode_image(model, tokens[None].to(model.device))[0]
+            image = decode_image(model, tokens[None].to(model.device), vqgan)[0]
             files.append(save_png(image, folder / f"{i}.png"))
         out["images"] = [str(f) for f in files]
         arrays = [np.asarray(_read_rgb(f)) for f in files]
@@ -154,6 +171,7 @@ class HostWorld:
         tasks: list[Task],
         pairs: Pairs | None,
         config: TrainConfig,
+        vqgan: VQModel | None,
     ) -> None:
         self.model, self.format, self._tasks, self.pairs, self.config = (
             model,
@@ -162,6 +180,7 @@ class HostWorld:
             pairs,
             config,
         )
+        self.vqgan = vqgan  # Chameleon's decoder of drawings (modecl.hosts.vqgan)
         self.answering = Answering(config.eval.max_new_tokens, config.eval.batch_size)
 
     @property
@@ -192,7 +211,9 @@ class HostWorld:
         }
         if rank > 0:
             return Measured(measures)
-        generation, pixels = _generation(model, self.format, pairs, self.config, images, seed)
+        generation, pixels = _generation(
+            model, self.format, pairs, self.config, images, seed, self.vqgan
+        )
         clip = generation["clip"]
         measures |= {
             "generation": generation,
@@ -254,7 +275,7 @@ def train_run(
     if not task_files:
         raise ConfigError("a run needs at least one task file")
     # Everything that can be checked without the model, before minutes of loading it.
-    for file in [*task_files, *([kd_data] if kd_data else [])]:
+    for file in [*task_files, *(f for f in (kd_data, config.host.vqgan) if f)]:
         if not Path(file).is_file():
             raise ConfigError(f"{file}: file not found")
     names = [Path(f).stem for f in task_files]
@@ -286,6 +307,7 @@ def train_run(
     main = accelerator.is_main_process
     model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
     fmt = HostFormat.from_model(model, tokenizer)
+    vqgan = _vqgan(model, fmt, model_path, config)
     images = _image_reader(model, model_path, config, progress and main)
     images.load(out / "image_tokens.json")  # a resumed run tokenizes no image again
     tasks = [
@@ -306,5 +328,5 @@ def train_run(
         images.save(out / "image_tokens.json")
     if config.host.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    world = HostWorld(model, fmt, tasks, pairs, config)
+    world = HostWorld(model, fmt, tasks, pairs, config, vqgan)
     return run(world, spec, out, accelerator=accelerator, progress=progress)
