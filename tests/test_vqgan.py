@@ -30,10 +30,16 @@ from modecl.hosts.host import decode_image, draw_image_tokens, image_tokens
 from modecl.hosts.tasks import HostFormat, ImageTokenizer, load_pairs
 from modecl.hosts.vqgan import code_indices, load_vqgan
 from modecl.hosts.world import load_host
-from tests.test_clip_score import write_tiny_clip
-from tests.test_hf_host import CODES, END, PIXELS, tiny_chameleon
-from tests.test_hf_train import CONFIG
-from tests.tiny_hosts import write_host, write_tasks
+from tests.fixtures import (
+    CODES,
+    END,
+    PIXELS,
+    TRAIN_CONFIG,
+    tiny_chameleon,
+    write_host,
+    write_tasks,
+    write_tiny_clip,
+)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -284,7 +290,9 @@ def test_modecl_train_writes_and_scores_chameleon_drawings(tmp_path):
     files, pairs = write_tasks(tmp_path / "data")
     clip = write_tiny_clip(tmp_path / "clip")
     config = tmp_path / "train.toml"
-    config.write_text(CONFIG.replace("[eval]", f'[eval]\nclip_model = "{clip}"\ntemperature = 0.0'))
+    config.write_text(
+        TRAIN_CONFIG.replace("[eval]", f'[eval]\nclip_model = "{clip}"\ntemperature = 0.0')
+    )
     out = tmp_path / "run"
     argv = ["train", "--model", str(host), "--tasks", *map(str, files), "--methods", "seq-lora"]
     argv += ["--kd-data", str(pairs), "--config", str(config), "--out", str(out)]
@@ -330,7 +338,7 @@ def test_host_vqgan_errors(tmp_path, capsys):
         if not host.exists():
             write_host(family, host)
         config = tmp_path / "train.toml"
-        config.write_text(CONFIG.replace("[host]", f'[host]\nvqgan = "{vqgan}"'))
+        config.write_text(TRAIN_CONFIG.replace("[host]", f'[host]\nvqgan = "{vqgan}"'))
         out = tmp_path / f"out-{family}"
         argv = ["train", "--model", str(host), "--tasks", *map(str, files), "--out", str(out)]
         assert main([*argv, "--method", "seq-lora", "--config", str(config)]) == 2

@@ -86,6 +86,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modecl.core import modality
+from modecl.core.files import honour_umask
 
 __all__ = [
     "KINDS",
@@ -445,6 +446,7 @@ def save_adapters(model: nn.Module, directory: str | Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
     save_file(tensors, str(directory / _WEIGHTS_FILE))
+    honour_umask(str(directory / _WEIGHTS_FILE))  # safetensors writes 0600
     meta = {**asdict(routing.config), "image_token_ids": routing.image_token_ids}
     (directory / _CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -212,6 +212,32 @@ def load_image_task(
     declares a closed answer set (constrained accuracy); multiple-choice samples have
     theirs in their options."""
     path = Path(path)
+    rows, rules = _task_rows(path, scoring)
+    codes = images([(file, f"{where}field 'image': ") for where, file, *_ in rows])
+    splits: dict[str, list[Sample]] = {"train": [], "test": []}
+    for (where, _, split, record, options), image in zip(rows, codes, strict=True):
+        question, answer = record["question"].strip(), record["answer"].strip()
+        source = where.rstrip(": ")
+        splits[split].append(Sample(image, question, answer, options=options, source=source))
+    rule = scoring or rules.pop()
+    if rule not in RULES:
+        raise TaskFileError(f"{path}: scoring {rule!r} is not one of {', '.join(RULES)}")
+    if rule == "choice" and any(s.options is None for s in splits["train"] + splits["test"]):
+        raise TaskFileError(f"{path}: the choice rule needs options on every line")
+    closed = tuple(answers or ())
+    return Task(name or path.stem, closed, splits["train"], splits["test"], scoring=rule)
+
+
+def check_task_file(path: Path, scoring: str | None = None) -> None:
+    """Every check of :func:`load_image_task` that needs no model: fields, rules, splits,
+    image files present (to run before a host loads)."""
+    for where, file, *_ in _task_rows(Path(path), scoring)[0]:
+        if not file.is_file():
+            raise TaskFileError(f"{where}field 'image': image file not found: {file}")
+
+
+def _task_rows(path: Path, scoring: str | None) -> tuple[list[tuple], set[str]]:
+    """The checked lines of a task file: (where, image file, split, record, options)."""
     rows, rules = [], set()
     fields = ("image", "question", "answer", "split")
     for where, record in read_jsonl(path, fields, ("options", "scoring"), (*fields, "scoring")):
@@ -239,22 +265,10 @@ def load_image_task(
         rows.append((where, path.parent / record["image"], split, record, options))
     if len(rules) > 1 and scoring is None:
         raise TaskFileError(f"{path}: lines use different scoring rules {sorted(rules)}")
-    codes = images([(file, f"{where}field 'image': ") for where, file, *_ in rows])
-    splits: dict[str, list[Sample]] = {"train": [], "test": []}
-    for (where, _, split, record, options), image in zip(rows, codes, strict=True):
-        question, answer = record["question"].strip(), record["answer"].strip()
-        source = where.rstrip(": ")
-        splits[split].append(Sample(image, question, answer, options=options, source=source))
-    for split, samples in splits.items():
-        if not samples:
+    for split in ("train", "test"):
+        if not any(row[2] == split for row in rows):
             raise TaskFileError(f"{path}: no {split} samples")
-    rule = scoring or rules.pop()
-    if rule not in RULES:
-        raise TaskFileError(f"{path}: scoring {rule!r} is not one of {', '.join(RULES)}")
-    if rule == "choice" and any(s.options is None for s in splits["train"] + splits["test"]):
-        raise TaskFileError(f"{path}: the choice rule needs options on every line")
-    closed = tuple(answers or ())
-    return Task(name or path.stem, closed, splits["train"], splits["test"], scoring=rule)
+    return rows, rules
 
 
 @dataclass(frozen=True)
@@ -269,13 +283,7 @@ class Pairs:
 def load_pairs(path: str | Path, images: ImageTokenizer) -> Pairs:
     """Read a (caption, image) pairs file (module doc)."""
     path = Path(path)
-    lines = read_jsonl(path, ("caption", "image"), ("split",), ("caption", "image", "split"))
-    rows = [
-        (where, path.parent / record["image"], _split(record, where, "train"), record["caption"])
-        for where, record in lines
-    ]
-    if not rows:
-        raise TaskFileError(f"{path}: no pairs")
+    rows = _pair_rows(path)
     codes = images([(file, f"{where}field 'image': ") for where, file, *_ in rows])
     out: dict[str, list] = {"train": [], "test": [], "files": []}
     for (_, file, split, caption), image in zip(rows, codes, strict=True):
@@ -283,3 +291,22 @@ def load_pairs(path: str | Path, images: ImageTokenizer) -> Pairs:
         if split == "test":
             out["files"].append(file)
     return Pairs(out["train"], out["test"], out["files"])
+
+
+def check_pairs_file(path: Path) -> None:
+    """Every check of :func:`load_pairs` that needs no model (to run before a host loads)."""
+    for where, file, *_ in _pair_rows(Path(path)):
+        if not file.is_file():
+            raise TaskFileError(f"{where}field 'image': image file not found: {file}")
+
+
+def _pair_rows(path: Path) -> list[tuple[str, Path, str, str]]:
+    """The checked lines of a pairs file: (where, image file, split, caption)."""
+    lines = read_jsonl(path, ("caption", "image"), ("split",), ("caption", "image", "split"))
+    rows = [
+        (where, path.parent / record["image"], _split(record, where, "train"), record["caption"])
+        for where, record in lines
+    ]
+    if not rows:
+        raise TaskFileError(f"{path}: no pairs")
+    return rows

@@ -39,7 +39,15 @@ from modecl.core.world import Answering, Measured
 from modecl.hosts.clip import ClipAlignment, clip_alignment
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.host import decode_image, draw_image_tokens, image_grid, save_png
-from modecl.hosts.tasks import HostFormat, ImageTokenizer, Pairs, load_image_task, load_pairs
+from modecl.hosts.tasks import (
+    HostFormat,
+    ImageTokenizer,
+    Pairs,
+    check_pairs_file,
+    check_task_file,
+    load_image_task,
+    load_pairs,
+)
 from modecl.hosts.vqgan import load_vqgan
 
 
@@ -276,11 +284,17 @@ def train_run(
         raise ConfigError("a run needs at least one task file")
     # Everything that can be checked without the model, before minutes of loading it.
     for file in [*task_files, *(f for f in (kd_data, config.host.vqgan) if f)]:
+        if Path(file).is_dir():
+            raise ConfigError(f"{file}: is a directory, expected a file")
         if not Path(file).is_file():
             raise ConfigError(f"{file}: file not found")
     names = [Path(f).stem for f in task_files]
     if len(set(names)) != len(names):
         raise ConfigError(f"task names (the files' stems) repeat: {names}")
+    for file, name in zip(task_files, names, strict=True):
+        check_task_file(file, config.scoring.get(name))
+    if kd_data is not None:
+        check_pairs_file(kd_data)
     for key in ("scoring", "answer_sets"):
         unknown = sorted(set(getattr(config, key)) - set(names))
         if unknown:
