@@ -81,6 +81,17 @@ def test_train_end_to_end(setup, two_methods_two_seeds):
     assert results.tasks == ["color", "shape"] and results.seeds == [0, 1]
     assert results.scoring == {"color": "exact", "shape": "choice"}
     assert set(results.mean.methods) == {"mode", "seq-lora"} and results.std is not None
+    host = results.world["host"]
+    assert host["checkpoint"] == str(setup["hosts"][family]) and len(host["config_sha256"]) == 64
+    manifest = results.manifest
+    assert {k: v["samples"] for k, v in manifest["tasks"]["color"].items()} == {
+        "train": 8,
+        "test": 4,
+    }
+    assert (
+        manifest["tasks"]["color"]["test"]["sha256"] != manifest["tasks"]["shape"]["test"]["sha256"]
+    )
+    assert {"modecl", "torch", "transformers"} <= set(manifest["packages"])
     for seed in results.per_seed:
         for name, entry in seed.methods.items():
             matrix = entry.accuracy_matrix
@@ -378,3 +389,28 @@ def test_bfloat16_host_with_float32_adapters(setup, family, tmp_path):
     adapters = out / "checkpoints" / "seed0" / "mode" / "stage2" / "adapters"
     saved = load_file(adapters / "adapters.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
+
+
+def test_modecl_eval_reproduces_the_recorded_answers_of_a_stage(
+    setup, two_methods_two_seeds, capsys
+):
+    _, out = two_methods_two_seeds
+    argv = ["eval", str(out), "--seed", "1", "--method", "mode", "--stage", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| color |" in printed and "| shape |" in printed
+    written = json.loads((out / "eval" / "seed1-mode-stage1.json").read_text())
+    recorded = json.loads(
+        (out / "checkpoints" / "seed1" / "mode" / "stage1" / "stage.json").read_text()
+    )
+    assert written["answers"] == recorded["answers"]
+    assert written["task_accuracy"] == recorded["stage"]["task_accuracy"]
+    assert written["constrained_task_accuracy"] == recorded["stage"]["constrained_task_accuracy"]
+    assert written["measures"]["image_nll"] == pytest.approx(
+        recorded["stage"]["measures"]["image_nll"], rel=1e-6
+    )
+    # Another task file: only that task is scored.
+    assert main(["eval", str(out), "--tasks", str(setup["files"][1])]) == 0
+    assert "| shape |" in capsys.readouterr().out
+    assert main(["eval", str(out), "--method", "lwf"]) == 2
+    assert "no method 'lwf'" in capsys.readouterr().err

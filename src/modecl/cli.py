@@ -124,6 +124,36 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"done in {time.perf_counter() - args.start:.1f} s")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
+    from modecl.hosts.stage_eval import eval_stage
+
+    result = eval_stage(
+        args.run,
+        args.tasks,
+        args.kd_data,
+        seed=args.seed,
+        method=args.method,
+        stage=args.stage,
+        out_file=args.out,
+    )
+    if PartialState().is_main_process:
+        where = f"seed {result['seed']}, {result['method']}, stage {result['stage']}"
+        print(f"{args.run} ({where}):")
+        print("| task | accuracy | constrained |\n|---|---|---|")
+        for name, exact, closed in zip(
+            result["tasks"],
+            result["task_accuracy"],
+            result["constrained_task_accuracy"],
+            strict=True,
+        ):
+            print(f"| {name} | {exact:.3f} | {'–' if closed is None else f'{closed:.3f}'} |")
+        if "image_nll" in result["measures"]:
+            print(f"image-token NLL of the test pairs: {result['measures']['image_nll']:.3f}")
+        print(f"written: {result['file']}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     print(f"report written: {write_report(args.dir)}")
 
@@ -174,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kd-data", type=Path, help="JSONL (caption, image) pairs")
     t.add_argument("--config", type=Path, help="TOML TrainConfig (default: built-in)")
     t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="score a saved stage of a modecl train run, without training")
+    e.add_argument("run", type=Path, help="the run's out dir")
+    e.add_argument("--tasks", type=Path, nargs="+", help="task files (default: the run's)")
+    e.add_argument("--kd-data", type=Path, help="pairs file (default: the run's)")
+    e.add_argument("--seed", type=int, help="default: the run's first seed")
+    e.add_argument("--method", help="default: the last method (alphabetical) of the run")
+    e.add_argument("--stage", type=_positive, help="default: the last finished stage")
+    e.add_argument("--out", type=Path, help="default: RUN/eval/seed<S>-<method>-stage<K>.json")
+    e.set_defaults(func=cmd_eval)
     r = sub.add_parser("report", help="rebuild report.md and figures from a run's results")
     r.add_argument("dir", type=Path)
     r.set_defaults(func=cmd_report)

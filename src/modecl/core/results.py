@@ -65,6 +65,9 @@ class Results:
     per_seed: list[SeedResult]
     mean: SeedResult
     std: dict[str, Any] | None  # mean's shape, each number's std over seeds; None: one seed
+    # What the numbers came from: per task and split the sample count and a hash of the
+    # samples, the package versions (see modecl.core.runner.manifest)
+    manifest: dict[str, Any] = field(default_factory=dict)
 
 
 def method_result(stages: list[Stage], pretrained: Stage) -> MethodResult:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import resource
@@ -138,6 +139,28 @@ def check_run_key(out: Path, spec: RunSpec) -> None:
     )
 
 
+PACKAGES = ("modecl", "torch", "transformers", "accelerate", "numpy", "diffusers", "deepspeed")
+
+
+def manifest(tasks: list[Task]) -> dict[str, Any]:
+    """Per task and split: the number of samples and a SHA-256 of their content (image
+    codes, question, answer, options); the versions of the packages that shaped them."""
+    splits = {}
+    for task in tasks:
+        splits[task.name] = {}
+        for split, samples in (("train", task.train), ("test", task.test)):
+            content = [[list(s.codes), s.question, s.answer, s.options] for s in samples]
+            digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+            splits[task.name][split] = {"samples": len(samples), "sha256": digest}
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {"tasks": splits, "packages": versions}
+
+
 def peak_memory_mb() -> float:
     """Peak memory so far: the GPU's allocator peak, else this process's peak RSS."""
     if torch.cuda.is_available():
@@ -184,7 +207,7 @@ def resumable(
         yield k, task, stage_dir, None
 
 
-class _Processes:
+class Processes:
     """This process's place among the run's processes, and the collective calls."""
 
     def __init__(self, accelerator: Accelerator | None) -> None:
@@ -201,7 +224,7 @@ class _Processes:
             self.accelerator.wait_for_everyone()
 
 
-def _sharded(items: list[Any], compute: Callable[[list[Any]], list[Any]], p: _Processes) -> list:
+def _sharded(items: list[Any], compute: Callable[[list[Any]], list[Any]], p: Processes) -> list:
     """``compute`` over ``items``, each process taking its share; every result, in order."""
     mine = list(range(p.rank, len(items), p.count))
     out: list[Any] = [None] * len(items)
@@ -212,7 +235,7 @@ def _sharded(items: list[Any], compute: Callable[[list[Any]], list[Any]], p: _Pr
 
 
 def measure(
-    world: World, model: torch.nn.Module, tasks: list[Task], seed: int, images: Path, p: _Processes
+    world: World, model: torch.nn.Module, tasks: list[Task], seed: int, images: Path, p: Processes
 ) -> tuple[dict[str, Any], dict[str, list[str]], np.ndarray | None]:
     """Task accuracies (exact and constrained), the world's measures, answers, pictures."""
     model.eval()
@@ -252,7 +275,7 @@ def measure(
 
 
 def _pretrained(
-    world: World, tasks: list[Task], seed: int, out: Path, p: _Processes
+    world: World, tasks: list[Task], seed: int, out: Path, p: Processes
 ) -> tuple[Stage, np.ndarray | None]:
     folder = out / "checkpoints" / f"seed{seed}" / "pretrained"
     if not (folder / "stage.json").exists():
@@ -275,7 +298,7 @@ def _run_method(
     spec: RunSpec,
     seed: int,
     out: Path,
-    p: _Processes,
+    p: Processes,
     tick: Callable[[str], None],
     progress: bool,
 ) -> tuple[list[Stage], list[np.ndarray | None], list[dict[str, Any]]]:
@@ -324,7 +347,7 @@ def _train_stage(
     seed: int,
     stage_dir: Path,
     monitor: ConflictMonitor | None,
-    p: _Processes,
+    p: Processes,
     progress: bool,
 ) -> None:
     """Train task ``k``, measure every task, write the stage (main process)."""
@@ -377,7 +400,7 @@ def run(
     loaded), every stage, results.json, conflict.jsonl and samples.npz."""
     check_methods(spec.methods)
     out = Path(out)
-    p = _Processes(accelerator)
+    p = Processes(accelerator)
     check_run_key(out, spec)
     p.barrier()  # every process checked before the main one writes
     if p.main:
@@ -422,6 +445,7 @@ def run(
         per_seed=per_seed,
         mean=mean,
         std=std,
+        manifest=manifest(tasks),
     )
     if p.main:
         tmp = out / f".samples{TEMP_MARK}.npz"

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
-from modecl.core.files import write_atomic
+from modecl.core.files import read_text, write_atomic
 from modecl.core.modality import HOST_FAMILIES, image_mask, image_token_ids
 from modecl.core.scoring import RULES, score
 from modecl.core.sequences import IGNORE, DrawPair, Example
@@ -190,8 +190,17 @@ class ImageTokenizer:
 
     def load(self, path: Path) -> None:
         """Add a cache written by `save`, if the file exists."""
-        if path.exists():
-            self.cache |= {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
+        self.cache |= {k: tuple(v) for k, v in read_token_cache(path).items()}
+
+
+def read_token_cache(path: Path) -> dict[str, list[int]]:
+    """The image tokens an `ImageTokenizer` saved (empty without the file)."""
+    if not Path(path).exists():
+        return {}
+    try:
+        return json.loads(read_text(Path(path), TaskFileError, limit=2**40))
+    except json.JSONDecodeError as err:
+        raise TaskFileError(f"{path}: not an image-token cache ({err})") from None
 
 
 def _split(record: dict, where: str, default: str | None = None) -> str:
@@ -228,11 +237,13 @@ def load_image_task(
     return Task(name or path.stem, closed, splits["train"], splits["test"], scoring=rule)
 
 
-def check_task_file(path: Path, scoring: str | None = None) -> None:
+def check_task_file(
+    path: Path, scoring: str | None = None, tokenized: Collection[str] = ()
+) -> None:
     """Every check of :func:`load_image_task` that needs no model: fields, rules, splits,
-    image files present (to run before a host loads)."""
+    image files present unless already ``tokenized`` (to run before a host loads)."""
     for where, file, *_ in _task_rows(Path(path), scoring)[0]:
-        if not file.is_file():
+        if str(file) not in tokenized and not file.is_file():
             raise TaskFileError(f"{where}field 'image': image file not found: {file}")
 
 
@@ -293,10 +304,10 @@ def load_pairs(path: str | Path, images: ImageTokenizer) -> Pairs:
     return Pairs(out["train"], out["test"], out["files"])
 
 
-def check_pairs_file(path: Path) -> None:
+def check_pairs_file(path: Path, tokenized: Collection[str] = ()) -> None:
     """Every check of :func:`load_pairs` that needs no model (to run before a host loads)."""
     for where, file, *_ in _pair_rows(Path(path)):
-        if not file.is_file():
+        if str(file) not in tokenized and not file.is_file():
             raise TaskFileError(f"{where}field 'image': image file not found: {file}")
 
 

@@ -12,6 +12,7 @@ real image.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,7 @@ from modecl.hosts.tasks import (
     check_task_file,
     load_image_task,
     load_pairs,
+    read_token_cache,
 )
 from modecl.hosts.vqgan import load_vqgan
 
@@ -231,7 +233,15 @@ class HostWorld:
         return Measured(measures, pixels)
 
     def describe(self) -> dict[str, Any]:
-        return {"host": {"family": self.format.vocab.family, "dtype": str(self.model.dtype)}}
+        config = self.model.config.to_json_string(use_diff=False).encode()
+        return {
+            "host": {
+                "checkpoint": getattr(self.model, "name_or_path", None),
+                "config_sha256": hashlib.sha256(config).hexdigest(),
+                "family": self.format.vocab.family,
+                "dtype": str(self.model.dtype),
+            }
+        }
 
 
 def check_context(
@@ -291,10 +301,11 @@ def train_run(
     names = [Path(f).stem for f in task_files]
     if len(set(names)) != len(names):
         raise ConfigError(f"task names (the files' stems) repeat: {names}")
+    tokenized = read_token_cache(Path(out) / "image_tokens.json")  # a resume needs no images
     for file, name in zip(task_files, names, strict=True):
-        check_task_file(file, config.scoring.get(name))
+        check_task_file(file, config.scoring.get(name), tokenized)
     if kd_data is not None:
-        check_pairs_file(kd_data)
+        check_pairs_file(kd_data, tokenized)
     for key in ("scoring", "answer_sets"):
         unknown = sorted(set(getattr(config, key)) - set(names))
         if unknown:

@@ -1,0 +1,121 @@
+"""`modecl eval`: score a saved stage of a `modecl train` run, without training.
+
+The stage's adapters (``checkpoints/seed<S>/<method>/stage<K>/``) are attached to the run's
+host and measured as the runner measures a stage: every task's answers, exact and
+constrained accuracy, and, with a pairs file, the image-token NLL and drawings. The tasks
+default to the run's own; other task files and pairs files can be given. The result is
+written beside the run as ``eval/seed<S>-<method>-stage<K>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from modecl.core.adapters import attach_adapters, load_adapters
+from modecl.core.config import ConfigError, from_dict
+from modecl.core.files import finite, read_text, write_atomic
+from modecl.core.methods import get_method
+from modecl.core.runner import Processes, measure
+from modecl.hosts.config import TrainConfig
+from modecl.hosts.tasks import (
+    HostFormat,
+    check_pairs_file,
+    check_task_file,
+    load_image_task,
+    load_pairs,
+    read_token_cache,
+)
+from modecl.hosts.world import HostWorld, _image_reader, _vqgan, default_accelerator, load_host
+
+__all__ = ["eval_stage"]
+
+
+def _pick(folder: Path, pattern: str, wanted: str | None, what: str) -> str:
+    """The entry of ``folder`` matching ``pattern`` named ``wanted`` (default: the last)."""
+    names = sorted(
+        (p.name for p in folder.iterdir() if re.fullmatch(pattern, p.name)),
+        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)],
+    )
+    if wanted is None and names:
+        return names[-1]
+    if wanted not in names:
+        raise ConfigError(f"{folder}: no {what} {wanted!r}; there are {names or 'none'}")
+    return wanted
+
+
+def eval_stage(
+    run_dir: Path,
+    task_files: list[Path] | None = None,
+    kd_data: Path | None = None,
+    *,
+    seed: int | None = None,
+    method: str | None = None,
+    stage: int | None = None,
+    out_file: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure one finished stage of the run in ``run_dir`` (default: the first seed's
+    last method's last stage) on ``task_files`` (default: the run's); returns what it wrote."""
+    run_dir = Path(run_dir)
+    key = json.loads(read_text(run_dir / "run.json", ConfigError))
+    if key.get("front") != "train":
+        raise ConfigError(f"{run_dir}: modecl eval scores runs of modecl train only")
+    config = from_dict(TrainConfig, key["config"])
+    inputs = key["inputs"]
+    seeds = run_dir / "checkpoints"
+    seed_dir = seeds / _pick(seeds, r"seed\d+", None if seed is None else f"seed{seed}", "seed")
+    method = _pick(seed_dir, r"[^.].*", method, "method")
+    method_dir = seed_dir / method
+    stage_name = _pick(method_dir, r"stage\d+", None if stage is None else f"stage{stage}", "stage")
+    stage_dir = method_dir / stage_name
+    if not (stage_dir / "stage.json").exists():
+        raise ConfigError(f"{stage_dir}: not a finished stage")
+    files = [Path(f) for f in (task_files or inputs["tasks"])]
+    pairs_file = kd_data if kd_data is not None else inputs.get("kd_data")
+    names = [f.stem for f in files]
+    tokenized = read_token_cache(run_dir / "image_tokens.json")
+    for file, name in zip(files, names, strict=True):
+        check_task_file(file, config.scoring.get(name), tokenized)
+    if pairs_file is not None:
+        check_pairs_file(Path(pairs_file), tokenized)
+    accelerator = default_accelerator()
+    model, tokenizer = load_host(inputs["model"], config.host.dtype, accelerator.device)
+    fmt = HostFormat.from_model(model, tokenizer)
+    images = _image_reader(model, inputs["model"], config, progress and accelerator.is_main_process)
+    images.load(run_dir / "image_tokens.json")  # the run's images are not tokenized again
+    tasks = [
+        load_image_task(f, images, scoring=config.scoring.get(n), answers=config.answer_sets.get(n))
+        for f, n in zip(files, names, strict=True)
+    ]
+    if config.eval.max_test_samples is not None:
+        for task in tasks:
+            task.test = task.test[: config.eval.max_test_samples]
+    pairs = None if pairs_file is None else load_pairs(Path(pairs_file), images)
+    attach_adapters(model, get_method(method).adapter_config(config.continual))
+    load_adapters(model, stage_dir / "adapters")
+    vqgan = _vqgan(model, fmt, inputs["model"], config)
+    world = HostWorld(model, fmt, tasks, pairs, config, vqgan)
+    number = int(stage_name.removeprefix("stage"))
+    seed_value = int(seed_dir.name.removeprefix("seed"))
+    images = run_dir / "eval" / "images" / f"{seed_dir.name}-{method}-{stage_name}"
+    fields, answers, _ = measure(
+        world, model, world.tasks(), seed_value * 1000 + number, images, Processes(accelerator)
+    )
+    result = {
+        "run": str(run_dir),
+        "seed": seed_value,
+        "method": method,
+        "stage": number,
+        "tasks": names,
+        "task_files": [str(f) for f in files],
+        "kd_data": None if pairs_file is None else str(pairs_file),
+        **fields,
+        "answers": answers,
+    }
+    target = out_file or run_dir / "eval" / f"{seed_dir.name}-{method}-{stage_name}.json"
+    if accelerator.is_main_process:
+        write_atomic(Path(target), json.dumps(finite(result), indent=1, allow_nan=False))
+    return result | {"file": str(target)}
