@@ -113,6 +113,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         methods,
         args.out,
         kd_data=args.kd_data,
+        image_root=args.image_root,
         config=config,
         seeds=args.seeds,
         config_files=[args.config] if args.config else [],
@@ -166,7 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="continual training of a transformers host (Chameleon/Anole, Emu3)"
     )
     t.add_argument("--model", required=True, help="local directory or hub id (from_pretrained)")
-    t.add_argument("--tasks", type=Path, nargs="+", required=True, help="JSONL task files")
+    t.add_argument(
+        "--tasks",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="JSONL task files or CoIN task folders (train.json and test.json)",
+    )
+    t.add_argument(
+        "--image-root",
+        type=Path,
+        help="where CoIN folders' image paths start (default: each folder's parent)",
+    )
     t.add_argument("--method", help="one method name (default: mode)")
     t.add_argument("--methods", help="comma-separated method names, e.g. mode,seq-lora")
     t.add_argument("--seeds", type=_positive, default=1, help="repeat over N seeds (mean ± std)")

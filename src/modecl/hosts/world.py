@@ -1,13 +1,13 @@
 """`modecl train`: a transformers host with task files as a world for the one runner.
 
-A Chameleon / Anole or Emu3 checkpoint loaded with `from_pretrained`, JSONL task files and
-an optional pairs file (:mod:`modecl.hosts.tasks`). After every task the runner measures
-every task's test split; this world adds the inter-modal side: the image-token NLL of the
-test pairs and images drawn from their captions (PNG where the host has a VQ decoder,
-CLIP-scored when a CLIP model is given). The out dir is the runner's
-(:mod:`modecl.core.runner`), plus ``image_tokens.json``: every image file's tokens, so a
-resume tokenizes nothing. CLIP image alignment compares a drawn image with its test pair's
-real image.
+A Chameleon / Anole or Emu3 checkpoint loaded with `from_pretrained`, JSONL task files
+(:mod:`modecl.hosts.tasks`) or CoIN task folders (:mod:`modecl.hosts.coin`), and an optional
+pairs file. After every task the runner measures every task's test split; this world adds
+the inter-modal side: the image-token NLL of the test pairs and images drawn from their
+captions (PNG where the host has a VQ decoder, CLIP-scored when a CLIP model is given). The
+out dir is the runner's (:mod:`modecl.core.runner`), plus ``image_tokens.json``: every
+image file's tokens, so a resume tokenizes nothing. CLIP image alignment compares a drawn
+image with its test pair's real image.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from modecl.core.sequences import DrawPair, left_padded
 from modecl.core.tasks import Task
 from modecl.core.world import Answering, Measured
 from modecl.hosts.clip import ClipAlignment, clip_alignment
+from modecl.hosts.coin import COIN_FILES, check_coin_folder, folder_name, load_coin_task
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.host import decode_image, draw_image_tokens, image_grid, save_png
 from modecl.hosts.tasks import (
@@ -259,61 +260,97 @@ def check_context(
             )
 
 
-def train_run(
-    model_path: str,
+def _task_name(path: Path) -> str:
+    """A task's name: a CoIN folder's name, a task file's stem."""
+    return folder_name(path) if path.is_dir() else path.stem
+
+
+def _check_inputs(
     task_files: list[Path],
-    methods: list[str] | str,
-    out: Path,
-    *,
-    kd_data: Path | None = None,
-    config: TrainConfig | None = None,
-    seeds: int = 1,
-    progress: bool = True,
-    accelerator: Accelerator | None = None,
-    config_files: Sequence[Path] = (),
-) -> Results:
-    """Train every method of `methods` through `task_files` on the host at `model_path`,
-    over `seeds` seeds from `config.seed` on; writes the out dir and returns results.json.
-    `config_files` (the TOML it came from) are hashed into the run key with the task files."""
-    config = config or TrainConfig()
-    methods = [methods] if isinstance(methods, str) else list(methods)
-    check_methods(methods)
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    if not task_files:
-        raise ConfigError("a run needs at least one task file")
-    # Everything that can be checked without the model, before minutes of loading it.
-    for file in [*task_files, *(f for f in (kd_data, config.host.vqgan) if f)]:
+    kd_data: Path | None,
+    image_root: Path | None,
+    config: TrainConfig,
+) -> list[str]:
+    """Every check that needs no model, before minutes of loading it; the task names."""
+    folders = [f for f in task_files if f.is_dir()]  # CoIN task folders
+    for file in [*(f for f in task_files if f not in folders), kd_data, config.host.vqgan]:
+        if file is None:
+            continue
         if Path(file).is_dir():
             raise ConfigError(f"{file}: is a directory, expected a file")
         if not Path(file).is_file():
             raise ConfigError(f"{file}: file not found")
-    names = [Path(f).stem for f in task_files]
+    if image_root is not None:
+        if not folders:
+            raise ConfigError("--image-root is for CoIN task folders; no --tasks entry is one")
+        if not image_root.is_dir():
+            raise ConfigError(f"--image-root {image_root}: not a folder")
+    names = [_task_name(f) for f in task_files]
     if len(set(names)) != len(names):
-        raise ConfigError(f"task names (the files' stems) repeat: {names}")
+        raise ConfigError(f"task names (the files' stems, the folders' names) repeat: {names}")
     for file, name in zip(task_files, names, strict=True):
-        check_task_file(file, config.scoring.get(name))
+        if file in folders:
+            check_coin_folder(file, image_root, name, config.scoring.get(name))
+        else:
+            check_task_file(file, config.scoring.get(name))
     if kd_data is not None:
         check_pairs_file(kd_data)
     for key in ("scoring", "answer_sets"):
         unknown = sorted(set(getattr(config, key)) - set(names))
         if unknown:
             raise ConfigError(f"{key} names unknown tasks {unknown}; the tasks are {names}")
+    return names
+
+
+def train_run(
+    model_path: str,
+    task_files: Sequence[str | Path],
+    methods: list[str] | str,
+    out: Path,
+    *,
+    kd_data: Path | None = None,
+    image_root: Path | None = None,
+    config: TrainConfig | None = None,
+    seeds: int = 1,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+    config_files: Sequence[Path] = (),
+) -> Results:
+    """Train every method of `methods` through `task_files` (JSONL task files or CoIN task
+    folders, whose image paths start at `image_root`, default each folder's parent) on the
+    host at `model_path`, over `seeds` seeds from `config.seed` on; writes the out dir and
+    returns results.json. `config_files` (the TOML it came from) are hashed into the run
+    key with the task files."""
+    config = config or TrainConfig()
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    check_methods(methods)
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if not task_files:
+        raise ConfigError("a run needs at least one task file or folder")
+    task_files = [Path(f) for f in task_files]
+    kd_data = None if kd_data is None else Path(kd_data)
+    image_root = None if image_root is None else Path(image_root)
+    names = _check_inputs(task_files, kd_data, image_root, config)
     distilling = [m for m in methods if get_method(m).needs_pairs]
     if distilling and kd_data is None:
         raise ConfigError(f"method(s) {distilling} distil: give --kd-data with train pairs")
+    inputs = {
+        "model": str(model_path),
+        "tasks": [str(f) for f in task_files],
+        "kd_data": None if kd_data is None else str(kd_data),
+    }
+    if image_root is not None:  # absent otherwise: out dirs of earlier versions still resume
+        inputs["image_root"] = str(image_root)
+    read = [p for f in task_files for p in ([f / n for n in COIN_FILES] if f.is_dir() else [f])]
     spec = RunSpec(
         methods=methods,
         seeds=[config.seed + i for i in range(seeds)],
         continual=config.continual,
         front="train",
         config=to_dict(config),
-        inputs={
-            "model": str(model_path),
-            "tasks": [str(f) for f in task_files],
-            "kd_data": None if kd_data is None else str(kd_data),
-        },
-        files=[Path(f) for f in [*task_files, *([kd_data] if kd_data else []), *config_files]],
+        inputs=inputs,
+        files=[*read, *([kd_data] if kd_data else []), *(Path(f) for f in config_files)],
     )
     out = Path(out)
     check_run_key(out, spec)
@@ -324,10 +361,13 @@ def train_run(
     vqgan = _vqgan(model, fmt, model_path, config)
     images = _image_reader(model, model_path, config, progress and main)
     images.load(out / "image_tokens.json")  # a resumed run tokenizes no image again
-    tasks = [
-        load_image_task(f, images, scoring=config.scoring.get(n), answers=config.answer_sets.get(n))
-        for f, n in zip(task_files, names, strict=True)
-    ]
+    tasks = []
+    for file, name in zip(task_files, names, strict=True):
+        rule, answers = config.scoring.get(name), config.answer_sets.get(name)
+        if file.is_dir():
+            tasks.append(load_coin_task(file, images, image_root, name, rule, answers))
+        else:
+            tasks.append(load_image_task(file, images, name, rule, answers))
     if config.eval.max_test_samples is not None:
         for task in tasks:
             task.test = task.test[: config.eval.max_test_samples]
