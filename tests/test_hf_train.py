@@ -238,7 +238,7 @@ def test_cli_errors(setup, tmp_path, capsys):
     assert "nope.jsonl: file not found" in capsys.readouterr().err
     argv = ["train", "--model", "nowhere", "--tasks", *map(str, setup["files"] * 2)]
     assert main([*argv, "--method", "seq-lora", "--out", str(tmp_path / "d")]) == 2
-    assert "task names (the files' stems) repeat" in capsys.readouterr().err
+    assert "task names (the files' stems, the folders' names) repeat" in capsys.readouterr().err
     argv = ["train", "--model", "nowhere", "--tasks", str(setup["files"][0])]
     assert main([*argv, "--method", "lwf", "--out", str(tmp_path / "e")]) == 2
     assert "method(s) ['lwf'] distil: give --kd-data" in capsys.readouterr().err

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 
-from modecl.core.scoring import RULES, normalize, score
+from modecl.core.scoring import RULES, normalize, paper_rule, score
+from modecl.hosts.config import Rule
 
 OPTIONS = ["Mercury", "Venus", "Earth", "Mars"]
 
@@ -35,7 +38,7 @@ def test_normalize(text, expected):
     ],
 )
 def test_exact(prediction, answer, right):
-    assert score(prediction, answer, "exact") is right
+    assert score(prediction, answer, "exact") == float(right)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +61,7 @@ def test_exact(prediction, answer, right):
     ],
 )
 def test_choice(prediction, answer, right):
-    assert score(prediction, answer, "choice", options=OPTIONS) is right
+    assert score(prediction, answer, "choice", options=OPTIONS) == float(right)
 
 
 @pytest.mark.parametrize(
@@ -76,13 +79,79 @@ def test_choice(prediction, answer, right):
     ],
 )
 def test_contains(prediction, answer, right):
-    assert score(prediction, answer, "contains") is right
+    assert score(prediction, answer, "contains") == float(right)
 
 
-def test_errors_name_the_valid_rules_and_the_missing_options():
-    with pytest.raises(ValueError, match="exact, choice, contains"):
+@pytest.mark.parametrize(
+    ("prediction", "answer", "right"),
+    [
+        ("a tabby cat", "cat", True),  # the reference in the prediction
+        ("cat", "tabby cat", True),  # the prediction in the reference
+        ("Golden Retriever.", "golden retriever", True),
+        ("a category of animal", "cat", True),  # not whole words, unlike `contains`
+        ("dog", "cat", False),
+        ("cats and dogs", "hot dog", False),
+        ("", "cat", False),  # an empty answer is in every reference: wrong all the same
+        (" . ", "cat", False),
+    ],
+)
+def test_substring(prediction, answer, right):
+    assert score(prediction, answer, "substring") == float(right)
+
+
+TEN = ["red"] * 4 + ["dark red"] * 3 + ["maroon"] * 2 + ["Red."]  # "red" 5 times normalized
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "credit"),
+    [
+        ("red", TEN, 1.0),  # 5 of 10: at least 3 among any 9
+        ("dark red", TEN, 0.9),  # 3 of 10: (3 x 2/3 + 7 x 3/3) / 10
+        ("maroon", TEN, 0.6),  # 2 of 10: (2 x 1/3 + 8 x 2/3) / 10
+        ("pink", TEN, 0.0),
+        ("blue", ["blue"] + ["green"] * 9, 0.3),  # 1 of 10: (0 + 9 x 1/3) / 10
+        ("Dark  Red", TEN, 0.9),  # normalized
+        ("green", ["green"] * 3, 2 / 3),  # every one left out leaves 2 matches
+        ("green", ["green"], 0.0),  # one annotator: none left to agree
+    ],
+)
+def test_vqa_soft_accuracy(prediction, answers, credit):
+    assert score(prediction, "unused", "vqa", answers=answers) == pytest.approx(credit)
+
+
+@pytest.mark.parametrize(
+    ("task", "rule"),
+    [
+        ("ScienceQA", "choice"),
+        ("scienceqa", "choice"),
+        ("ImageNet", "contains"),
+        ("IMAGENET", "contains"),
+        ("TextVQA", "exact"),
+        ("GQA", "exact"),
+        ("VizWiz", "exact"),
+        ("Grounding", "exact"),
+        ("ScienceQA-2", "exact"),  # the name, not a part of it
+    ],
+)
+def test_the_papers_rule_by_task_name(task, rule):
+    assert paper_rule(task) == rule
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_every_rule_gives_a_float_credit(rule):
+    credit = score("venus", "B", rule, options=OPTIONS, answers=["venus"] * 3)
+    assert type(credit) is float and 0.0 <= credit <= 1.0
+
+
+def test_the_config_accepts_exactly_the_rules():
+    assert get_args(Rule) == RULES
+
+
+def test_errors_name_the_valid_rules_and_what_a_rule_misses():
+    with pytest.raises(ValueError, match="exact, choice, contains, vqa, substring"):
         score("a", "a", "fuzzy")
-    assert RULES == ("exact", "choice", "contains")
+    with pytest.raises(ValueError, match="the vqa rule needs the sample's answers"):
+        score("red", "red", "vqa")
     with pytest.raises(ValueError, match="options"):
         score("A", "A", "choice")
     with pytest.raises(ValueError, match="neither an option letter"):

@@ -113,6 +113,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         methods,
         args.out,
         kd_data=args.kd_data,
+        image_root=args.image_root,
         config=config,
         seeds=args.seeds,
         config_files=[args.config] if args.config else [],
@@ -133,6 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         args.run,
         args.tasks,
         args.kd_data,
+        image_root=args.image_root,
         seed=args.seed,
         method=args.method,
         stage=args.stage,
@@ -196,7 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="continual training of a transformers host (Chameleon/Anole, Emu3)"
     )
     t.add_argument("--model", required=True, help="local directory or hub id (from_pretrained)")
-    t.add_argument("--tasks", type=Path, nargs="+", required=True, help="JSONL task files")
+    t.add_argument(
+        "--tasks",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="JSONL task files or CoIN task folders (train.json and test.json)",
+    )
+    t.add_argument(
+        "--image-root",
+        type=Path,
+        help="where CoIN folders' image paths start (default: each folder's parent)",
+    )
     t.add_argument("--method", help="one method name (default: mode)")
     t.add_argument("--methods", help="comma-separated method names, e.g. mode,seq-lora")
     t.add_argument("--seeds", type=_positive, default=1, help="repeat over N seeds (mean ± std)")
@@ -208,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", type=Path, help="the run's out dir")
     e.add_argument("--tasks", type=Path, nargs="+", help="task files (default: the run's)")
     e.add_argument("--kd-data", type=Path, help="pairs file (default: the run's)")
+    e.add_argument("--image-root", type=Path, help="where CoIN folders' image paths start")
     e.add_argument("--seed", type=int, help="default: the run's first seed")
     e.add_argument("--method", help="default: the last method (alphabetical) of the run")
     e.add_argument("--stage", type=_positive, help="default: the last finished stage")

@@ -1,4 +1,7 @@
-"""Evaluation: exact-match and answer-set-constrained accuracy, drawing, image-token NLL."""
+"""Evaluation: scored and answer-set-constrained accuracy, drawing, image-token NLL.
+
+An accuracy is the mean credit of a task's test answers (:func:`credit`): a share of right
+answers, or the mean VQA soft accuracy under the `vqa` rule."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ __all__ = [
     "answer_set",
     "constrained_accuracy",
     "constrained_choices",
+    "credit",
     "exact_accuracy",
     "image_code_nll",
     "image_nll",
@@ -87,12 +91,17 @@ def exact_accuracy(model: torch.nn.Module, fmt: Format, samples: Sequence[Sample
     return float(np.mean([p == s.answer for p, s in zip(predicted, samples, strict=True)]))
 
 
+def credit(task: Task, sample: Sample, prediction: str) -> float:
+    """The credit in [0, 1] of ``prediction`` for ``sample`` under ``task.scoring``."""
+    return score(prediction, sample.answer, task.scoring, sample.options, sample.answers)
+
+
 def scored_accuracy(task: Task, answers: Sequence[str]) -> float:
-    """Share of ``task.test`` that ``answers`` (one per sample) get right under ``task.scoring``."""
+    """Mean credit of ``answers`` (one per sample of ``task.test``) under ``task.scoring``."""
     if not task.test:
         return float("nan")
     pairs = zip(answers, task.test, strict=True)
-    return float(np.mean([score(a, s.answer, task.scoring, s.options) for a, s in pairs]))
+    return float(np.mean([credit(task, s, a) for a, s in pairs]))
 
 
 def _continuation_log_prob(
@@ -184,10 +193,7 @@ def constrained_accuracy(
     if not samples or any(s is None for s in sets):
         return None if samples else float("nan")
     picks = constrained_choices(model, fmt, samples, sets, batch_size)
-    hits = [
-        score(p, s.answer, task.scoring, s.options) for p, s in zip(picks, samples, strict=True)
-    ]
-    return float(np.mean(hits))
+    return float(np.mean([credit(task, s, p) for p, s in zip(picks, samples, strict=True)]))
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from modecl.core.adapters import attach_adapters, detach_adapters, load_adapters, save_adapters
 from modecl.core.config import ConfigError, ContinualSettings
 from modecl.core.conflict import ConflictMonitor, summarize_conflict
-from modecl.core.evaluate import answer, answer_set, constrained_choices
+from modecl.core.evaluate import answer, answer_set, constrained_choices, credit
 from modecl.core.files import (
     TEMP_MARK,
     finite,
@@ -63,7 +63,6 @@ from modecl.core.results import (
     method_result,
     write_results,
 )
-from modecl.core.scoring import score
 from modecl.core.tasks import Task
 from modecl.core.train import train_task
 from modecl.core.world import World
@@ -237,7 +236,8 @@ def _sharded(items: list[Any], compute: Callable[[list[Any]], list[Any]], p: Pro
 def measure(
     world: World, model: torch.nn.Module, tasks: list[Task], seed: int, images: Path, p: Processes
 ) -> tuple[dict[str, Any], dict[str, list[str]], np.ndarray | None]:
-    """Task accuracies (exact and constrained), the world's measures, answers, pictures."""
+    """Task accuracies (mean credit under each task's rule; constrained), the world's
+    measures, answers, pictures."""
     model.eval()
     fmt, how = world.format, world.answering
     exact, constrained, answers = [], [], {}
@@ -248,11 +248,8 @@ def measure(
             p,
         )
         answers[task.name] = given
-        hits = [
-            score(a, s.answer, task.scoring, s.options)
-            for a, s in zip(given, task.test, strict=True)
-        ]
-        exact.append(float(np.mean(hits)) if hits else float("nan"))
+        credits = [credit(task, s, a) for a, s in zip(given, task.test, strict=True)]
+        exact.append(float(np.mean(credits)) if credits else float("nan"))
         sets = [answer_set(task, s) for s in task.test]
         if any(s is None for s in sets) or not sets:
             constrained.append(None)
@@ -264,11 +261,8 @@ def measure(
             ),
             p,
         )
-        hits = [
-            score(c, s.answer, task.scoring, s.options)
-            for c, s in zip(picks, task.test, strict=True)
-        ]
-        constrained.append(float(np.mean(hits)))
+        credits = [credit(task, s, c) for c, s in zip(picks, task.test, strict=True)]
+        constrained.append(float(np.mean(credits)))
     measured = world.measure(model, seed, images, p.rank, p.count, p.gather)
     fields = {"task_accuracy": exact, "constrained_task_accuracy": constrained}
     return fields | {"measures": measured.measures}, answers, measured.pictures

@@ -23,7 +23,8 @@ class Sample:
     label: int | None = None  # the source class, when known (analyses only)
     index: int | None = None  # the source image's index in its image set, when known
     options: tuple[str, ...] | None = None  # a multiple-choice question's options
-    source: str | None = None  # where it was read ("file:line"), for messages
+    source: str | None = None  # where it was read ("file:line", "file: record N"), for messages
+    answers: tuple[str, ...] | None = None  # every annotator's answer (the vqa rule)
 
 
 @dataclass

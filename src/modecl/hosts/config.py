@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from modecl.core.config import ContinualSettings
 from modecl.core.values import Count, NonEmpty, NonNegative, Seed, Size
 
-Rule = Literal["exact", "choice", "contains"]  # modecl.core.scoring.RULES
+Rule = Literal["exact", "choice", "contains", "vqa", "substring"]  # modecl.core.scoring.RULES
 
 
 @dataclass
@@ -39,12 +39,13 @@ class HostEvalSettings:
 
 @dataclass
 class TrainConfig:
-    """`modecl train`: continual training of a transformers host on JSONL tasks."""
+    """`modecl train`: continual training of a transformers host on JSONL or CoIN tasks."""
 
     seed: Seed = 0
     continual: ContinualSettings = field(default_factory=ContinualSettings)
     host: HostSettings = field(default_factory=HostSettings)
     eval: HostEvalSettings = field(default_factory=HostEvalSettings)
-    scoring: dict[str, Rule] = field(default_factory=dict)  # task name -> rule (overrides files)
+    # task name -> rule (overrides a task file's; a CoIN folder's default is the paper's rule)
+    scoring: dict[str, Rule] = field(default_factory=dict)
     # task name -> its closed answer set, for constrained accuracy of an open-ended task
     answer_sets: dict[str, Annotated[list[str], NonEmpty()]] = field(default_factory=dict)

@@ -21,14 +21,9 @@ from modecl.core.methods import get_method
 from modecl.core.runner import Processes, measure
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.tasks import (
-    HostFormat,
-    check_pairs_file,
-    check_task_file,
-    load_image_task,
-    load_pairs,
     read_token_cache,
 )
-from modecl.hosts.world import HostWorld, _image_reader, _vqgan, default_accelerator, load_host
+from modecl.hosts.world import check_inputs, default_accelerator, host_world, load_host
 
 __all__ = ["eval_stage"]
 
@@ -51,6 +46,7 @@ def eval_stage(
     task_files: list[Path] | None = None,
     kd_data: Path | None = None,
     *,
+    image_root: Path | None = None,
     seed: int | None = None,
     method: str | None = None,
     stage: int | None = None,
@@ -67,7 +63,7 @@ def eval_stage(
     inputs = key["inputs"]
     seeds = run_dir / "checkpoints"
     seed_dir = seeds / _pick(seeds, r"seed\d+", None if seed is None else f"seed{seed}", "seed")
-    method = _pick(seed_dir, r"[^.].*", method, "method")
+    method = _pick(seed_dir, r"(?!pretrained$)[^.].*", method, "method")
     method_dir = seed_dir / method
     stage_name = _pick(method_dir, r"stage\d+", None if stage is None else f"stage{stage}", "stage")
     stage_dir = method_dir / stage_name
@@ -75,29 +71,27 @@ def eval_stage(
         raise ConfigError(f"{stage_dir}: not a finished stage")
     files = [Path(f) for f in (task_files or inputs["tasks"])]
     pairs_file = kd_data if kd_data is not None else inputs.get("kd_data")
-    names = [f.stem for f in files]
-    tokenized = read_token_cache(run_dir / "image_tokens.json")
-    for file, name in zip(files, names, strict=True):
-        check_task_file(file, config.scoring.get(name), tokenized)
-    if pairs_file is not None:
-        check_pairs_file(Path(pairs_file), tokenized)
+    pairs_file = None if pairs_file is None else Path(pairs_file)
+    image_root = inputs.get("image_root") if task_files is None else image_root
+    image_root = None if image_root is None else Path(image_root)
+    cache = run_dir / "image_tokens.json"  # the run's images are not tokenized again
+    names = check_inputs(files, pairs_file, image_root, config, read_token_cache(cache))
     accelerator = default_accelerator()
     model, tokenizer = load_host(inputs["model"], config.host.dtype, accelerator.device)
-    fmt = HostFormat.from_model(model, tokenizer)
-    images = _image_reader(model, inputs["model"], config, progress and accelerator.is_main_process)
-    images.load(run_dir / "image_tokens.json")  # the run's images are not tokenized again
-    tasks = [
-        load_image_task(f, images, scoring=config.scoring.get(n), answers=config.answer_sets.get(n))
-        for f, n in zip(files, names, strict=True)
-    ]
-    if config.eval.max_test_samples is not None:
-        for task in tasks:
-            task.test = task.test[: config.eval.max_test_samples]
-    pairs = None if pairs_file is None else load_pairs(Path(pairs_file), images)
+    world, _ = host_world(
+        model,
+        tokenizer,
+        inputs["model"],
+        config,
+        files,
+        names,
+        pairs_file,
+        image_root,
+        cache,
+        progress and accelerator.is_main_process,
+    )
     attach_adapters(model, get_method(method).adapter_config(config.continual))
     load_adapters(model, stage_dir / "adapters")
-    vqgan = _vqgan(model, fmt, inputs["model"], config)
-    world = HostWorld(model, fmt, tasks, pairs, config, vqgan)
     number = int(stage_name.removeprefix("stage"))
     seed_value = int(seed_dir.name.removeprefix("seed"))
     images = run_dir / "eval" / "images" / f"{seed_dir.name}-{method}-{stage_name}"

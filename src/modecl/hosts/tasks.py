@@ -8,9 +8,12 @@ A task file holds one sample per line (blank lines skipped)::
      "answer": "b", "options": ["circle", "square"], "split": "test", "scoring": "choice"}
 
 `image` is a path relative to the file's folder. `options` (multiple choice) are only used
-to score: write them into the question as the model should see them. `scoring` is a rule
-of :mod:`modecl.core.scoring`, the same on every line; without it a task scores `choice` when
-it has options, else `exact`. A distillation / generation file holds (caption, image) pairs::
+to score: write them into the question as the model should see them. `answers` (optional)
+holds every annotator's answer, for the `vqa` rule, which needs it on every test line.
+`scoring` is a rule of :mod:`modecl.core.scoring`, the same on every line; without it a task
+scores `choice` when it has options, else `exact`. CoIN's task folders are read by
+:mod:`modecl.hosts.coin` into the same rows (:class:`Row`) and tasks. A distillation /
+generation file holds (caption, image) pairs::
 
     {"caption": "a red circle", "image": "img/0003.png", "split": "train"}
 
@@ -24,6 +27,7 @@ line and the field, and nothing is returned.
 from __future__ import annotations
 
 import json
+import reprlib
 from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -210,6 +214,99 @@ def _split(record: dict, where: str, default: str | None = None) -> str:
     return split
 
 
+def text_list(value: Any, where: str, name: str) -> tuple[str, ...]:
+    """A field holding a non-empty list of non-empty strings, as a tuple."""
+    if not isinstance(value, list) or not value:
+        raise TaskFileError(
+            f"{where}field '{name}': expected a non-empty list, got {reprlib.repr(value)}"
+        )
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        raise TaskFileError(
+            f"{where}field '{name}': expected non-empty strings, got {reprlib.repr(value)}"
+        )
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One checked sample of a task file or folder, its image not tokenized yet.
+
+    `where` prefixes every message about it ("file:line: ", "file: record N: ");
+    `answer_field` and `options_field` name the fields its answer and options came from.
+    """
+
+    where: str
+    image: Path
+    split: str
+    question: str
+    answer: str
+    options: tuple[str, ...] | None = None
+    answers: tuple[str, ...] | None = None
+    answer_field: str = "answer"
+    options_field: str = "options"
+
+
+def check_rule(row: Row, rule: str) -> None:
+    """What `rule` needs of a sample: `choice` its options and an answer naming one of
+    them, `vqa` every annotator's answer on a test sample."""
+    if rule == "choice":
+        if row.options is None:
+            raise TaskFileError(
+                f"{row.where}field '{row.options_field}': the choice rule needs options"
+            )
+        try:
+            score(row.answer, row.answer, rule, row.options)
+        except ValueError as err:
+            raise TaskFileError(f"{row.where}field '{row.answer_field}': {err}") from None
+    if rule == "vqa" and row.split == "test" and row.answers is None:
+        raise TaskFileError(
+            f"{row.where}field 'answers': the vqa rule needs every annotator's answer "
+            "on each test sample"
+        )
+
+
+def check_rows(path: Path, rows: Sequence[Row], rule: str) -> None:
+    """A task's rows under its rule: a known rule met by every row, and both splits."""
+    if rule not in RULES:
+        raise TaskFileError(f"{path}: scoring {rule!r} is not one of {', '.join(RULES)}")
+    for row in rows:
+        check_rule(row, rule)
+    for split in ("train", "test"):
+        if not any(row.split == split for row in rows):
+            raise TaskFileError(f"{path}: no {split} samples")
+
+
+def check_images(rows: Sequence[Row], tokenized: Collection[str] = ()) -> None:
+    """Every row's image file is present, unless its tokens are (to run before a host
+    loads: a resumed run reads the tokens back, not the images)."""
+    for row in rows:
+        if str(row.image) not in tokenized and not row.image.is_file():
+            raise TaskFileError(f"{row.where}field 'image': image file not found: {row.image}")
+
+
+def rows_task(
+    name: str,
+    rows: Sequence[Row],
+    rule: str,
+    images: ImageTokenizer,
+    answers: Sequence[str] | None = None,
+) -> Task:
+    """The task of checked `rows` (:func:`check_rows`), their images tokenized by `images`."""
+    codes = images([(row.image, f"{row.where}field 'image': ") for row in rows])
+    splits: dict[str, list[Sample]] = {"train": [], "test": []}
+    for row, image in zip(rows, codes, strict=True):
+        sample = Sample(
+            image,
+            row.question,
+            row.answer,
+            options=row.options,
+            source=row.where.rstrip(": "),
+            answers=row.answers,
+        )
+        splits[row.split].append(sample)
+    return Task(name, tuple(answers or ()), splits["train"], splits["test"], scoring=rule)
+
+
 def load_image_task(
     path: str | Path,
     images: ImageTokenizer,
@@ -221,20 +318,8 @@ def load_image_task(
     declares a closed answer set (constrained accuracy); multiple-choice samples have
     theirs in their options."""
     path = Path(path)
-    rows, rules = _task_rows(path, scoring)
-    codes = images([(file, f"{where}field 'image': ") for where, file, *_ in rows])
-    splits: dict[str, list[Sample]] = {"train": [], "test": []}
-    for (where, _, split, record, options), image in zip(rows, codes, strict=True):
-        question, answer = record["question"].strip(), record["answer"].strip()
-        source = where.rstrip(": ")
-        splits[split].append(Sample(image, question, answer, options=options, source=source))
-    rule = scoring or rules.pop()
-    if rule not in RULES:
-        raise TaskFileError(f"{path}: scoring {rule!r} is not one of {', '.join(RULES)}")
-    if rule == "choice" and any(s.options is None for s in splits["train"] + splits["test"]):
-        raise TaskFileError(f"{path}: the choice rule needs options on every line")
-    closed = tuple(answers or ())
-    return Task(name or path.stem, closed, splits["train"], splits["test"], scoring=rule)
+    rows, rule = _task_rows(path, scoring)
+    return rows_task(name or path.stem, rows, rule, images, answers)
 
 
 def check_task_file(
@@ -242,44 +327,41 @@ def check_task_file(
 ) -> None:
     """Every check of :func:`load_image_task` that needs no model: fields, rules, splits,
     image files present unless already ``tokenized`` (to run before a host loads)."""
-    for where, file, *_ in _task_rows(Path(path), scoring)[0]:
-        if str(file) not in tokenized and not file.is_file():
-            raise TaskFileError(f"{where}field 'image': image file not found: {file}")
+    check_images(_task_rows(Path(path), scoring)[0], tokenized)
 
 
-def _task_rows(path: Path, scoring: str | None) -> tuple[list[tuple], set[str]]:
-    """The checked lines of a task file: (where, image file, split, record, options)."""
+def _task_rows(path: Path, scoring: str | None) -> tuple[list[Row], str]:
+    """The checked lines of a task file and its rule (`scoring`, else the lines')."""
     rows, rules = [], set()
     fields = ("image", "question", "answer", "split")
-    for where, record in read_jsonl(path, fields, ("options", "scoring"), (*fields, "scoring")):
-        options = record.get("options")
-        if options is not None:
-            if not isinstance(options, list) or not options:
-                raise TaskFileError(f"{where}field 'options': expected a non-empty list")
-            if not all(isinstance(o, str) and o.strip() for o in options):
-                raise TaskFileError(f"{where}field 'options': expected non-empty strings")
-            options = tuple(options)
+    optional = ("options", "answers", "scoring")
+    for where, record in read_jsonl(path, fields, optional, (*fields, "scoring")):
+        options, answers = (
+            None if record.get(key) is None else text_list(record[key], where, key)
+            for key in ("options", "answers")
+        )
         rule = record.get("scoring", "choice" if options else "exact")
         if rule not in RULES:
             raise TaskFileError(
                 f"{where}field 'scoring': {rule!r} is not one of {', '.join(RULES)}"
             )
-        if rule == "choice":
-            if options is None:
-                raise TaskFileError(f"{where}field 'options': the choice rule needs options")
-            try:
-                score(record["answer"], record["answer"], rule, options)
-            except ValueError as err:
-                raise TaskFileError(f"{where}field 'answer': {err}") from None
+        row = Row(
+            where,
+            path.parent / record["image"],
+            _split(record, where),
+            record["question"].strip(),
+            record["answer"].strip(),
+            options,
+            answers,
+        )
+        check_rule(row, rule)
         rules.add(rule)
-        split = _split(record, where)
-        rows.append((where, path.parent / record["image"], split, record, options))
+        rows.append(row)
     if len(rules) > 1 and scoring is None:
         raise TaskFileError(f"{path}: lines use different scoring rules {sorted(rules)}")
-    for split in ("train", "test"):
-        if not any(row[2] == split for row in rows):
-            raise TaskFileError(f"{path}: no {split} samples")
-    return rows, rules
+    rule = scoring or (rules.pop() if rules else "exact")
+    check_rows(path, rows, rule)
+    return rows, rule
 
 
 @dataclass(frozen=True)

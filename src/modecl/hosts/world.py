@@ -1,20 +1,20 @@
 """`modecl train`: a transformers host with task files as a world for the one runner.
 
-A Chameleon / Anole or Emu3 checkpoint loaded with `from_pretrained`, JSONL task files and
-an optional pairs file (:mod:`modecl.hosts.tasks`). After every task the runner measures
-every task's test split; this world adds the inter-modal side: the image-token NLL of the
-test pairs and images drawn from their captions (PNG where the host has a VQ decoder,
-CLIP-scored when a CLIP model is given). The out dir is the runner's
-(:mod:`modecl.core.runner`), plus ``image_tokens.json``: every image file's tokens, so a
-resume tokenizes nothing. CLIP image alignment compares a drawn image with its test pair's
-real image.
+A Chameleon / Anole or Emu3 checkpoint loaded with `from_pretrained`, JSONL task files
+(:mod:`modecl.hosts.tasks`) or CoIN task folders (:mod:`modecl.hosts.coin`), and an optional
+pairs file. After every task the runner measures every task's test split; this world adds
+the inter-modal side: the image-token NLL of the test pairs and images drawn from their
+captions (PNG where the host has a VQ decoder, CLIP-scored when a CLIP model is given). The
+out dir is the runner's (:mod:`modecl.core.runner`), plus ``image_tokens.json``: every
+image file's tokens, so a resume tokenizes nothing. CLIP image alignment compares a drawn
+image with its test pair's real image.
 """
 
 from __future__ import annotations
 
 import hashlib
 import pickle
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from modecl.core.sequences import DrawPair, left_padded
 from modecl.core.tasks import Task
 from modecl.core.world import Answering, Measured
 from modecl.hosts.clip import ClipAlignment, clip_alignment
+from modecl.hosts.coin import COIN_FILES, check_coin_folder, folder_name, load_coin_task
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.host import decode_image, draw_image_tokens, image_grid, save_png
 from modecl.hosts.tasks import (
@@ -269,89 +270,158 @@ def check_context(
             )
 
 
-def train_run(
-    model_path: str,
+def _task_name(path: Path) -> str:
+    """A task's name: a CoIN folder's name, a task file's stem."""
+    return folder_name(path) if path.is_dir() else path.stem
+
+
+def check_inputs(
     task_files: list[Path],
-    methods: list[str] | str,
-    out: Path,
-    *,
-    kd_data: Path | None = None,
-    config: TrainConfig | None = None,
-    seeds: int = 1,
-    progress: bool = True,
-    accelerator: Accelerator | None = None,
-    config_files: Sequence[Path] = (),
-) -> Results:
-    """Train every method of `methods` through `task_files` on the host at `model_path`,
-    over `seeds` seeds from `config.seed` on; writes the out dir and returns results.json.
-    `config_files` (the TOML it came from) are hashed into the run key with the task files."""
-    config = config or TrainConfig()
-    methods = [methods] if isinstance(methods, str) else list(methods)
-    check_methods(methods)
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    if not task_files:
-        raise ConfigError("a run needs at least one task file")
-    # Everything that can be checked without the model, before minutes of loading it.
-    for file in [*task_files, *(f for f in (kd_data, config.host.vqgan) if f)]:
+    kd_data: Path | None,
+    image_root: Path | None,
+    config: TrainConfig,
+    tokenized: Collection[str] = (),
+) -> list[str]:
+    """Every check that needs no model, before minutes of loading it; the task names.
+    Images whose tokens are ``tokenized`` (a resumed run's) need not be present."""
+    folders = [f for f in task_files if f.is_dir()]  # CoIN task folders
+    for file in [*(f for f in task_files if f not in folders), kd_data, config.host.vqgan]:
+        if file is None:
+            continue
         if Path(file).is_dir():
             raise ConfigError(f"{file}: is a directory, expected a file")
         if not Path(file).is_file():
             raise ConfigError(f"{file}: file not found")
-    names = [Path(f).stem for f in task_files]
+    if image_root is not None:
+        if not folders:
+            raise ConfigError("--image-root is for CoIN task folders; no --tasks entry is one")
+        if not image_root.is_dir():
+            raise ConfigError(f"--image-root {image_root}: not a folder")
+    names = [_task_name(f) for f in task_files]
     if len(set(names)) != len(names):
-        raise ConfigError(f"task names (the files' stems) repeat: {names}")
-    tokenized = read_token_cache(Path(out) / "image_tokens.json")  # a resume needs no images
+        raise ConfigError(f"task names (the files' stems, the folders' names) repeat: {names}")
     for file, name in zip(task_files, names, strict=True):
-        check_task_file(file, config.scoring.get(name), tokenized)
+        if file in folders:
+            check_coin_folder(file, image_root, name, config.scoring.get(name), tokenized)
+        else:
+            check_task_file(file, config.scoring.get(name), tokenized)
     if kd_data is not None:
         check_pairs_file(kd_data, tokenized)
     for key in ("scoring", "answer_sets"):
         unknown = sorted(set(getattr(config, key)) - set(names))
         if unknown:
             raise ConfigError(f"{key} names unknown tasks {unknown}; the tasks are {names}")
+    return names
+
+
+def train_run(
+    model_path: str,
+    task_files: Sequence[str | Path],
+    methods: list[str] | str,
+    out: Path,
+    *,
+    kd_data: Path | None = None,
+    image_root: Path | None = None,
+    config: TrainConfig | None = None,
+    seeds: int = 1,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+    config_files: Sequence[Path] = (),
+) -> Results:
+    """Train every method of `methods` through `task_files` (JSONL task files or CoIN task
+    folders, whose image paths start at `image_root`, default each folder's parent) on the
+    host at `model_path`, over `seeds` seeds from `config.seed` on; writes the out dir and
+    returns results.json. `config_files` (the TOML it came from) are hashed into the run
+    key with the task files."""
+    config = config or TrainConfig()
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    check_methods(methods)
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if not task_files:
+        raise ConfigError("a run needs at least one task file or folder")
+    task_files = [Path(f) for f in task_files]
+    kd_data = None if kd_data is None else Path(kd_data)
+    image_root = None if image_root is None else Path(image_root)
+    tokenized = read_token_cache(Path(out) / "image_tokens.json")  # a resume needs no images
+    names = check_inputs(task_files, kd_data, image_root, config, tokenized)
     distilling = [m for m in methods if get_method(m).needs_pairs]
     if distilling and kd_data is None:
         raise ConfigError(f"method(s) {distilling} distil: give --kd-data with train pairs")
+    inputs = {
+        "model": str(model_path),
+        "tasks": [str(f) for f in task_files],
+        "kd_data": None if kd_data is None else str(kd_data),
+    }
+    if image_root is not None:  # absent otherwise: out dirs of earlier versions still resume
+        inputs["image_root"] = str(image_root)
+    read = [p for f in task_files for p in ([f / n for n in COIN_FILES] if f.is_dir() else [f])]
     spec = RunSpec(
         methods=methods,
         seeds=[config.seed + i for i in range(seeds)],
         continual=config.continual,
         front="train",
         config=to_dict(config),
-        inputs={
-            "model": str(model_path),
-            "tasks": [str(f) for f in task_files],
-            "kd_data": None if kd_data is None else str(kd_data),
-        },
-        files=[Path(f) for f in [*task_files, *([kd_data] if kd_data else []), *config_files]],
+        inputs=inputs,
+        files=[*read, *([kd_data] if kd_data else []), *(Path(f) for f in config_files)],
     )
     out = Path(out)
     check_run_key(out, spec)
     accelerator = accelerator or default_accelerator()
     main = accelerator.is_main_process
     model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
-    fmt = HostFormat.from_model(model, tokenizer)
-    vqgan = _vqgan(model, fmt, model_path, config)
-    images = _image_reader(model, model_path, config, progress and main)
-    images.load(out / "image_tokens.json")  # a resumed run tokenizes no image again
-    tasks = [
-        load_image_task(f, images, scoring=config.scoring.get(n), answers=config.answer_sets.get(n))
-        for f, n in zip(task_files, names, strict=True)
-    ]
-    if config.eval.max_test_samples is not None:
-        for task in tasks:
-            task.test = task.test[: config.eval.max_test_samples]
-    pairs = None if kd_data is None else load_pairs(kd_data, images)
-    check_context(model, fmt, tasks, pairs, kd_data)
+    world, images = host_world(
+        model,
+        tokenizer,
+        model_path,
+        config,
+        task_files,
+        names,
+        kd_data,
+        image_root,
+        out / "image_tokens.json",
+        progress and main,
+    )
     if distilling:
         try:
-            check_pairs(distilling[0], len(pairs.train), config.continual.distill.batch_size)
+            check_pairs(distilling[0], len(world.pairs.train), config.continual.distill.batch_size)
         except ValueError as err:
             raise ConfigError(f"{kd_data}: {err}") from None
     if main:
         images.save(out / "image_tokens.json")
     if config.host.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    world = HostWorld(model, fmt, tasks, pairs, config, vqgan)
     return run(world, spec, out, accelerator=accelerator, progress=progress)
+
+
+def host_world(
+    model: nn.Module,
+    tokenizer: Any,
+    model_path: str,
+    config: TrainConfig,
+    task_files: list[Path],
+    names: list[str],
+    kd_data: Path | None,
+    image_root: Path | None,
+    token_cache: Path,
+    progress: bool,
+) -> tuple[HostWorld, ImageTokenizer]:
+    """The world of a loaded host and its checked inputs, and the image tokenizer that read
+    them (its tokens read back from `token_cache` first: nothing is tokenized twice)."""
+    fmt = HostFormat.from_model(model, tokenizer)
+    vqgan = _vqgan(model, fmt, model_path, config)
+    images = _image_reader(model, model_path, config, progress)
+    images.load(token_cache)
+    tasks = []
+    for file, name in zip(task_files, names, strict=True):
+        rule, answers = config.scoring.get(name), config.answer_sets.get(name)
+        if file.is_dir():
+            tasks.append(load_coin_task(file, images, image_root, name, rule, answers))
+        else:
+            tasks.append(load_image_task(file, images, name, rule, answers))
+    if config.eval.max_test_samples is not None:
+        for task in tasks:
+            task.test = task.test[: config.eval.max_test_samples]
+    pairs = None if kd_data is None else load_pairs(kd_data, images)
+    check_context(model, fmt, tasks, pairs, kd_data)
+    return HostWorld(model, fmt, tasks, pairs, config, vqgan), images
