@@ -113,6 +113,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         methods,
         args.out,
         kd_data=args.kd_data,
+        concepts=args.concepts,
         config=config,
         seeds=args.seeds,
         config_files=[args.config] if args.config else [],
@@ -172,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seeds", type=_positive, default=1, help="repeat over N seeds (mean ± std)")
     t.add_argument("--out", type=Path, required=True, help="run directory (resumes if present)")
     t.add_argument("--kd-data", type=Path, help="JSONL (caption, image) pairs")
+    t.add_argument(
+        "--concepts",
+        type=Path,
+        help="JSONL concepts (prompts, reference image folder) to draw from after every task",
+    )
     t.add_argument("--config", type=Path, help="TOML TrainConfig (default: built-in)")
     t.set_defaults(func=cmd_train)
     r = sub.add_parser("report", help="rebuild report.md and figures from a run's results")

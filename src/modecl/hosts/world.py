@@ -1,13 +1,14 @@
 """`modecl train`: a transformers host with task files as a world for the one runner.
 
-A Chameleon / Anole or Emu3 checkpoint loaded with `from_pretrained`, JSONL task files and
-an optional pairs file (:mod:`modecl.hosts.tasks`). After every task the runner measures
-every task's test split; this world adds the inter-modal side: the image-token NLL of the
-test pairs and images drawn from their captions (PNG where the host has a VQ decoder,
-CLIP-scored when a CLIP model is given). The out dir is the runner's
-(:mod:`modecl.core.runner`), plus ``image_tokens.json``: every image file's tokens, so a
-resume tokenizes nothing. CLIP image alignment compares a drawn image with its test pair's
-real image.
+A Chameleon / Anole or Emu3 checkpoint loaded with `from_pretrained`, JSONL task files, an
+optional pairs file (:mod:`modecl.hosts.tasks`) and an optional concepts file
+(:mod:`modecl.hosts.concepts`). After every task the runner measures every task's test
+split; this world adds the inter-modal side: the image-token NLL of the test pairs, and
+images drawn from the test pairs' captions and from every concept prompt (PNG where the host
+has a VQ decoder), CLIP-scored when a CLIP model is given (:mod:`modecl.hosts.clip`): the
+pairs' drawings against the test pairs' images, the concepts' against every concept's
+reference images. The out dir is the runner's (:mod:`modecl.core.runner`), plus
+``image_tokens.json``: every image file's tokens, so a resume tokenizes nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import VQModel
-from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
@@ -34,10 +34,11 @@ from modecl.core.methods.distillation import check_pairs
 from modecl.core.results import Results
 from modecl.core.runner import RunSpec, check_methods, check_run_key, run
 from modecl.core.sequences import DrawPair, left_padded
-from modecl.core.tasks import Task
+from modecl.core.tasks import Task, TaskFileError
 from modecl.core.world import Answering, Measured
-from modecl.hosts.clip import ClipAlignment, clip_alignment
-from modecl.hosts.config import TrainConfig
+from modecl.hosts.clip import Clip, ClipUnavailable, References, load_clip
+from modecl.hosts.concepts import Concept, check_concepts_file, load_concepts
+from modecl.hosts.config import HostEvalSettings, TrainConfig
 from modecl.hosts.host import decode_image, draw_image_tokens, image_grid, save_png
 from modecl.hosts.tasks import (
     HostFormat,
@@ -105,25 +106,11 @@ def _vqgan(model: nn.Module, fmt: HostFormat, path: str, config: TrainConfig) ->
         raise ConfigError(str(err)) from None
 
 
-def _read_rgb(path: Path) -> Image.Image:
-    return read_image(path)
-
-
-def _generation(
-    model: nn.Module,
-    fmt: HostFormat,
-    pairs: Pairs,
-    config: TrainConfig,
-    folder: Path,
-    seed: int,
-    vqgan: VQModel | None,
-) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Draw an image from each test caption; decode, save and CLIP-score where possible.
-
-    Returns the generation entry and the decoded drawings as one row of RGB bytes
-    ``[1, n, H, W, 3]`` for the report (None without a decoder or with mixed sizes)."""
-    ev = config.eval
-    chosen = pairs.test[: ev.draws]
+def _draw(
+    model: nn.Module, fmt: HostFormat, chosen: Sequence[DrawPair], ev: HostEvalSettings, seed: int
+) -> list[torch.Tensor]:
+    """An image span drawn after each caption of `chosen`, at its image's code grid: sampled
+    at `eval.temperature` / `eval.top_k`, in left-padded batches of one grid each."""
     generator = torch.Generator(model.device).manual_seed(seed)
     spans: list[torch.Tensor] = [torch.empty(0)] * len(chosen)
     for index, ids, mask in left_padded(
@@ -143,30 +130,38 @@ def _generation(
         )
         for i, row in zip(index, tokens.cpu(), strict=True):
             spans[i] = row
-    drawn, pixels = spans, None
-    out: dict[str, Any] = {"drawn": len(drawn)}
-    if fmt.vocab.family == "chameleon" and vqgan is None:
-        clip = ClipAlignment(
-            unavailable="no VQGAN decoder weights in the checkpoint; set host.vqgan"
-        )
-    else:
-        files = []
-        for i, tokens in enumerate(drawn):
-            image = decode_image(model, tokens[None].to(model.device), vqgan)[0]
-            files.append(save_png(image, folder / f"{i}.png"))
-        out["images"] = [str(f) for f in files]
-        arrays = [np.asarray(_read_rgb(f)) for f in files]
-        if arrays and len({a.shape for a in arrays}) == 1:
-            pixels = np.stack(arrays)[None]
-        if ev.clip_model is None:
-            clip = ClipAlignment(unavailable="no CLIP model configured (eval.clip_model)")
-        else:
-            images = [_read_rgb(f) for f in files]
-            references = [[_read_rgb(f)] for f in pairs.test_images[: len(files)]]
-            prompts = [p.prompt for p in chosen]
-            clip = clip_alignment(ev.clip_model, images, prompts, references, device=model.device)
-    out["clip"] = clip.to_dict()
-    return out, pixels
+    return spans
+
+
+# The headline numbers of a drawing entry's CLIP scores: (measure suffix, field).
+HEADLINE = (
+    ("clip_image_all", "image_alignment_all"),
+    ("clip_image_own", "image_alignment_own"),
+    ("clip_text", "text_alignment"),
+    ("kid", "kid"),
+    ("fd", "fd"),
+)
+
+
+def _named(kind: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """`entry` as the measure `<kind>_generation`, its headline numbers beside it."""
+    clip = entry["clip"]
+    return {f"{kind}_generation": entry} | {f"{kind}_{k}": clip.get(f) for k, f in HEADLINE}
+
+
+def _concept_draws(
+    concepts: Sequence[Concept], draws: int, folder: Path
+) -> tuple[list[DrawPair], list[Path], list[str]]:
+    """`draws` drawings of every concept prompt: what each is drawn from, its file (the
+    prompt's and the draw's index under the concept's folder) and its concept."""
+    chosen, files, groups = [], [], []
+    for concept in concepts:
+        for j, prompt in enumerate(concept.prompts):
+            for d in range(draws):
+                chosen.append(DrawPair(prompt, concept.codes))
+                files.append(folder / concept.name / f"{j}-{d}.png")
+                groups.append(concept.name)
+    return chosen, files, groups
 
 
 class HostWorld:
@@ -180,6 +175,7 @@ class HostWorld:
         pairs: Pairs | None,
         config: TrainConfig,
         vqgan: VQModel | None,
+        concepts: list[Concept] | None = None,
     ) -> None:
         self.model, self.format, self._tasks, self.pairs, self.config = (
             model,
@@ -189,6 +185,9 @@ class HostWorld:
             config,
         )
         self.vqgan = vqgan  # Chameleon's decoder of drawings (modecl.hosts.vqgan)
+        self.concepts = concepts or []
+        self._clip: Clip | None = None  # loaded on first use, by the main process only
+        self._scoring: dict[str, References] = {}  # "pairs", "concepts": their references
         self.answering = Answering(config.eval.max_new_tokens, config.eval.batch_size)
 
     @property
@@ -207,37 +206,100 @@ class HostWorld:
     def measure(
         self, model: nn.Module, seed: int, images: Path, rank: int, processes: int, gather: Any
     ) -> Measured:
-        """Image-token NLL of the test pairs (shared out), drawings and CLIP (main process)."""
+        """Image-token NLL of the test pairs (shared out); drawings of the test pairs and the
+        concepts, decoded and scored (main process)."""
         pairs, ev = self.pairs, self.config.eval
-        if pairs is None or not pairs.test:
-            return Measured()
-        terms = gather(
-            [image_nll_terms(model, self.format, pairs.test[rank::processes], ev.batch_size)]
-        )
-        measures: dict[str, Any] = {
-            "image_nll": sum(t for t, _ in terms) / max(sum(n for _, n in terms), 1)
-        }
+        measures: dict[str, Any] = {}
+        if pairs is not None and pairs.test:
+            terms = gather(
+                [image_nll_terms(model, self.format, pairs.test[rank::processes], ev.batch_size)]
+            )
+            measures["image_nll"] = sum(t for t, _ in terms) / max(sum(n for _, n in terms), 1)
         if rank > 0:
             return Measured(measures)
-        generation, pixels = _generation(
-            model, self.format, pairs, self.config, images, seed, self.vqgan
-        )
-        clip = generation["clip"]
-        measures |= {
-            "generation": generation,
-            "clip_image_alignment": clip.get("image_alignment"),
-            "clip_text_alignment": clip.get("text_alignment"),
-        }
+        pixels = None
+        if pairs is not None and pairs.test:
+            chosen = pairs.test[: ev.draws]
+            files = [images / f"{i}.png" for i in range(len(chosen))]
+            own = [str(i) for i in range(len(chosen))]  # a pair's own image: its group
+            entry = self._generation("pairs", model, chosen, files, own, seed)
+            arrays = [np.asarray(read_image(f)) for f in files] if "images" in entry else []
+            if arrays and len({a.shape for a in arrays}) == 1:
+                pixels = np.stack(arrays)[None]
+            measures |= _named("pairs", entry)
+        if self.concepts:
+            chosen, files, groups = _concept_draws(self.concepts, ev.draws, images / "concepts")
+            entry = self._generation("concepts", model, chosen, files, groups, seed)
+            if entry.pop("images", None):  # hundreds: the folder says where they are
+                entry["folder"] = str(images / "concepts")
+            measures |= _named("concepts", entry)
         return Measured(measures, pixels)
+
+    def _generation(
+        self,
+        kind: str,
+        model: nn.Module,
+        chosen: Sequence[DrawPair],
+        files: Sequence[Path],
+        groups: Sequence[str],
+        seed: int,
+    ) -> dict[str, Any]:
+        """Draw after each caption of `chosen`, decode to `files` and score the drawings
+        against `kind`'s references (drawing i of group `groups[i]`), where possible."""
+        spans = _draw(model, self.format, chosen, self.config.eval, seed)
+        out: dict[str, Any] = {"drawn": len(spans)}
+        if not spans:
+            return out | {"clip": {"status": "unavailable", "reason": "eval.draws is 0"}}
+        if self.format.vocab.family == "chameleon" and self.vqgan is None:
+            reason = "no VQGAN decoder weights in the checkpoint; set host.vqgan"
+            return out | {"clip": {"status": "unavailable", "reason": reason}}
+        for tokens, file in zip(spans, files, strict=True):
+            save_png(decode_image(model, tokens[None].to(model.device), self.vqgan)[0], file)
+        out["images"] = [str(f) for f in files]
+        references = self._references(kind)
+        if isinstance(references, str):
+            return out | {"clip": {"status": "unavailable", "reason": references}}
+        prompts = [p.prompt for p in chosen]
+        scores = references.score(files, prompts, groups, seed, per_concept=kind == "concepts")
+        return out | {"clip": scores}
+
+    def _references(self, kind: str) -> References | str:
+        """`kind`'s reference images (pairs: every test pair's, its own group; concepts:
+        every concept's), embedded on first use; or why there is no CLIP score."""
+        if kind in self._scoring:
+            return self._scoring[kind]
+        if self.config.eval.clip_model is None:
+            return "no CLIP model configured (eval.clip_model)"
+        try:
+            self._clip = self._clip or load_clip(self.config.eval.clip_model, self.model.device)
+        except ClipUnavailable as err:
+            return str(err)
+        if kind == "pairs":
+            files = list(self.pairs.test_images)
+            groups = [str(i) for i in range(len(files))]
+        else:
+            files = [f for c in self.concepts for f in c.images]
+            groups = [c.name for c in self.concepts for _ in c.images]
+        try:
+            self._scoring[kind] = References(self._clip, files, groups)
+        except ValueError as err:  # an unreadable reference image
+            raise TaskFileError(f"a reference image of the {kind}: {err}") from None
+        return self._scoring[kind]
 
     def describe(self) -> dict[str, Any]:
         return {"host": {"family": self.format.vocab.family, "dtype": str(self.model.dtype)}}
 
 
 def check_context(
-    model: nn.Module, fmt: HostFormat, tasks: list[Task], pairs: Pairs | None, kd_data: Any
+    model: nn.Module,
+    fmt: HostFormat,
+    tasks: list[Task],
+    pairs: Pairs | None,
+    kd_data: Any,
+    concepts: Sequence[Concept] = (),
 ) -> None:
-    """Refuse, before training, a sample or pair longer than the host's context."""
+    """Refuse, before training, a sample, pair or concept prompt longer than the host's
+    context."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is None:
         return
@@ -257,6 +319,14 @@ def check_context(
                 f"{kd_data}: pair {i + 1} ({pair.prompt[:40]!r}) takes {length} tokens, more "
                 f"than the host's context of {limit} (max_position_embeddings)"
             )
+    for concept in concepts:
+        for prompt in concept.prompts:
+            length = len(fmt.draw_example(DrawPair(prompt, concept.codes)).input_ids)
+            if length > limit:
+                raise ConfigError(
+                    f"{concept.source}: prompt {prompt[:40]!r} and its drawing take {length} "
+                    f"tokens, more than the host's context of {limit} (max_position_embeddings)"
+                )
 
 
 def train_run(
@@ -266,6 +336,7 @@ def train_run(
     out: Path,
     *,
     kd_data: Path | None = None,
+    concepts: Path | None = None,
     config: TrainConfig | None = None,
     seeds: int = 1,
     progress: bool = True,
@@ -274,7 +345,9 @@ def train_run(
 ) -> Results:
     """Train every method of `methods` through `task_files` on the host at `model_path`,
     over `seeds` seeds from `config.seed` on; writes the out dir and returns results.json.
-    `config_files` (the TOML it came from) are hashed into the run key with the task files."""
+    `concepts` is a concepts file (:mod:`modecl.hosts.concepts`) to draw from after every
+    task. `config_files` (the TOML it came from) are hashed into the run key with the input
+    files."""
     config = config or TrainConfig()
     methods = [methods] if isinstance(methods, str) else list(methods)
     check_methods(methods)
@@ -283,7 +356,7 @@ def train_run(
     if not task_files:
         raise ConfigError("a run needs at least one task file")
     # Everything that can be checked without the model, before minutes of loading it.
-    for file in [*task_files, *(f for f in (kd_data, config.host.vqgan) if f)]:
+    for file in [*task_files, *(f for f in (kd_data, concepts, config.host.vqgan) if f)]:
         if Path(file).is_dir():
             raise ConfigError(f"{file}: is a directory, expected a file")
         if not Path(file).is_file():
@@ -295,6 +368,8 @@ def train_run(
         check_task_file(file, config.scoring.get(name))
     if kd_data is not None:
         check_pairs_file(kd_data)
+    if concepts is not None:
+        check_concepts_file(concepts)
     for key in ("scoring", "answer_sets"):
         unknown = sorted(set(getattr(config, key)) - set(names))
         if unknown:
@@ -312,8 +387,12 @@ def train_run(
             "model": str(model_path),
             "tasks": [str(f) for f in task_files],
             "kd_data": None if kd_data is None else str(kd_data),
+            # absent without --concepts: the run keys of earlier out dirs stay valid
+            **({"concepts": str(concepts)} if concepts else {}),
         },
-        files=[Path(f) for f in [*task_files, *([kd_data] if kd_data else []), *config_files]],
+        files=[
+            Path(f) for f in [*task_files, *(f for f in (kd_data, concepts) if f), *config_files]
+        ],
     )
     out = Path(out)
     check_run_key(out, spec)
@@ -332,7 +411,8 @@ def train_run(
         for task in tasks:
             task.test = task.test[: config.eval.max_test_samples]
     pairs = None if kd_data is None else load_pairs(kd_data, images)
-    check_context(model, fmt, tasks, pairs, kd_data)
+    concept_list = [] if concepts is None else load_concepts(concepts, images)
+    check_context(model, fmt, tasks, pairs, kd_data, concept_list)
     if distilling:
         try:
             check_pairs(distilling[0], len(pairs.train), config.continual.distill.batch_size)
@@ -342,5 +422,5 @@ def train_run(
         images.save(out / "image_tokens.json")
     if config.host.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    world = HostWorld(model, fmt, tasks, pairs, config, vqgan)
+    world = HostWorld(model, fmt, tasks, pairs, config, vqgan, concept_list)
     return run(world, spec, out, accelerator=accelerator, progress=progress)
