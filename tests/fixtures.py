@@ -211,12 +211,11 @@ def write_host(family: str, folder: Path) -> Path:
     return folder
 
 
-def _png(folder: Path, name: str, color: str, square: bool) -> str:
+def _png(path: Path, color: str, square: bool) -> None:
+    """An 8x8 black image with a `color` square or (not `square`) a narrow bar."""
     image = Image.new("RGB", (8, 8), (0, 0, 0))
-    box = (1, 1, 7, 7) if square else (3, 1, 5, 7)
-    image.paste(COLORS[color], box)
-    image.save(folder / "images" / name)
-    return f"images/{name}"
+    image.paste(COLORS[color], (1, 1, 7, 7) if square else (3, 1, 5, 7))
+    image.save(path)
 
 
 def write_tasks(folder: Path) -> tuple[list[Path], Path]:
@@ -225,7 +224,8 @@ def write_tasks(folder: Path) -> tuple[list[Path], Path]:
     color, shape, pairs = [], [], []
     for i in range(12):
         name, square = list(COLORS)[i % 3], i % 2 == 0
-        image = _png(folder, f"{i}.png", name, square)
+        image = f"images/{i}.png"
+        _png(folder / image, name, square)
         split = "test" if i >= 8 else "train"
         color.append({"image": image, "question": "what color is it ?", "answer": name})
         shape.append(
@@ -245,6 +245,23 @@ def write_tasks(folder: Path) -> tuple[list[Path], Path]:
         files[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     return files, folder / "pairs.jsonl"
+
+
+def write_concepts(folder: Path) -> Path:
+    """A concepts file: "red" and "blue", two prompts each, three reference PNGs each (drawn
+    as `write_tasks` draws its images)."""
+    lines = []
+    for color, prompts in (
+        ("red", ["draw red", "red circle"]),
+        ("blue", ["draw blue", "blue square"]),
+    ):
+        images = folder / "concepts" / color
+        images.mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            _png(images / f"{i}.png", color, square=i % 2 == 0)
+        lines.append({"concept": color, "prompts": prompts, "images": f"concepts/{color}"})
+    (folder / "concepts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return folder / "concepts.jsonl"
 
 
 CLIP_SIZE = 16  # the tiny CLIP's image side, in pixels

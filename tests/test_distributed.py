@@ -71,7 +71,9 @@ def test_modecl_train_under_torchrun_matches_one_process(tmp_path):
     for a, b in pairs:
         assert a.final_loss == pytest.approx(b.final_loss, rel=1e-5)
         assert a.measures["image_nll"] == pytest.approx(b.measures["image_nll"], rel=1e-5)
-        assert a.measures["generation"]["drawn"] == b.measures["generation"]["drawn"] == 2
+        assert (
+            a.measures["pairs_generation"]["drawn"] == b.measures["pairs_generation"]["drawn"] == 2
+        )
     for stage in ("stage1", "stage2"):
         path = pathlib.Path("checkpoints", "seed0", "mode", stage, "stage.json")
         answers = [json.loads((tmp_path / d / path).read_text())["answers"] for d in ("one", "two")]

@@ -113,11 +113,11 @@ def test_train_end_to_end(setup, two_methods_two_seeds):
     )
     for stage in [results.mean.pretrained, *results.per_seed[1].methods["mode"].stages]:
         assert stage.measures["image_nll"] > 0
-        generation = stage.measures["generation"]
+        generation = stage.measures["pairs_generation"]
         assert generation["drawn"] == 2
         if family == "emu3":  # decoded to PNG and scored by the tiny CLIP
             assert generation["clip"]["status"] == "ok"
-            assert -1 <= stage.measures["clip_image_alignment"] <= 1
+            assert -1 <= stage.measures["pairs_clip_image_own"] <= 1
             assert len(generation["images"]) == 2
         else:
             assert generation["clip"]["status"] == "unavailable"
@@ -127,7 +127,7 @@ def test_train_end_to_end(setup, two_methods_two_seeds):
         assert f"figures/{figure}.png" in report and (out / "figures" / f"{figure}.png").exists()
     assert "## Gradient conflict" in report and "| mode | " in report
     if family == "emu3":
-        assert (out / "figures" / "samples_mode.png").exists() and "CLIP image" in report
+        assert (out / "figures" / "samples_mode.png").exists() and "pairs CLIP-I own" in report
 
 
 def test_saved_adapters_reproduce_the_recorded_answers(setup, two_methods_two_seeds):

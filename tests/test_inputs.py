@@ -392,6 +392,6 @@ def test_emu3_with_images_of_five_shapes_trains_and_draws_every_pair(tmp_path):
     assert len({len(s) for s in shapes}) >= 4  # spans of different lengths
     results = read_results(out / "results.json")
     for stage in [results.mean.pretrained, *results.mean.methods["mode"].stages]:
-        assert stage.measures["generation"]["drawn"] == 4
-        drawn = [Image.open(f).size for f in stage.measures["generation"]["images"]]
+        assert stage.measures["pairs_generation"]["drawn"] == 4
+        drawn = [Image.open(f).size for f in stage.measures["pairs_generation"]["images"]]
         assert len(set(drawn)) > 1  # each pair drawn at its own image's shape

@@ -36,6 +36,7 @@ from tests.fixtures import (
     PIXELS,
     TRAIN_CONFIG,
     tiny_chameleon,
+    write_concepts,
     write_host,
     write_tasks,
     write_tiny_clip,
@@ -283,7 +284,8 @@ def test_image_tokens_map_back_to_the_encoders_codebook_indices():
 
 
 def test_modecl_train_writes_and_scores_chameleon_drawings(tmp_path):
-    """The pre-trained stage's PNGs are the reference's pixels of the host's greedy drawings."""
+    """The pre-trained stage's PNGs are the reference's pixels of the host's greedy drawings;
+    the concepts' drawings are decoded and scored too."""
     host = write_host("chameleon", tmp_path / "host")
     reference = TamingVQGAN(tiny_chameleon().config.vq_config)
     write_decoder(host, reference)
@@ -296,16 +298,21 @@ def test_modecl_train_writes_and_scores_chameleon_drawings(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--model", str(host), "--tasks", *map(str, files), "--methods", "seq-lora"]
     argv += ["--kd-data", str(pairs), "--config", str(config), "--out", str(out)]
-    assert main(argv) == 0
+    assert main([*argv, "--concepts", str(write_concepts(tmp_path / "data"))]) == 0
     seed = read_results(out / "results.json").per_seed[0]
     stages = [seed.pretrained, *seed.methods["seq-lora"].stages]
     folders = ["pretrained", "seq-lora/stage1", "seq-lora/stage2"]
     for stage, name in zip(stages, folders, strict=True):
-        generation, folder = stage.measures["generation"], out / "images" / "seed0" / name
+        generation, folder = stage.measures["pairs_generation"], out / "images" / "seed0" / name
         assert generation["images"] == [str(folder / f"{i}.png") for i in range(2)]
         assert sorted(folder.glob("*.png")) == [folder / "0.png", folder / "1.png"]
         assert generation["clip"]["status"] == "ok"
-        assert -1 <= stage.measures["clip_image_alignment"] <= 1
+        assert -1 <= stage.measures["pairs_clip_image_own"] <= 1
+        concepts = stage.measures["concepts_generation"]
+        assert concepts["folder"] == str(folder / "concepts")
+        assert len(list((folder / "concepts").rglob("*.png"))) == concepts["drawn"] == 8
+        assert concepts["clip"]["status"] == "ok"
+        assert -1 <= stage.measures["concepts_clip_image_all"] <= 1
     model, tokenizer = load_host(str(host), "float32", torch.device("cpu"))
     fmt = HostFormat.from_model(model, tokenizer)
     for i, pair in enumerate(load_pairs(pairs, ImageTokenizer(model, PIXELS)).test[:2]):

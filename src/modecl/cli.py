@@ -114,6 +114,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.out,
         kd_data=args.kd_data,
         image_root=args.image_root,
+        concepts=args.concepts,
         config=config,
         seeds=args.seeds,
         config_files=[args.config] if args.config else [],
@@ -135,6 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         args.tasks,
         args.kd_data,
         image_root=args.image_root,
+        concepts=args.concepts,
         seed=args.seed,
         method=args.method,
         stage=args.stage,
@@ -215,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seeds", type=_positive, default=1, help="repeat over N seeds (mean ± std)")
     t.add_argument("--out", type=Path, required=True, help="run directory (resumes if present)")
     t.add_argument("--kd-data", type=Path, help="JSONL (caption, image) pairs")
+    t.add_argument(
+        "--concepts",
+        type=Path,
+        help="JSONL concepts (prompts, reference image folder) to draw from after every task",
+    )
     t.add_argument("--config", type=Path, help="TOML TrainConfig (default: built-in)")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="score a saved stage of a modecl train run, without training")
@@ -222,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=Path, nargs="+", help="task files (default: the run's)")
     e.add_argument("--kd-data", type=Path, help="pairs file (default: the run's)")
     e.add_argument("--image-root", type=Path, help="where CoIN folders' image paths start")
+    e.add_argument("--concepts", type=Path, help="concepts file (default: the run's)")
     e.add_argument("--seed", type=int, help="default: the run's first seed")
     e.add_argument("--method", help="default: the last method (alphabetical) of the run")
     e.add_argument("--stage", type=_positive, help="default: the last finished stage")

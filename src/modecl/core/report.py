@@ -1,6 +1,6 @@
 """The report: Markdown tables and figures, built from ``results.json`` (and ``samples.npz``,
 ``conflict.jsonl``) of either front door. Sections appear when the run has their data:
-drawn-image grids, CLIP alignment, gradient conflict, constrained accuracy."""
+drawn-image grids, image generation (CLIP, KID, FD), gradient conflict, constrained accuracy."""
 
 from __future__ import annotations
 
@@ -23,9 +23,14 @@ MEASURES = (
     ("generation", "generation_accuracy", 3),
     ("FD", "frechet_distance", 1),
     ("image NLL", "image_nll", 3),
-    ("CLIP image", "clip_image_alignment", 3),
-    ("CLIP text", "clip_text_alignment", 3),
+    ("concepts CLIP-I", "concepts_clip_image_all", 3),
+    ("concepts CLIP-T", "concepts_clip_text", 3),
+    ("concepts KID", "concepts_kid", 4),
+    ("pairs CLIP-I own", "pairs_clip_image_own", 3),
+    ("pairs CLIP-T", "pairs_clip_text", 3),
 )
+# The measure the generation figure plots: the first of these that the run has.
+CURVES = ("generation_accuracy", "concepts_clip_image_all", "pairs_clip_image_own", "image_nll")
 SUMMARY = (
     ("final acc", "final_average_accuracy"),
     ("forgetting", "average_forgetting"),
@@ -281,28 +286,92 @@ def plot_conflict(series: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def _clip_rows(results: Results) -> list[str]:
-    """Per method and stage: the generation entry's CLIP scores, or why there are none."""
-    rows = [
-        "| method | after | image NLL | CLIP image | CLIP text | note |",
-        "|---|---|---|---|---|---|",
-    ]
+def _first_seed_stages(results: Results) -> list[tuple[str, Stage]]:
+    """(method, stage) of the first seed: the pre-trained host, then each method's stages."""
     seed: SeedResult = results.per_seed[0]
     entries: list[tuple[str, Stage]] = [("pre-trained", seed.pretrained)]
     for name, entry in seed.methods.items():
         entries += [(name, s) for s in entry.stages]
-    for name, stage in entries:
-        m = stage.measures
-        clip = (m.get("generation") or {}).get("clip", {})
-        note = clip.get("reason", "") if clip.get("status") != "ok" else ""
-        cells = [
-            _fmt(m.get("image_nll")),
-            _fmt(m.get("clip_image_alignment")),
-            _fmt(m.get("clip_text_alignment")),
-            note,
-        ]
+    return entries
+
+
+def drawing_rows(results: Results, kind: str) -> list[str]:
+    """Per method and stage (first seed): the scores of `kind`'s drawings ("pairs" or
+    "concepts"), KID before FD, or why there are none."""
+    nll = ["image NLL"] if kind == "pairs" else []
+    head = ["method", "after", *nll, "drawn", "CLIP-I all", "CLIP-I own", "CLIP-T", "KID", "FD"]
+    rows = ["| " + " | ".join([*head, "note"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for name, stage in _first_seed_stages(results):
+        entry = stage.measures.get(f"{kind}_generation")
+        if entry is None:
+            continue
+        clip = entry["clip"]
+        cells = [_fmt(stage.measures.get("image_nll"))] * len(nll) + [str(entry["drawn"])]
+        cells += [_fmt(clip.get(k)) for k in ("image_alignment_all", "image_alignment_own")]
+        cells += [_fmt(clip.get("text_alignment")), _fmt(clip.get("kid"), clip.get("kid_std"), 4)]
+        cells += [_fmt(clip.get("fd"), digits=2), clip.get("note") or clip.get("reason", "")]
         rows.append(f"| {name} | {stage.task} | " + " | ".join(cells) + " |")
     return rows
+
+
+def concept_rows(results: Results) -> list[str]:
+    """Per concept: CLIP-I own of the pre-trained host and after each method's last task
+    (first seed); no rows without per-concept scores."""
+    seed = results.per_seed[0]
+    columns = [("pre-trained", seed.pretrained)]
+    columns += [(name, entry.stages[-1]) for name, entry in seed.methods.items()]
+    scores = [
+        ((s.measures.get("concepts_generation") or {}).get("clip") or {}).get("per_concept") or {}
+        for _, s in columns
+    ]
+    names = list(dict.fromkeys(n for per in scores for n in per))
+    if not names:
+        return []
+    rows = ["| concept | " + " | ".join(c for c, _ in columns) + " |"]
+    rows.append("|" + "---|" * (len(columns) + 1))
+    rows += [f"| {n} | " + " | ".join(_fmt(per.get(n)) for per in scores) + " |" for n in names]
+    return rows
+
+
+def generation_lines(results: Results) -> list[str]:
+    """The report's image-generation section; none when the run drew no images."""
+    measures = results.per_seed[0].pretrained.measures
+    kinds = [k for k in ("concepts", "pairs") if f"{k}_generation" in measures]
+    if not kinds:
+        return []
+    lines = [
+        "## Image generation",
+        "",
+        "Images drawn after every task (first seed) and scored by CLIP (`eval.clip_model`):",
+        "CLIP-I all is the mean cosine of each drawing with every reference image (the paper's",
+        "rule), CLIP-I own with its own concept's images (a test pair: its own image), CLIP-T",
+        "with its prompt. KID (mean ± std over random subsets) and FD compare the drawings'",
+        "CLIP image embeddings with the references'. FD needs more drawings and references than",
+        "CLIP has feature dimensions (512 for ViT-B/32): below that its covariances are",
+        "singular and it mostly measures the sample size (the note says so); read KID first.",
+        "",
+    ]
+    if "concepts" in kinds:
+        lines += [
+            "### Concepts: each concept prompt's drawings against every concept's images",
+            "",
+            *drawing_rows(results, "concepts"),
+            "",
+        ]
+        per_concept = concept_rows(results)
+        if per_concept:
+            lines += ["CLIP-I own per concept, pre-trained and after the last task:", ""]
+            lines += [*per_concept, ""]
+    if "pairs" in kinds:
+        lines += [
+            "### Test pairs: drawings of the test captions against the test pairs' images",
+            "",
+            "With the teacher-forced image-token NLL of the test pairs.",
+            "",
+            *drawing_rows(results, "pairs"),
+            "",
+        ]
+    return lines
 
 
 def write_report(out: str | Path) -> Path:
@@ -336,20 +405,14 @@ def write_report(out: str | Path) -> Path:
         "",
         "Accuracies are each task's test set under its scoring rule; 'constr.' restricts each",
         "answer to its closed answer set (options, or the task's answers), picked by likelihood.",
-        "World measures (captioning, generation, FD, image NLL, CLIP) are after the last task.",
+        "World measures (captioning, generation, FD, image NLL, CLIP, KID) are after the last",
+        "task.",
         "",
         *headline_rows(results),
         "",
     ]
-    measures = _measures_present(results)
-    curve = next(
-        (
-            c
-            for c in measures
-            if c[1] in ("generation_accuracy", "clip_image_alignment", "image_nll")
-        ),
-        None,
-    )
+    present = {c[1]: c for c in _measures_present(results)}
+    curve = next((present[k] for k in CURVES if k in present), None)
     if curve is not None:
         plot_generation(results, curve[1], curve[0], figures / "generation.png")
         lines += ["![generation after each task](figures/generation.png)", ""]
@@ -359,17 +422,7 @@ def write_report(out: str | Path) -> Path:
         lines += ["![constrained accuracy matrices](figures/constrained_accuracy_matrices.png)", ""]
     plot_losses(results, figures / "losses.png")
     lines += ["![training losses](figures/losses.png)", ""]
-    if any(
-        "clip" in (s.measures.get("generation") or {}) for s in [results.per_seed[0].pretrained]
-    ):
-        lines += [
-            "## Image generation",
-            "",
-            "Teacher-forced image-token NLL of the test pairs "
-            "and CLIP alignment of images drawn from their captions (first seed).",
-            "",
-        ]
-        lines += [*_clip_rows(results), ""]
+    lines += generation_lines(results)
     series_file = out / "conflict.jsonl"
     text = series_file.read_text() if series_file.exists() else ""
     series = [json.loads(line) for line in text.splitlines()]

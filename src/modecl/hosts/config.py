@@ -31,7 +31,8 @@ class HostEvalSettings:
     max_new_tokens: Count = 16  # greedy answer length limit
     batch_size: Count = 16
     max_test_samples: Count | None = None  # per task; None = all
-    draws: Size = 8  # test pairs of the pairs file drawn per stage (image generation)
+    # per stage: test pairs of the pairs file drawn, and images drawn per concept prompt
+    draws: Size = 8
     temperature: NonNegative = 1.0  # 0: greedy
     top_k: Size = 0  # 0: every code
     clip_model: str | None = None  # a local CLIP directory (save_pretrained); None: no CLIP

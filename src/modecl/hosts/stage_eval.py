@@ -2,8 +2,9 @@
 
 The stage's adapters (``checkpoints/seed<S>/<method>/stage<K>/``) are attached to the run's
 host and measured as the runner measures a stage: every task's answers, exact and
-constrained accuracy, and, with a pairs file, the image-token NLL and drawings. The tasks
-default to the run's own; other task files and pairs files can be given. The result is
+constrained accuracy, and, with a pairs or concepts file, the image-token NLL and the
+drawings' scores. The inputs default to the run's own; other task files or CoIN folders,
+pairs and concepts files can be given. The result is
 written beside the run as ``eval/seed<S>-<method>-stage<K>.json``.
 """
 
@@ -47,6 +48,7 @@ def eval_stage(
     kd_data: Path | None = None,
     *,
     image_root: Path | None = None,
+    concepts: Path | None = None,
     seed: int | None = None,
     method: str | None = None,
     stage: int | None = None,
@@ -75,7 +77,11 @@ def eval_stage(
     image_root = inputs.get("image_root") if task_files is None else image_root
     image_root = None if image_root is None else Path(image_root)
     cache = run_dir / "image_tokens.json"  # the run's images are not tokenized again
-    names = check_inputs(files, pairs_file, image_root, config, read_token_cache(cache))
+    if concepts is None and task_files is None:
+        concepts = inputs.get("concepts")
+    concepts = None if concepts is None else Path(concepts)
+    tokenized = read_token_cache(cache)
+    names = check_inputs(files, pairs_file, image_root, config, tokenized, concepts)
     accelerator = default_accelerator()
     model, tokenizer = load_host(inputs["model"], config.host.dtype, accelerator.device)
     world, _ = host_world(
@@ -89,6 +95,7 @@ def eval_stage(
         image_root,
         cache,
         progress and accelerator.is_main_process,
+        concepts,
     )
     attach_adapters(model, get_method(method).adapter_config(config.continual))
     load_adapters(model, stage_dir / "adapters")
@@ -106,6 +113,7 @@ def eval_stage(
         "tasks": names,
         "task_files": [str(f) for f in files],
         "kd_data": None if pairs_file is None else str(pairs_file),
+        "concepts": None if concepts is None else str(concepts),
         **fields,
         "answers": answers,
     }

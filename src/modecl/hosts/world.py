@@ -1,13 +1,15 @@
 """`modecl train`: a transformers host with task files as a world for the one runner.
 
 A Chameleon / Anole or Emu3 checkpoint loaded with `from_pretrained`, JSONL task files
-(:mod:`modecl.hosts.tasks`) or CoIN task folders (:mod:`modecl.hosts.coin`), and an optional
-pairs file. After every task the runner measures every task's test split; this world adds
-the inter-modal side: the image-token NLL of the test pairs and images drawn from their
-captions (PNG where the host has a VQ decoder, CLIP-scored when a CLIP model is given). The
-out dir is the runner's (:mod:`modecl.core.runner`), plus ``image_tokens.json``: every
-image file's tokens, so a resume tokenizes nothing. CLIP image alignment compares a drawn
-image with its test pair's real image.
+(:mod:`modecl.hosts.tasks`) or CoIN task folders (:mod:`modecl.hosts.coin`), an optional
+pairs file and an optional concepts file (:mod:`modecl.hosts.concepts`). After every task
+the runner measures every task's test split; this world adds the inter-modal side: the
+image-token NLL of the test pairs, and images drawn from the test pairs' captions and from
+every concept prompt (PNG where the host has a VQ decoder), CLIP-scored when a CLIP model is
+given (:mod:`modecl.hosts.clip`): the pairs' drawings against the test pairs' images, the
+concepts' against every concept's reference images. The out dir is the runner's
+(:mod:`modecl.core.runner`), plus ``image_tokens.json``: every image file's tokens, so a
+resume tokenizes nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import VQModel
-from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
@@ -35,11 +36,12 @@ from modecl.core.methods.distillation import check_pairs
 from modecl.core.results import Results
 from modecl.core.runner import RunSpec, check_methods, check_run_key, run
 from modecl.core.sequences import DrawPair, left_padded
-from modecl.core.tasks import Task
+from modecl.core.tasks import Task, TaskFileError
 from modecl.core.world import Answering, Measured
-from modecl.hosts.clip import ClipAlignment, clip_alignment
+from modecl.hosts.clip import Clip, ClipUnavailable, References, load_clip
 from modecl.hosts.coin import COIN_FILES, check_coin_folder, folder_name, load_coin_task
-from modecl.hosts.config import TrainConfig
+from modecl.hosts.concepts import Concept, check_concepts_file, load_concepts
+from modecl.hosts.config import HostEvalSettings, TrainConfig
 from modecl.hosts.host import decode_image, draw_image_tokens, image_grid, save_png
 from modecl.hosts.tasks import (
     HostFormat,
@@ -108,25 +110,11 @@ def _vqgan(model: nn.Module, fmt: HostFormat, path: str, config: TrainConfig) ->
         raise ConfigError(str(err)) from None
 
 
-def _read_rgb(path: Path) -> Image.Image:
-    return read_image(path)
-
-
-def _generation(
-    model: nn.Module,
-    fmt: HostFormat,
-    pairs: Pairs,
-    config: TrainConfig,
-    folder: Path,
-    seed: int,
-    vqgan: VQModel | None,
-) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Draw an image from each test caption; decode, save and CLIP-score where possible.
-
-    Returns the generation entry and the decoded drawings as one row of RGB bytes
-    ``[1, n, H, W, 3]`` for the report (None without a decoder or with mixed sizes)."""
-    ev = config.eval
-    chosen = pairs.test[: ev.draws]
+def _draw(
+    model: nn.Module, fmt: HostFormat, chosen: Sequence[DrawPair], ev: HostEvalSettings, seed: int
+) -> list[torch.Tensor]:
+    """An image span drawn after each caption of `chosen`, at its image's code grid: sampled
+    at `eval.temperature` / `eval.top_k`, in left-padded batches of one grid each."""
     generator = torch.Generator(model.device).manual_seed(seed)
     spans: list[torch.Tensor] = [torch.empty(0)] * len(chosen)
     for index, ids, mask in left_padded(
@@ -146,30 +134,38 @@ def _generation(
         )
         for i, row in zip(index, tokens.cpu(), strict=True):
             spans[i] = row
-    drawn, pixels = spans, None
-    out: dict[str, Any] = {"drawn": len(drawn)}
-    if fmt.vocab.family == "chameleon" and vqgan is None:
-        clip = ClipAlignment(
-            unavailable="no VQGAN decoder weights in the checkpoint; set host.vqgan"
-        )
-    else:
-        files = []
-        for i, tokens in enumerate(drawn):
-            image = decode_image(model, tokens[None].to(model.device), vqgan)[0]
-            files.append(save_png(image, folder / f"{i}.png"))
-        out["images"] = [str(f) for f in files]
-        arrays = [np.asarray(_read_rgb(f)) for f in files]
-        if arrays and len({a.shape for a in arrays}) == 1:
-            pixels = np.stack(arrays)[None]
-        if ev.clip_model is None:
-            clip = ClipAlignment(unavailable="no CLIP model configured (eval.clip_model)")
-        else:
-            images = [_read_rgb(f) for f in files]
-            references = [[_read_rgb(f)] for f in pairs.test_images[: len(files)]]
-            prompts = [p.prompt for p in chosen]
-            clip = clip_alignment(ev.clip_model, images, prompts, references, device=model.device)
-    out["clip"] = clip.to_dict()
-    return out, pixels
+    return spans
+
+
+# The headline numbers of a drawing entry's CLIP scores: (measure suffix, field).
+HEADLINE = (
+    ("clip_image_all", "image_alignment_all"),
+    ("clip_image_own", "image_alignment_own"),
+    ("clip_text", "text_alignment"),
+    ("kid", "kid"),
+    ("fd", "fd"),
+)
+
+
+def _named(kind: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """`entry` as the measure `<kind>_generation`, its headline numbers beside it."""
+    clip = entry["clip"]
+    return {f"{kind}_generation": entry} | {f"{kind}_{k}": clip.get(f) for k, f in HEADLINE}
+
+
+def _concept_draws(
+    concepts: Sequence[Concept], draws: int, folder: Path
+) -> tuple[list[DrawPair], list[Path], list[str]]:
+    """`draws` drawings of every concept prompt: what each is drawn from, its file (the
+    prompt's and the draw's index under the concept's folder) and its concept."""
+    chosen, files, groups = [], [], []
+    for concept in concepts:
+        for j, prompt in enumerate(concept.prompts):
+            for d in range(draws):
+                chosen.append(DrawPair(prompt, concept.codes))
+                files.append(folder / concept.name / f"{j}-{d}.png")
+                groups.append(concept.name)
+    return chosen, files, groups
 
 
 class HostWorld:
@@ -183,6 +179,7 @@ class HostWorld:
         pairs: Pairs | None,
         config: TrainConfig,
         vqgan: VQModel | None,
+        concepts: list[Concept] | None = None,
     ) -> None:
         self.model, self.format, self._tasks, self.pairs, self.config = (
             model,
@@ -192,6 +189,9 @@ class HostWorld:
             config,
         )
         self.vqgan = vqgan  # Chameleon's decoder of drawings (modecl.hosts.vqgan)
+        self.concepts = concepts or []
+        self._clip: Clip | None = None  # loaded on first use, by the main process only
+        self._scoring: dict[str, References] = {}  # "pairs", "concepts": their references
         self.answering = Answering(config.eval.max_new_tokens, config.eval.batch_size)
 
     @property
@@ -210,28 +210,85 @@ class HostWorld:
     def measure(
         self, model: nn.Module, seed: int, images: Path, rank: int, processes: int, gather: Any
     ) -> Measured:
-        """Image-token NLL of the test pairs (shared out), drawings and CLIP (main process)."""
+        """Image-token NLL of the test pairs (shared out); drawings of the test pairs and the
+        concepts, decoded and scored (main process)."""
         pairs, ev = self.pairs, self.config.eval
-        if pairs is None or not pairs.test:
-            return Measured()
-        terms = gather(
-            [image_nll_terms(model, self.format, pairs.test[rank::processes], ev.batch_size)]
-        )
-        measures: dict[str, Any] = {
-            "image_nll": sum(t for t, _ in terms) / max(sum(n for _, n in terms), 1)
-        }
+        measures: dict[str, Any] = {}
+        if pairs is not None and pairs.test:
+            terms = gather(
+                [image_nll_terms(model, self.format, pairs.test[rank::processes], ev.batch_size)]
+            )
+            measures["image_nll"] = sum(t for t, _ in terms) / max(sum(n for _, n in terms), 1)
         if rank > 0:
             return Measured(measures)
-        generation, pixels = _generation(
-            model, self.format, pairs, self.config, images, seed, self.vqgan
-        )
-        clip = generation["clip"]
-        measures |= {
-            "generation": generation,
-            "clip_image_alignment": clip.get("image_alignment"),
-            "clip_text_alignment": clip.get("text_alignment"),
-        }
+        pixels = None
+        if pairs is not None and pairs.test:
+            chosen = pairs.test[: ev.draws]
+            files = [images / f"{i}.png" for i in range(len(chosen))]
+            own = [str(i) for i in range(len(chosen))]  # a pair's own image: its group
+            entry = self._generation("pairs", model, chosen, files, own, seed)
+            arrays = [np.asarray(read_image(f)) for f in files] if "images" in entry else []
+            if arrays and len({a.shape for a in arrays}) == 1:
+                pixels = np.stack(arrays)[None]
+            measures |= _named("pairs", entry)
+        if self.concepts:
+            chosen, files, groups = _concept_draws(self.concepts, ev.draws, images / "concepts")
+            entry = self._generation("concepts", model, chosen, files, groups, seed)
+            if entry.pop("images", None):  # hundreds: the folder says where they are
+                entry["folder"] = str(images / "concepts")
+            measures |= _named("concepts", entry)
         return Measured(measures, pixels)
+
+    def _generation(
+        self,
+        kind: str,
+        model: nn.Module,
+        chosen: Sequence[DrawPair],
+        files: Sequence[Path],
+        groups: Sequence[str],
+        seed: int,
+    ) -> dict[str, Any]:
+        """Draw after each caption of `chosen`, decode to `files` and score the drawings
+        against `kind`'s references (drawing i of group `groups[i]`), where possible."""
+        spans = _draw(model, self.format, chosen, self.config.eval, seed)
+        out: dict[str, Any] = {"drawn": len(spans)}
+        if not spans:
+            return out | {"clip": {"status": "unavailable", "reason": "eval.draws is 0"}}
+        if self.format.vocab.family == "chameleon" and self.vqgan is None:
+            reason = "no VQGAN decoder weights in the checkpoint; set host.vqgan"
+            return out | {"clip": {"status": "unavailable", "reason": reason}}
+        for tokens, file in zip(spans, files, strict=True):
+            save_png(decode_image(model, tokens[None].to(model.device), self.vqgan)[0], file)
+        out["images"] = [str(f) for f in files]
+        references = self._references(kind)
+        if isinstance(references, str):
+            return out | {"clip": {"status": "unavailable", "reason": references}}
+        prompts = [p.prompt for p in chosen]
+        scores = references.score(files, prompts, groups, seed, per_concept=kind == "concepts")
+        return out | {"clip": scores}
+
+    def _references(self, kind: str) -> References | str:
+        """`kind`'s reference images (pairs: every test pair's, its own group; concepts:
+        every concept's), embedded on first use; or why there is no CLIP score."""
+        if kind in self._scoring:
+            return self._scoring[kind]
+        if self.config.eval.clip_model is None:
+            return "no CLIP model configured (eval.clip_model)"
+        try:
+            self._clip = self._clip or load_clip(self.config.eval.clip_model, self.model.device)
+        except ClipUnavailable as err:
+            return str(err)
+        if kind == "pairs":
+            files = list(self.pairs.test_images)
+            groups = [str(i) for i in range(len(files))]
+        else:
+            files = [f for c in self.concepts for f in c.images]
+            groups = [c.name for c in self.concepts for _ in c.images]
+        try:
+            self._scoring[kind] = References(self._clip, files, groups)
+        except ValueError as err:  # an unreadable reference image
+            raise TaskFileError(f"a reference image of the {kind}: {err}") from None
+        return self._scoring[kind]
 
     def describe(self) -> dict[str, Any]:
         config = self.model.config.to_json_string(use_diff=False).encode()
@@ -246,9 +303,15 @@ class HostWorld:
 
 
 def check_context(
-    model: nn.Module, fmt: HostFormat, tasks: list[Task], pairs: Pairs | None, kd_data: Any
+    model: nn.Module,
+    fmt: HostFormat,
+    tasks: list[Task],
+    pairs: Pairs | None,
+    kd_data: Any,
+    concepts: Sequence[Concept] = (),
 ) -> None:
-    """Refuse, before training, a sample or pair longer than the host's context."""
+    """Refuse, before training, a sample, pair or concept prompt longer than the host's
+    context."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is None:
         return
@@ -268,6 +331,14 @@ def check_context(
                 f"{kd_data}: pair {i + 1} ({pair.prompt[:40]!r}) takes {length} tokens, more "
                 f"than the host's context of {limit} (max_position_embeddings)"
             )
+    for concept in concepts:
+        for prompt in concept.prompts:
+            length = len(fmt.draw_example(DrawPair(prompt, concept.codes)).input_ids)
+            if length > limit:
+                raise ConfigError(
+                    f"{concept.source}: prompt {prompt[:40]!r} and its drawing take {length} "
+                    f"tokens, more than the host's context of {limit} (max_position_embeddings)"
+                )
 
 
 def _task_name(path: Path) -> str:
@@ -281,11 +352,13 @@ def check_inputs(
     image_root: Path | None,
     config: TrainConfig,
     tokenized: Collection[str] = (),
+    concepts: Path | None = None,
 ) -> list[str]:
     """Every check that needs no model, before minutes of loading it; the task names.
     Images whose tokens are ``tokenized`` (a resumed run's) need not be present."""
     folders = [f for f in task_files if f.is_dir()]  # CoIN task folders
-    for file in [*(f for f in task_files if f not in folders), kd_data, config.host.vqgan]:
+    files = [*(f for f in task_files if f not in folders), kd_data, concepts, config.host.vqgan]
+    for file in files:
         if file is None:
             continue
         if Path(file).is_dir():
@@ -307,6 +380,8 @@ def check_inputs(
             check_task_file(file, config.scoring.get(name), tokenized)
     if kd_data is not None:
         check_pairs_file(kd_data, tokenized)
+    if concepts is not None:
+        check_concepts_file(concepts)
     for key in ("scoring", "answer_sets"):
         unknown = sorted(set(getattr(config, key)) - set(names))
         if unknown:
@@ -322,6 +397,7 @@ def train_run(
     *,
     kd_data: Path | None = None,
     image_root: Path | None = None,
+    concepts: Path | None = None,
     config: TrainConfig | None = None,
     seeds: int = 1,
     progress: bool = True,
@@ -331,8 +407,9 @@ def train_run(
     """Train every method of `methods` through `task_files` (JSONL task files or CoIN task
     folders, whose image paths start at `image_root`, default each folder's parent) on the
     host at `model_path`, over `seeds` seeds from `config.seed` on; writes the out dir and
-    returns results.json. `config_files` (the TOML it came from) are hashed into the run
-    key with the task files."""
+    returns results.json. `concepts` is a concepts file (:mod:`modecl.hosts.concepts`) to
+    draw from after every task. `config_files` (the TOML it came from) are hashed into the
+    run key with the input files."""
     config = config or TrainConfig()
     methods = [methods] if isinstance(methods, str) else list(methods)
     check_methods(methods)
@@ -343,8 +420,9 @@ def train_run(
     task_files = [Path(f) for f in task_files]
     kd_data = None if kd_data is None else Path(kd_data)
     image_root = None if image_root is None else Path(image_root)
+    concepts = None if concepts is None else Path(concepts)
     tokenized = read_token_cache(Path(out) / "image_tokens.json")  # a resume needs no images
-    names = check_inputs(task_files, kd_data, image_root, config, tokenized)
+    names = check_inputs(task_files, kd_data, image_root, config, tokenized, concepts)
     distilling = [m for m in methods if get_method(m).needs_pairs]
     if distilling and kd_data is None:
         raise ConfigError(f"method(s) {distilling} distil: give --kd-data with train pairs")
@@ -355,6 +433,8 @@ def train_run(
     }
     if image_root is not None:  # absent otherwise: out dirs of earlier versions still resume
         inputs["image_root"] = str(image_root)
+    if concepts is not None:  # likewise
+        inputs["concepts"] = str(concepts)
     read = [p for f in task_files for p in ([f / n for n in COIN_FILES] if f.is_dir() else [f])]
     spec = RunSpec(
         methods=methods,
@@ -363,7 +443,11 @@ def train_run(
         front="train",
         config=to_dict(config),
         inputs=inputs,
-        files=[*read, *([kd_data] if kd_data else []), *(Path(f) for f in config_files)],
+        files=[
+            *read,
+            *(f for f in (kd_data, concepts) if f),
+            *(Path(f) for f in config_files),
+        ],
     )
     out = Path(out)
     check_run_key(out, spec)
@@ -381,6 +465,7 @@ def train_run(
         image_root,
         out / "image_tokens.json",
         progress and main,
+        concepts,
     )
     if distilling:
         try:
@@ -405,6 +490,7 @@ def host_world(
     image_root: Path | None,
     token_cache: Path,
     progress: bool,
+    concepts: Path | None = None,
 ) -> tuple[HostWorld, ImageTokenizer]:
     """The world of a loaded host and its checked inputs, and the image tokenizer that read
     them (its tokens read back from `token_cache` first: nothing is tokenized twice)."""
@@ -423,5 +509,6 @@ def host_world(
         for task in tasks:
             task.test = task.test[: config.eval.max_test_samples]
     pairs = None if kd_data is None else load_pairs(kd_data, images)
-    check_context(model, fmt, tasks, pairs, kd_data)
-    return HostWorld(model, fmt, tasks, pairs, config, vqgan), images
+    concept_list = [] if concepts is None else load_concepts(concepts, images)
+    check_context(model, fmt, tasks, pairs, kd_data, concept_list)
+    return HostWorld(model, fmt, tasks, pairs, config, vqgan, concept_list), images
