@@ -414,3 +414,28 @@ def test_modecl_eval_reproduces_the_recorded_answers_of_a_stage(
     assert "| shape |" in capsys.readouterr().out
     assert main(["eval", str(out), "--method", "lwf"]) == 2
     assert "no method 'lwf'" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains_with_float32_adapters(setup, tmp_path):
+    """Mixed precision on CPU: the step runs under bfloat16 autocast (its losses differ from
+    float32's, slightly), the adapters and what is saved stay float32."""
+    runs = {}
+    for precision in ("no", "bf16"):
+        config = (
+            setup["config"]
+            .read_text()
+            .replace("[continual.train]", f'[continual.train]\nmixed_precision = "{precision}"')
+        )
+        (tmp_path / f"{precision}.toml").write_text(config)
+        out = tmp_path / precision
+        argv = ["--config", str(tmp_path / f"{precision}.toml")]
+        assert train(setup, "chameleon", "seq-lora", out, *argv) == 0
+        runs[precision] = read_results(out / "results.json").mean.methods["seq-lora"].stages
+    plain, mixed = runs["no"], runs["bf16"]
+    for a, b in zip(plain, mixed, strict=True):
+        assert a.losses["ce"] != b.losses["ce"]  # autocast did run in bfloat16
+        assert b.losses["ce"] == pytest.approx(a.losses["ce"], rel=0.05)
+        assert all(math.isfinite(x) for x in b.losses["ce"])
+    adapters = tmp_path / "bf16" / "checkpoints" / "seed0" / "seq-lora" / "stage2" / "adapters"
+    saved = load_file(adapters / "adapters.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}

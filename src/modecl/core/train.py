@@ -1,7 +1,8 @@
 """The one training loop, shared by every method and every host.
 
 Per task: AdamW over the adapter parameters, cosine schedule with warm-up, gradient
-clipping, seeded shuffling. Each step's loss is
+clipping, seeded shuffling; optionally bfloat16 autocast (``train.mixed_precision``), the
+adapters and the optimizer state staying float32. Each step's loss is
 
     CE(answer tokens | understand pass) + sum of the method's weighted loss terms
 
@@ -132,6 +133,7 @@ def train_task(
             plugin.deepspeed_config[_MICRO] = -(-cfg.batch_size // world)
         step_loss, optim = accelerator.prepare(step_loss, optim)
     log: dict[str, Any] = {"loss": [], "terms": {}, "conflict": []}
+    bf16 = cfg.mixed_precision == "bf16"  # autocast: matmuls in bfloat16, adapters float32
     start = time.perf_counter()
     model.train()
     bar = tqdm(total=total, desc=desc or task.name, disable=not progress or rank > 0, leave=False)
@@ -147,7 +149,8 @@ def train_task(
             if world > 1:
                 tokens = (batch["labels"][:, 1:] != IGNORE).sum()
                 normalizer = accelerator.reduce(tokens, "sum") / world
-            loss, ce, terms = step_loss(batch, inputs, normalizer)
+            with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
+                loss, ce, terms = step_loss(batch, inputs, normalizer)
             n = epoch * steps_per_epoch + step
             watched = monitor is not None and monitor.due(n)
             if watched:
