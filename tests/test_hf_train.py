@@ -439,3 +439,45 @@ def test_bf16_autocast_trains_with_float32_adapters(setup, tmp_path):
     adapters = tmp_path / "bf16" / "checkpoints" / "seed0" / "seq-lora" / "stage2" / "adapters"
     saved = load_file(adapters / "adapters.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
+
+
+def scalars(folder: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar the TensorBoard event files under ``folder`` hold, by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(folder.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            out.setdefault(tag, [])
+            out[tag] += [(e.step, e.value) for e in accumulator.Scalars(tag)]
+    return {tag: sorted(set(values)) for tag, values in out.items()}
+
+
+def test_tensorboard_tracking_logs_steps_and_stages_and_resumes_into_the_same_run(setup, tmp_path):
+    config = setup["config"].read_text() + '\n[tracking]\nlog_with = ["tensorboard"]\n'
+    (tmp_path / "tb.toml").write_text(config)
+    out = tmp_path / "run"
+    argv = ["--config", str(tmp_path / "tb.toml")]
+    assert train(setup, "chameleon", "mode", out, *argv) == 0
+    run_id = (out / "tracking" / "run_id").read_text().strip()
+    logged = scalars(out / "tracking" / run_id)
+    stages = read_results(out / "results.json").mean.methods["mode"].stages
+    ce = [x for s in stages for x in s.losses["ce"]]
+    assert [v for _, v in logged["mode/seed0/loss/ce"]] == pytest.approx(ce)
+    assert [n for n, _ in logged["mode/seed0/loss/ce"]] == list(range(16))  # 2 tasks x 8 steps
+    assert len(logged["mode/seed0/loss/kd"]) == 16 and len(logged["mode/seed0/grad_norm"]) == 16
+    lr = [v for _, v in logged["mode/seed0/lr"]]
+    assert lr[0] == lr[8] == pytest.approx(0.02) and lr[7] < lr[0]  # a cosine per task
+    accuracy = [v for _, v in logged["mode/seed0/accuracy/color"]]
+    assert accuracy == pytest.approx([s.task_accuracy[0] for s in stages])
+    nll = [v for _, v in logged["mode/seed0/measures/image_nll"]]
+    assert nll == pytest.approx([s.measures["image_nll"] for s in stages])
+    # Killed in the second task: the resumed run logs into the same run, from step 8 on.
+    shutil.rmtree(out / "checkpoints" / "seed0" / "mode" / "stage2")
+    assert train(setup, "chameleon", "mode", out, *argv) == 0
+    assert (out / "tracking" / "run_id").read_text().strip() == run_id
+    assert [p.name for p in (out / "tracking").iterdir() if p.is_dir()] == [run_id]
+    again = scalars(out / "tracking" / run_id)["mode/seed0/loss/ce"]
+    assert [n for n, _ in again] == list(range(16))  # steps 8..15 logged again, same steps

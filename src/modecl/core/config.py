@@ -188,6 +188,13 @@ class MonitorSettings:
 
 
 @dataclass
+class TrackingSettings:
+    """Experiment tracking (:mod:`modecl.core.tracking`): accelerate trackers to log to."""
+
+    log_with: list[str] = field(default_factory=list)  # e.g. ["tensorboard"], ["wandb"]
+
+
+@dataclass
 class ContinualSettings:
     """What a continual run of any method needs besides the host model and the tasks."""
 

@@ -64,6 +64,7 @@ from modecl.core.results import (
     write_results,
 )
 from modecl.core.tasks import Task
+from modecl.core.tracking import Tracking
 from modecl.core.train import train_task
 from modecl.core.world import World
 
@@ -82,6 +83,7 @@ class RunSpec:
     inputs: dict[str, Any]  # files the run reads (model, tasks, pairs); {} for bench
     quick: bool = False
     files: list[Path] = field(default_factory=list)  # input files, hashed into the run key
+    tracking: list[str] = field(default_factory=list)  # accelerate trackers (core.tracking)
 
 
 def check_methods(methods: list[str]) -> None:
@@ -106,8 +108,9 @@ def file_hash(path: Path) -> str:
 
 def run_key(spec: RunSpec) -> dict[str, Any]:
     """What every stage of an out dir depends on: all but the methods and seeds (so a
-    finished run can be extended with more of either), and the bytes of every input file."""
-    config = {k: v for k, v in spec.config.items() if k not in ("methods", "seeds")}
+    finished run can be extended with more of either) and the trackers, and the bytes of
+    every input file."""
+    config = {k: v for k, v in spec.config.items() if k not in ("methods", "seeds", "tracking")}
     hashes = {str(f): file_hash(f) for f in spec.files}
     return {"front": spec.front, "config": config, "inputs": spec.inputs, "hashes": hashes}
 
@@ -295,6 +298,7 @@ def _run_method(
     p: Processes,
     tick: Callable[[str], None],
     progress: bool,
+    tracker: Tracking | None = None,
 ) -> tuple[list[Stage], list[np.ndarray | None], list[dict[str, Any]]]:
     """Train ``name`` through ``tasks`` from the host, resuming from finished stages:
     its stages, their pictures and its monitored steps."""
@@ -314,8 +318,21 @@ def _run_method(
     try:
         for k, task, stage_dir, saved in resumable(folder, tasks, model, method):
             if saved is None:
+                done = sum(len(s.losses.get("ce", [])) for s in stages)  # steps so far
+                track = None if tracker is None else _StageTracking(tracker, name, seed, done)
                 _train_stage(
-                    world, model, method, tasks, k, spec, seed, stage_dir, monitor, p, progress
+                    world,
+                    model,
+                    method,
+                    tasks,
+                    k,
+                    spec,
+                    seed,
+                    stage_dir,
+                    monitor,
+                    p,
+                    progress,
+                    track,
                 )
                 saved = json.loads((stage_dir / "stage.json").read_text())
             stages.append(Stage(**saved["stage"]))
@@ -331,6 +348,37 @@ def _run_method(
     return stages, pictures, steps
 
 
+@dataclass
+class _StageTracking:
+    """What a tracker records of one (method, seed): tags ``<method>/seed<S>/...``, steps
+    counted through the whole sequence (``done`` steps before this stage)."""
+
+    tracker: Tracking
+    method: str
+    seed: int
+    done: int
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.method}/seed{self.seed}"
+
+    def step(self, n: int, values: dict[str, float]) -> None:
+        self.tracker.log({f"{self.prefix}/{k}": v for k, v in values.items()}, self.done + n)
+
+    def stage(
+        self, number: int, tasks: list[Task], stage: Stage, pictures: np.ndarray | None
+    ) -> None:
+        values = {f"accuracy/{t.name}": a for t, a in zip(tasks, stage.task_accuracy, strict=True)}
+        values |= {
+            f"measures/{k}": v
+            for k, v in stage.measures.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        self.tracker.log({f"{self.prefix}/{k}": v for k, v in values.items()}, number)
+        if pictures is not None:
+            self.tracker.image(f"{self.prefix}/drawn", pictures, number)
+
+
 def _train_stage(
     world: World,
     model: torch.nn.Module,
@@ -343,6 +391,7 @@ def _train_stage(
     monitor: ConflictMonitor | None,
     p: Processes,
     progress: bool,
+    track: _StageTracking | None = None,
 ) -> None:
     """Train task ``k``, measure every task, write the stage (main process)."""
     task, start = tasks[k], time.perf_counter()
@@ -358,6 +407,7 @@ def _train_stage(
         desc=f"{method.name} {k + 1}/{len(tasks)} {task.name}",
         monitor=monitor,
         accelerator=p.accelerator,
+        on_step=None if track is None else track.step,
     )
     images = Path(str(stage_dir).replace(f"{os.sep}checkpoints{os.sep}", f"{os.sep}images{os.sep}"))
     fields, answers, pictures = measure(world, model, tasks, seed * 1000 + k + 1, images, p)
@@ -378,6 +428,8 @@ def _train_stage(
             "conflict_steps": log["conflict"],
         }
         save_stage(stage_dir, entry, model, method, pictures)
+        if track is not None:
+            track.stage(k + 1, tasks, stage, pictures)
     p.barrier()  # written before any process reads it
 
 
@@ -401,6 +453,7 @@ def run(
         remove_leftovers(out)  # of a write that a kill interrupted
         write_atomic(out / "run.json", json.dumps(run_key(spec), indent=1))
     tasks = world.tasks()
+    tracker = Tracking(out, spec.tracking, spec.config) if p.main and spec.tracking else None
     total = len(spec.seeds) * len(spec.methods) * len(tasks)
     bar = tqdm(total=total, desc="stages", unit="stage", disable=not progress or not p.main)
 
@@ -416,7 +469,7 @@ def run(
         methods = {}
         for name in spec.methods:
             stages, grids, steps = _run_method(
-                name, world, tasks, spec, seed, out, p, tick, progress
+                name, world, tasks, spec, seed, out, p, tick, progress, tracker
             )
             methods[name] = method_result(stages, pretrained)
             series += steps
@@ -425,6 +478,8 @@ def run(
                     samples[f"{name}/stage{k + 1}"] = grid
         per_seed.append(SeedResult(seed, pretrained, methods))
     bar.close()
+    if tracker is not None:
+        tracker.close()
     mean, std = aggregate(per_seed)
     results = Results(
         schema=SCHEMA,

@@ -21,7 +21,7 @@ averages is exactly that of the global batch on one process.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -97,10 +97,13 @@ def train_task(
     desc: str = "",
     monitor: ConflictMonitor | None = None,
     accelerator: Accelerator | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict:
     """Train the adapters of ``model`` on ``task`` with ``method``; returns a small log.
 
-    With a ``monitor``, ``log["conflict"]`` holds its figures of each monitored step. With an
+    With a ``monitor``, ``log["conflict"]`` holds its figures of each monitored step;
+    ``on_step(step, values)`` receives each step's losses, learning rate and gradient norm
+    (experiment tracking). With an
     ``accelerator``, each of its processes calls this with the same arguments (module doc);
     the logged losses are those of the global batch.
     """
@@ -156,12 +159,13 @@ def train_task(
             if watched:
                 monitor.before(model, ce, lr=optim.param_groups[0]["lr"])
             optim.zero_grad(set_to_none=True)
+            lr = optim.param_groups[0]["lr"]
             if accelerator is not None:
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+                norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
             else:
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optim.step()
             if watched:
                 log["conflict"].append({"step": n, **monitor.after(model)})
@@ -172,6 +176,10 @@ def train_task(
             log["loss"].append(ce.item())
             for name, value in terms.items():
                 log["terms"].setdefault(name, []).append(value.item())
+            if on_step is not None:
+                values = {"loss/ce": ce.item(), "lr": lr}
+                values |= {f"loss/{k}": v.item() for k, v in terms.items()}
+                on_step(n, values | {"grad_norm": float(norm)})
             bar.update()
             bar.set_postfix(loss=f"{ce.item():.3f}")
     bar.close()

@@ -22,6 +22,7 @@ from modecl.core.results import Results
 from modecl.core.runner import RunSpec, check_methods, check_run_key, run
 from modecl.core.sequences import DrawPair
 from modecl.core.tasks import Task
+from modecl.core.tracking import check_trackers
 from modecl.core.world import Answering, Measured
 from modecl.digits.config import RunConfig
 from modecl.digits.format import DigitsFormat
@@ -133,6 +134,7 @@ def bench_spec(config: RunConfig, quick_run: bool, files: list[Path]) -> RunSpec
         inputs={},
         quick=quick_run,
         files=files,
+        tracking=list(config.tracking.log_with),
     )
 
 
@@ -149,6 +151,7 @@ def run_benchmark(
 
     The out dir is checked first and written only once the host passed its gate."""
     validate(config)
+    check_trackers(config.tracking.log_with)
     spec = bench_spec(config, quick, [Path(config_file)] if config_file else [])
     check_run_key(out, spec)
     host = load_or_pretrain(config.host, cache_dir, progress)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from modecl.core.config import ConfigError, ContinualSettings
+from modecl.core.config import ConfigError, ContinualSettings, TrackingSettings
 from modecl.core.values import (
     Count,
     Fraction,
@@ -145,4 +145,5 @@ class RunConfig:
     )
     seeds: Count = 1
     continual: ContinualSettings = field(default_factory=ContinualSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)

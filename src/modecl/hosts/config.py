@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from modecl.core.config import ContinualSettings
+from modecl.core.config import ContinualSettings, TrackingSettings
 from modecl.core.values import Count, NonEmpty, NonNegative, Seed, Size
 
 Rule = Literal["exact", "choice", "contains", "vqa", "substring"]  # modecl.core.scoring.RULES
@@ -44,6 +44,7 @@ class TrainConfig:
 
     seed: Seed = 0
     continual: ContinualSettings = field(default_factory=ContinualSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
     host: HostSettings = field(default_factory=HostSettings)
     eval: HostEvalSettings = field(default_factory=HostEvalSettings)
     # task name -> rule (overrides a task file's; a CoIN folder's default is the paper's rule)

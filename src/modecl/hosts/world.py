@@ -37,6 +37,7 @@ from modecl.core.results import Results
 from modecl.core.runner import RunSpec, check_methods, check_run_key, run
 from modecl.core.sequences import DrawPair, left_padded
 from modecl.core.tasks import Task, TaskFileError
+from modecl.core.tracking import check_trackers
 from modecl.core.world import Answering, Measured
 from modecl.hosts.clip import Clip, ClipUnavailable, References, load_clip
 from modecl.hosts.coin import COIN_FILES, check_coin_folder, folder_name, load_coin_task
@@ -423,6 +424,7 @@ def train_run(
     concepts = None if concepts is None else Path(concepts)
     tokenized = read_token_cache(Path(out) / "image_tokens.json")  # a resume needs no images
     names = check_inputs(task_files, kd_data, image_root, config, tokenized, concepts)
+    check_trackers(config.tracking.log_with)
     distilling = [m for m in methods if get_method(m).needs_pairs]
     if distilling and kd_data is None:
         raise ConfigError(f"method(s) {distilling} distil: give --kd-data with train pairs")
@@ -448,6 +450,7 @@ def train_run(
             *(f for f in (kd_data, concepts) if f),
             *(Path(f) for f in config_files),
         ],
+        tracking=list(config.tracking.log_with),
     )
     out = Path(out)
     check_run_key(out, spec)
