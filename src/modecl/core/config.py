@@ -174,6 +174,7 @@ class TrainSettings:
     weight_decay: NonNegative = 0.0
     grad_clip: Positive = 10.0
     max_train_samples: Count | None = None  # per task; None = all
+    checkpoint_every: Size = 0  # write a step checkpoint every N steps (0: at task ends only)
     # "bf16": the step's forward under torch.autocast(bfloat16); adapters stay float32
     mixed_precision: Literal["no", "bf16"] = "no"
 

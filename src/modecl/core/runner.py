@@ -10,10 +10,13 @@ are two front doors to :func:`run`. Layout of an out dir::
     report.md, figures/       built by :mod:`modecl.core.report`
     checkpoints/seed<S>/pretrained/         stage.json (measures, answers), pictures.npy
     checkpoints/seed<S>/<method>/stage<K>/  stage.json, pictures.npy, adapters/, method.pt
+    checkpoints/seed<S>/<method>/stage<K>.steps/  the step checkpoint inside an unfinished
+                                            task (``train.checkpoint_every``)
     images/seed<S>/<method>/stage<K>/       drawn images, where the world decodes pixels
 
 Each stage is written atomically once trained and measured; re-running the same command
-resumes after the last finished stage of every (seed, method) and yields the same results.
+resumes after the last finished stage of every (seed, method), or inside a task from its
+last step checkpoint, and yields the same results.
 Under several processes (accelerate) every process trains on its share of each batch and
 answers its share of the test sets; the main process writes. The host's frozen weights are
 shared by every method: each attaches its adapters to it and detaches them when done.
@@ -27,6 +30,7 @@ import importlib.metadata
 import json
 import os
 import resource
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -408,6 +412,7 @@ def _train_stage(
         monitor=monitor,
         accelerator=p.accelerator,
         on_step=None if track is None else track.step,
+        checkpoint=stage_dir.with_name(f"{stage_dir.name}.steps"),
     )
     images = Path(str(stage_dir).replace(f"{os.sep}checkpoints{os.sep}", f"{os.sep}images{os.sep}"))
     fields, answers, pictures = measure(world, model, tasks, seed * 1000 + k + 1, images, p)
@@ -428,6 +433,7 @@ def _train_stage(
             "conflict_steps": log["conflict"],
         }
         save_stage(stage_dir, entry, model, method, pictures)
+        shutil.rmtree(stage_dir.with_name(f"{stage_dir.name}.steps"), ignore_errors=True)
         if track is not None:
             track.stage(k + 1, tasks, stage, pictures)
     p.barrier()  # written before any process reads it

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -34,6 +36,7 @@ from transformers import get_cosine_schedule_with_warmup
 from modecl.core.adapters import lm_logits, pass_kind
 from modecl.core.config import ContinualSettings
 from modecl.core.conflict import ConflictMonitor
+from modecl.core.files import replace_dir, temporary_dir
 from modecl.core.methods.base import Method
 from modecl.core.sequences import IGNORE, DrawPair, Format, collate, next_token_loss, understand
 from modecl.core.tasks import Sample, Task
@@ -98,12 +101,16 @@ def train_task(
     monitor: ConflictMonitor | None = None,
     accelerator: Accelerator | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint: Path | None = None,
 ) -> dict:
     """Train the adapters of ``model`` on ``task`` with ``method``; returns a small log.
 
     With a ``monitor``, ``log["conflict"]`` holds its figures of each monitored step;
     ``on_step(step, values)`` receives each step's losses, learning rate and gradient norm
-    (experiment tracking). With an
+    (experiment tracking). With a ``checkpoint`` folder and ``train.checkpoint_every`` N > 0,
+    the state after every N-th step is written there (atomically; the previous one is kept
+    until the new one is complete), and a call that finds one resumes after that step with
+    the same result as a run never interrupted (:class:`StepCheckpoint`). With an
     ``accelerator``, each of its processes calls this with the same arguments (module doc);
     the logged losses are those of the global batch.
     """
@@ -137,12 +144,21 @@ def train_task(
         step_loss, optim = accelerator.prepare(step_loss, optim)
     log: dict[str, Any] = {"loss": [], "terms": {}, "conflict": []}
     bf16 = cfg.mixed_precision == "bf16"  # autocast: matmuls in bfloat16, adapters float32
+    saver = None
+    if checkpoint is not None and cfg.checkpoint_every > 0:
+        saver = StepCheckpoint(checkpoint, model, optim, schedule, rng, accelerator)
+    first, order = 0, None
+    if saver is not None and saver.exists():
+        first, order, log = saver.load()
     start = time.perf_counter()
     model.train()
     bar = tqdm(total=total, desc=desc or task.name, disable=not progress or rank > 0, leave=False)
-    for epoch in range(cfg.epochs):
-        order = rng.permutation(len(samples))
-        for step in range(steps_per_epoch):
+    bar.update(first)
+    first_epoch, first_step = divmod(first, steps_per_epoch)
+    for epoch in range(first_epoch, cfg.epochs):
+        if order is None or epoch > first_epoch or first_step == 0:  # else resumed mid-epoch
+            order = rng.permutation(len(samples))
+        for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
             index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             batch = understand_batch(
                 fmt, method.mix([samples[i] for i in index], rng)[rank::world], model.device
@@ -182,6 +198,8 @@ def train_task(
                 on_step(n, values | {"grad_norm": float(norm)})
             bar.update()
             bar.set_postfix(loss=f"{ce.item():.3f}")
+            if saver is not None and (n + 1) % cfg.checkpoint_every == 0 and n + 1 < total:
+                saver.save(n + 1, order, log)
     bar.close()
     if accelerator is not None:
         accelerator.free_memory()  # drop this task's engine and optimizer wrappers
@@ -189,3 +207,65 @@ def train_task(
     method.after_task(model, task, lambda m, s: understand_loss(m, fmt, s), seed=seed)
     log["seconds"] = time.perf_counter() - start
     return log
+
+
+class StepCheckpoint:
+    """The state inside a task after a step: adapters, optimizer, schedule, every random
+    number generator (numpy's data order, torch's of every process), the epoch's order,
+    the position and the log so far, in ``folder/state.pt``, written atomically."""
+
+    def __init__(
+        self,
+        folder: Path,
+        model: nn.Module,
+        optim: torch.optim.Optimizer,
+        schedule: Any,
+        rng: np.random.Generator,
+        accelerator: Accelerator | None,
+    ) -> None:
+        self.folder, self.model, self.optim, self.schedule = folder, model, optim, schedule
+        self.rng, self.accelerator = rng, accelerator
+
+    def exists(self) -> bool:
+        return (self.folder / "state.pt").exists()
+
+    def _rank(self) -> int:
+        return self.accelerator.process_index if self.accelerator else 0
+
+    def save(self, position: int, order: np.ndarray, log: dict[str, Any]) -> None:
+        torch_rng = [torch.get_rng_state()]
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            torch_rng = gather_object(torch_rng)
+        if self._rank() == 0:
+            state = {
+                "position": position,
+                "order": order,
+                "log": log,
+                "adapters": {
+                    n: p.detach().clone()
+                    for n, p in self.model.named_parameters()
+                    if p.requires_grad
+                },
+                "optimizer": self.optim.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "rng": self.rng.bit_generator.state,
+                "torch_rng": torch_rng,
+            }
+            tmp = temporary_dir(self.folder)
+            torch.save(state, tmp / "state.pt")
+            replace_dir(tmp, self.folder)
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def load(self) -> tuple[int, np.ndarray, dict[str, Any]]:
+        """Put the saved state back; returns (the next step, the epoch's order, the log)."""
+        state = torch.load(self.folder / "state.pt", weights_only=False)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["adapters"].items():
+                params[name].copy_(value)
+        self.optim.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"][self._rank()])
+        return state["position"], state["order"], state["log"]

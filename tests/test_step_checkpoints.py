@@ -1,0 +1,111 @@
+"""Resume inside a task: a `modecl train` killed with SIGKILL in the middle of a task resumes
+from its last step checkpoint and ends with the results of a run never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modecl.core.results import read_results
+from tests.fixtures import TRAIN_CONFIG, write_host, write_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+# 20 epochs of 2 steps per task, a step checkpoint every 3 steps; no dropout (its masks
+# differ between processes).
+CONFIG = TRAIN_CONFIG.replace("epochs = 4", "epochs = 20\ncheckpoint_every = 3")
+CONFIG += "[continual.adapter]\ndropout = 0.0\n"
+STATE = Path("checkpoints", "seed0", "mode", "stage1.steps", "state.pt")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("steps")
+    files, pairs = write_tasks(root / "data")
+    (root / "train.toml").write_text(CONFIG)
+    host = write_host("chameleon", root / "host")
+    argv = ["train", "--model", str(host), "--tasks", *map(str, files), "--methods", "mode"]
+    return [*argv, "--kd-data", str(pairs), "--config", str(root / "train.toml")]
+
+
+def launch(processes: int) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "modecl.cli"]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*run, "--nproc_per_node", str(processes), "-m", "modecl.cli"]
+
+
+def run(processes: int, argv: list[str], out: Path) -> None:
+    done = subprocess.run(
+        [*launch(processes), *argv, "--out", str(out)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def killed_mid_task(processes: int, argv: list[str], out: Path) -> None:
+    """Start the run; SIGKILL every process of it once the first step checkpoint exists."""
+    started = subprocess.Popen(
+        [*launch(processes), *argv, "--out", str(out)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not (out / STATE).exists() and started.poll() is None:
+        assert time.monotonic() < deadline, "no step checkpoint was written"
+        time.sleep(0.005)
+    # torchrun starts its workers in sessions of their own: kill each process of the run.
+    parent = psutil.Process(started.pid)
+    for process in [parent, *parent.children(recursive=True)]:
+        process.send_signal(signal.SIGKILL)
+    started.wait()
+    assert started.returncode != 0, "the run ended before it could be killed"
+    assert not (out / "checkpoints" / "seed0" / "mode" / "stage1" / "stage.json").exists()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_run_killed_inside_a_task_resumes_to_the_uninterrupted_results(
+    inputs, tmp_path, processes
+):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run(processes, inputs, whole)
+    killed_mid_task(processes, inputs, resumed)
+    state = torch.load(resumed / STATE, weights_only=False)
+    assert state["position"] % 3 == 0 and 0 < state["position"] < 40  # inside task 1's 40
+    # Mark the logged first loss: a resume that uses the step checkpoint carries it over,
+    # one that trains the task again from its start does not.
+    state["log"]["loss"][0] = 123.0
+    torch.save(state, resumed / STATE)
+    run(processes, inputs, resumed)
+    assert not list(resumed.rglob("*.steps"))  # removed once their stage was written
+    a, b = (read_results(d / "results.json").mean.methods["mode"] for d in (whole, resumed))
+    assert b.stages[0].losses["ce"][0] == 123.0
+    b.stages[0].losses["ce"][0] = a.stages[0].losses["ce"][0]
+    assert a.accuracy_matrix == b.accuracy_matrix
+    for x, y in zip(a.stages, b.stages, strict=True):
+        assert x.losses == y.losses and x.measures["image_nll"] == y.measures["image_nll"]
+    for stage in ("stage1", "stage2"):
+        folder = Path("checkpoints", "seed0", "mode", stage)
+        answers = [
+            json.loads((d / folder / "stage.json").read_text())["answers"] for d in (whole, resumed)
+        ]
+        assert answers[0] == answers[1]
+        weights = [
+            load_file(d / folder / "adapters" / "adapters.safetensors") for d in (whole, resumed)
+        ]
+        assert weights[0].keys() == weights[1].keys()
+        assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
