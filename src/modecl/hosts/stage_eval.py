@@ -28,6 +28,7 @@ from modecl.hosts.tasks import (
     load_pairs,
     read_token_cache,
 )
+from modecl.hosts.token_cache import TOKEN_STORE
 from modecl.hosts.world import HostWorld, _image_reader, _vqgan, default_accelerator, load_host
 
 __all__ = ["eval_stage"]
@@ -76,7 +77,7 @@ def eval_stage(
     files = [Path(f) for f in (task_files or inputs["tasks"])]
     pairs_file = kd_data if kd_data is not None else inputs.get("kd_data")
     names = [f.stem for f in files]
-    tokenized = read_token_cache(run_dir / "image_tokens.json")
+    tokenized = read_token_cache(run_dir / TOKEN_STORE)
     for file, name in zip(files, names, strict=True):
         check_task_file(file, config.scoring.get(name), tokenized)
     if pairs_file is not None:
@@ -84,8 +85,8 @@ def eval_stage(
     accelerator = default_accelerator()
     model, tokenizer = load_host(inputs["model"], config.host.dtype, accelerator.device)
     fmt = HostFormat.from_model(model, tokenizer)
-    images = _image_reader(model, inputs["model"], config, progress and accelerator.is_main_process)
-    images.load(run_dir / "image_tokens.json")  # the run's images are not tokenized again
+    shown = progress and accelerator.is_main_process
+    images = _image_reader(model, inputs["model"], config, shown, run_dir / TOKEN_STORE)
     tasks = [
         load_image_task(f, images, scoring=config.scoring.get(n), answers=config.answer_sets.get(n))
         for f, n in zip(files, names, strict=True)

@@ -5,9 +5,9 @@ an optional pairs file (:mod:`modecl.hosts.tasks`). After every task the runner 
 every task's test split; this world adds the inter-modal side: the image-token NLL of the
 test pairs and images drawn from their captions (PNG where the host has a VQ decoder,
 CLIP-scored when a CLIP model is given). The out dir is the runner's
-(:mod:`modecl.core.runner`), plus ``image_tokens.json``: every image file's tokens, so a
-resume tokenizes nothing. CLIP image alignment compares a drawn image with its test pair's
-real image.
+(:mod:`modecl.core.runner`), plus ``image_tokens/``: every image file's tokens
+(:mod:`modecl.hosts.token_cache`), so a resume tokenizes nothing. CLIP image alignment
+compares a drawn image with its test pair's real image.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from modecl.hosts.tasks import (
     load_pairs,
     read_token_cache,
 )
+from modecl.hosts.token_cache import TOKEN_STORE
 from modecl.hosts.vqgan import load_vqgan
 
 
@@ -82,7 +83,7 @@ def load_host(path: str, dtype: str, device: torch.device) -> tuple[nn.Module, A
 
 
 def _image_reader(
-    model: nn.Module, path: str, config: TrainConfig, progress: bool
+    model: nn.Module, path: str, config: TrainConfig, progress: bool, folder: Path
 ) -> ImageTokenizer:
     size = config.host.image_size
     if size is None:
@@ -92,7 +93,7 @@ def _image_reader(
             raise ConfigError(
                 f"no image processor at {path} ({err}); set host.image_size to resize instead"
             ) from None
-    return ImageTokenizer(model, size, config.host.tokenize_batch_size, progress)
+    return ImageTokenizer(model, size, config.host.tokenize_batch_size, progress, folder)
 
 
 def _vqgan(model: nn.Module, fmt: HostFormat, path: str, config: TrainConfig) -> VQModel | None:
@@ -301,7 +302,7 @@ def train_run(
     names = [Path(f).stem for f in task_files]
     if len(set(names)) != len(names):
         raise ConfigError(f"task names (the files' stems) repeat: {names}")
-    tokenized = read_token_cache(Path(out) / "image_tokens.json")  # a resume needs no images
+    tokenized = read_token_cache(Path(out) / TOKEN_STORE)  # a resume needs no images
     for file, name in zip(task_files, names, strict=True):
         check_task_file(file, config.scoring.get(name), tokenized)
     if kd_data is not None:
@@ -333,8 +334,7 @@ def train_run(
     model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
     fmt = HostFormat.from_model(model, tokenizer)
     vqgan = _vqgan(model, fmt, model_path, config)
-    images = _image_reader(model, model_path, config, progress and main)
-    images.load(out / "image_tokens.json")  # a resumed run tokenizes no image again
+    images = _image_reader(model, model_path, config, progress and main, out / TOKEN_STORE)
     tasks = [
         load_image_task(f, images, scoring=config.scoring.get(n), answers=config.answer_sets.get(n))
         for f, n in zip(task_files, names, strict=True)
@@ -349,8 +349,6 @@ def train_run(
             check_pairs(distilling[0], len(pairs.train), config.continual.distill.batch_size)
         except ValueError as err:
             raise ConfigError(f"{kd_data}: {err}") from None
-    if main:
-        images.save(out / "image_tokens.json")
     if config.host.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     world = HostWorld(model, fmt, tasks, pairs, config, vqgan)
