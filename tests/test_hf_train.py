@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from modecl.cli import main
 from modecl.core.adapters import adapter_state_dict, attach_adapters, load_adapters
-from modecl.core.config import load_toml
+from modecl.core.config import ConfigError, load_toml
 from modecl.core.evaluate import answer
 from modecl.core.generation import generate
 from modecl.core.methods import get_method
@@ -24,7 +24,13 @@ from modecl.core.sequences import IGNORE, DrawPair, understand
 from modecl.core.tasks import Sample, TaskFileError
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.host import image_tokens, understand_prompt
-from modecl.hosts.tasks import HostFormat, ImageTokenizer, load_image_task, load_pairs
+from modecl.hosts.tasks import (
+    HostFormat,
+    ImageTokenizer,
+    load_image_task,
+    load_pairs,
+    read_token_cache,
+)
 from modecl.hosts.world import load_host
 from tests.fixtures import (
     HOSTS,
@@ -153,7 +159,7 @@ def test_a_run_killed_between_stages_resumes_to_the_same_results(
     # As if killed in seed 1's seq-lora second task: that stage and the results are missing.
     shutil.rmtree(out / "checkpoints" / "seed1" / "seq-lora" / "stage2")
     (out / "results.json").unlink()
-    assert len(json.loads((out / "image_tokens.json").read_text())) == 12  # every image once
+    assert len(read_token_cache(out / "image_tokens")) == 12  # every image once
     if family == "chameleon":  # (Emu3's CLIP scoring reads the real test images)
         shutil.rmtree(setup["root"] / "data" / "images")
     try:  # the resumed run reads the images' tokens back, not the images
@@ -362,19 +368,20 @@ def test_answers_are_the_greedy_tokens_of_the_hosts_own_forward(family):
         assert fmt.is_image_code(torch.stack(free)).any()
 
 
-def test_image_tokenizer_batches_and_cache(setup, tmp_path):
+def test_image_tokenizer_batches_and_store(setup, tmp_path, monkeypatch):
     model = HOSTS["emu3"]()
     folder = setup["root"] / "data" / "images"
     files = [(folder / f"{i}.png", "") for i in [*range(12), 3]]  # one file twice
-    small = ImageTokenizer(model, 8, batch_size=5, progress=False)
+    small = ImageTokenizer(model, 8, batch_size=5, progress=False, folder=tmp_path / "tokens")
     tokens = small(files)
     assert tokens == ImageTokenizer(model, 8, batch_size=16, progress=False)(files)
-    assert tokens[3] == tokens[12] and len(small.cache) == 12
+    assert tokens[3] == tokens[12] and len(small.store) == 12
     assert len(set(tokens)) > 1  # the images differ, and so do their tokens
-    small.save(tmp_path / "tokens.json")
-    again = ImageTokenizer(model, 8, progress=False)
-    again.load(tmp_path / "tokens.json")
-    assert again.cache == small.cache
+    monkeypatch.setattr(ImageTokenizer, "_tokenize", None)  # nothing is tokenized again
+    again = ImageTokenizer(model, 8, progress=False, folder=tmp_path / "tokens")
+    assert again(files) == tokens and dict(again.store.items()) == dict(small.store.items())
+    with pytest.raises(ConfigError, match="made by another host or image size"):
+        ImageTokenizer(model, 16, progress=False, folder=tmp_path / "tokens")
 
 
 @pytest.mark.parametrize("family", list(IMAGE_HOSTS))

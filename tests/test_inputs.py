@@ -28,6 +28,7 @@ from modecl.core.results import read_results
 from modecl.core.tasks import TaskFileError, read_jsonl
 from modecl.digits.config import RunConfig
 from modecl.hosts.config import TrainConfig
+from modecl.hosts.tasks import read_token_cache
 from tests.fixtures import HOSTS, TRAIN_CONFIG, tokenizer, write_host, write_tasks
 
 
@@ -388,7 +389,7 @@ def test_emu3_with_images_of_five_shapes_trains_and_draws_every_pair(tmp_path):
     out = tmp_path / "out"
     argv = ["train", "--model", str(host), "--tasks", *map(str, files), "--kd-data", str(pairs)]
     assert main([*argv, "--methods", "mode", "--config", str(config), "--out", str(out)]) == 0
-    shapes = {tuple(v) for v in json.loads((out / "image_tokens.json").read_text()).values()}
+    shapes = set(read_token_cache(out / "image_tokens").values())
     assert len({len(s) for s in shapes}) >= 4  # spans of different lengths
     results = read_results(out / "results.json")
     for stage in [results.mean.pretrained, *results.mean.methods["mode"].stages]:

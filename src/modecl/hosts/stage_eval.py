@@ -24,6 +24,7 @@ from modecl.hosts.config import TrainConfig
 from modecl.hosts.tasks import (
     read_token_cache,
 )
+from modecl.hosts.token_cache import TOKEN_STORE
 from modecl.hosts.world import check_inputs, default_accelerator, host_world, load_host
 
 __all__ = ["eval_stage"]
@@ -76,7 +77,7 @@ def eval_stage(
     pairs_file = None if pairs_file is None else Path(pairs_file)
     image_root = inputs.get("image_root") if task_files is None else image_root
     image_root = None if image_root is None else Path(image_root)
-    cache = run_dir / "image_tokens.json"  # the run's images are not tokenized again
+    cache = run_dir / TOKEN_STORE  # the run's images are not tokenized again
     if concepts is None and task_files is None:
         concepts = inputs.get("concepts")
     concepts = None if concepts is None else Path(concepts)

@@ -26,10 +26,12 @@ line and the field, and nothing is returned.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import reprlib
+import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,6 @@ from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
-from modecl.core.files import read_text, write_atomic
 from modecl.core.modality import HOST_FAMILIES, image_mask, image_token_ids
 from modecl.core.scoring import RULES, score
 from modecl.core.sequences import IGNORE, DrawPair, Example
@@ -53,6 +54,7 @@ from modecl.hosts.host import (
     image_vocabulary,
     load_image,
 )
+from modecl.hosts.token_cache import TokenStore
 
 __all__ = ["HostFormat", "ImageTokenizer", "Pairs", "load_image_task", "load_pairs"]
 
@@ -135,76 +137,90 @@ class ImageTokenizer:
     """Image files -> the host's image tokens, each file tokenized once.
 
     `size_or_processor`: an int / (h, w) to resize to (the tiny test models), or the host's
-    image processor (a real checkpoint's `AutoImageProcessor`). Files are read and
-    tokenized `batch_size` at a time, so memory does not grow with the data set; `cache`
-    maps every file tokenized so far to its tokens (`save` / `load` keep it across runs).
-    Under several processes (accelerate), each tokenizes its share and all get every token.
+    image processor (a real checkpoint's `AutoImageProcessor`). The tokens live in the
+    memory-mapped :class:`~modecl.hosts.token_cache.TokenStore` at `folder` (a run's
+    ``image_tokens/``, kept across runs; without it, a temporary one of this tokenizer's),
+    which refuses tokens of another host or image sizing. New files are read and tokenized
+    `batch_size` at a time: under several processes (accelerate) each tokenizes its share,
+    the main process writes every batch into the store, and all read them from it.
     """
 
     model: nn.Module
     size_or_processor: Any
     batch_size: int = 16
     progress: bool = True
-    cache: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    folder: Path | None = None
+    store: TokenStore = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._shared = self.folder is not None  # else every process writes its own store
+        if self.folder is None:
+            self._temporary = tempfile.TemporaryDirectory(prefix="modecl-tokens-")
+            self.folder = Path(self._temporary.name)
+        size = self.size_or_processor
+        sizing = size.to_json_string() if hasattr(size, "to_json_string") else json.dumps(size)
+        settings = json.dumps([getattr(self.model, "name_or_path", ""), sizing]).encode()
+        self.store = TokenStore(self.folder, source=hashlib.sha256(settings).hexdigest())
 
     def __call__(self, files: Sequence[tuple[Path, str]]) -> list[tuple[int, ...]]:
         """Tokens of each `(file, where)`; `where` prefixes the error of a bad file."""
         todo = {}
         for file, where in files:  # every file checked before any work
-            if str(file) not in self.cache and str(file) not in todo:
+            if str(file) not in self.store and str(file) not in todo:
                 if not file.is_file():
                     raise TaskFileError(f"{where}image file not found: {file}")
                 todo[str(file)] = where
-        state = PartialState()
-        names = list(todo)[state.process_index :: state.num_processes]
-        tokens, error = {}, None
-        try:
-            tokens = self._tokenize(names, todo)
-        except TaskFileError as err:  # every process must reach the gather below
-            error = str(err)
-        for part, part_error in gather_object([(tokens, error)]):
-            if part_error is not None:
-                raise TaskFileError(part_error)
-            self.cache |= part
-        return [self.cache[str(file)] for file, _ in files]
+        if todo:
+            state = PartialState()
+            tokens = self._tokenized(todo, state)
+            if self._shared and not state.is_main_process:
+                for _ in tokens:  # take part in every gather
+                    pass
+            else:
+                self.store.write(tokens)
+            state.wait_for_everyone()
+            self.store.refresh()
+        return [self.store[str(file)] for file, _ in files]
 
-    def _tokenize(self, names: list[str], where: dict[str, str]) -> dict[str, tuple[int, ...]]:
-        out = {}
-        bar = tqdm(total=len(names), desc="tokenizing images", disable=not self.progress)
-        for start in range(0, len(names), self.batch_size):
-            pixels = {}
-            for name in names[start : start + self.batch_size]:
+    def _tokenized(self, todo: dict[str, str], state: PartialState) -> Iterator[tuple[str, list]]:
+        """`(file, tokens)` of every file of `todo`: in each round, every process tokenizes
+        one batch of its share, and all gather the round's batches."""
+        share = list(todo)[state.process_index :: state.num_processes]
+        rounds = range(0, -(-len(todo) // state.num_processes), self.batch_size)
+        with tqdm(total=len(share), desc="tokenizing images", disable=not self.progress) as bar:
+            for start in rounds:
+                names, tokens, error = share[start : start + self.batch_size], {}, None
                 try:
-                    pixels[name] = load_image(name, self.size_or_processor)
-                except (OSError, ValueError) as err:
-                    raise TaskFileError(f"{where[name]}{err}") from None
-            by_shape: dict[tuple[int, ...], list[str]] = defaultdict(list)
-            for name, value in pixels.items():  # a batch holds images of one shape only
-                by_shape[tuple(value.shape)].append(name)
-            for group in by_shape.values():
-                tokens = image_tokens(self.model, torch.cat([pixels[n] for n in group]))
-                out |= {n: tuple(row) for n, row in zip(group, tokens.tolist(), strict=True)}
-            bar.update(len(pixels))
-        bar.close()
+                    tokens = self._tokenize(names, todo)
+                except TaskFileError as err:  # every process must reach the gather below
+                    error = str(err)
+                for part, part_error in gather_object([(tokens, error)]):
+                    if part_error is not None:
+                        raise TaskFileError(part_error)
+                    yield from part.items()
+                bar.update(len(names))
+
+    def _tokenize(self, names: list[str], where: dict[str, str]) -> dict[str, list[int]]:
+        pixels = {}
+        for name in names:
+            try:
+                pixels[name] = load_image(name, self.size_or_processor)
+            except (OSError, ValueError) as err:
+                raise TaskFileError(f"{where[name]}{err}") from None
+        by_shape: dict[tuple[int, ...], list[str]] = defaultdict(list)
+        for name, value in pixels.items():  # a batch holds images of one shape only
+            by_shape[tuple(value.shape)].append(name)
+        out = {}
+        for group in by_shape.values():
+            tokens = image_tokens(self.model, torch.cat([pixels[n] for n in group]))
+            out |= dict(zip(group, tokens.tolist(), strict=True))
         return out
 
-    def save(self, path: Path) -> None:
-        """Write the cache (JSON, atomically)."""
-        write_atomic(path, json.dumps(self.cache))
 
-    def load(self, path: Path) -> None:
-        """Add a cache written by `save`, if the file exists."""
-        self.cache |= {k: tuple(v) for k, v in read_token_cache(path).items()}
-
-
-def read_token_cache(path: Path) -> dict[str, list[int]]:
-    """The image tokens an `ImageTokenizer` saved (empty without the file)."""
-    if not Path(path).exists():
-        return {}
-    try:
-        return json.loads(read_text(Path(path), TaskFileError, limit=2**40))
-    except json.JSONDecodeError as err:
-        raise TaskFileError(f"{path}: not an image-token cache ({err})") from None
+def read_token_cache(folder: Path) -> TokenStore:
+    """Which image files an `ImageTokenizer` stored in `folder` (``path in`` it is a lookup
+    in the memory-mapped index; nothing is loaded), converting a JSON cache of old."""
+    return TokenStore(folder)
 
 
 def _split(record: dict, where: str, default: str | None = None) -> str:

@@ -8,8 +8,8 @@ image-token NLL of the test pairs, and images drawn from the test pairs' caption
 every concept prompt (PNG where the host has a VQ decoder), CLIP-scored when a CLIP model is
 given (:mod:`modecl.hosts.clip`): the pairs' drawings against the test pairs' images, the
 concepts' against every concept's reference images. The out dir is the runner's
-(:mod:`modecl.core.runner`), plus ``image_tokens.json``: every image file's tokens, so a
-resume tokenizes nothing.
+(:mod:`modecl.core.runner`), plus ``image_tokens/``: every image file's tokens
+(:mod:`modecl.hosts.token_cache`), so a resume tokenizes nothing.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from modecl.hosts.tasks import (
     load_pairs,
     read_token_cache,
 )
+from modecl.hosts.token_cache import TOKEN_STORE
 from modecl.hosts.vqgan import load_vqgan
 
 
@@ -86,7 +87,7 @@ def load_host(path: str, dtype: str, device: torch.device) -> tuple[nn.Module, A
 
 
 def _image_reader(
-    model: nn.Module, path: str, config: TrainConfig, progress: bool
+    model: nn.Module, path: str, config: TrainConfig, progress: bool, folder: Path
 ) -> ImageTokenizer:
     size = config.host.image_size
     if size is None:
@@ -96,7 +97,7 @@ def _image_reader(
             raise ConfigError(
                 f"no image processor at {path} ({err}); set host.image_size to resize instead"
             ) from None
-    return ImageTokenizer(model, size, config.host.tokenize_batch_size, progress)
+    return ImageTokenizer(model, size, config.host.tokenize_batch_size, progress, folder)
 
 
 def _vqgan(model: nn.Module, fmt: HostFormat, path: str, config: TrainConfig) -> VQModel | None:
@@ -422,7 +423,7 @@ def train_run(
     kd_data = None if kd_data is None else Path(kd_data)
     image_root = None if image_root is None else Path(image_root)
     concepts = None if concepts is None else Path(concepts)
-    tokenized = read_token_cache(Path(out) / "image_tokens.json")  # a resume needs no images
+    tokenized = read_token_cache(Path(out) / TOKEN_STORE)  # a resume needs no images
     names = check_inputs(task_files, kd_data, image_root, config, tokenized, concepts)
     check_trackers(config.tracking.log_with)
     distilling = [m for m in methods if get_method(m).needs_pairs]
@@ -457,7 +458,7 @@ def train_run(
     accelerator = accelerator or default_accelerator()
     main = accelerator.is_main_process
     model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
-    world, images = host_world(
+    world, _ = host_world(
         model,
         tokenizer,
         model_path,
@@ -466,7 +467,7 @@ def train_run(
         names,
         kd_data,
         image_root,
-        out / "image_tokens.json",
+        out / TOKEN_STORE,
         progress and main,
         concepts,
     )
@@ -475,8 +476,6 @@ def train_run(
             check_pairs(distilling[0], len(world.pairs.train), config.continual.distill.batch_size)
         except ValueError as err:
             raise ConfigError(f"{kd_data}: {err}") from None
-    if main:
-        images.save(out / "image_tokens.json")
     if config.host.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return run(world, spec, out, accelerator=accelerator, progress=progress)
@@ -496,11 +495,10 @@ def host_world(
     concepts: Path | None = None,
 ) -> tuple[HostWorld, ImageTokenizer]:
     """The world of a loaded host and its checked inputs, and the image tokenizer that read
-    them (its tokens read back from `token_cache` first: nothing is tokenized twice)."""
+    them into the token store `token_cache` (read back first: nothing is tokenized twice)."""
     fmt = HostFormat.from_model(model, tokenizer)
     vqgan = _vqgan(model, fmt, model_path, config)
-    images = _image_reader(model, model_path, config, progress)
-    images.load(token_cache)
+    images = _image_reader(model, model_path, config, progress, token_cache)
     tasks = []
     for file, name in zip(task_files, names, strict=True):
         rule, answers = config.scoring.get(name), config.answer_sets.get(name)

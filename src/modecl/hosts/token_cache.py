@@ -1,0 +1,294 @@
+"""A binary, memory-mapped store of image tokens: image path -> its codes, written once.
+
+A store is a folder (``image_tokens/`` in a run's out dir) of segment files ``*.tokens``,
+each written once and never changed::
+
+    bytes 0-7    b"MDCLTOK1"
+    bytes 8-15   byte offset of the header (little-endian uint64), written last
+    64 ...       the codes of every image, one after another: uint16 when every id of the
+                 segment fits, else uint32
+    then         the paths (UTF-8, fixed width, sorted), each path's start and length in the
+                 codes (int64, uint32), each 64-byte aligned
+    header       JSON: dtype, counts, path width, section offsets, `source`
+
+Every process maps the segments with ``np.memmap``: opening reads the headers only; a lookup
+binary-searches the paths and copies one image's codes out of the shared page cache.
+
+Writing (:meth:`TokenStore.write`) adds new segments, one per ``segment_images`` images, so
+appending images later (another task file) never rewrites a segment, and a kill loses at
+most the segment being written. A segment is written under a temporary name holding
+:data:`~modecl.core.files.TEMP_MARK`, renamed when complete (a reader sees whole segments or
+none), with the umask's permissions. Writers hold a shared lock on the folder's ``.lock``; an
+open that gets it exclusively (no writer at work) deletes what a killed writer left.
+
+``source`` (a digest of the tokenizer's settings, in every segment) guards against mixing
+codes of different tokenizers: a store opened with a source refuses segments of another.
+
+``image_tokens.json`` beside the folder, the JSON cache of earlier versions, is converted
+on first open into the segment ``json.tokens`` (source unknown, accepted by any) and deleted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from itertools import islice
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from modecl.core.config import ConfigError
+from modecl.core.files import TEMP_MARK, honour_umask, remove_leftovers
+
+__all__ = ["TOKEN_STORE", "TokenStore"]
+
+TOKEN_STORE = "image_tokens"  # the store's folder in a run's out dir
+MAGIC = b"MDCLTOK1"
+DATA = 64  # byte offset of the codes in a segment
+ALIGN = 64
+SUFFIX = ".tokens"
+LOCK = ".lock"
+SEGMENT_IMAGES = 50_000
+CHUNK = 2**20  # codes per step when a segment's codes are widened to uint32
+
+
+class Segment:
+    """One segment file, memory-mapped (module doc)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with path.open("rb") as f:
+                head = f.read(16)
+                if head[:8] != MAGIC or len(head) < 16:
+                    raise ValueError("no segment header")
+                f.seek(int.from_bytes(head[8:], "little"))
+                header = json.loads(f.read())
+            buffer = np.memmap(path, dtype=np.uint8, mode="r")
+            n, width = header["images"], header["width"]
+
+            def section(name: str, dtype: str, count: int) -> np.ndarray:
+                start = header[name]
+                return buffer[start : start + count * np.dtype(dtype).itemsize].view(dtype)
+
+            self.keys = section("keys", f"S{width}", n)
+            self.starts = section("starts", "<i8", n)
+            self.lengths = section("lengths", "<u4", n)
+            self.data = section("data", header["dtype"], header["tokens"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path}: not a readable token store segment ({err})") from None
+        self.source: str | None = header["source"]
+        self.width = width
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, key: bytes) -> int:
+        """The index of path `key`, or -1."""
+        if len(key) > self.width:
+            return -1
+        i = int(np.searchsorted(self.keys, key))
+        return i if i < len(self.keys) and self.keys[i] == key else -1
+
+    def codes(self, i: int) -> tuple[int, ...]:
+        start = int(self.starts[i])
+        return tuple(self.data[start : start + int(self.lengths[i])].tolist())
+
+
+class TokenStore(Mapping[str, tuple[int, ...]]):
+    """The segments of `folder`: image path -> its codes (empty while the folder is absent).
+
+    `source`: refuse segments written with another (module doc). `segment_images`: images
+    per segment that :meth:`write` adds.
+    """
+
+    def __init__(
+        self, folder: Path, source: str | None = None, segment_images: int = SEGMENT_IMAGES
+    ) -> None:
+        self.folder, self.source, self.segment_images = Path(folder), source, segment_images
+        self.segments: list[Segment] = []
+        if self.folder.is_dir():
+            _clean(self.folder)
+        _convert_json(self.folder)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Map the segments written since this store opened (by any process)."""
+        if not self.folder.is_dir():
+            return
+        known = {s.path.name for s in self.segments}
+        for path in sorted(self.folder.glob(f"*{SUFFIX}")):
+            if path.name in known:
+                continue
+            segment = Segment(path)
+            if None not in (self.source, segment.source) and segment.source != self.source:
+                raise ConfigError(
+                    f"{self.folder}: holds image tokens made by another host or image "
+                    f"size / processor ({path.name}); delete it or use another --out"
+                )
+            self.segments.append(segment)
+
+    def write(self, items: Iterable[tuple[str, Sequence[int]]]) -> int:
+        """Add `(path, codes)` items, of paths not stored yet, as new segments; returns how many."""
+        items, total = iter(items), 0
+        with _writing(self.folder):
+            while True:
+                name = f"{uuid.uuid4().hex}{SUFFIX}"
+                part = islice(items, self.segment_images)
+                count = _write_segment(self.folder / name, part, self.source, self)
+                if not count:
+                    return total
+                total += count
+                self.refresh()
+
+    def _find(self, path: object) -> tuple[Segment, int] | None:
+        if isinstance(path, str):
+            key = os.fsencode(path)
+            for segment in self.segments:
+                if (i := segment.find(key)) >= 0:
+                    return segment, i
+        return None
+
+    def __contains__(self, path: object) -> bool:
+        return self._find(path) is not None
+
+    def __getitem__(self, path: str) -> tuple[int, ...]:
+        found = self._find(path)
+        if found is None:
+            raise KeyError(path)
+        return found[0].codes(found[1])
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+    def __iter__(self) -> Iterator[str]:
+        for segment in self.segments:
+            for key in segment.keys:
+                yield os.fsdecode(bytes(key))
+
+
+@contextmanager
+def _writing(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s lock shared while writing into it (creating it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _clean(folder: Path) -> None:
+    """Delete what a killed writer left in `folder`, unless some writer is at work."""
+    try:
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a read-only store: nobody writes into it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass  # a writer's temporary files are not leftovers
+    else:
+        remove_leftovers(folder)
+    finally:
+        os.close(fd)
+
+
+def _write_segment(
+    target: Path,
+    items: Iterable[tuple[str, Sequence[int]]],
+    source: str | None,
+    stored: Container[str],
+) -> int:
+    """Write `items` as the segment `target` (renamed into place when complete); returns the
+    number of images, 0 for none (then nothing is written)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TEMP_MARK}")
+    try:
+        with os.fdopen(fd, "r+b") as f:
+            f.write(bytes(DATA))
+            keys, starts, lengths, dtype, count = [], [], [], np.dtype("<u2"), 0
+            for path, codes in items:
+                array = np.asarray(codes)
+                if path in stored:
+                    raise ValueError(f"{path}: already in the token store")
+                if array.ndim != 1 or not array.size or array.dtype.kind not in "iu":
+                    raise ValueError(f"{path}: expected a non-empty sequence of token ids")
+                low, high = int(array.min()), int(array.max())
+                if low < 0 or high >= 2**32:
+                    raise ValueError(f"{path}: token ids must lie in [0, 2**32)")
+                if high > np.iinfo(dtype).max:
+                    _widen(f, Path(tmp), count)
+                    dtype = np.dtype("<u4")
+                f.write(array.astype(dtype).tobytes())
+                keys.append(path)
+                starts.append(count)
+                lengths.append(array.size)
+                count += array.size
+            if not keys:
+                return 0
+            paths = np.array([os.fsencode(k) for k in keys])
+            order = np.argsort(paths, kind="stable")
+            twice = np.flatnonzero(paths[order][1:] == paths[order][:-1])
+            if twice.size:
+                raise ValueError(f"{keys[order[twice[0]]]}: twice in one segment")
+            header = {"dtype": dtype.str, "images": len(keys), "tokens": count, "data": DATA}
+            header |= {"width": paths.dtype.itemsize, "source": source}
+            for name, array in (
+                ("keys", paths[order]),
+                ("starts", np.asarray(starts, "<i8")[order]),
+                ("lengths", np.asarray(lengths, "<u4")[order]),
+            ):
+                f.write(bytes(-f.tell() % ALIGN))
+                header[name] = f.tell()
+                f.write(array.tobytes())
+            at = f.tell()
+            f.write(json.dumps(header).encode())
+            f.seek(0)
+            f.write(MAGIC + at.to_bytes(8, "little"))
+            f.flush()
+            os.fsync(f.fileno())
+        honour_umask(Path(tmp))
+        os.replace(tmp, target)
+        return len(keys)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _widen(f: BinaryIO, path: Path, count: int) -> None:
+    """Rewrite the `count` uint16 codes written so far as uint32, in place, last chunk first
+    (a chunk's new bytes only cover old bytes already moved)."""
+    f.flush()
+    f.truncate(DATA + 4 * count)
+    if count:
+        narrow = np.memmap(path, dtype="<u2", mode="r+", offset=DATA, shape=(count,))
+        wide = np.memmap(path, dtype="<u4", mode="r+", offset=DATA, shape=(count,))
+        for stop in range(count, 0, -CHUNK):
+            start = max(stop - CHUNK, 0)
+            wide[start:stop] = narrow[start:stop].astype("<u4")
+        wide.flush()
+    f.seek(DATA + 4 * count)
+
+
+def _convert_json(folder: Path) -> None:
+    """Convert the JSON cache of earlier versions, ``<folder>.json``, into a segment."""
+    legacy = folder.with_name(f"{folder.name}.json")
+    try:
+        text = legacy.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return  # none, or another process converted it meanwhile
+    try:
+        cache = json.loads(text)
+        if not isinstance(cache, dict):
+            raise ValueError("expected an object of image path -> tokens")
+        with _writing(folder):
+            _write_segment(folder / f"json{SUFFIX}", cache.items(), None, ())
+    except ValueError as err:
+        raise ConfigError(f"{legacy}: not an image-token cache ({err})") from None
+    legacy.unlink(missing_ok=True)
