@@ -203,3 +203,11 @@ def test_a_failed_gate_leaves_the_out_dir_unclaimed(tmp_path, cache):
     relaxed = tiny_run(methods=["seq-lora"])
     relaxed.host.gate.captioning = 0.0
     assert run_benchmark(relaxed, tmp_path, cache_dir=cache, progress=False).tasks == TASKS
+
+
+def test_an_out_dir_of_the_earlier_schema_is_refused_with_a_message(tmp_path):
+    (tmp_path / "run_config.json").write_text("{}")
+    (tmp_path / "checkpoints" / "seed0" / "mode" / "stage1").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="earlier version of modecl"):
+        run_benchmark(tiny_run(), tmp_path, cache_dir=tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists()

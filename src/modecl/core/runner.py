@@ -127,6 +127,11 @@ def check_run_key(out: Path, spec: RunSpec) -> None:
         raise ConfigError(f"--out {out}: is a file, expected a folder for the run")
     saved = out / "run.json"
     if not saved.exists():
+        if (out / "run_config.json").exists() or (out / "checkpoints").exists():
+            raise ConfigError(
+                f"{out} holds a run of an earlier version of modecl (results schema 1), which "
+                "this version cannot resume; use another --out or delete it"
+            )
         return
     before, now = json.loads(saved.read_text()), run_key(spec)
     if before == now:
