@@ -3,8 +3,9 @@
 Compares, in one run and on the same frozen host: the host alone, peft's LoRA (r=8), our
 `lora`, our `mode` (N=4, per-token routing over a batch of text and image tokens), and a
 naive MoDE that loops over its experts in Python, as published MoE-LoRA code does. A step is
-forward + cross-entropy + backward. Variants are timed round-robin so that load from other
-processes on the machine spreads evenly; each reports the median.
+forward + cross-entropy + backward, timed in this process's CPU time (one thread: other jobs
+on a shared machine barely change it), round-robin so that what they do change spreads
+evenly; each variant reports its median.
 
     .venv/bin/python benchmarks/adapter_speed.py [--quick] [--steps N] [--threads N]
 
@@ -108,11 +109,11 @@ def variants(args: argparse.Namespace, mask: torch.Tensor) -> dict[str, nn.Modul
 
 
 def step(model: nn.Module, ids: torch.Tensor) -> float:
-    start = time.perf_counter()
+    start = time.process_time()
     logits = model(input_ids=ids).logits
     F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def main() -> None:
@@ -147,7 +148,7 @@ def main() -> None:
     print(
         f"hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
         f"vocab {args.vocab}, batch x seq = {batch} x {seq}, float32, "
-        f"{torch.get_num_threads()} threads, median of {args.steps} steps"
+        f"{torch.get_num_threads()} thread(s), CPU time, median of {args.steps} steps"
     )
     print(f"{'variant':<18}{'step s':>10}{'overhead s':>12}{'x host':>9}{'overhead / peft':>17}")
     peft_overhead = medians["peft lora"] - base

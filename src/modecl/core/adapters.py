@@ -253,6 +253,11 @@ class AdapterLinear(nn.Module):
         for name, n in self.branches:
             self.columns[name] = slice(start, start + n * self.rank)
             start += n * self.rank
+        # Per expert, whether it is the image branch's: the tokens each expert may take.
+        image = [name == "image" for name, n in self.branches for _ in range(n)]
+        self.register_buffer(
+            "image_expert", torch.tensor(image, device=kw["device"]), persistent=False
+        )
         # (router weights, branch membership or None) of the last forward, detached.
         self.last_route: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -282,22 +287,31 @@ class AdapterLinear(nn.Module):
     def _gate(
         self, x: torch.Tensor, branches: Sequence[tuple[str, int]], mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Per-token weight of each expert in play, alpha/r included: (..., experts)."""
-        if mask is not None and mask.shape != x.shape[:-1]:
+        """Per-token weight of each expert in play, alpha/r included: (..., experts).
+
+        One softmax over a logit per expert in play: the router's for a routed branch, 0 for
+        a one-expert branch, -inf where the token is not the branch's. So a token's weights
+        are its router's softmax, or exactly 1 for a one-expert branch, and exactly 0 in the
+        other branch (whose experts and router receive exactly zero gradient from it).
+        """
+        if mask is None:  # one routed branch for every token
+            weights = F.linear(x, self.router.weight).float().softmax(-1)
+            self.last_route = (weights.detach(), None)
+            return weights * self.scaling
+        if mask.shape != x.shape[:-1]:
             raise ValueError(
                 f"image mask of shape {tuple(mask.shape)} does not match the tokens "
                 f"{tuple(x.shape[:-1])} reaching this layer"
             )
-        parts = []
-        for name, n in branches:  # one or two branches; the experts are never looped over
-            member = None if mask is None else (mask if name == "image" else ~mask).unsqueeze(-1)
-            if n > 1:
-                weights = F.linear(x, self.router.weight).float().softmax(-1).to(x.dtype)
-                self.last_route = (weights.detach(), member)
-                parts.append(weights if member is None else weights * member)
-            else:
-                parts.append(x.new_ones(*x.shape[:-1], 1) if member is None else member.to(x.dtype))
-        return torch.cat(parts, -1) * self.scaling
+        if self.router is None:  # one expert in each branch
+            logits = x.new_zeros(*x.shape[:-1], len(branches), dtype=torch.float32)
+        else:  # the routed branch is the first (`AdapterConfig.branches`), the image one 0
+            logits = F.pad(F.linear(x, self.router.weight).float(), (0, 1))
+        weights = logits.masked_fill(mask.unsqueeze(-1) != self.image_expert, -math.inf)
+        weights = weights.softmax(-1)
+        if self.router is not None:
+            self.last_route = (weights[..., :-1].detach(), ~mask)
+        return weights * self.scaling
 
     def extra_repr(self) -> str:
         return f"branches={self.branches}, rank={self.rank}, scaling={self.scaling}"
