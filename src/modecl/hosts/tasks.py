@@ -182,7 +182,9 @@ class ImageTokenizer:
             self.store.refresh()
         return [self.store[str(file)] for file, _ in files]
 
-    def _tokenized(self, todo: dict[str, str], state: PartialState) -> Iterator[tuple[str, list]]:
+    def _tokenized(
+        self, todo: dict[str, str], state: PartialState
+    ) -> Iterator[tuple[str, list[int]]]:
         """`(file, tokens)` of every file of `todo`: in each round, every process tokenizes
         one batch of its share, and all gather the round's batches."""
         share = list(todo)[state.process_index :: state.num_processes]
