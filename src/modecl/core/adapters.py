@@ -9,12 +9,14 @@ it as `base`. All experts of all branches live in one stacked pair of matrices::
          │                                     ▲
          └─ router R (N × in), softmax in f32 ─┘   (only for a branch with N > 1 experts)
 
-    y      = W x + B (gate ⊙ A dropout(x))
+    y      = W x + alpha/r · B (gate ⊙ A dropout(x))
     A      = [A_1; ...; A_E],  B = [B_1, ..., B_E]       (expert e owns r rows of A, r columns of B)
-    gate_e = alpha/r · member(token, branch(e)) · p_e,    repeated over expert e's r components
-    p      = softmax(R x) over the experts of a routed branch; p_e = 1 in a one-expert branch
+    gate   = softmax(l),  l_e = -inf if expert e is not of the token's branch, else
+             (R x)_e in a routed branch, 0 in a one-expert branch;  repeated over e's r components
 
-so a token's adapter output is alpha/r · Σ_e p_e B_e A_e dropout(x) over the experts of the
+so gate_e is the router's weight p_e = softmax(R x)_e in a routed branch, exactly 1 in a
+one-expert branch and exactly 0 outside the token's branch (one expert in all: no gate);
+a token's adapter output is alpha/r · Σ_e p_e B_e A_e dropout(x) over the experts of the
 branch it is routed to: the router-weighted sum of that branch's LoRA experts. One `A` matmul,
 one `B` matmul, no loop over experts. A branch not in play for a token multiplies its
 components by an exact 0, so it receives exactly zero gradient from that token (and the
@@ -182,6 +184,15 @@ class RoutingState:
     enabled: bool = True
     branch: str | None = None
     image_mask: torch.Tensor | None = None
+    _outside: dict[tuple[bool, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def outside(self, image_experts: tuple[bool, ...]) -> torch.Tensor:
+        """(batch, seq, experts): True where an expert is not of the token's branch, given
+        whether each expert is an image one; derived once per forward for every layer."""
+        if image_experts not in self._outside:
+            layout = torch.tensor(image_experts, device=self.image_mask.device)
+            self._outside[image_experts] = self.image_mask.unsqueeze(-1) != layout
+        return self._outside[image_experts]
 
 
 @dataclass(eq=False)
@@ -253,12 +264,8 @@ class AdapterLinear(nn.Module):
         for name, n in self.branches:
             self.columns[name] = slice(start, start + n * self.rank)
             start += n * self.rank
-        # Per expert, whether it is the image branch's: the tokens each expert may take.
-        image = [name == "image" for name, n in self.branches for _ in range(n)]
-        self.register_buffer(
-            "image_expert", torch.tensor(image, device=kw["device"]), persistent=False
-        )
-        # (router weights, branch membership or None) of the last forward, detached.
+        self.image_experts = tuple(name == "image" for name, n in self.branches for _ in range(n))
+        # (router weights, image mask or None) of the last forward, detached.
         self.last_route: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -270,48 +277,45 @@ class AdapterLinear(nn.Module):
         xa = x.to(self.lora_A.dtype)
         if state.branch is not None and len(self.branches) == 2:
             # One branch for all tokens: compute only its columns; the other gets no gradient.
-            branches = tuple(b for b in self.branches if b[0] == state.branch)
+            experts = dict(self.branches)[state.branch]
             cols = self.columns[state.branch]
-            lora_A, lora_B, mask = self.lora_A[cols], self.lora_B[:, cols], None
+            lora_A, lora_B, outside = self.lora_A[cols], self.lora_B[:, cols], None
         else:
-            branches, lora_A, lora_B = self.branches, self.lora_A, self.lora_B
-            mask = state.image_mask if len(self.branches) == 2 else None
+            experts = sum(n for _, n in self.branches)
+            lora_A, lora_B = self.lora_A, self.lora_B
+            outside = state.outside(self.image_experts) if len(self.branches) == 2 else None
         h = F.linear(self.dropout(xa), lora_A)
-        if len(branches) == 1 and branches[0][1] == 1:  # one expert for every token
-            h = h * self.scaling
-        else:
-            gate = self._gate(xa, branches, mask)
+        if experts > 1:  # weigh each expert's r components
+            gate = self._gate(xa, outside, state.image_mask)
             h = (h.unflatten(-1, (-1, self.rank)) * gate.unsqueeze(-1)).flatten(-2)
-        return y + F.linear(h, lora_B).to(y.dtype)
+        return y.add(F.linear(h, lora_B).to(y.dtype), alpha=self.scaling)
 
     def _gate(
-        self, x: torch.Tensor, branches: Sequence[tuple[str, int]], mask: torch.Tensor | None
+        self, x: torch.Tensor, outside: torch.Tensor | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Per-token weight of each expert in play, alpha/r included: (..., experts).
+        """Per-token weight of each expert in play: (..., experts).
 
         One softmax over a logit per expert in play: the router's for a routed branch, 0 for
-        a one-expert branch, -inf where the token is not the branch's. So a token's weights
-        are its router's softmax, or exactly 1 for a one-expert branch, and exactly 0 in the
-        other branch (whose experts and router receive exactly zero gradient from it).
+        a one-expert branch, -inf outside the token's branch. So a token's weights are its
+        router's softmax, or exactly 1 for a one-expert branch, and exactly 0 in the other
+        branch (whose experts and router receive exactly zero gradient from it).
         """
-        if mask is None:  # one routed branch for every token
+        if outside is None:  # one routed branch for every token
             weights = F.linear(x, self.router.weight).float().softmax(-1)
             self.last_route = (weights.detach(), None)
-            return weights * self.scaling
-        if mask.shape != x.shape[:-1]:
+            return weights
+        if outside.shape[:-1] != x.shape[:-1]:
             raise ValueError(
-                f"image mask of shape {tuple(mask.shape)} does not match the tokens "
+                f"image mask of shape {tuple(outside.shape[:-1])} does not match the tokens "
                 f"{tuple(x.shape[:-1])} reaching this layer"
             )
-        if self.router is None:  # one expert in each branch
-            logits = x.new_zeros(*x.shape[:-1], len(branches), dtype=torch.float32)
-        else:  # the routed branch is the first (`AdapterConfig.branches`), the image one 0
-            logits = F.pad(F.linear(x, self.router.weight).float(), (0, 1))
-        weights = logits.masked_fill(mask.unsqueeze(-1) != self.image_expert, -math.inf)
-        weights = weights.softmax(-1)
-        if self.router is not None:
-            self.last_route = (weights[..., :-1].detach(), ~mask)
-        return weights * self.scaling
+        if self.router is None:  # one expert in each branch: the token's own
+            return (~outside).to(x.dtype)
+        # The routed branch is the first (`AdapterConfig.branches`), the image expert's logit 0.
+        logits = F.pad(F.linear(x, self.router.weight).float(), (0, 1))
+        weights = logits.masked_fill(outside, -math.inf).softmax(-1)
+        self.last_route = (weights.detach(), mask)
+        return weights
 
     def extra_repr(self) -> str:
         return f"branches={self.branches}, rank={self.rank}, scaling={self.scaling}"
@@ -511,10 +515,11 @@ def expert_shares(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in adapter_layers(model).items():
         if layer.last_route is None:
             continue
-        weights, member = layer.last_route
-        weights = weights.reshape(-1, weights.shape[-1]).float()
-        if member is not None:
-            weights = weights[member.reshape(-1)]
+        weights, mask = layer.last_route  # with a mask: the routed (text) tokens' shares
+        n = layer.router.out_features
+        weights = weights[..., :n].reshape(-1, n).float()
+        if mask is not None:
+            weights = weights[~mask.reshape(-1)]
         if len(weights):
             shares[name] = weights.mean(0)
     return shares
