@@ -22,7 +22,9 @@ The word-level tokenizer of the checkpoints on disk (`tokenizer`) maps `<pad>` 0
 from __future__ import annotations
 
 import json
+import os
 import string
+import sys
 from pathlib import Path
 
 import torch
@@ -289,3 +291,26 @@ def write_tiny_clip(directory: Path) -> Path:
     CLIPModel(config).save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+# --- subprocesses -------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a `modecl` subprocess: one thread, and this checkout's `src` and
+    `tests` ahead of the inherited path (a worktree's, not an editable install's elsewhere)."""
+    path = [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
+        **extra,
+    }
+
+
+def torchrun(processes: int = 2) -> list[str]:
+    """The start of a command line that runs a script or module in `processes` processes."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*run, "--nproc_per_node", str(processes)]

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +12,9 @@ import torch
 from modecl.cli import main
 from modecl.core.results import read_results
 from tests.ddp_worker import train
-from tests.fixtures import TRAIN_CONFIG, write_host, write_tasks
+from tests.fixtures import ROOT, TRAIN_CONFIG, subprocess_env, torchrun, write_host, write_tasks
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ENV = subprocess_env()
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
