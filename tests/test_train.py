@@ -17,6 +17,7 @@ from modecl.core.adapters import (
     trainable_parameters,
 )
 from modecl.core.config import ConfigError, ContinualSettings, from_dict
+from modecl.core.conflict import ConflictMonitor
 from modecl.core.methods import METHOD_NAMES, get_method
 from modecl.core.methods.distillation import distill_loss
 from modecl.core.sequences import IGNORE, DrawPair, collate, next_token_loss
@@ -216,7 +217,7 @@ def deepspeed(processes: int = 2, **plugin: object) -> SimpleNamespace:
     """What `check_engine` reads of an Accelerator under DeepSpeed: accelerate's own plugin
     (its config as `accelerate launch` builds it) and the number of processes."""
     state = SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin(**plugin))
-    return SimpleNamespace(state=state, num_processes=processes)
+    return SimpleNamespace(state=state, num_processes=processes, process_index=0)
 
 
 def test_deepspeed_clips_at_train_grad_clip_and_sizes_its_batch_from_the_global_one():
@@ -244,3 +245,25 @@ def test_deepspeed_clips_at_train_grad_clip_and_sizes_its_batch_from_the_global_
 def test_a_deepspeed_config_the_loop_cannot_follow_is_refused(plugin, message):
     with pytest.raises(ConfigError, match=message):
         check_engine(deepspeed(**plugin), SETTINGS)
+
+
+def test_the_conflict_monitor_is_refused_under_deepspeed_even_in_one_process(
+    world, two_tasks, pairs
+):
+    """Its own backward passes set off DeepSpeed's gradient hooks (a ZeRO-2 run of one
+    process failed so): refused before any step."""
+    model = fresh_model(world)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    monitor = ConflictMonitor(world.format, pairs[:2], every=1)
+    with pytest.raises(ValueError, match="single process without DeepSpeed only"):
+        train_task(
+            model,
+            world.format,
+            get_method("seq-lora"),
+            two_tasks[0],
+            SETTINGS,
+            progress=False,
+            monitor=monitor,
+            accelerator=deepspeed(1, zero_stage=2),
+        )
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

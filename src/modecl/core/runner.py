@@ -324,10 +324,11 @@ def _run_method(
     attach_adapters(model, method.adapter_config(settings))
     watch = settings.monitor
     monitor, probe = None, world.probe_pairs(watch.probe_size) if watch.enabled else []
-    if probe and p.count == 1:
+    if probe and p.count == 1 and zero_stage(p.accelerator) is None:
         monitor = ConflictMonitor(world.format, probe, watch.every)
     elif probe and p.main:
-        warnings.warn("the conflict monitor runs in one process only: skipped", stacklevel=2)
+        message = "the conflict monitor runs in one process without DeepSpeed only: skipped"
+        warnings.warn(message, stacklevel=2)
     folder = out / "checkpoints" / f"seed{seed}" / name
     stages, pictures, steps = [], [], []
     try:

@@ -170,8 +170,9 @@ def train_task(
         samples = [samples[i] for i in rng.permutation(len(samples))[: cfg.max_train_samples]]
     method.configure(settings, draw_pairs)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    if world > 1 and monitor is not None:
-        raise ValueError("the conflict monitor runs in a single process only")
+    if monitor is not None and (world > 1 or zero_stage(accelerator) is not None):
+        # Its own backward passes would set off DeepSpeed's gradient hooks.
+        raise ValueError("the conflict monitor runs in a single process without DeepSpeed only")
     if world > min(cfg.batch_size, len(samples)):
         raise ValueError(
             f"{world} processes need a batch of at least {world} samples "
