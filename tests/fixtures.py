@@ -26,8 +26,10 @@ import os
 import string
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from accelerate.utils import DeepSpeedPlugin
 from PIL import Image
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -293,7 +295,7 @@ def write_tiny_clip(directory: Path) -> Path:
     return directory
 
 
-# --- subprocesses -------------------------------------------------------------------------
+# --- launches -----------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -308,6 +310,14 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join(p for p in path if p),
         **extra,
     }
+
+
+def deepspeed_accelerator(processes: int = 2, **plugin: object) -> SimpleNamespace:
+    """What the training loop reads of an Accelerator under DeepSpeed: accelerate's own
+    plugin (its config as `accelerate launch` builds it from ``plugin``'s options), the
+    number of processes and this one's index."""
+    state = SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin(**plugin))
+    return SimpleNamespace(state=state, num_processes=processes, process_index=0)
 
 
 def torchrun(processes: int = 2) -> list[str]:

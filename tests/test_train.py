@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
-from accelerate.utils import DeepSpeedPlugin
 
 from modecl.core.adapters import (
     adapters_off,
@@ -27,6 +24,7 @@ from modecl.digits.format import understand_example
 from modecl.digits.model import build_model
 from modecl.digits.tasks import DRAW_PROMPT
 from tests.conftest import tiny_config
+from tests.fixtures import deepspeed_accelerator
 
 SETTINGS = from_dict(
     ContinualSettings,
@@ -213,21 +211,16 @@ def test_the_distillation_teacher_is_the_host_without_dropout(world, pairs):
     assert torch.equal(seen[0], host)  # the first head call of the loss is the teacher's
 
 
-def deepspeed(processes: int = 2, **plugin: object) -> SimpleNamespace:
-    """What `check_engine` reads of an Accelerator under DeepSpeed: accelerate's own plugin
-    (its config as `accelerate launch` builds it) and the number of processes."""
-    state = SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin(**plugin))
-    return SimpleNamespace(state=state, num_processes=processes, process_index=0)
-
-
 def test_deepspeed_clips_at_train_grad_clip_and_sizes_its_batch_from_the_global_one():
-    accelerator = deepspeed(zero_stage=2)
+    accelerator = deepspeed_accelerator(zero_stage=2)
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     assert config["gradient_clipping"] == "auto"  # accelerate would fill in 1.0
     check_engine(accelerator, SETTINGS)
     assert config["gradient_clipping"] == SETTINGS.train.grad_clip == 10.0
     assert config["train_micro_batch_size_per_gpu"] == 4  # a global batch of 8, 2 processes
-    agreeing = deepspeed(3, zero_stage=1, gradient_clipping=10.0, gradient_accumulation_steps=1)
+    agreeing = deepspeed_accelerator(
+        3, zero_stage=1, gradient_clipping=10.0, gradient_accumulation_steps=1
+    )
     check_engine(agreeing, SETTINGS)
     assert agreeing.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
     check_engine(None, SETTINGS)  # no accelerator, nothing to check
@@ -244,7 +237,7 @@ def test_deepspeed_clips_at_train_grad_clip_and_sizes_its_batch_from_the_global_
 )
 def test_a_deepspeed_config_the_loop_cannot_follow_is_refused(plugin, message):
     with pytest.raises(ConfigError, match=message):
-        check_engine(deepspeed(**plugin), SETTINGS)
+        check_engine(deepspeed_accelerator(**plugin), SETTINGS)
 
 
 def test_the_conflict_monitor_is_refused_under_deepspeed_even_in_one_process(
@@ -264,6 +257,6 @@ def test_the_conflict_monitor_is_refused_under_deepspeed_even_in_one_process(
             SETTINGS,
             progress=False,
             monitor=monitor,
-            accelerator=deepspeed(1, zero_stage=2),
+            accelerator=deepspeed_accelerator(1, zero_stage=2),
         )
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
