@@ -223,6 +223,8 @@ def train_task(
             optim.zero_grad(set_to_none=True)
             lr = optim.param_groups[0]["lr"]
             if accelerator is not None:
+                # Under DeepSpeed, backward also clips (at train.grad_clip: check_engine),
+                # steps and zeroes; the norm is then its step's, the optimizer's step a no-op.
                 accelerator.backward(loss)
                 norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
             else:
