@@ -22,10 +22,14 @@ The word-level tokenizer of the checkpoints on disk (`tokenizer`) maps `<pad>` 0
 from __future__ import annotations
 
 import json
+import os
 import string
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from accelerate.utils import DeepSpeedPlugin
 from PIL import Image
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -289,3 +293,34 @@ def write_tiny_clip(directory: Path) -> Path:
     CLIPModel(config).save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+# --- launches -----------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a `modecl` subprocess: one thread, and this checkout's `src` and
+    `tests` ahead of the inherited path (a worktree's, not an editable install's elsewhere)."""
+    path = [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
+        **extra,
+    }
+
+
+def deepspeed_accelerator(processes: int = 2, **plugin: object) -> SimpleNamespace:
+    """What the training loop reads of an Accelerator under DeepSpeed: accelerate's own
+    plugin (its config as `accelerate launch` builds it from ``plugin``'s options), the
+    number of processes and this one's index."""
+    state = SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin(**plugin))
+    return SimpleNamespace(state=state, num_processes=processes, process_index=0)
+
+
+def torchrun(processes: int = 2) -> list[str]:
+    """The start of a command line that runs a script or module in `processes` processes."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*run, "--nproc_per_node", str(processes)]

@@ -9,6 +9,11 @@ from accelerate.commands.config.config_args import ClusterConfig, load_config_fr
 from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DistributedType
 
+from modecl.core.config import load_toml
+from modecl.core.train import check_engine
+from modecl.hosts.config import TrainConfig
+from tests.fixtures import deepspeed_accelerator
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 
@@ -45,3 +50,16 @@ def test_deepspeed_fields_are_launch_options():
 
 def test_every_shipped_config_is_tested():
     assert {p.stem for p in CONFIGS.glob("*.yaml")} == {"deepspeed_zero2", "ddp_1gpu", "ddp_8gpu"}
+
+
+def test_the_deepspeed_config_agrees_with_the_paper_schedule():
+    """The training loop's check of DeepSpeed (clipping, accumulation, ZeRO stage) passes for
+    the shipped ZeRO-2 config with configs/train-anole.toml, on its 8 processes."""
+    options = load_config_from_file(str(CONFIGS / "deepspeed_zero2.yaml")).deepspeed_config
+    keys = ("zero_stage", "gradient_clipping", "gradient_accumulation_steps")
+    accelerator = deepspeed_accelerator(8, **{k: options[k] for k in keys})
+    settings = load_toml(TrainConfig, CONFIGS.parent / "train-anole.toml")
+    check_engine(accelerator, settings.continual)
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    assert config["gradient_clipping"] == settings.continual.train.grad_clip == 10.0
+    assert config["train_micro_batch_size_per_gpu"] == 1  # the paper's batch of 1 per GPU

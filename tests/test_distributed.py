@@ -1,80 +1,131 @@
-"""Data-parallel training: two CPU processes (torchrun, gloo) against one process."""
+"""Data-parallel training: two CPU processes (torchrun, gloo) against one process, under DDP
+and under DeepSpeed ZeRO-2 (chosen as `accelerate launch` chooses it, README "Scale-out")."""
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from modecl.cli import main
+from modecl.core.config import ConfigError
 from modecl.core.results import read_results
+from modecl.hosts.world import default_accelerator
 from tests.ddp_worker import train
-from tests.fixtures import TRAIN_CONFIG, write_host, write_tasks
+from tests.fixtures import ROOT, TRAIN_CONFIG, subprocess_env, torchrun, write_host, write_tasks
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ZERO2 = {
+    "ACCELERATE_USE_DEEPSPEED": "true",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+    "DS_ACCELERATOR": "cpu",
+}
+# engine: (its environment, accelerate's distributed type, the ZeRO stage)
+ENGINES = {
+    "ddp": (subprocess_env(), "MULTI_CPU", None),
+    "zero2": (subprocess_env(**ZERO2), "DEEPSPEED", 2),
+}
+METHODS = ["mode", "ewc"]  # EWC: its Fisher is computed between tasks, outside the engine
 
 
-def torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+@pytest.fixture(scope="module")
+def one_process() -> dict:
+    return train(None)
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, one_process, engine):
+    env, distributed_type, stage = ENGINES[engine]
     command = [*torchrun(), str(ROOT / "tests/ddp_worker.py"), str(tmp_path)]
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=280)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert [r["world"] for r in ranks] == [2, 2]
-    assert ranks[0]["backend"] == "gloo"
-    # Every process ends with the same adapters (DDP averaged the same gradients).
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [(r["world"], r["backend"]) for r in ranks] == [(2, "gloo")] * 2
+    assert [(r["engine"], r["zero_stage"]) for r in ranks] == [(distributed_type, stage)] * 2
+    # Every process ends with the same adapters (the engine averaged the same gradients;
+    # ZeRO-2 gathered every process's updated partition).
     for name, value in ranks[0]["adapters"].items():
         assert torch.equal(value, ranks[1]["adapters"][name]), name
 
-    one = train(None)
+    one = one_process
     assert len(one["loss"]) == 3 and len(one["kd"]) == 3
-    for rank in ranks:  # the logged losses are those of the whole global batch
+    for rank in ranks:  # the logged losses and gradient norms are those of the global batch
         assert rank["loss"] == pytest.approx(one["loss"], rel=1e-5)
         assert rank["kd"] == pytest.approx(one["kd"], rel=1e-3, abs=1e-7)
+        assert rank["norms"] == pytest.approx(one["norms"], rel=1e-5)
+        # Resumed from the step checkpoint after step 2 (under ZeRO, each process took its own
+        # partition of the optimizer state back): the uninterrupted run, bit for bit.
+        assert rank["resumed"]["loss"] == rank["loss"]
+        for name, value in rank["resumed"]["adapters"].items():
+            assert torch.equal(value, ranks[0]["adapters"][name]), name
     for name, value in one["adapters"].items():
         assert not torch.equal(value, one["init"][name]), f"{name} did not train"
-        # Three AdamW steps of lr 0.01 from the same init: equal up to float summation order.
+        # Three AdamW steps of lr 0.01 from the same init, clipped at train.grad_clip: equal
+        # up to float summation order.
         torch.testing.assert_close(ranks[0]["adapters"][name], value, atol=1e-4, rtol=1e-4)
 
 
-def test_modecl_train_under_torchrun_matches_one_process(tmp_path):
-    """The CLI under two processes: sharded training and evaluation, the one-process results."""
-    host = write_host("chameleon", tmp_path / "host")
-    files, pairs = write_tasks(tmp_path / "data")
-    config = tmp_path / "train.toml"
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory) -> tuple[list[str], pathlib.Path]:
+    """`modecl train` arguments (MoDE and EWC on the tiny Chameleon) and its one-process run."""
+    root = tmp_path_factory.mktemp("cli")
+    host = write_host("chameleon", root / "host")
+    files, pairs = write_tasks(root / "data")
+    config = root / "train.toml"
     # No dropout: its masks differ between processes.
     config.write_text(TRAIN_CONFIG + "[continual.adapter]\ndropout = 0.0\n")
-    args = ["train", "--model", str(host), "--tasks", *map(str, files), "--method", "mode"]
-    args += ["--kd-data", str(pairs), "--config", str(config)]
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    args = ["train", "--model", str(host), "--tasks", *map(str, files)]
+    args += ["--methods", ",".join(METHODS), "--kd-data", str(pairs), "--config", str(config)]
+    assert main([*args, "--out", str(root / "one")]) == 0
+    return args, root / "one"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_modecl_train_under_torchrun_matches_one_process(tmp_path, one_run, engine):
+    """The CLI under two processes: sharded training and evaluation, the one-process results."""
+    args, one_dir = one_run
+    env, distributed_type, stage = ENGINES[engine]
     done = subprocess.run(
         [*torchrun(), "-m", "modecl.cli", *args, "--out", str(tmp_path / "two")],
-        env=ENV,
+        env=env,
         capture_output=True,
         text=True,
         timeout=280,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = (read_results(tmp_path / d / "results.json").mean for d in ("one", "two"))
-    assert two.methods["mode"].accuracy_matrix == one.methods["mode"].accuracy_matrix
-    pairs = zip(two.methods["mode"].stages, one.methods["mode"].stages, strict=True)
-    for a, b in pairs:
-        assert a.final_loss == pytest.approx(b.final_loss, rel=1e-5)
-        assert a.measures["image_nll"] == pytest.approx(b.measures["image_nll"], rel=1e-5)
-        assert (
-            a.measures["pairs_generation"]["drawn"] == b.measures["pairs_generation"]["drawn"] == 2
-        )
-    for stage in ("stage1", "stage2"):
-        path = pathlib.Path("checkpoints", "seed0", "mode", stage, "stage.json")
-        answers = [json.loads((tmp_path / d / path).read_text())["answers"] for d in ("one", "two")]
-        assert answers[0] == answers[1]
+    one, two = (read_results(d / "results.json") for d in (one_dir, tmp_path / "two"))
+    assert one.manifest["launch"] == {"processes": 1, "distributed_type": "NO", "zero_stage": None}
+    assert two.manifest["launch"] == {
+        "processes": 2,
+        "distributed_type": distributed_type,
+        "zero_stage": stage,
+    }
+    for method in METHODS:
+        a_method, b_method = two.mean.methods[method], one.mean.methods[method]
+        assert a_method.accuracy_matrix == b_method.accuracy_matrix
+        for a, b in zip(a_method.stages, b_method.stages, strict=True):
+            assert a.final_loss == pytest.approx(b.final_loss, rel=1e-5)
+            assert a.losses.keys() == b.losses.keys()
+            for term, values in b.losses.items():  # ce, and kd or ewc
+                assert a.losses[term] == pytest.approx(values, rel=1e-4, abs=1e-5), term
+            assert a.measures["image_nll"] == pytest.approx(b.measures["image_nll"], rel=1e-5)
+            drawn = [s.measures["pairs_generation"]["drawn"] for s in (a, b)]
+            assert drawn == [2, 2]
+        for stage_dir in ("stage1", "stage2"):
+            path = pathlib.Path("checkpoints", "seed0", method, stage_dir, "stage.json")
+            answers = [
+                json.loads((d / path).read_text())["answers"] for d in (one_dir, tmp_path / "two")
+            ]
+            assert answers[0] == answers[1]
+    assert "ewc" in two.mean.methods["ewc"].stages[1].losses  # the penalty of task 2
+
+
+def test_deepspeed_without_a_launcher_is_refused(monkeypatch):
+    """accelerate would run such a process on CPU without DeepSpeed, quietly."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ConfigError, match="no launcher started this process"):
+        default_accelerator()

@@ -4,7 +4,6 @@ from its last step checkpoint and ends with the results of a run never interrupt
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,10 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from modecl.core.results import read_results
-from tests.fixtures import TRAIN_CONFIG, write_host, write_tasks
+from tests.fixtures import TRAIN_CONFIG, subprocess_env, torchrun, write_host, write_tasks
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = subprocess_env()
 # 20 epochs of 2 steps per task, a step checkpoint every 3 steps; no dropout (its masks
 # differ between processes).
 CONFIG = TRAIN_CONFIG.replace("epochs = 4", "epochs = 20\ncheckpoint_every = 3")
@@ -41,8 +39,7 @@ def inputs(tmp_path_factory):
 def launch(processes: int) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "modecl.cli"]
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    return [*run, "--nproc_per_node", str(processes), "-m", "modecl.cli"]
+    return [*torchrun(processes), "-m", "modecl.cli"]
 
 
 def run(processes: int, argv: list[str], out: Path) -> None:

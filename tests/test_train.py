@@ -13,16 +13,18 @@ from modecl.core.adapters import (
     pass_kind,
     trainable_parameters,
 )
-from modecl.core.config import ContinualSettings, from_dict
+from modecl.core.config import ConfigError, ContinualSettings, from_dict
+from modecl.core.conflict import ConflictMonitor
 from modecl.core.methods import METHOD_NAMES, get_method
 from modecl.core.methods.distillation import distill_loss
 from modecl.core.sequences import IGNORE, DrawPair, collate, next_token_loss
 from modecl.core.tasks import Task
-from modecl.core.train import train_task, understand_loss
+from modecl.core.train import check_engine, train_task, understand_loss
 from modecl.digits.format import understand_example
 from modecl.digits.model import build_model
 from modecl.digits.tasks import DRAW_PROMPT
 from tests.conftest import tiny_config
+from tests.fixtures import deepspeed_accelerator
 
 SETTINGS = from_dict(
     ContinualSettings,
@@ -207,3 +209,54 @@ def test_the_distillation_teacher_is_the_host_without_dropout(world, pairs):
     with torch.no_grad(), adapters_off(model):
         host = lm_logits(model, **inputs)
     assert torch.equal(seen[0], host)  # the first head call of the loss is the teacher's
+
+
+def test_deepspeed_clips_at_train_grad_clip_and_sizes_its_batch_from_the_global_one():
+    accelerator = deepspeed_accelerator(zero_stage=2)
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    assert config["gradient_clipping"] == "auto"  # accelerate would fill in 1.0
+    check_engine(accelerator, SETTINGS)
+    assert config["gradient_clipping"] == SETTINGS.train.grad_clip == 10.0
+    assert config["train_micro_batch_size_per_gpu"] == 4  # a global batch of 8, 2 processes
+    agreeing = deepspeed_accelerator(
+        3, zero_stage=1, gradient_clipping=10.0, gradient_accumulation_steps=1
+    )
+    check_engine(agreeing, SETTINGS)
+    assert agreeing.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
+    check_engine(None, SETTINGS)  # no accelerator, nothing to check
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        ({"zero_stage": 3}, "ZeRO stage 3 is not supported"),
+        ({"zero_stage": 0}, "ZeRO stage 0 is not supported"),
+        ({"gradient_clipping": 1.0}, "gradient_clipping 1.0 differs from train.grad_clip 10.0"),
+        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps is 4"),
+    ],
+)
+def test_a_deepspeed_config_the_loop_cannot_follow_is_refused(plugin, message):
+    with pytest.raises(ConfigError, match=message):
+        check_engine(deepspeed_accelerator(**plugin), SETTINGS)
+
+
+def test_the_conflict_monitor_is_refused_under_deepspeed_even_in_one_process(
+    world, two_tasks, pairs
+):
+    """Its own backward passes set off DeepSpeed's gradient hooks (a ZeRO-2 run of one
+    process failed so): refused before any step."""
+    model = fresh_model(world)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    monitor = ConflictMonitor(world.format, pairs[:2], every=1)
+    with pytest.raises(ValueError, match="single process without DeepSpeed only"):
+        train_task(
+            model,
+            world.format,
+            get_method("seq-lora"),
+            two_tasks[0],
+            SETTINGS,
+            progress=False,
+            monitor=monitor,
+            accelerator=deepspeed_accelerator(1, zero_stage=2),
+        )
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -69,7 +69,7 @@ from modecl.core.results import (
 )
 from modecl.core.tasks import Task
 from modecl.core.tracking import Tracking
-from modecl.core.train import train_task
+from modecl.core.train import train_task, zero_stage
 from modecl.core.world import World
 
 Gather = Callable[[list[Any]], list[Any]]
@@ -153,9 +153,10 @@ def check_run_key(out: Path, spec: RunSpec) -> None:
 PACKAGES = ("modecl", "torch", "transformers", "accelerate", "numpy", "diffusers", "deepspeed")
 
 
-def manifest(tasks: list[Task]) -> dict[str, Any]:
+def manifest(tasks: list[Task], accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Per task and split: the number of samples and a SHA-256 of their content (image
-    codes, question, answer, options); the versions of the packages that shaped them."""
+    codes, question, answer, options); the versions of the packages that shaped them; the
+    launch: processes, accelerate's distributed type, the ZeRO stage under DeepSpeed."""
     splits = {}
     for task in tasks:
         splits[task.name] = {}
@@ -169,7 +170,12 @@ def manifest(tasks: list[Task]) -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
-    return {"tasks": splits, "packages": versions}
+    launch = {
+        "processes": accelerator.num_processes if accelerator else 1,
+        "distributed_type": accelerator.distributed_type.value if accelerator else "NO",
+        "zero_stage": zero_stage(accelerator),
+    }
+    return {"tasks": splits, "packages": versions, "launch": launch}
 
 
 def peak_memory_mb() -> float:
@@ -318,10 +324,11 @@ def _run_method(
     attach_adapters(model, method.adapter_config(settings))
     watch = settings.monitor
     monitor, probe = None, world.probe_pairs(watch.probe_size) if watch.enabled else []
-    if probe and p.count == 1:
+    if probe and p.count == 1 and zero_stage(p.accelerator) is None:
         monitor = ConflictMonitor(world.format, probe, watch.every)
     elif probe and p.main:
-        warnings.warn("the conflict monitor runs in one process only: skipped", stacklevel=2)
+        message = "the conflict monitor runs in one process without DeepSpeed only: skipped"
+        warnings.warn(message, stacklevel=2)
     folder = out / "checkpoints" / f"seed{seed}" / name
     stages, pictures, steps = [], [], []
     try:
@@ -505,7 +512,7 @@ def run(
         per_seed=per_seed,
         mean=mean,
         std=std,
-        manifest=manifest(tasks),
+        manifest=manifest(tasks, accelerator),
     )
     if p.main:
         tmp = out / f".samples{TEMP_MARK}.npz"

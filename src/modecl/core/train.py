@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from modecl.core.adapters import lm_logits, pass_kind
-from modecl.core.config import ContinualSettings
+from modecl.core.config import ConfigError, ContinualSettings
 from modecl.core.conflict import ConflictMonitor
 from modecl.core.files import replace_dir, temporary_dir
 from modecl.core.methods.base import Method
@@ -87,6 +87,54 @@ class StepLoss(nn.Module):
         return total, ce, terms
 
 
+def zero_stage(accelerator: Accelerator | None) -> int | None:
+    """The ZeRO stage of the accelerator's DeepSpeed config; None without DeepSpeed."""
+    plugin = None if accelerator is None else accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return None
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_engine(accelerator: Accelerator | None, settings: ContinualSettings) -> None:
+    """Refuse, before any training, a DeepSpeed config that the loop cannot follow, and fill
+    in what the loop decides where the config leaves it to us ("auto" or absent).
+
+    DeepSpeed clips, steps and zeroes the gradients inside ``accelerator.backward``, at its
+    config's ``gradient_clipping``: that is ``train.grad_clip``. The loop takes one optimizer
+    step a batch (no accumulation). ZeRO stages 1 and 2 partition the optimizer state (and
+    the gradients): each process ends every step with the whole of the adapters, which
+    evaluation and drawing use unwrapped between tasks; stage 3 partitions the parameters
+    themselves and is refused, as is stage 0 (plain data parallel: DDP does it). The
+    per-process batch DeepSpeed sizes its engine by (usually read from a DataLoader) is
+    the global batch's share.
+    """
+    stage = zero_stage(accelerator)
+    if stage is None:
+        return
+    cfg, config = settings.train, accelerator.state.deepspeed_plugin.deepspeed_config
+    if stage not in (1, 2):
+        raise ConfigError(
+            f"DeepSpeed ZeRO stage {stage} is not supported: stages 1 and 2 are (stage 3 "
+            "partitions the adapters that evaluation reads whole; without ZeRO, use DDP)"
+        )
+    clip = config.get("gradient_clipping", "auto")
+    if clip == "auto":
+        config["gradient_clipping"] = cfg.grad_clip
+    elif float(clip) != cfg.grad_clip:
+        raise ConfigError(
+            f"DeepSpeed's gradient_clipping {clip} differs from train.grad_clip {cfg.grad_clip}: "
+            "DeepSpeed does the clipping, make them equal"
+        )
+    accumulation = config.get("gradient_accumulation_steps", "auto")
+    if accumulation not in ("auto", 1):
+        raise ConfigError(
+            f"DeepSpeed's gradient_accumulation_steps is {accumulation}: the training loop "
+            "steps once a batch, set it to 1 (train.batch_size is the global batch)"
+        )
+    if config.get(_MICRO, "auto") == "auto":
+        config[_MICRO] = -(-cfg.batch_size // accelerator.num_processes)
+
+
 def train_task(
     model: nn.Module,
     fmt: Format,
@@ -122,8 +170,9 @@ def train_task(
         samples = [samples[i] for i in rng.permutation(len(samples))[: cfg.max_train_samples]]
     method.configure(settings, draw_pairs)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    if world > 1 and monitor is not None:
-        raise ValueError("the conflict monitor runs in a single process only")
+    if monitor is not None and (world > 1 or zero_stage(accelerator) is not None):
+        # Its own backward passes would set off DeepSpeed's gradient hooks.
+        raise ValueError("the conflict monitor runs in a single process without DeepSpeed only")
     if world > min(cfg.batch_size, len(samples)):
         raise ValueError(
             f"{world} processes need a batch of at least {world} samples "
@@ -137,10 +186,7 @@ def train_task(
     schedule = get_cosine_schedule_with_warmup(optim, int(cfg.warmup_fraction * total), total)
     step_loss: nn.Module = StepLoss(model, fmt, method)
     if accelerator is not None:
-        plugin = accelerator.state.deepspeed_plugin
-        if plugin is not None and plugin.deepspeed_config.get(_MICRO, "auto") == "auto":
-            # DeepSpeed sizes its engine by a per-GPU batch, usually read from a DataLoader.
-            plugin.deepspeed_config[_MICRO] = -(-cfg.batch_size // world)
+        check_engine(accelerator, settings)
         step_loss, optim = accelerator.prepare(step_loss, optim)
     log: dict[str, Any] = {"loss": [], "terms": {}, "conflict": []}
     bf16 = cfg.mixed_precision == "bf16"  # autocast: matmuls in bfloat16, adapters float32
@@ -177,6 +223,8 @@ def train_task(
             optim.zero_grad(set_to_none=True)
             lr = optim.param_groups[0]["lr"]
             if accelerator is not None:
+                # Under DeepSpeed, backward also clips (at train.grad_clip: check_engine),
+                # steps and zeroes; the norm is then its step's, the optimizer's step a no-op.
                 accelerator.backward(loss)
                 norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
             else:
@@ -210,9 +258,10 @@ def train_task(
 
 
 class StepCheckpoint:
-    """The state inside a task after a step: adapters, optimizer, schedule, every random
-    number generator (numpy's data order, torch's of every process), the epoch's order,
-    the position and the log so far, in ``folder/state.pt``, written atomically."""
+    """The state inside a task after a step: adapters, optimizer (under ZeRO, every
+    process's partition of it), schedule, every random number generator (numpy's data
+    order, torch's of every process), the epoch's order, the position and the log so far,
+    in ``folder/state.pt``, written atomically."""
 
     def __init__(
         self,
@@ -234,8 +283,11 @@ class StepCheckpoint:
 
     def save(self, position: int, order: np.ndarray, log: dict[str, Any]) -> None:
         torch_rng = [torch.get_rng_state()]
+        optimizer = self.optim.state_dict()
         if self.accelerator is not None and self.accelerator.num_processes > 1:
             torch_rng = gather_object(torch_rng)
+            if zero_stage(self.accelerator):  # every process holds its own part
+                optimizer = gather_object([optimizer])
         if self._rank() == 0:
             state = {
                 "position": position,
@@ -246,7 +298,7 @@ class StepCheckpoint:
                     for n, p in self.model.named_parameters()
                     if p.requires_grad
                 },
-                "optimizer": self.optim.state_dict(),
+                "optimizer": optimizer,
                 "schedule": self.schedule.state_dict(),
                 "rng": self.rng.bit_generator.state,
                 "torch_rng": torch_rng,
@@ -264,6 +316,7 @@ class StepCheckpoint:
         with torch.no_grad():
             for name, value in state["adapters"].items():
                 params[name].copy_(value)
+        # ZeRO's optimizer takes the list of every process's part and picks its own.
         self.optim.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.rng.bit_generator.state = state["rng"]

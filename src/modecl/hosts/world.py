@@ -15,6 +15,7 @@ concepts' against every concept's reference images. The out dir is the runner's
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from diffusers import VQModel
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -38,6 +40,7 @@ from modecl.core.runner import RunSpec, check_methods, check_run_key, run
 from modecl.core.sequences import DrawPair, left_padded
 from modecl.core.tasks import Task, TaskFileError
 from modecl.core.tracking import check_trackers
+from modecl.core.train import check_engine
 from modecl.core.world import Answering, Measured
 from modecl.hosts.clip import Clip, ClipUnavailable, References, load_clip
 from modecl.hosts.coin import COIN_FILES, check_coin_folder, folder_name, load_coin_task
@@ -62,9 +65,22 @@ def default_accelerator() -> Accelerator:
     """An Accelerator for this launch: GPUs when present, else CPU processes (gloo).
 
     accelerate treats a torchrun launch on a machine without GPUs as distributed only when
-    asked for CPU explicitly.
+    asked for CPU explicitly, and then never as DeepSpeed. DeepSpeed is asked for as
+    `accelerate launch` asks for it, by ``ACCELERATE_USE_DEEPSPEED=true`` and the
+    ``ACCELERATE_DEEPSPEED_*`` variables (README, "Scale-out"); launched CPU processes then
+    need the process group's backend named, else each believes it is alone; a process
+    that no launcher started is refused (accelerate would train it without DeepSpeed).
     """
-    return Accelerator(cpu=not torch.cuda.is_available())
+    if torch.cuda.is_available():
+        return Accelerator()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return Accelerator(cpu=True)
+    if "LOCAL_RANK" not in os.environ:  # accelerate would quietly train without DeepSpeed
+        raise ConfigError(
+            "ACCELERATE_USE_DEEPSPEED is set but no launcher started this process: run it under "
+            "torchrun (python -m torch.distributed.run --nproc_per_node N -m modecl.cli ...)"
+        )
+    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
 
 
 def load_host(path: str, dtype: str, device: torch.device) -> tuple[nn.Module, Any]:
@@ -456,6 +472,7 @@ def train_run(
     out = Path(out)
     check_run_key(out, spec)
     accelerator = accelerator or default_accelerator()
+    check_engine(accelerator, config.continual)  # before minutes of loading the host
     main = accelerator.is_main_process
     model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
     world, _ = host_world(
