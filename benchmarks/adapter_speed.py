@@ -1,15 +1,17 @@
 """Training-step time of the adapter configurations on a Llama-geometry stack (CPU, float32).
 
 Compares, in one run and on the same frozen host: the host alone, peft's LoRA (r=8), our
-`lora`, our `mode` (N=4, per-token routing over a batch of text and image tokens), and a
-naive MoDE that loops over its experts in Python, as published MoE-LoRA code does. A step is
-forward + cross-entropy + backward, timed in this process's CPU time (one thread: other jobs
-on a shared machine barely change it), round-robin so that what they do change spreads
-evenly; each variant reports its median.
+`lora`, our `mode` (N=4, per-token routing over a batch of text and image tokens), and with
+`--naive` a MoDE that loops over its experts in Python, as published MoE-LoRA code does. A
+step is forward + cross-entropy + backward, timed in this process's CPU time (one thread:
+waiting for a core shared with other jobs does not count). The variants take turns, one
+step each per round; a variant's overhead in a round is its step minus the host's step of
+that round, and each figure is the median over the rounds, so that slow spells of a shared
+machine (memory bandwidth, caches) cancel out of the differences.
 
-    .venv/bin/python benchmarks/adapter_speed.py [--quick] [--steps N] [--threads N]
+    .venv/bin/python benchmarks/adapter_speed.py [--quick] [--steps N] [--naive]
 
-The last line is `mode_overhead_over_peft_lora_overhead=<ratio>`, overhead = step - host step.
+The last line is `mode_overhead_over_peft_lora_overhead=<ratio>` (median overheads).
 """
 
 from __future__ import annotations
@@ -88,18 +90,19 @@ def variants(args: argparse.Namespace, mask: torch.Tensor) -> dict[str, nn.Modul
     peft_config = peft.LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(TARGETS)
     )
-    naive = copy.deepcopy(base)
-    for name, module in list(naive.named_modules()):
-        if name.rsplit(".", 1)[-1] in TARGETS:
-            parent, _, child = name.rpartition(".")
-            setattr(naive.get_submodule(parent), child, LoopMoDELinear(module, mask))
     models = {
         "host": base,
         "peft lora": peft.get_peft_model(copy.deepcopy(base), peft_config),
         "ours lora": attach_adapters(copy.deepcopy(base), AdapterConfig(kind="lora")),
         "ours mode": attach_adapters(copy.deepcopy(base), AdapterConfig(kind="mode")),
-        "naive loop mode": naive.train(),
     }
+    if args.naive:
+        naive = copy.deepcopy(base)
+        for name, module in list(naive.named_modules()):
+            if name.rsplit(".", 1)[-1] in TARGETS:
+                parent, _, child = name.rpartition(".")
+                setattr(naive.get_submodule(parent), child, LoopMoDELinear(module, mask))
+        models["naive loop mode"] = naive
     for model in models.values():
         nonzero_b(model).train()
         # The host alone needs something to differentiate: the embeddings, for every variant
@@ -119,7 +122,8 @@ def step(model: nn.Module, ids: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small stack, for a smoke run")
-    parser.add_argument("--steps", type=int, default=9, help="timed steps per variant")
+    parser.add_argument("--steps", type=int, default=15, help="timed rounds")
+    parser.add_argument("--naive", action="store_true", help="also the per-expert loop MoDE")
     # One thread by default: on a shared machine, OpenMP threads stall whenever another
     # process holds one of their cores, which swamps the differences measured here.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -143,22 +147,23 @@ def main() -> None:
         for name in models:
             times[name].append(step(models[name], ids))
 
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    base = medians["host"]
+    host_step = statistics.median(times["host"])
+    overheads = {
+        name: statistics.median(t - h for t, h in zip(times[name], times["host"], strict=True))
+        for name in models
+    }
     print(
         f"hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
         f"vocab {args.vocab}, batch x seq = {batch} x {seq}, float32, "
-        f"{torch.get_num_threads()} thread(s), CPU time, median of {args.steps} steps"
+        f"{torch.get_num_threads()} thread(s), CPU time, medians over {args.steps} rounds"
     )
     print(f"{'variant':<18}{'step s':>10}{'overhead s':>12}{'x host':>9}{'overhead / peft':>17}")
-    peft_overhead = medians["peft lora"] - base
-    for name, t in medians.items():
-        overhead = t - base
-        ratio = overhead / peft_overhead
-        print(f"{name:<18}{t:>10.3f}{overhead:>12.3f}{t / base:>9.3f}{ratio:>17.2f}")
-    print(
-        f"mode_overhead_over_peft_lora_overhead={(medians['ours mode'] - base) / peft_overhead:.3f}"
-    )
+    for name, overhead in overheads.items():
+        step_s = statistics.median(times[name])
+        ratio = overhead / overheads["peft lora"]
+        print(f"{name:<18}{step_s:>10.3f}{overhead:>12.3f}{step_s / host_step:>9.3f}{ratio:>17.2f}")
+    ratio = overheads["ours mode"] / overheads["peft lora"]
+    print(f"mode_overhead_over_peft_lora_overhead={ratio:.3f}")
 
 
 if __name__ == "__main__":
