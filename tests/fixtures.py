@@ -52,6 +52,9 @@ from transformers import (
 )
 
 from modecl.core.adapters import AdapterConfig, adapter_layers, attach_adapters
+from modecl.core.config import from_dict
+from modecl.digits.config import RunConfig
+from tests.conftest import TINY
 
 # --- the tiny vocabulary ------------------------------------------------------------------
 
@@ -324,3 +327,43 @@ def torchrun(processes: int = 2) -> list[str]:
     """The start of a command line that runs a script or module in `processes` processes."""
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     return [*run, "--nproc_per_node", str(processes)]
+
+
+# --- the tiny digits study ----------------------------------------------------------------
+
+BENCH_TASKS = ["parity", "spatial"]
+BENCH_METHODS = ["seq-lora", "mode", "replay"]
+
+
+def tiny_study(**overrides: object) -> dict:
+    """The tiny digits study as config data: the tiny host (gate off), two tasks, three
+    methods, one short epoch."""
+    host = {k: dict(v) for k, v in TINY.items()} | {"gate": {"captioning": 0.0, "generation": 0.0}}
+    data = {
+        "host": host,
+        "tasks": BENCH_TASKS,
+        "methods": BENCH_METHODS,
+        "continual": {
+            "adapter": {"rank": 2, "num_experts": 2},
+            "train": {"epochs": 1, "batch_size": 16, "max_train_samples": 32},
+            "distill": {"batch_size": 4},
+            "replay": {"buffer_size": 8, "per_batch": 4},
+        },
+        "eval": {"samples_per_digit": 2, "max_test_samples": 20},
+    }
+    return data | overrides
+
+
+def tiny_run(**overrides: object) -> RunConfig:
+    return from_dict(RunConfig, tiny_study(**overrides))
+
+
+def toml(data: dict, section: str = "") -> str:
+    """Config data (tables of numbers, strings and lists of them) as TOML text."""
+    lines = [f"[{section}]"] if section else []
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    lines += [f"{k} = {json.dumps(v)}" for k, v in data.items() if k not in tables]
+    text = "\n".join(lines) + "\n"
+    for key, table in tables.items():
+        text += toml(table, f"{section}.{key}" if section else key)
+    return text

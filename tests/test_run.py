@@ -2,51 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 
 import modecl.core.runner
-from modecl.core.config import ConfigError, from_dict, load_toml
+from modecl.core.config import ConfigError, load_toml
 from modecl.core.report import write_report
-from modecl.core.results import Results, read_results
+from modecl.core.results import comparable, read_results
 from modecl.digits.bench import run_benchmark
 from modecl.digits.config import RunConfig
 from modecl.digits.pretrain import GateError
-from tests.conftest import TINY
-
-TASKS = ["parity", "spatial"]
-METHODS = ["seq-lora", "mode", "replay"]
-
-
-def tiny_run(**overrides) -> RunConfig:
-    host = {k: dict(v) for k, v in TINY.items()} | {"gate": {"captioning": 0.0, "generation": 0.0}}
-    data = {
-        "host": host,
-        "tasks": TASKS,
-        "methods": METHODS,
-        "continual": {
-            "adapter": {"rank": 2, "num_experts": 2},
-            "train": {"epochs": 1, "batch_size": 16, "max_train_samples": 32},
-            "distill": {"batch_size": 4},
-            "replay": {"buffer_size": 8, "per_batch": 4},
-        },
-        "eval": {"samples_per_digit": 2, "max_test_samples": 20},
-    }
-    return from_dict(RunConfig, data | overrides)
-
-
-def without_cost(results: Results) -> dict:
-    """Results minus what legitimately differs between two runs: timing, memory, cache."""
-    tree = json.loads(json.dumps(dataclasses.asdict(results)))
-    tree["world"].pop("host")
-    for seed in [*tree["per_seed"], tree["mean"]]:
-        for entry in seed["methods"].values():
-            for stage in entry["stages"]:
-                for key in ("wall_seconds", "peak_memory_mb", "train_seconds"):
-                    stage.pop(key)
-    return tree
+from tests.fixtures import BENCH_METHODS as METHODS
+from tests.fixtures import BENCH_TASKS as TASKS
+from tests.fixtures import tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +87,7 @@ def test_resume_after_a_crash_gives_the_same_results(full_run, tmp_path, cache, 
     calls["n"] = -100  # no more crashes
     resumed = run_benchmark(tiny_run(), tmp_path, cache_dir=cache, progress=False)
     assert calls["n"] == -100 + 3  # only the unfinished stages were trained
-    assert without_cost(resumed) == without_cost(uninterrupted)
+    assert comparable(resumed) == comparable(uninterrupted)
     first = (full_run[0] / "conflict.jsonl").read_text()
     assert (tmp_path / "conflict.jsonl").read_text() == first
 

@@ -12,8 +12,9 @@ import torch
 from modecl.core.config import ConfigError, load_toml, toml_keys
 from modecl.core.report import headline_rows, write_report
 from modecl.core.tasks import TaskFileError
+from modecl.core.workers import UnitFailed, threads_per_worker
+from modecl.digits.bench import bench_jobs, run_benchmark, validate
 from modecl.digits.bench import quick as quick_config
-from modecl.digits.bench import run_benchmark, validate
 from modecl.digits.config import DigitsConfig, RunConfig
 from modecl.digits.pretrain import GateError, check_gate, load_or_pretrain
 from modecl.hosts.config import TrainConfig
@@ -82,7 +83,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     out = args.out or Path("runs/digits-quick" if args.quick else "runs/digits")
     validate(config)
     results = run_benchmark(
-        config, out, quick=args.quick, cache_dir=args.cache, config_file=args.config
+        config,
+        out,
+        quick=args.quick,
+        cache_dir=args.cache,
+        config_file=args.config,
+        jobs=bench_jobs(config, args.threads) if args.jobs is None else args.jobs,
     )
     report = write_report(out)
     print(
@@ -178,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads",
         type=_positive,
-        default=1,
-        help="CPU threads for torch (default 1: the tiny digits model runs as fast on one, "
-        "and more threads than free cores slow it down many times over)",
+        default=threads_per_worker(),
+        help="CPU threads for torch, in each worker of `bench --jobs` too (default: "
+        "$OMP_NUM_THREADS, else 1: the tiny digits model runs as fast on one, and more "
+        "threads than free cores slow it down many times over)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pre-train (or load) the digits host model and gate it")
@@ -192,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", help="comma-separated method names (default: the config's)")
     b.add_argument("--out", type=Path, help="default: runs/digits (quick: runs/digits-quick)")
     b.add_argument("--quick", action="store_true", help="a smaller first-look configuration")
+    b.add_argument(
+        "--jobs",
+        type=int,
+        help="worker processes for the (seed, method) units; default: the usable cores "
+        "(affinity mask, cgroup quota) over --threads, capped by memory; 1: one process",
+    )
     b.add_argument(
         "--seeds", type=_positive, help="repeat the study over N seeds (default: config)"
     )
@@ -250,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, GateError, TaskFileError) as exc:
         print(f"modecl: error: {exc}", file=sys.stderr)
         return 2
+    except UnitFailed as exc:
+        print(f"modecl: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

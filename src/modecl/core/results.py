@@ -131,3 +131,22 @@ def read_results(path: Path) -> Results:
         return from_dict(Results, data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+COSTS = ("wall_seconds", "peak_memory_mb", "train_seconds")
+
+
+def comparable(results: Results) -> dict[str, Any]:
+    """Every number of ``results`` but what differs between two runs of the same config:
+    the costs (:data:`COSTS`, wherever they occur) and the host's log (trained or loaded)."""
+
+    def strip(tree: Any) -> Any:
+        if isinstance(tree, dict):
+            return {k: strip(v) for k, v in tree.items() if k not in COSTS}
+        if isinstance(tree, list):
+            return [strip(v) for v in tree]
+        return tree
+
+    tree = strip(json.loads(json.dumps(dataclasses.asdict(results))))
+    tree["world"].pop("host", None)
+    return tree

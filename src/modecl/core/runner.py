@@ -25,6 +25,7 @@ shared by every method: each attaches its adapters to it and detaches them when 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -70,6 +71,7 @@ from modecl.core.results import (
 from modecl.core.tasks import Task
 from modecl.core.tracking import Tracking
 from modecl.core.train import train_task, zero_stage
+from modecl.core.workers import Unit, run_units
 from modecl.core.world import World
 
 Gather = Callable[[list[Any]], list[Any]]
@@ -451,6 +453,12 @@ def _train_stage(
     p.barrier()  # written before any process reads it
 
 
+def _run_unit(spec: RunSpec, out: Path, world: World, unit: Unit, tick: Callable) -> None:
+    """One (seed, method) in a worker process (:mod:`modecl.core.workers`)."""
+    seed, name = unit
+    _run_method(name, world, world.tasks(), spec, seed, out, Processes(None), tick, False)
+
+
 def run(
     world: World,
     spec: RunSpec,
@@ -459,12 +467,26 @@ def run(
     accelerator: Accelerator | None = None,
     progress: bool = True,
     describe: dict[str, Any] | None = None,
+    jobs: int = 1,
+    make_world: Callable[[], World] | None = None,
 ) -> Results:
     """Every method and seed through the world's tasks; writes run.json (now that the world
-    loaded), every stage, results.json, conflict.jsonl and samples.npz."""
+    loaded), every stage, results.json, conflict.jsonl and samples.npz.
+
+    With ``jobs`` > 1, the (seed, method) units run in that many worker processes
+    (:mod:`modecl.core.workers`: forked with ``world``, or spawned and building their own
+    with ``make_world``, picklable), after the host's stages of every seed are measured
+    here; the results are then read back from the stage files, the same as one process's.
+    """
     check_methods(spec.methods)
     out = Path(out)
     p = Processes(accelerator)
+    if jobs > 1 and (make_world is None or p.count > 1 or spec.tracking):
+        raise ConfigError(
+            f"jobs {jobs}: worker processes need a world that can be rebuilt in each, one "
+            "launched process and no experiment tracking (which logs from one process); "
+            "use jobs 1"
+        )
     check_run_key(out, spec)
     p.barrier()  # every process checked before the main one writes
     if p.main:
@@ -473,7 +495,15 @@ def run(
     tasks = world.tasks()
     tracker = Tracking(out, spec.tracking, spec.config) if p.main and spec.tracking else None
     total = len(spec.seeds) * len(spec.methods) * len(tasks)
-    bar = tqdm(total=total, desc="stages", unit="stage", disable=not progress or not p.main)
+    if jobs > 1:
+        for seed in spec.seeds:
+            _pretrained(world, tasks, seed, out, p)
+        units = [(seed, name) for seed in spec.seeds for name in spec.methods]
+        work = functools.partial(_run_unit, spec, out)
+        run_units(units, world, make_world, work, jobs, total, progress)
+    # After workers, every stage is done: the loop below only reads them back.
+    shown = progress and p.main and jobs == 1
+    bar = tqdm(total=total, desc="stages", unit="stage", disable=not shown)
 
     def tick(what: str) -> None:
         bar.set_postfix_str(what)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection, Sequence
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from modecl.core.runner import RunSpec, check_methods, check_run_key, run
 from modecl.core.sequences import DrawPair
 from modecl.core.tasks import Task
 from modecl.core.tracking import check_trackers
+from modecl.core.workers import default_jobs
 from modecl.core.world import Answering, Measured
 from modecl.digits.config import RunConfig
 from modecl.digits.format import DigitsFormat
@@ -138,6 +139,23 @@ def bench_spec(config: RunConfig, quick_run: bool, files: list[Path]) -> RunSpec
     )
 
 
+# A worker's resident memory is about 0.5 GiB (torch, the host, a method's adapters).
+WORKER_MB = 1024
+
+
+def bench_jobs(config: RunConfig, threads: int = 1) -> int:
+    """Default workers of ``threads`` torch threads each: the usable cores over
+    ``threads``, capped by memory and the number of units; 1 with experiment tracking (it
+    logs from one process)."""
+    units = len(config.methods) * config.seeds
+    return 1 if config.tracking.log_with else default_jobs(units, WORKER_MB, threads)
+
+
+def bench_world(config: RunConfig, cache_dir: Path | None) -> DigitsBench:
+    """The world in a worker process: the host from the cache the parent filled."""
+    return DigitsBench(load_or_pretrain(config.host, cache_dir, progress=False), config)
+
+
 def run_benchmark(
     config: RunConfig,
     out: Path,
@@ -146,11 +164,16 @@ def run_benchmark(
     cache_dir: Path | None = None,
     progress: bool = True,
     config_file: Path | None = None,
+    jobs: int = 1,
 ) -> Results:
     """Pre-train or load the host (gated), run every method and seed, write results.json.
 
-    The out dir is checked first and written only once the host passed its gate."""
+    The out dir is checked first and written only once the host passed its gate. ``jobs``:
+    worker processes for the (seed, method) units (:func:`bench_jobs` chooses a default).
+    """
     validate(config)
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
     check_trackers(config.tracking.log_with)
     spec = bench_spec(config, quick, [Path(config_file)] if config_file else [])
     check_run_key(out, spec)
@@ -161,4 +184,6 @@ def run_benchmark(
         world.captioning_accuracy(model, world.pools.test),
         world.generation_accuracy(*world.draw_digits(model, 20, config.host.seed)),
     )
-    return run(DigitsBench(host, config), spec, Path(out), progress=progress)
+    world = DigitsBench(host, config)
+    make_world = partial(bench_world, config, cache_dir)
+    return run(world, spec, Path(out), progress=progress, jobs=jobs, make_world=make_world)
