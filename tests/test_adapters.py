@@ -98,8 +98,9 @@ def test_lora_equals_peft_lora():
 def loop_reference(layer: AdapterLinear, x: torch.Tensor, state: RoutingState) -> torch.Tensor:
     """The same layer written as a plain loop over experts, one token mask per branch."""
     out = layer.base(x)
-    r, start = layer.rank, 0
+    start = 0
     for name, n in layer.branches:
+        r = layer.ranks[name]
         columns = range(start, start + n * r, r)
         start += n * r
         member = torch.ones(x.shape[:-1], dtype=torch.bool)
@@ -116,9 +117,13 @@ def loop_reference(layer: AdapterLinear, x: torch.Tensor, state: RoutingState) -
     return out
 
 
-def standalone_layer(kind: str, mask: torch.Tensor, branch: str | None) -> AdapterLinear:
+def standalone_layer(
+    kind: str, mask: torch.Tensor, branch: str | None, expert_rank: str = "full"
+) -> AdapterLinear:
     torch.manual_seed(3)
-    config = AdapterConfig(kind=kind, dropout=0.0, num_experts=3, rank=4, alpha=6.0)
+    config = AdapterConfig(
+        kind=kind, dropout=0.0, num_experts=3, rank=6, alpha=6.0, expert_rank=expert_rank
+    )
     routing = RoutingContext(config, image_token_ids=None)
     routing.state = RoutingState(enabled=True, branch=branch, image_mask=mask)
     layer = AdapterLinear(nn.Linear(16, 24), config, routing)
@@ -126,11 +131,12 @@ def standalone_layer(kind: str, mask: torch.Tensor, branch: str | None) -> Adapt
     return layer
 
 
+@pytest.mark.parametrize("expert_rank", ["full", "split"])
 @pytest.mark.parametrize("branch", [None, "text", "image"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_stacked_layer_equals_expert_loop(kind, branch):
+def test_stacked_layer_equals_expert_loop(kind, branch, expert_rank):
     mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
-    layer = standalone_layer(kind, mask, branch)
+    layer = standalone_layer(kind, mask, branch, expert_rank)
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
     upstream = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(5))
     results = []
@@ -165,10 +171,11 @@ def branch_grads(layers: dict[str, AdapterLinear]) -> dict[str, torch.Tensor]:
     return {name: torch.cat(parts) for name, parts in grads.items()}
 
 
-def test_token_policy_branch_learns_only_from_its_tokens():
+@pytest.mark.parametrize("expert_rank", ["full", "split"])
+def test_token_policy_branch_learns_only_from_its_tokens(expert_rank):
     """Changing the other branch's tokens (inputs and upstream gradient) changes nothing."""
     mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
-    layer = standalone_layer("mode", mask, None)
+    layer = standalone_layer("mode", mask, None, expert_rank)
     g = torch.Generator().manual_seed(6)
     x, upstream = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 24, generator=g)
 
@@ -315,16 +322,21 @@ IN_OUT, ROUTER_IN = 2 * 3 * 80, 2 * 112
 
 
 @pytest.mark.parametrize(
-    ("kind", "expected"),
+    ("kind", "expert_rank", "expected"),
     [
-        ("mode", {"text": 4 * 8 * IN_OUT, "image": 8 * IN_OUT, "router": 4 * ROUTER_IN}),
-        ("lora", {"shared": 8 * IN_OUT}),
-        ("moe-lora", {"shared": 4 * 8 * IN_OUT, "router": 4 * ROUTER_IN}),
-        ("mode-text-lora", {"text": 8 * IN_OUT, "image": 8 * IN_OUT}),
+        ("mode", "full", {"text": 4 * 8 * IN_OUT, "image": 8 * IN_OUT, "router": 4 * ROUTER_IN}),
+        ("lora", "full", {"shared": 8 * IN_OUT}),
+        ("moe-lora", "full", {"shared": 4 * 8 * IN_OUT, "router": 4 * ROUTER_IN}),
+        ("mode-text-lora", "full", {"text": 8 * IN_OUT, "image": 8 * IN_OUT}),
+        # split: a routed branch of 4 experts of rank 2 has one rank-8 LoRA's parameters
+        ("mode", "split", {"text": 8 * IN_OUT, "image": 8 * IN_OUT, "router": 4 * ROUTER_IN}),
+        ("moe-lora", "split", {"shared": 8 * IN_OUT, "router": 4 * ROUTER_IN}),
+        ("lora", "split", {"shared": 8 * IN_OUT}),  # one expert: its rank stays
+        ("mode-text-lora", "split", {"text": 8 * IN_OUT, "image": 8 * IN_OUT}),
     ],
 )
-def test_trainable_parameters_per_branch(kind, expected):
-    model = attach_adapters(tiny_llama(), AdapterConfig(kind=kind))
+def test_trainable_parameters_per_branch(kind, expert_rank, expected):
+    model = attach_adapters(tiny_llama(), AdapterConfig(kind=kind, expert_rank=expert_rank))
     counts = trainable_parameters(model)
     assert counts == expected
     assert sum(counts.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -430,3 +442,11 @@ def test_left_padded_generation_equals_one_prompt_at_a_time(host):
         assert torch.equal(row, alone)
     unmasked = generate(model, ids, 6)  # the padding attended to: other tokens
     assert not torch.equal(unmasked, together)
+
+
+def test_split_expert_rank_needs_a_rank_divisible_by_the_experts():
+    with pytest.raises(ValueError, match="rank 6 is not divisible by it"):
+        AdapterConfig(kind="moe-lora", rank=6, num_experts=4, expert_rank="split")
+    with pytest.raises(ValueError, match="unknown expert_rank 'half'"):
+        AdapterConfig(expert_rank="half")
+    assert [AdapterConfig(expert_rank="split").expert_rank_of(n) for n in (1, 4)] == [8, 2]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modecl.core.config import ConfigError, load_toml, to_dict
+from modecl.core.config import ConfigError, from_dict, load_toml, to_dict
 from modecl.digits import data, pretrain, tasks
 from modecl.digits.config import DigitsConfig, RunConfig
 from modecl.digits.pretrain import cache_key
@@ -128,3 +128,9 @@ def test_train_config_tables_are_checked(tmp_path):
     bad.write_text("[host]\nimage_sise = 8\n")
     with pytest.raises(ConfigError, match=r"unknown key 'host\.image_sise'"):
         load_toml(TrainConfig, bad)
+
+
+def test_split_expert_rank_is_checked_at_load():
+    data = {"continual": {"adapter": {"rank": 6, "num_experts": 4, "expert_rank": "split"}}}
+    with pytest.raises(ConfigError, match=r"continual\.adapter: expert_rank 'split' needs rank"):
+        from_dict(RunConfig, data)

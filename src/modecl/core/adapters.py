@@ -117,6 +117,7 @@ __all__ = [
 
 KINDS = ("mode", "lora", "moe-lora", "mode-text-lora")
 POLICIES = ("token", "task", "sample")
+EXPERT_RANKS = ("full", "split")
 PASS_KINDS = ("understand", "draw", "teacher", "student")
 
 _ATTACHMENT = "_modecl_adapters"
@@ -135,6 +136,7 @@ class AdapterConfig:
     num_experts: int = 4
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     routing: str = "token"
+    expert_rank: str = "full"  # "split": rank / num_experts per expert of a routed branch
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -153,6 +155,15 @@ class AdapterConfig:
             raise ValueError(f"num_experts must be at least 1, got {self.num_experts}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.expert_rank not in EXPERT_RANKS:
+            raise ValueError(
+                f"unknown expert_rank {self.expert_rank!r}; expected one of {EXPERT_RANKS}"
+            )
+        if self.expert_rank == "split" and self.rank % self.num_experts:
+            raise ValueError(
+                f"expert_rank 'split' gives each of num_experts {self.num_experts} experts "
+                f"rank / num_experts, but rank {self.rank} is not divisible by it"
+            )
         # JSON gives lists back; a tuple keeps the config hashable and comparable.
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
@@ -166,6 +177,12 @@ class AdapterConfig:
             "moe-lora": (("shared", n),),
             "mode-text-lora": (("text", 1), ("image", 1)),
         }[self.kind]
+
+    def expert_rank_of(self, experts: int) -> int:
+        """The rank of each expert of a branch of ``experts`` experts: `rank`, or with
+        `expert_rank = "split"` and a router, rank / experts (the branch then has one LoRA's
+        parameters, as CoIN's MoELoRA). alpha / rank scales every expert alike."""
+        return self.rank // experts if self.expert_rank == "split" and experts > 1 else self.rank
 
     @property
     def splits_modality(self) -> bool:
@@ -250,10 +267,16 @@ class AdapterLinear(nn.Module):
         self.branches = config.branches
         self.rank = config.rank
         self.scaling = config.alpha / config.rank
-        experts = sum(n for _, n in self.branches)
+        # Each expert's rank, per branch, and over all experts in stacking order.
+        self.ranks = {name: config.expert_rank_of(n) for name, n in self.branches}
+        ranks = [self.ranks[name] for name, n in self.branches for _ in range(n)]
+        self.expert_ranks = tuple(ranks)
         kw = {"device": base.weight.device, "dtype": torch.float32}
-        self.lora_A = nn.Parameter(torch.empty(experts * self.rank, base.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, experts * self.rank, **kw))
+        self.lora_A = nn.Parameter(torch.empty(sum(ranks), base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, sum(ranks), **kw))
+        # Unequal ranks (split T-MoE beside the V-Adapter): each gate repeats over its rank.
+        repeats = None if len(set(ranks)) == 1 else torch.tensor(ranks, device=kw["device"])
+        self.register_buffer("repeats", repeats, persistent=False)
         # Fan-in of each expert's A is in_features, as for the stack: one call inits all alike.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         routed = [n for _, n in self.branches if n > 1]
@@ -262,8 +285,8 @@ class AdapterLinear(nn.Module):
         self.columns: dict[str, slice] = {}
         start = 0
         for name, n in self.branches:
-            self.columns[name] = slice(start, start + n * self.rank)
-            start += n * self.rank
+            self.columns[name] = slice(start, start + n * self.ranks[name])
+            start += n * self.ranks[name]
         self.image_experts = tuple(name == "image" for name, n in self.branches for _ in range(n))
         # (router weights, image mask or None) of the last forward, detached.
         self.last_route: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -275,19 +298,23 @@ class AdapterLinear(nn.Module):
             return y
         self.last_route = None
         xa = x.to(self.lora_A.dtype)
+        repeats = None
         if state.branch is not None and len(self.branches) == 2:
             # One branch for all tokens: compute only its columns; the other gets no gradient.
-            experts = dict(self.branches)[state.branch]
+            experts, rank = dict(self.branches)[state.branch], self.ranks[state.branch]
             cols = self.columns[state.branch]
             lora_A, lora_B, outside = self.lora_A[cols], self.lora_B[:, cols], None
         else:
-            experts = sum(n for _, n in self.branches)
-            lora_A, lora_B = self.lora_A, self.lora_B
+            experts, rank = sum(n for _, n in self.branches), self.expert_ranks[0]
+            lora_A, lora_B, repeats = self.lora_A, self.lora_B, self.repeats
             outside = state.outside(self.image_experts) if len(self.branches) == 2 else None
         h = F.linear(self.dropout(xa), lora_A)
-        if experts > 1:  # weigh each expert's r components
+        if experts > 1:  # weigh each expert's components by its gate
             gate = self._gate(xa, outside, state.image_mask)
-            h = (h.unflatten(-1, (-1, self.rank)) * gate.unsqueeze(-1)).flatten(-2)
+            if repeats is None:  # every expert in play of one rank
+                h = (h.unflatten(-1, (-1, rank)) * gate.unsqueeze(-1)).flatten(-2)
+            else:
+                h = h * gate.repeat_interleave(repeats, dim=-1, output_size=h.shape[-1])
         return y.add(F.linear(h, lora_B).to(y.dtype), alpha=self.scaling)
 
     def _gate(
@@ -318,7 +345,7 @@ class AdapterLinear(nn.Module):
         return weights
 
     def extra_repr(self) -> str:
-        return f"branches={self.branches}, rank={self.rank}, scaling={self.scaling}"
+        return f"branches={self.branches}, ranks={self.ranks}, scaling={self.scaling}"
 
 
 @dataclass
@@ -499,7 +526,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
     counts: dict[str, int] = {}
     for layer in adapter_layers(model).values():
         for name, n in layer.branches:
-            size = n * layer.rank * (layer.base.in_features + layer.base.out_features)
+            size = n * layer.ranks[name] * (layer.base.in_features + layer.base.out_features)
             counts[name] = counts.get(name, 0) + size
         if layer.router is not None:
             counts["router"] = counts.get("router", 0) + layer.router.weight.numel()

@@ -161,6 +161,16 @@ class AdapterSettings:
     target_modules: Annotated[list[str], NonEmpty()] = field(
         default_factory=lambda: ["gate_proj", "up_proj", "down_proj"]
     )
+    # "full": every expert rank `rank` (the paper's code); "split": rank / num_experts per
+    # expert of a routed branch (T-MoE, moe-lora), one LoRA's parameters (CoIN's MoELoRA)
+    expert_rank: Literal["full", "split"] = "full"
+
+    def __post_init__(self) -> None:
+        if self.expert_rank == "split" and self.rank % self.num_experts:
+            raise ConfigError(
+                f"expert_rank 'split' needs rank ({self.rank}) divisible by num_experts "
+                f"({self.num_experts})"
+            )
 
 
 @dataclass

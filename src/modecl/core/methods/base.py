@@ -49,6 +49,7 @@ class Method:
             dropout=a.dropout,
             num_experts=a.num_experts,
             target_modules=tuple(a.target_modules),
+            expert_rank=a.expert_rank,
             routing=self.policy,
         )
 
