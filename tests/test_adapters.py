@@ -27,6 +27,8 @@ from modecl.core.adapters import (
     lm_logits,
     load_adapters,
     pass_kind,
+    routed_weights,
+    router_entropy,
     routing_context,
     save_adapters,
     trainable_parameters,
@@ -450,3 +452,21 @@ def test_split_expert_rank_needs_a_rank_divisible_by_the_experts():
     with pytest.raises(ValueError, match="unknown expert_rank 'half'"):
         AdapterConfig(expert_rank="half")
     assert [AdapterConfig(expert_rank="split").expert_rank_of(n) for n in (1, 4)] == [8, 2]
+
+
+def test_router_entropy_is_one_for_a_uniform_router_and_zero_for_a_one_hot_one():
+    weights = torch.tensor([[0.25] * 4, [0.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    torch.testing.assert_close(router_entropy(weights), torch.tensor([1.0, 0.0, 0.5]))
+
+
+def test_routed_weights_are_the_routed_real_tokens_and_sum_to_one():
+    model = adapted("llama", kind="mode", num_experts=3)
+    ids = batch("mixed")
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[0, -2:] = False  # padding
+    model(ids)
+    routed = routed_weights(model, valid)
+    text = ~image_mask(ids, IMAGE_IDS) & valid
+    assert routed and all(w.shape == (int(text.sum()), 3) for w in routed.values())
+    for weights in routed.values():
+        torch.testing.assert_close(weights.sum(-1), torch.ones(len(weights)))

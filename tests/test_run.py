@@ -180,3 +180,23 @@ def test_an_out_dir_of_the_earlier_schema_is_refused_with_a_message(tmp_path):
     with pytest.raises(ConfigError, match="earlier version of modecl"):
         run_benchmark(tiny_run(), tmp_path, cache_dir=tmp_path / "cache", progress=False)
     assert not (tmp_path / "cache").exists()
+
+
+def test_router_use_is_recorded_per_task_for_methods_with_a_router(full_run):
+    results = full_run[1]
+    assert results.mean.pretrained.routing is None
+    for name, entry in results.mean.methods.items():
+        for stage in entry.stages:
+            if name != "mode":  # seq-lora and replay: one LoRA, no router
+                assert stage.routing is None
+                continue
+            assert set(stage.routing) == set(TASKS)
+            for use in stage.routing.values():
+                assert len(use["shares"]) == 2 and sum(use["shares"]) == pytest.approx(1.0)
+                assert 0.0 <= use["entropy"] <= 1.0
+                assert len(use["layers"]) == 2 * 3  # 2 decoder layers x 3 projections
+                for layer in use["layers"].values():
+                    assert sum(layer["shares"]) == pytest.approx(1.0)
+    report = write_report(full_run[0]).read_text()
+    assert "![expert use per task](figures/routing.png)" in report
+    assert (full_run[0] / "figures" / "routing.png").stat().st_size > 0

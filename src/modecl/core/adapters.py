@@ -61,6 +61,8 @@ Public API::
     save_adapters(model, directory); load_adapters(model, directory) -> model
     trainable_parameters(model) -> {"text"|"image"|"shared"|"router": count}
     expert_shares(model) -> {layer name: mean router weight per expert, last forward}
+    routed_weights(model, valid=None) -> {layer name: (routed tokens, experts) weights}
+    router_entropy(weights) -> each row's entropy / log(experts), in [0, 1]
     lm_logits(model, last_only=False, **inputs) -> lm_head over the final hidden states
     routing_context(model) -> RoutingContext
     enable_gradient_checkpointing(model) -> model   # HF checkpointing, routing-safe
@@ -110,6 +112,8 @@ __all__ = [
     "lm_logits",
     "load_adapters",
     "pass_kind",
+    "routed_weights",
+    "router_entropy",
     "routing_context",
     "save_adapters",
     "trainable_parameters",
@@ -533,23 +537,38 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+def routed_weights(model: nn.Module, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per layer with a router, its weights over the routed tokens of the last forward:
+    (tokens, experts), rows summing to 1. ``valid`` (batch, seq; True = a real token, not
+    padding) keeps only those. Layers whose router saw no token are left out."""
+    out = {}
+    for name, layer in adapter_layers(model).items():
+        if layer.last_route is None:
+            continue
+        weights, mask = layer.last_route  # with an image mask: the routed (text) tokens
+        n = layer.router.out_features
+        keep = torch.ones(weights.shape[:-1], dtype=torch.bool, device=weights.device)
+        if mask is not None:
+            keep &= ~mask
+        if valid is not None:
+            keep &= valid.bool()
+        if keep.any():
+            out[name] = weights[..., :n][keep].float()
+    return out
+
+
+def router_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Each row's entropy over the experts, normalized by log(experts): 1 for a uniform
+    router, 0 for one that picks a single expert."""
+    return torch.special.entr(weights).sum(-1) / math.log(weights.shape[-1])
+
+
 def expert_shares(model: nn.Module) -> dict[str, torch.Tensor]:
     """Mean router weight per expert over the routed tokens of the last forward, per layer.
 
     Layers whose router saw no token in that forward are left out.
     """
-    shares = {}
-    for name, layer in adapter_layers(model).items():
-        if layer.last_route is None:
-            continue
-        weights, mask = layer.last_route  # with a mask: the routed (text) tokens' shares
-        n = layer.router.out_features
-        weights = weights[..., :n].reshape(-1, n).float()
-        if mask is not None:
-            weights = weights[~mask.reshape(-1)]
-        if len(weights):
-            shares[name] = weights.mean(0)
-    return shares
+    return {name: weights.mean(0) for name, weights in routed_weights(model).items()}
 
 
 def lm_logits(model: nn.Module, *, last_only: bool = False, **inputs: Any) -> torch.Tensor:

@@ -7,12 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
-from modecl.core.adapters import has_adapters, lm_logits, pass_kind
+from modecl.core.adapters import (
+    has_adapters,
+    lm_logits,
+    pass_kind,
+    routed_weights,
+    router_entropy,
+)
 from modecl.core.generation import generate
 from modecl.core.scoring import score
 from modecl.core.sequences import (
@@ -22,6 +29,7 @@ from modecl.core.sequences import (
     grow_mask,
     left_padded,
     padding_inputs,
+    understand,
 )
 from modecl.core.tasks import Sample, Task
 
@@ -233,3 +241,49 @@ def image_code_nll(
     labels = batch["labels"][:, 1:]
     is_code = fmt.is_image_code(labels)
     return -(_next_token_log_probs(logits, labels) * is_code).sum(), int(is_code.sum())
+
+
+RouterSums = dict[str, tuple[list[float], float, int]]
+
+
+def router_use(
+    model: torch.nn.Module, fmt: Format, samples: Sequence[Sample], batch_size: int = 256
+) -> RouterSums:
+    """Per layer with a router, over the routed tokens of ``samples``' understand sequences
+    (question and answer, padding left out): the router weights summed per expert, the
+    normalized entropies summed, and the token count. Sums, so that shards add up."""
+    sums: RouterSums = {}
+    for start in range(0, len(samples), batch_size):
+        batch = collate(
+            [understand(fmt, s) for s in samples[start : start + batch_size]], fmt.pad_id
+        )
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        with torch.no_grad(), pass_kind(model, "understand"):
+            lm_logits(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for name, weights in routed_weights(model, batch["attention_mask"]).items():
+            shares, entropy, count = sums.get(name, ([0.0] * weights.shape[-1], 0.0, 0))
+            shares = [a + b for a, b in zip(shares, weights.sum(0).tolist(), strict=True)]
+            entropy += router_entropy(weights).sum().item()
+            sums[name] = (shares, entropy, count + len(weights))
+    return sums
+
+
+def router_summary(parts: Sequence[RouterSums]) -> dict[str, Any]:
+    """The mean expert share and normalized entropy per layer, and their means over layers,
+    from the sums of one or more shards (:func:`router_use`)."""
+    total: RouterSums = {}
+    for part in parts:
+        for name, (shares, entropy, count) in part.items():
+            before = total.get(name, ([0.0] * len(shares), 0.0, 0))
+            added = [a + b for a, b in zip(before[0], shares, strict=True)]
+            total[name] = (added, before[1] + entropy, before[2] + count)
+    layers = {
+        name: {"shares": [v / count for v in shares], "entropy": entropy / count}
+        for name, (shares, entropy, count) in total.items()
+        if count
+    }
+    if not layers:
+        return {"shares": None, "entropy": None, "layers": {}}
+    shares = np.mean([layer["shares"] for layer in layers.values()], axis=0).tolist()
+    entropy = float(np.mean([layer["entropy"] for layer in layers.values()]))
+    return {"shares": shares, "entropy": entropy, "layers": layers}

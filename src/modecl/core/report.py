@@ -152,6 +152,43 @@ def plot_generation(results: Results, key: str, label: str, path: Path) -> None:
     _save(fig, path)
 
 
+def routed_methods(results: Results) -> list[str]:
+    """The methods whose stages recorded their router's use."""
+    return [n for n, e in results.mean.methods.items() if e.stages and e.stages[-1].routing]
+
+
+def plot_routing(results: Results, path: Path) -> None:
+    """Expert use per task: per routed method, the mean expert share on each task's test
+    tokens after the last stage (experts x tasks), and the router's normalized entropy on
+    each task after every stage (one line per task: 1 = uniform, 0 = one expert)."""
+    names = routed_methods(results)
+    width = max(4.5, 3.4 * len(names))
+    fig, axes = plt.subplots(2, len(names), figsize=(width, 5.6), squeeze=False)
+    tasks = results.tasks
+    for col, name in enumerate(names):
+        stages = results.mean.methods[name].stages
+        shares = np.array([stages[-1].routing[t]["shares"] for t in tasks]).T
+        ax = axes[0, col]
+        ax.imshow(shares, vmin=0, vmax=1, cmap="magma", aspect="auto")
+        for (i, j), v in np.ndenumerate(shares):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="tab:cyan")
+        ax.set_title(f"{name}: share after the last task", fontsize=8)
+        ax.set_xticks(range(len(tasks)), [t[:5] for t in tasks], fontsize=7, rotation=45)
+        ax.set_yticks(range(len(shares)), [f"expert {e}" for e in range(len(shares))], fontsize=7)
+        ax = axes[1, col]
+        for task in tasks:
+            ax.plot([s.routing[task]["entropy"] for s in stages], marker="o", label=task[:5])
+        ax.set_ylim(0, 1.05)
+        ax.set_xticks(
+            range(len(stages)), [f"after {t[:5]}" for t in tasks], fontsize=7, rotation=45
+        )
+        ax.set_title(f"{name}: router entropy / log N", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[1, 0].legend(fontsize=7)
+    fig.suptitle("expert use per task (its routed test tokens)", fontsize=10)
+    _save(fig, path)
+
+
 def plot_samples(results: Results, samples: Any, name: str, path: Path) -> None:
     """Rows: stages; columns: the drawn images (gray digits 0..16, or RGB bytes)."""
     keys = ["pretrained"] + [f"{name}/stage{k + 1}" for k in range(len(results.tasks))]
@@ -422,6 +459,16 @@ def write_report(out: str | Path) -> Path:
         lines += ["![constrained accuracy matrices](figures/constrained_accuracy_matrices.png)", ""]
     plot_losses(results, figures / "losses.png")
     lines += ["![training losses](figures/losses.png)", ""]
+    if routed_methods(results):
+        plot_routing(results, figures / "routing.png")
+        lines += [
+            "Expert use per task: the router's mean weight per expert on each task's test",
+            "tokens (those it routes) after the last task, and its entropy over the experts",
+            "normalized by log N (1: uniform, every expert alike; 0: one expert) after each.",
+            "",
+            "![expert use per task](figures/routing.png)",
+            "",
+        ]
     lines += generation_lines(results)
     series_file = out / "conflict.jsonl"
     text = series_file.read_text() if series_file.exists() else ""

@@ -34,6 +34,9 @@ class Stage:
     wall_seconds: float = 0.0
     peak_memory_mb: float = 0.0
     conflict: dict[str, Any] | None = None
+    # Adapters with a router: per task, the mean expert share and normalized entropy of the
+    # router over its test tokens (per layer and averaged; `evaluate.router_summary`)
+    routing: dict[str, Any] | None = None
 
 
 @dataclass

@@ -45,10 +45,24 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from modecl.core.adapters import attach_adapters, detach_adapters, load_adapters, save_adapters
+from modecl.core.adapters import (
+    adapter_layers,
+    attach_adapters,
+    detach_adapters,
+    has_adapters,
+    load_adapters,
+    save_adapters,
+)
 from modecl.core.config import ConfigError, ContinualSettings
 from modecl.core.conflict import ConflictMonitor, summarize_conflict
-from modecl.core.evaluate import answer, answer_set, constrained_choices, credit
+from modecl.core.evaluate import (
+    answer,
+    answer_set,
+    constrained_choices,
+    credit,
+    router_summary,
+    router_use,
+)
 from modecl.core.files import (
     TEMP_MARK,
     finite,
@@ -256,8 +270,8 @@ def _sharded(items: list[Any], compute: Callable[[list[Any]], list[Any]], p: Pro
 def measure(
     world: World, model: torch.nn.Module, tasks: list[Task], seed: int, images: Path, p: Processes
 ) -> tuple[dict[str, Any], dict[str, list[str]], np.ndarray | None]:
-    """Task accuracies (mean credit under each task's rule; constrained), the world's
-    measures, answers, pictures."""
+    """Task accuracies (mean credit under each task's rule; constrained), the router's use
+    per task (where the adapters have a router), the world's measures, answers, pictures."""
     model.eval()
     fmt, how = world.format, world.answering
     exact, constrained, answers = [], [], {}
@@ -283,8 +297,16 @@ def measure(
         )
         credits = [credit(task, s, c) for c, s in zip(picks, task.test, strict=True)]
         constrained.append(float(np.mean(credits)))
+    routing = None
+    if has_adapters(model) and any(layer.router for layer in adapter_layers(model).values()):
+        routing = {}
+        for task in tasks:
+            mine = task.test[p.rank :: p.count]
+            parts = p.gather([router_use(model, fmt, mine, how.batch_size)])
+            routing[task.name] = router_summary(parts)
     measured = world.measure(model, seed, images, p.rank, p.count, p.gather)
     fields = {"task_accuracy": exact, "constrained_task_accuracy": constrained}
+    fields["routing"] = routing
     return fields | {"measures": measured.measures}, answers, measured.pictures
 
 
