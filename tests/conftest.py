@@ -30,3 +30,9 @@ def tiny_config(**overrides: object) -> DigitsConfig:
 @pytest.fixture(scope="session")
 def world() -> DigitsWorld:
     return DigitsWorld.build(tiny_config())
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """A cache folder shared by the tests that run the tiny study: its host trains once."""
+    return tmp_path_factory.mktemp("cache")

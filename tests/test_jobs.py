@@ -32,11 +32,6 @@ def study():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def one_process(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("one")
     return out, run_benchmark(tiny_run(**study()), out, cache_dir=cache, progress=False)

@@ -19,11 +19,6 @@ from tests.fixtures import tiny_run
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def full_run(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("full")
     return out, run_benchmark(tiny_run(), out, cache_dir=cache, progress=False)
