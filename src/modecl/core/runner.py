@@ -521,6 +521,8 @@ def run(
         for seed in spec.seeds:
             _pretrained(world, tasks, seed, out, p)
         units = [(seed, name) for seed in spec.seeds for name in spec.methods]
+        # The longest first, for the shortest finish: the image stream (distillation) costs most.
+        units.sort(key=lambda unit: not get_method(unit[1]).needs_pairs)
         work = functools.partial(_run_unit, spec, out)
         run_units(units, world, make_world, work, jobs, total, progress)
     # After workers, every stage is done: the loop below only reads them back.
