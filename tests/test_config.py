@@ -134,3 +134,23 @@ def test_split_expert_rank_is_checked_at_load():
     data = {"continual": {"adapter": {"rank": 6, "num_experts": 4, "expert_rank": "split"}}}
     with pytest.raises(ConfigError, match=r"continual\.adapter: expert_rank 'split' needs rank"):
         from_dict(RunConfig, data)
+
+
+def test_a_split_method_takes_its_own_expert_rank_and_is_checked_before_any_work(tmp_path):
+    from modecl.core.methods import get_method
+    from modecl.digits.bench import validate
+
+    settings = RunConfig().continual
+    for name, full in (("mode-split", "mode"), ("moe-lora-split", "moe-lora")):
+        split = get_method(name).adapter_config(settings)
+        assert split.expert_rank == "split"
+        assert split == dataclasses.replace(
+            get_method(full).adapter_config(settings), **{"expert_rank": "split"}
+        )
+    data = {"methods": ["seq-lora", "mode-split"], "continual": {"adapter": {"rank": 6}}}
+    with pytest.raises(
+        ConfigError, match=r"method mode-split: expert_rank 'split'.*rank 6 is not divisible"
+    ):
+        validate(from_dict(RunConfig, data))
+    data["methods"] = ["seq-lora", "mode"]
+    validate(from_dict(RunConfig, data))  # the full-rank methods build at rank 6

@@ -106,8 +106,9 @@ class RunSpec:
     tracking: list[str] = field(default_factory=list)  # accelerate trackers (core.tracking)
 
 
-def check_methods(methods: list[str]) -> None:
-    """Stop on an unknown or repeated method name, or none at all."""
+def check_methods(methods: list[str], continual: ContinualSettings | None = None) -> None:
+    """Stop on an unknown or repeated method name, or none at all, or (given the settings)
+    a method whose adapters cannot be built from them."""
     if not methods:
         raise ConfigError(f"a run needs at least one method; valid: {', '.join(METHOD_NAMES)}")
     unknown = [m for m in methods if m not in METHOD_NAMES]
@@ -115,6 +116,11 @@ def check_methods(methods: list[str]) -> None:
         raise ConfigError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHOD_NAMES)}")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"methods repeat: {methods}")
+    for name in methods if continual is not None else ():
+        try:
+            get_method(name).adapter_config(continual)
+        except ValueError as exc:
+            raise ConfigError(f"method {name}: {exc} (continual.adapter)") from None
 
 
 def file_hash(path: Path) -> str:
@@ -500,7 +506,7 @@ def run(
     with ``make_world``, picklable), after the host's stages of every seed are measured
     here; the results are then read back from the stage files, the same as one process's.
     """
-    check_methods(spec.methods)
+    check_methods(spec.methods, spec.continual)
     out = Path(out)
     p = Processes(accelerator)
     if jobs > 1 and (make_world is None or p.count > 1 or spec.tracking):

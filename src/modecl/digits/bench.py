@@ -60,7 +60,7 @@ def quick(config: RunConfig, given: Collection[str] = ()) -> tuple[RunConfig, li
 
 def validate(config: RunConfig) -> None:
     """Stop before any work on an unknown or repeated method or task, or an empty list."""
-    check_methods(config.methods)
+    check_methods(config.methods, config.continual)
     unknown = [t for t in config.tasks if t not in TASK_RULES]
     if unknown:
         raise ConfigError(f"unknown task(s) {unknown}; built-in tasks: {', '.join(TASK_RULES)}")

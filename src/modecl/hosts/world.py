@@ -430,7 +430,7 @@ def train_run(
     run key with the input files."""
     config = config or TrainConfig()
     methods = [methods] if isinstance(methods, str) else list(methods)
-    check_methods(methods)
+    check_methods(methods, config.continual)
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     if not task_files:

@@ -13,9 +13,11 @@ from modecl.core.methods import (
     mode,
     mode_no_kd,
     mode_sample,
+    mode_split,
     mode_task,
     mode_text_lora,
     moe_lora,
+    moe_lora_split,
     replay,
     seq_lora,
 )
@@ -32,6 +34,8 @@ _MODULES = (
     mode_sample,
     mode_no_kd,
     mode_text_lora,
+    moe_lora_split,
+    mode_split,
 )
 REGISTRY: dict[str, Method] = {m.METHOD.name: m.METHOD for m in _MODULES}
 METHOD_NAMES = tuple(REGISTRY)

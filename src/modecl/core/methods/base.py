@@ -29,11 +29,16 @@ LossFn = Callable[[torch.nn.Module, Sequence[Sample]], torch.Tensor]
 
 @dataclass
 class Method:
-    """A named strategy: adapter ``kind`` under a routing ``policy``, plus its recipe hooks."""
+    """A named strategy: adapter ``kind`` under a routing ``policy``, plus its recipe hooks.
+
+    ``expert_rank``, when set, is this method's own (``"split"``: the matched-capacity
+    variants); otherwise it is ``continual.adapter.expert_rank``.
+    """
 
     name: str
     kind: str = "lora"
     policy: str = "token"
+    expert_rank: str | None = None
 
     @property
     def needs_pairs(self) -> bool:
@@ -49,7 +54,7 @@ class Method:
             dropout=a.dropout,
             num_experts=a.num_experts,
             target_modules=tuple(a.target_modules),
-            expert_rank=a.expert_rank,
+            expert_rank=self.expert_rank or a.expert_rank,
             routing=self.policy,
         )
 
