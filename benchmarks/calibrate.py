@@ -2,9 +2,12 @@
 
 For each (lr, epochs, batch size) in a small grid, train seq-lora through the default
 sequence and print the accuracy on each task right after training it (the diagonal
-R[i][i]); the recipe in configs/digits.toml is the best shared setting found here.
+R[i][i]); the recipe in configs/digits.toml is the best shared setting found here. With
+``--floor F`` it also names the gentlest setting that keeps every task at F or above: the
+smallest epochs x lr (the sum of the peak step sizes over the run), then the fewest epochs
+(the gentle schedule of configs/regimes/gentle.toml).
 
-    .venv/bin/python benchmarks/calibrate.py [--config configs/digits.toml]
+    .venv/bin/python benchmarks/calibrate.py [--config configs/digits.toml] [--floor 0.75]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--epochs", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--batch-size", type=int, nargs="+", default=[32])
+    parser.add_argument("--floor", type=float, help="name the gentlest setting with min >= F")
     args = parser.parse_args()
     base = load_toml(RunConfig, args.config)
     host = load_or_pretrain(base.host)
@@ -38,6 +42,7 @@ def main() -> None:
         + " ".join(f"{t.name[:10]:>10}" for t in tasks)
         + " |   min  seconds"
     )
+    passing = []
     for lr, epochs, batch in itertools.product(args.lr, args.epochs, args.batch_size):
         config = copy.deepcopy(base.continual)
         config.train.lr, config.train.epochs, config.train.batch_size = lr, epochs, batch
@@ -53,6 +58,14 @@ def main() -> None:
             f"{lr:<7g} {epochs:>6} {batch:>5} | {cells} | {min(diagonal):.3f} "
             f"{time.perf_counter() - start:8.0f}",
             flush=True,
+        )
+        if args.floor is not None and min(diagonal) >= args.floor:
+            passing.append((epochs, lr, batch))
+    if args.floor is not None:
+        gentlest = min(passing, key=lambda s: (s[0] * s[1], s[0]), default=None)
+        print(
+            f"gentlest with every task >= {args.floor}: "
+            + ("none" if gentlest is None else "epochs {} lr {:g} batch {}".format(*gentlest))
         )
 
 

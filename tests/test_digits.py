@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,7 @@ from modecl.core.adapters import AdapterConfig, adapter_layers, attach_adapters,
 from modecl.core.evaluate import answer_log_likelihoods
 from modecl.core.generation import generate
 from modecl.core.sequences import IGNORE
+from modecl.digits import pretrain
 from modecl.digits.codebook import Codebook
 from modecl.digits.config import DataConfig, DigitsConfig
 from modecl.digits.data import DIGIT_WORDS, load_pools
@@ -179,6 +183,27 @@ def test_same_seed_same_pretrained_weights_and_cache(tmp_path):
         assert torch.equal(p, q)
     other = load_or_pretrain(tiny_config(seed=1), tmp_path / "a", progress=False)
     assert not torch.equal(other.model.lm_head.weight, first.model.lm_head.weight)
+
+
+def test_checkpoint_selection_keeps_the_widest_margin_to_the_nearer_gate(world, monkeypatch):
+    """Validation from eval_from_epoch, every eval_every epochs and at the last one; the host
+    is the EMA weights of the evaluated epoch whose weaker skill clears its gate by most."""
+    config = tiny_config(pretrain__epochs=5, pretrain__eval_from_epoch=2, pretrain__eval_every=2)
+    # Margins to the 0.95 / 0.90 gate: min(-0.05, 0.09), min(0.02, 0.03), min(0.01, 0.09).
+    scores = iter([(0.90, 0.99), (0.97, 0.93), (0.96, 0.99)])
+    evaluated = []
+
+    def scripted(world, model, seed):
+        evaluated.append(copy.deepcopy(model.state_dict()))
+        return next(scores)
+
+    monkeypatch.setattr(pretrain, "validation_scores", scripted)
+    model, log = pretrain.train_host(dataclasses.replace(world, config=config), progress=False)
+    assert [h["epoch"] for h in log["history"] if "val_captioning" in h] == [2, 4, 5]
+    assert log["selected_epoch"] == 4
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, evaluated[1][name]), name
+    assert not torch.equal(evaluated[1]["lm_head.weight"], evaluated[2]["lm_head.weight"])
 
 
 def test_gate_names_each_failing_skill_and_the_shortfall():

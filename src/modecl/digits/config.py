@@ -59,18 +59,18 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
-    epochs: Count = 40
-    batch_size: Count = 64
-    lr: Positive = 3e-3
-    weight_decay: NonNegative = 0.01
+    epochs: Count = 14
+    batch_size: Count = 32
+    lr: Positive = 2e-3
+    weight_decay: NonNegative = 0.1
     warmup_fraction: Fraction = 0.05
     preview_digits: list[int] = field(default_factory=lambda: [0, 1, 2])
     preview_per_task: Size = 120  # preview samples drawn per task per epoch
     caption_copies: Size = 2  # augmented captioning copies of each image per epoch
-    shift_prob: Fraction = 0.8  # captioning inputs only: random 1-pixel shift
-    noise_std: NonNegative = 1.0  # captioning inputs only: pixel noise (pixel range 0..16)
-    eval_from_epoch: Count = 20  # validation-based checkpoint selection starts here
-    eval_every: Count = 2
+    shift_prob: Fraction = 0.5  # captioning inputs only: random 1-pixel shift
+    noise_std: NonNegative = 2.0  # captioning inputs only: pixel noise (pixel range 0..16)
+    eval_from_epoch: Count = 6  # validation-based checkpoint selection starts here
+    eval_every: Count = 1
     ema_decay: Probability = 0.995  # per step
 
     def __post_init__(self) -> None:
