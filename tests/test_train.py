@@ -19,7 +19,7 @@ from modecl.core.methods import METHOD_NAMES, get_method
 from modecl.core.methods.distillation import distill_loss
 from modecl.core.sequences import IGNORE, DrawPair, collate, next_token_loss
 from modecl.core.tasks import Task
-from modecl.core.train import check_engine, train_task, understand_loss
+from modecl.core.train import check_engine, cosine_schedule, train_task, understand_loss
 from modecl.digits.format import understand_example
 from modecl.digits.model import build_model
 from modecl.digits.tasks import DRAW_PROMPT
@@ -260,3 +260,21 @@ def test_the_conflict_monitor_is_refused_under_deepspeed_even_in_one_process(
             accelerator=deepspeed_accelerator(1, zero_stage=2),
         )
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(0, 7), (3, 17), (1, 1), (10, 10), (4, 100)])
+def test_cosine_schedule_gives_transformers_learning_rates(warmup, total):
+    from transformers import get_cosine_schedule_with_warmup
+
+    lrs = []
+    for make in (cosine_schedule, get_cosine_schedule_with_warmup):
+        optim = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+        schedule, seen = make(optim, warmup, total), []
+        for _ in range(total + 2):
+            seen.append(optim.param_groups[0]["lr"])
+            optim.step()
+            schedule.step()
+        lrs.append(seen)
+    assert lrs[0] == lrs[1]
+    assert lrs[0][0] == (0.0 if warmup else 3e-3)
+    assert lrs[0][total] == (3e-3 if warmup == total else 0.0)

@@ -20,6 +20,8 @@ averages is exactly that of the global batch on one process.
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,8 +32,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from modecl.core.adapters import lm_logits, pass_kind
 from modecl.core.config import ConfigError, ContinualSettings
@@ -135,6 +137,20 @@ def check_engine(accelerator: Accelerator | None, settings: ContinualSettings) -
         config[_MICRO] = -(-cfg.batch_size // accelerator.num_processes)
 
 
+def _cosine_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def cosine_schedule(optim: torch.optim.Optimizer, warmup: int, total: int) -> LambdaLR:
+    """Linear warmup over ``warmup`` steps, then half a cosine down to 0 at step ``total``:
+    the values of transformers' ``get_cosine_schedule_with_warmup``, whose import pulls in
+    peft (seconds at every start of a process)."""
+    return LambdaLR(optim, functools.partial(_cosine_factor, warmup=warmup, total=total))
+
+
 def train_task(
     model: nn.Module,
     fmt: Format,
@@ -183,7 +199,7 @@ def train_task(
     steps_per_epoch = len(samples) // cfg.batch_size + (len(samples) % cfg.batch_size >= world)
     total = steps_per_epoch * cfg.epochs
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optim, int(cfg.warmup_fraction * total), total)
+    schedule = cosine_schedule(optim, int(cfg.warmup_fraction * total), total)
     step_loss: nn.Module = StepLoss(model, fmt, method)
     if accelerator is not None:
         check_engine(accelerator, settings)

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
-from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
+from transformers import LlamaForCausalLM
 
 from modecl.core.config import to_dict
 from modecl.core.files import remove_leftovers, replace_dir, temporary_dir
 from modecl.core.sequences import Example, collate, next_token_loss
+from modecl.core.train import cosine_schedule
 from modecl.digits import data, tasks
 from modecl.digits.codebook import Codebook
 from modecl.digits.config import DigitsConfig, PretrainConfig
@@ -137,7 +138,7 @@ def train_host(world: DigitsWorld, progress: bool = True) -> tuple[LlamaForCausa
     steps_per_epoch = -(-epoch_size // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optim, int(cfg.warmup_fraction * total), total)
+    schedule = cosine_schedule(optim, int(cfg.warmup_fraction * total), total)
     # An exponential moving average of the weights: captioning accuracy of the raw weights
     # swings by several points from one epoch to the next; the average is steadier.
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
