@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modecl.core.metrics import mean_std
 from modecl.core.results import Results, Stage, read_results
 
 METHODS = "seq-lora,moe-lora,moe-lora-split,mode,mode-split,mode-text-lora"
@@ -30,10 +31,11 @@ SUMMARY = (
 
 
 def cell(values: list[float | None]) -> str:
-    """mean ± std over seeds (std only with more than one seed); – when missing."""
+    """mean ± sample std over seeds (as the report; std only with more than one seed);
+    – when missing."""
     if not values or any(v is None for v in values):
         return "–"
-    mean, std = float(np.mean(values)), float(np.std(values))
+    mean, std = mean_std(values)
     return f"{mean:.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
