@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--epochs", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--batch-size", type=int, nargs="+", default=[32])
-    parser.add_argument("--floor", type=float, help="name the gentlest setting that still learns every task (floor F)")
+    parser.add_argument(
+        "--floor", type=float, help="name the gentlest setting that still learns every task"
+    )
     args = parser.parse_args()
     base = load_toml(RunConfig, args.config)
     host = load_or_pretrain(base.host)
