@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from modecl.core.config import ConfigError, from_dict, load_toml, to_dict
+from modecl.core.methods import get_method
 from modecl.digits import data, pretrain, tasks
+from modecl.digits.bench import validate
 from modecl.digits.config import DigitsConfig, RunConfig
 from modecl.digits.pretrain import cache_key
 from modecl.digits.tasks import TaskRule
@@ -136,16 +138,13 @@ def test_split_expert_rank_is_checked_at_load():
         from_dict(RunConfig, data)
 
 
-def test_a_split_method_takes_its_own_expert_rank_and_is_checked_before_any_work(tmp_path):
-    from modecl.core.methods import get_method
-    from modecl.digits.bench import validate
-
+def test_a_split_method_takes_its_own_expert_rank_and_is_checked_before_any_work():
     settings = RunConfig().continual
     for name, full in (("mode-split", "mode"), ("moe-lora-split", "moe-lora")):
         split = get_method(name).adapter_config(settings)
         assert split.expert_rank == "split"
         assert split == dataclasses.replace(
-            get_method(full).adapter_config(settings), **{"expert_rank": "split"}
+            get_method(full).adapter_config(settings), expert_rank="split"
         )
     data = {"methods": ["seq-lora", "mode-split"], "continual": {"adapter": {"rank": 6}}}
     with pytest.raises(
