@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from modecl.core.config import load_toml
-from modecl.core.results import comparable
+from modecl.core.results import Results, comparable
 from modecl.digits.bench import bench_jobs, quick, run_benchmark
 from modecl.digits.config import RunConfig
 from modecl.digits.pretrain import load_or_pretrain
@@ -35,6 +35,15 @@ def same_outputs(a: Path, b: Path) -> bool:
         return False
     with np.load(a / "samples.npz") as x, np.load(b / "samples.npz") as y:
         return sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def unit_seconds(results: Results) -> dict[str, float]:
+    """Each (seed, method) unit's stage wall seconds, summed: ``"seed/method" -> s``."""
+    return {
+        f"{r.seed}/{name}": sum(stage.wall_seconds for stage in method.stages)
+        for r in results.per_seed
+        for name, method in r.methods.items()
+    }
 
 
 def main() -> None:
@@ -59,8 +68,16 @@ def main() -> None:
             print(f"jobs {n}: {seconds[-1]:.1f} s")
         same = comparable(results[0]) == comparable(results[1]) and same_outputs(*outs)
     study = "full" if args.full else "quick"
-    units = len(config.methods) * config.seeds
-    print(f"{study} study, {units} units, {len(config.tasks)} tasks each")
+    count = len(config.methods) * config.seeds
+    print(f"{study} study, {count} units, {len(config.tasks)} tasks each")
+    units = unit_seconds(results[0])
+    longest = max(units, key=units.get)
+    total = sum(units.values())
+    print(
+        f"serial units: {total:.1f} s in all, the longest {units[longest]:.1f} s ({longest}); "
+        f"no schedule of {jobs} jobs beats {max(units[longest], total / jobs):.1f} s"
+    )
+    print("serial unit seconds: " + ", ".join(f"{u} {t:.1f}" for u, t in units.items()))
     print(f"jobs={jobs}")
     print(f"jobs_speedup={seconds[0] / seconds[1]:.2f}")
     print(f"identical={same}")

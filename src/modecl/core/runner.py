@@ -85,7 +85,7 @@ from modecl.core.results import (
 from modecl.core.tasks import Task
 from modecl.core.tracking import Tracking
 from modecl.core.train import train_task, zero_stage
-from modecl.core.workers import Unit, run_units
+from modecl.core.workers import HOST_STAGE, Unit, run_units
 from modecl.core.world import World
 
 Gather = Callable[[list[Any]], list[Any]]
@@ -482,8 +482,12 @@ def _train_stage(
 
 
 def _run_unit(spec: RunSpec, out: Path, world: World, unit: Unit, tick: Callable) -> None:
-    """One (seed, method) in a worker process (:mod:`modecl.core.workers`)."""
+    """One (seed, method), or a seed's pre-trained host stage, in a worker process
+    (:mod:`modecl.core.workers`)."""
     seed, name = unit
+    if name == HOST_STAGE:
+        _pretrained(world, world.tasks(), seed, out, Processes(None))
+        return
     _run_method(name, world, world.tasks(), spec, seed, out, Processes(None), tick, False)
 
 
@@ -503,8 +507,8 @@ def run(
 
     With ``jobs`` > 1, the (seed, method) units run in that many worker processes
     (:mod:`modecl.core.workers`: forked with ``world``, or spawned and building their own
-    with ``make_world``, picklable), after the host's stages of every seed are measured
-    here; the results are then read back from the stage files, the same as one process's.
+    with ``make_world``, picklable), as do the host's stages of every seed; the results are
+    then read back from the stage files, the same as one process's.
     """
     check_methods(spec.methods, spec.continual)
     out = Path(out)
@@ -524,11 +528,11 @@ def run(
     tracker = Tracking(out, spec.tracking, spec.config) if p.main and spec.tracking else None
     total = len(spec.seeds) * len(spec.methods) * len(tasks)
     if jobs > 1:
-        for seed in spec.seeds:
-            _pretrained(world, tasks, seed, out, p)
         units = [(seed, name) for seed in spec.seeds for name in spec.methods]
-        # The longest first, for the shortest finish: the image stream (distillation) costs most.
+        # The longest first, for the shortest finish: the image stream (distillation) costs
+        # most; the host's own stage of each seed is short and last, beside the last units.
         units.sort(key=lambda unit: not get_method(unit[1]).needs_pairs)
+        units += [(seed, HOST_STAGE) for seed in spec.seeds]
         work = functools.partial(_run_unit, spec, out)
         run_units(units, world, make_world, work, jobs, total, progress)
     # After workers, every stage is done: the loop below only reads them back.

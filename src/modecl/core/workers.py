@@ -1,8 +1,9 @@
 """Worker processes for the runner's independent units (a seed and a method each).
 
-Once the host's own stages are measured, every (seed, method) of a run is independent: it
+Every (seed, method) of a run is independent once the host is pre-trained: it
 attaches its adapters to the frozen host, trains them through the tasks and writes each
-stage atomically. :func:`run_units` hands the units to ``jobs`` worker processes, which
+stage atomically; measuring a seed's pre-trained host (``HOST_STAGE``) is a unit
+too. :func:`run_units` hands the units to ``jobs`` worker processes, which
 take units from a shared queue until none are left. On Linux, with one torch thread in this
 process (no OpenMP team to inherit), the workers are forked: they start at once with this
 process's world, in the state a one-process run would have at its first unit. Otherwise
@@ -37,7 +38,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-Unit = tuple[int, str]  # (seed, method)
+Unit = tuple[int, str]  # (seed, method), or (seed, HOST_STAGE)
+HOST_STAGE = "pretrained"  # the unit that measures a seed's pre-trained host
 Tick = Callable[[str], None]
 WorkUnit = Callable[[Any, Unit, Tick], None]  # (world, unit, tick); module-level, picklable
 
@@ -137,7 +139,10 @@ def _worker(
 
 
 def _name(unit: Unit | None) -> str:
-    return "building the world" if unit is None else f"seed {unit[0]}, method {unit[1]}"
+    if unit is None:
+        return "building the world"
+    what = "the pre-trained host" if unit[1] == HOST_STAGE else f"method {unit[1]}"
+    return f"seed {unit[0]}, {what}"
 
 
 def run_units(
