@@ -15,8 +15,10 @@ import pytest
 
 import modecl.core.runner
 from modecl.core import workers
+from modecl.core.config import ContinualSettings
 from modecl.core.report import write_report
 from modecl.core.results import comparable, read_results
+from modecl.core.runner import RunSpec, worker_units
 from modecl.core.workers import UnitFailed, default_jobs
 from modecl.digits.bench import run_benchmark
 from tests.fixtures import subprocess_env, tiny_run, tiny_study, toml
@@ -143,3 +145,21 @@ def test_a_run_killed_with_workers_in_flight_resumes_to_the_same_results(
     done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(out, one_process[0], read_results(out / "results.json"), one_process[1])
+
+
+def test_units_go_out_distillation_first_and_each_seeds_host_stage_last():
+    spec = RunSpec(
+        ["seq-lora", "mode", "ewc", "mode-task"], [0, 1], ContinualSettings(), "bench", {}, {}
+    )
+    assert worker_units(spec) == [
+        (0, "mode"),
+        (0, "mode-task"),
+        (1, "mode"),
+        (1, "mode-task"),
+        (0, "seq-lora"),
+        (0, "ewc"),
+        (1, "seq-lora"),
+        (1, "ewc"),
+        (0, "pretrained"),
+        (1, "pretrained"),
+    ]

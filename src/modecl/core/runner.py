@@ -481,6 +481,15 @@ def _train_stage(
     p.barrier()  # written before any process reads it
 
 
+def worker_units(spec: RunSpec) -> list[Unit]:
+    """The units of a run in worker processes, in the order they are handed out: the longest
+    first, for the shortest finish (the image stream of distillation costs most), then the
+    host's own stage of each seed, short, beside the last units."""
+    units = [(seed, name) for seed in spec.seeds for name in spec.methods]
+    units.sort(key=lambda unit: not get_method(unit[1]).needs_pairs)
+    return units + [(seed, HOST_STAGE) for seed in spec.seeds]
+
+
 def _run_unit(spec: RunSpec, out: Path, world: World, unit: Unit, tick: Callable) -> None:
     """One (seed, method), or a seed's pre-trained host stage, in a worker process
     (:mod:`modecl.core.workers`)."""
@@ -528,13 +537,8 @@ def run(
     tracker = Tracking(out, spec.tracking, spec.config) if p.main and spec.tracking else None
     total = len(spec.seeds) * len(spec.methods) * len(tasks)
     if jobs > 1:
-        units = [(seed, name) for seed in spec.seeds for name in spec.methods]
-        # The longest first, for the shortest finish: the image stream (distillation) costs
-        # most; the host's own stage of each seed is short and last, beside the last units.
-        units.sort(key=lambda unit: not get_method(unit[1]).needs_pairs)
-        units += [(seed, HOST_STAGE) for seed in spec.seeds]
         work = functools.partial(_run_unit, spec, out)
-        run_units(units, world, make_world, work, jobs, total, progress)
+        run_units(worker_units(spec), world, make_world, work, jobs, total, progress)
     # After workers, every stage is done: the loop below only reads them back.
     shown = progress and p.main and jobs == 1
     bar = tqdm(total=total, desc="stages", unit="stage", disable=not shown)
