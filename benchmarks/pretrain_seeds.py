@@ -36,10 +36,7 @@ def measure(config: DigitsConfig, cache: Path) -> dict:
     cpu = time.process_time()
     host = load_or_pretrain(config, cache, progress=False)
     cpu = time.process_time() - cpu
-    world, model = host.world, host.model
-    captioning = world.captioning_accuracy(model, world.pools.test)
-    codes, labels = world.draw_digits(model, config.generation.samples_per_digit, config.seed)
-    generation = world.generation_accuracy(codes, labels)
+    captioning, generation = host.gate_scores()
     try:
         check_gate(config, captioning, generation)
         passed = True

@@ -12,6 +12,7 @@ from modecl.core.report import write_report
 from modecl.core.results import comparable, read_results
 from modecl.digits.bench import run_benchmark
 from modecl.digits.config import RunConfig
+from modecl.digits.host import DigitsWorld
 from modecl.digits.pretrain import GateError
 from tests.fixtures import BENCH_METHODS as METHODS
 from tests.fixtures import BENCH_TASKS as TASKS
@@ -167,6 +168,27 @@ def test_a_failed_gate_leaves_the_out_dir_unclaimed(tmp_path, cache):
     relaxed = tiny_run(methods=["seq-lora"])
     relaxed.host.gate.captioning = 0.0
     assert run_benchmark(relaxed, tmp_path, cache_dir=cache, progress=False).tasks == TASKS
+
+
+def test_the_bench_gate_draws_as_many_images_per_digit_as_the_config_says(
+    tmp_path, cache, monkeypatch
+):
+    """`modecl bench` judges the host as `modecl pretrain` does: `generation.samples_per_digit`
+    drawings per digit (it drew 20, whatever the config said)."""
+    counts = []
+    draw = DigitsWorld.draw_digits
+
+    def counting(self, model, per_digit, seed):
+        counts.append(per_digit)
+        return draw(self, model, per_digit, seed)
+
+    monkeypatch.setattr(DigitsWorld, "draw_digits", counting)
+    config = tiny_run(methods=["seq-lora"])
+    config.host.generation.samples_per_digit = 3
+    config.host.gate.captioning = 1.1  # stop right after the gate
+    with pytest.raises(GateError):
+        run_benchmark(config, tmp_path, cache_dir=cache, progress=False)
+    assert counts == [3]
 
 
 def test_an_out_dir_of_the_earlier_schema_is_refused_with_a_message(tmp_path):

@@ -26,15 +26,13 @@ def _host_summary(config: DigitsConfig, cache_dir: Path | None) -> dict:
     """Pre-train (or load) the digits host, measure it on the test pool, apply the gate."""
     start = time.perf_counter()
     host = load_or_pretrain(config, cache_dir)
-    world, model = host.world, host.model
-    test = world.pools.test
-    captioning = world.captioning_accuracy(model, test)
-    codes, labels = world.draw_digits(model, config.generation.samples_per_digit, config.seed)
+    world = host.world
+    captioning, generation = host.gate_scores()
     summary = {
         "judge": world.judge_report(),
         "captioning_accuracy": captioning,
-        "generation_accuracy": world.generation_accuracy(codes, labels),
-        "image_nll": world.image_nll(model, test),
+        "generation_accuracy": generation,
+        "image_nll": world.image_nll(host.model, world.pools.test),
         "host_log": host.log,
         "seconds": time.perf_counter() - start,
     }

@@ -178,12 +178,7 @@ def run_benchmark(
     spec = bench_spec(config, quick, [Path(config_file)] if config_file else [])
     check_run_key(out, spec)
     host = load_or_pretrain(config.host, cache_dir, progress)
-    world, model = host.world, host.model
-    check_gate(
-        config.host,
-        world.captioning_accuracy(model, world.pools.test),
-        world.generation_accuracy(*world.draw_digits(model, 20, config.host.seed)),
-    )
+    check_gate(config.host, *host.gate_scores())
     world = DigitsBench(host, config)
     make_world = partial(bench_world, config, cache_dir)
     return run(world, spec, Path(out), progress=progress, jobs=jobs, make_world=make_world)

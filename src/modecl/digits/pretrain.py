@@ -187,6 +187,16 @@ class PretrainedHost:
     model: LlamaForCausalLM
     log: dict  # selected epoch, per-epoch history, seconds, whether loaded from cache
 
+    def gate_scores(self) -> tuple[float, float]:
+        """What the gate judges (:func:`check_gate`): captioning accuracy on the test pool,
+        and the generation accuracy of ``generation.samples_per_digit`` drawings per digit
+        (sampled with the host's seed)."""
+        world, config = self.world, self.world.config
+        per_digit = config.generation.samples_per_digit
+        captioning = world.captioning_accuracy(self.model, world.pools.test)
+        codes, labels = world.draw_digits(self.model, per_digit, config.seed)
+        return captioning, world.generation_accuracy(codes, labels)
+
 
 def load_or_pretrain(
     config: DigitsConfig, cache_dir: str | Path | None = None, progress: bool = True
