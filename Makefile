@@ -11,7 +11,8 @@ export OMP_NUM_THREADS ?= 1
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	# constraints.txt pins the CPU build of torch; pyproject leaves torch open for CUDA users.
+	# constraints.txt pins what the README's numbers came from (torch: the CPU build);
+	# pyproject leaves ranges (and torch open for CUDA users).
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)

@@ -13,7 +13,7 @@ from modecl.core.results import comparable, read_results
 from modecl.digits.bench import run_benchmark
 from modecl.digits.config import RunConfig
 from modecl.digits.host import DigitsWorld
-from modecl.digits.pretrain import GateError
+from modecl.digits.pretrain import GateError, load_or_pretrain
 from tests.fixtures import BENCH_METHODS as METHODS
 from tests.fixtures import BENCH_TASKS as TASKS
 from tests.fixtures import tiny_run
@@ -175,6 +175,10 @@ def test_the_bench_gate_draws_as_many_images_per_digit_as_the_config_says(
 ):
     """`modecl bench` judges the host as `modecl pretrain` does: `generation.samples_per_digit`
     drawings per digit (it drew 20, whatever the config said)."""
+    config = tiny_run(methods=["seq-lora"])
+    config.host.generation.samples_per_digit = 3
+    config.host.gate.captioning = 1.1  # stop right after the gate
+    load_or_pretrain(config.host, cache, progress=False)  # its validation draws too
     counts = []
     draw = DigitsWorld.draw_digits
 
@@ -183,9 +187,6 @@ def test_the_bench_gate_draws_as_many_images_per_digit_as_the_config_says(
         return draw(self, model, per_digit, seed)
 
     monkeypatch.setattr(DigitsWorld, "draw_digits", counting)
-    config = tiny_run(methods=["seq-lora"])
-    config.host.generation.samples_per_digit = 3
-    config.host.gate.captioning = 1.1  # stop right after the gate
     with pytest.raises(GateError):
         run_benchmark(config, tmp_path, cache_dir=cache, progress=False)
     assert counts == [3]
