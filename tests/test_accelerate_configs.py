@@ -12,7 +12,7 @@ from accelerate.utils import DistributedType
 from modecl.core.config import load_toml
 from modecl.core.train import check_engine
 from modecl.hosts.config import TrainConfig
-from tests.fixtures import deepspeed_accelerator
+from tests.fixtures import deepspeed_accelerator, tiny_chameleon
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
@@ -50,6 +50,7 @@ def test_deepspeed_fields_are_launch_options():
 
 def test_every_shipped_config_is_tested():
     assert {p.stem for p in CONFIGS.glob("*.yaml")} == {"deepspeed_zero2", "ddp_1gpu", "ddp_8gpu"}
+    assert {p.name for p in CONFIGS.glob("*.json")} == {"zero2.json"}
 
 
 def test_the_deepspeed_config_agrees_with_the_paper_schedule():
@@ -63,3 +64,19 @@ def test_the_deepspeed_config_agrees_with_the_paper_schedule():
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     assert config["gradient_clipping"] == settings.continual.train.grad_clip == 10.0
     assert config["train_micro_batch_size_per_gpu"] == 1  # the paper's batch of 1 per GPU
+
+
+def test_the_deepspeed_json_takes_its_auto_values_from_the_paper_schedule_and_the_host():
+    """zero2.json leaves batch sizes, clipping, accumulation and the reduce bucket to "auto";
+    the loop fills in what accelerate would not (the bucket: the loss module it wraps has no
+    model config), from configs/train-anole.toml on 8 processes and the host's width."""
+    accelerator = deepspeed_accelerator(8, hf_ds_config=str(CONFIGS / "zero2.json"))
+    settings = load_toml(TrainConfig, CONFIGS.parent / "train-anole.toml")
+    model = tiny_chameleon()
+    check_engine(accelerator, settings.continual, model)
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    assert config["zero_optimization"]["stage"] == 2
+    assert config["gradient_clipping"] == 10.0
+    assert config["train_micro_batch_size_per_gpu"] == 1
+    hidden = model.get_input_embeddings().embedding_dim
+    assert config["zero_optimization"]["reduce_bucket_size"] == hidden * hidden

@@ -97,7 +97,9 @@ def zero_stage(accelerator: Accelerator | None) -> int | None:
     return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def check_engine(accelerator: Accelerator | None, settings: ContinualSettings) -> None:
+def check_engine(
+    accelerator: Accelerator | None, settings: ContinualSettings, model: nn.Module | None = None
+) -> None:
     """Refuse, before any training, a DeepSpeed config that the loop cannot follow, and fill
     in what the loop decides where the config leaves it to us ("auto" or absent).
 
@@ -108,7 +110,10 @@ def check_engine(accelerator: Accelerator | None, settings: ContinualSettings) -
     evaluation and drawing use unwrapped between tasks; stage 3 partitions the parameters
     themselves and is refused, as is stage 0 (plain data parallel: DDP does it). The
     per-process batch DeepSpeed sizes its engine by (usually read from a DataLoader) is
-    the global batch's share.
+    the global batch's share. Given the ``model``, an "auto" ZeRO reduce bucket is sized as
+    accelerate sizes it, hidden size squared, the hidden size read from the input
+    embeddings (accelerate reads ``model.config.hidden_size``: the loss module it wraps
+    has no config, and Emu3 keeps it in its text config).
     """
     stage = zero_stage(accelerator)
     if stage is None:
@@ -135,6 +140,9 @@ def check_engine(accelerator: Accelerator | None, settings: ContinualSettings) -
         )
     if config.get(_MICRO, "auto") == "auto":
         config[_MICRO] = -(-cfg.batch_size // accelerator.num_processes)
+    zero = config.get("zero_optimization", {})
+    if model is not None and zero.get("reduce_bucket_size") == "auto":
+        zero["reduce_bucket_size"] = model.get_input_embeddings().embedding_dim ** 2
 
 
 def _cosine_factor(step: int, warmup: int, total: int) -> float:
@@ -202,7 +210,7 @@ def train_task(
     schedule = cosine_schedule(optim, int(cfg.warmup_fraction * total), total)
     step_loss: nn.Module = StepLoss(model, fmt, method)
     if accelerator is not None:
-        check_engine(accelerator, settings)
+        check_engine(accelerator, settings, model)
         step_loss, optim = accelerator.prepare(step_loss, optim)
     log: dict[str, Any] = {"loss": [], "terms": {}, "conflict": []}
     bf16 = cfg.mixed_precision == "bf16"  # autocast: matmuls in bfloat16, adapters float32
