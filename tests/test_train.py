@@ -233,6 +233,14 @@ def test_deepspeed_clips_at_train_grad_clip_and_sizes_its_batch_from_the_global_
         ({"zero_stage": 0}, "ZeRO stage 0 is not supported"),
         ({"gradient_clipping": 1.0}, "gradient_clipping 1.0 differs from train.grad_clip 10.0"),
         ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps is 4"),
+        (
+            {"hf_ds_config": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}},
+            "section 'optimizer': the training loop builds its own AdamW",
+        ),
+        (
+            {"hf_ds_config": {"zero_optimization": {"stage": 2}, "scheduler": {"type": "LR"}}},
+            "section 'scheduler'",
+        ),
     ],
 )
 def test_a_deepspeed_config_the_loop_cannot_follow_is_refused(plugin, message):

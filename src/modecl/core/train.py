@@ -110,10 +110,11 @@ def check_engine(
     evaluation and drawing use unwrapped between tasks; stage 3 partitions the parameters
     themselves and is refused, as is stage 0 (plain data parallel: DDP does it). The
     per-process batch DeepSpeed sizes its engine by (usually read from a DataLoader) is
-    the global batch's share. Given the ``model``, an "auto" ZeRO reduce bucket is sized as
-    accelerate sizes it, hidden size squared, the hidden size read from the input
-    embeddings (accelerate reads ``model.config.hidden_size``: the loss module it wraps
-    has no config, and Emu3 keeps it in its text config).
+    the global batch's share; an ``optimizer`` or ``scheduler`` section is refused (the
+    loop builds its own from the settings). Given the ``model``, an "auto" ZeRO reduce
+    bucket is sized as accelerate sizes it, hidden size squared, the hidden size read from
+    the input embeddings (accelerate reads ``model.config.hidden_size``: the loss module it
+    wraps has no config, and Emu3 keeps it in its text config).
     """
     stage = zero_stage(accelerator)
     if stage is None:
@@ -131,6 +132,12 @@ def check_engine(
         raise ConfigError(
             f"DeepSpeed's gradient_clipping {clip} differs from train.grad_clip {cfg.grad_clip}: "
             "DeepSpeed does the clipping, make them equal"
+        )
+    own = [key for key in ("optimizer", "scheduler") if key in config]
+    if own:
+        raise ConfigError(
+            f"the DeepSpeed config has a section {' and '.join(map(repr, own))}: the training "
+            "loop builds its own AdamW and cosine schedule from [continual.train]; remove it"
         )
     accumulation = config.get("gradient_accumulation_steps", "auto")
     if accumulation not in ("auto", 1):
