@@ -1,10 +1,10 @@
 """Worker processes for the runner's independent units (a seed and a method each).
 
-Every (seed, method) of a run is independent once the host is pre-trained: it
-attaches its adapters to the frozen host, trains them through the tasks and writes each
-stage atomically; measuring a seed's pre-trained host (``HOST_STAGE``) is a unit
-too. :func:`run_units` hands the units to ``jobs`` worker processes, which
-take units from a shared queue until none are left. On Linux, with one torch thread in this
+Every (seed, method) of a run is independent once the host is pre-trained: it attaches
+its adapters to the frozen host, trains them through the tasks and writes each stage
+atomically; measuring a seed's pre-trained host (``HOST_STAGE``) is a unit too.
+:func:`run_units` hands the units to ``jobs`` worker processes, which take units from a
+shared queue until none are left. On Linux, with one torch thread in this
 process (no OpenMP team to inherit), the workers are forked: they start at once with this
 process's world, in the state a one-process run would have at its first unit. Otherwise
 they are spawned, and each builds the world once with ``make_world``. The runner then reads

@@ -115,11 +115,19 @@ def preview_count(cfg: PretrainConfig, preview: list) -> int:
     return min(len(preview), cfg.preview_per_task * len(tasks.TASK_RULES))
 
 
+def skill_scores(
+    world: DigitsWorld, model: torch.nn.Module, pool: np.ndarray, per_digit: int, seed: int
+) -> tuple[float, float]:
+    """(captioning accuracy on ``pool``, generation accuracy of ``per_digit`` drawings per
+    digit, sampled with ``seed``)."""
+    captioning = world.captioning_accuracy(model, pool)
+    codes, labels = world.draw_digits(model, per_digit, seed)
+    return captioning, world.generation_accuracy(codes, labels)
+
+
 def validation_scores(world: DigitsWorld, model: torch.nn.Module, seed: int) -> tuple[float, float]:
     """(captioning, generation) accuracy on the validation part of the pre-training pool."""
-    captioning = world.captioning_accuracy(model, world.pools.pretrain_val)
-    codes, labels = world.draw_digits(model, per_digit=10, seed=seed)
-    return captioning, world.generation_accuracy(codes, labels)
+    return skill_scores(world, model, world.pools.pretrain_val, 10, seed)
 
 
 def train_host(world: DigitsWorld, progress: bool = True) -> tuple[LlamaForCausalLM, dict]:
@@ -193,9 +201,7 @@ class PretrainedHost:
         (sampled with the host's seed)."""
         world, config = self.world, self.world.config
         per_digit = config.generation.samples_per_digit
-        captioning = world.captioning_accuracy(self.model, world.pools.test)
-        codes, labels = world.draw_digits(self.model, per_digit, config.seed)
-        return captioning, world.generation_accuracy(codes, labels)
+        return skill_scores(world, self.model, world.pools.test, per_digit, config.seed)
 
 
 def load_or_pretrain(
