@@ -18,7 +18,7 @@ from modecl.core import workers
 from modecl.core.config import ContinualSettings
 from modecl.core.report import write_report
 from modecl.core.results import comparable, read_results
-from modecl.core.runner import RunSpec, worker_units
+from modecl.core.runner import Replicate, RunSpec, worker_units
 from modecl.core.workers import UnitFailed, default_jobs
 from modecl.digits.bench import run_benchmark
 from tests.fixtures import subprocess_env, tiny_run, tiny_study, toml
@@ -151,15 +151,28 @@ def test_units_go_out_distillation_first_and_each_seeds_host_stage_last():
     spec = RunSpec(
         ["seq-lora", "mode", "ewc", "mode-task"], [0, 1], ContinualSettings(), "bench", {}, {}
     )
+    a, b = Replicate(None, 0), Replicate(None, 1)
     assert worker_units(spec) == [
-        (0, "mode"),
-        (0, "mode-task"),
-        (1, "mode"),
-        (1, "mode-task"),
-        (0, "seq-lora"),
-        (0, "ewc"),
-        (1, "seq-lora"),
-        (1, "ewc"),
-        (0, "pretrained"),
-        (1, "pretrained"),
+        (a, "mode"),
+        (a, "mode-task"),
+        (b, "mode"),
+        (b, "mode-task"),
+        (a, "seq-lora"),
+        (a, "ewc"),
+        (b, "seq-lora"),
+        (b, "ewc"),
+        (a, "pretrained"),
+        (b, "pretrained"),
+    ]
+
+
+def test_a_run_over_hosts_has_a_unit_per_host_seed_and_method():
+    spec = RunSpec(["seq-lora", "mode"], [0, 1], ContinualSettings(), "bench", {}, {}, hosts=[3, 5])
+    reps = [Replicate(3, 0), Replicate(3, 1), Replicate(5, 0), Replicate(5, 1)]
+    assert spec.replicates == reps
+    assert [r.folder for r in reps] == ["host3-seed0", "host3-seed1", "host5-seed0", "host5-seed1"]
+    assert worker_units(spec) == [
+        *[(r, "mode") for r in reps],
+        *[(r, "seq-lora") for r in reps],
+        *[(r, "pretrained") for r in reps],
     ]

@@ -8,24 +8,28 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from modecl.core.claims import claim_rows, tally
 from modecl.core.config import ConfigError, load_toml, toml_keys
 from modecl.core.report import headline_rows, write_report
+from modecl.core.results import read_results
 from modecl.core.tasks import TaskFileError
 from modecl.core.workers import UnitFailed, threads_per_worker
+from modecl.digits import shipped
 from modecl.digits.bench import bench_jobs, run_benchmark, validate
 from modecl.digits.bench import quick as quick_config
 from modecl.digits.config import DigitsConfig, RunConfig
-from modecl.digits.pretrain import GateError, check_gate, load_or_pretrain
+from modecl.digits.pretrain import GateError, cache_key, check_gate, load_or_pretrain
 from modecl.hosts.config import TrainConfig
 
 CACHE_HELP = "cache dir (default: $MODECL_CACHE or ~/.cache/modecl)"
 
 
-def _host_summary(config: DigitsConfig, cache_dir: Path | None) -> dict:
+def _host_summary(config: DigitsConfig, cache_dir: Path | None, use_shipped: bool) -> dict:
     """Pre-train (or load) the digits host, measure it on the test pool, apply the gate."""
     start = time.perf_counter()
-    host = load_or_pretrain(config, cache_dir)
+    host = load_or_pretrain(config, cache_dir, use_shipped=use_shipped)
     world = host.world
     captioning, generation = host.gate_scores()
     summary = {
@@ -42,7 +46,7 @@ def _host_summary(config: DigitsConfig, cache_dir: Path | None) -> dict:
 def _print_host(summary: dict, config: DigitsConfig) -> None:
     log = summary["host_log"]
     how = (
-        f"loaded from cache in {log['load_seconds']:.1f} s"
+        f"loaded ({log['source']}) in {log['load_seconds']:.1f} s"
         if log["cached"]
         else f"pre-trained in {log['seconds']:.0f} s (epoch {log['selected_epoch']} selected)"
     )
@@ -62,10 +66,32 @@ def _print_host(summary: dict, config: DigitsConfig) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     config = load_toml(DigitsConfig, args.config)
-    summary = _host_summary(config, args.cache)
+    ship = shipped.find(cache_key(config))  # a shipped host is re-created, then compared
+    summary = _host_summary(config, args.cache, use_shipped=ship is None)
     _print_host(summary, config)
+    if ship is not None:
+        print(_compare_to_shipped(summary, ship))
     check_gate(config, summary["captioning_accuracy"], summary["generation_accuracy"])
     print(f"done in {summary['seconds']:.1f} s")
+
+
+def _compare_to_shipped(summary: dict, folder: Path) -> str:
+    """Whether a re-created host equals the shipped one of its config, and if not by how
+    much (weights, gate scores) and on what (kernel paths)."""
+    manifest = shipped.verify(folder)
+    weights = load_file(folder / "model" / "model.safetensors")
+    difference = shipped.weights_difference(weights, summary["host"].model.state_dict())
+    if difference == 0:
+        return f"matches the shipped host {folder} bit for bit"
+    scores = manifest["gate_scores"]
+    return (
+        f"differs from the shipped host {folder}: largest weight difference {difference:.3g}; "
+        f"captioning / generation {summary['captioning_accuracy']:.3f} / "
+        f"{summary['generation_accuracy']:.3f} here, {scores['captioning']:.3f} / "
+        f"{scores['generation']:.3f} shipped; kernel path "
+        f"{torch.backends.cpu.get_cpu_capability()} here, {manifest['kernel_path']} shipped "
+        f"({manifest['cpu']}). `modecl bench` uses the shipped host."
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -74,6 +100,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         config.methods = parse_methods(args.methods)
     if args.seeds is not None:
         config.seeds = args.seeds
+    if args.hosts is not None:
+        config.hosts = args.hosts
     if args.quick:
         config, notes = quick_config(config, toml_keys(args.config))
         for note in notes:
@@ -166,6 +194,13 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report written: {write_report(args.dir)}")
 
 
+def cmd_claims(args: argparse.Namespace) -> None:
+    runs = [read_results(Path(run) / "results.json") for run in args.runs]
+    replicates = sum(len(r.per_seed) for r in runs)
+    print(f"{replicates} replicates (a seed on a host) in {len(runs)} run(s):")
+    print("\n".join(claim_rows(tally(runs), replicates)))
+
+
 def _positive(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     try:
@@ -205,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--seeds", type=_positive, help="repeat the study over N seeds (default: config)"
+    )
+    b.add_argument(
+        "--hosts",
+        type=_positive,
+        help="repeat it on N hosts, host seeds host.seed.. (default: config)",
     )
     b.set_defaults(func=cmd_bench)
     t = sub.add_parser(
@@ -249,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="rebuild report.md and figures from a run's results")
     r.add_argument("dir", type=Path)
     r.set_defaults(func=cmd_report)
+    c = sub.add_parser(
+        "claims", help="check the study's findings on every replicate of one or more runs"
+    )
+    c.add_argument("runs", type=Path, nargs="+", help="out dirs of runs (their results.json)")
+    c.set_defaults(func=cmd_claims)
     return parser
 
 
@@ -258,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         args.func(args)
-    except (ConfigError, GateError, TaskFileError) as exc:
+    except (ConfigError, GateError, TaskFileError, shipped.ShippedHostError) as exc:
         print(f"modecl: error: {exc}", file=sys.stderr)
         return 2
     except UnitFailed as exc:

@@ -145,3 +145,41 @@ def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
         raise ValueError(f"need a non-empty 1-D sequence of values, got shape {data.shape}")
     std = float(data.std(ddof=1)) if data.size > 1 else 0.0
     return float(data.mean()), std
+
+
+def variance_split(groups: Sequence[Sequence[float]]) -> dict[str, float]:
+    """How much of the spread of replicates lies between their groups (hosts) and how much
+    within them (seeds on one host): one-way analysis of variance.
+
+    With ``x[h][s]`` the value of seed ``s`` on host ``h``, ``m[h]`` a host's mean and ``m``
+    the grand mean over all ``n`` values of ``g`` groups::
+
+        SS_between = sum_h len(x[h]) * (m[h] - m)^2
+        SS_within  = sum_h sum_s (x[h][s] - m[h])^2        (SS_total = their sum)
+
+    Args:
+        groups: each host's values (at least two hosts, each with at least one value).
+
+    Returns:
+        ``mean``; ``std``, the sample std of all values; ``between_std``, the sample std of
+        the host means; ``within_std``, the pooled within-host std (``SS_within / (n - g)``,
+        0 when every host has one value); ``between_share``, ``SS_between / SS_total`` (0
+        when every value is equal).
+    """
+    data = [np.asarray(g, dtype=float) for g in groups]
+    if len(data) < 2 or any(g.ndim != 1 or g.size == 0 for g in data):
+        raise ValueError("need at least two groups, each a non-empty 1-D sequence of values")
+    values = np.concatenate(data)
+    grand = values.mean()
+    means = np.array([g.mean() for g in data])
+    between = float(sum(g.size * (m - grand) ** 2 for g, m in zip(data, means, strict=True)))
+    within = float(sum(((g - g.mean()) ** 2).sum() for g in data))
+    free = values.size - len(data)
+    total = between + within
+    return {
+        "mean": float(grand),
+        "std": float(values.std(ddof=1)),
+        "between_std": float(means.std(ddof=1)),
+        "within_std": float(np.sqrt(within / free)) if free else 0.0,
+        "between_share": between / total if total > 0 else 0.0,
+    }

@@ -14,7 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from modecl.core.claims import claim_rows, tally
 from modecl.core.files import write_atomic
+from modecl.core.metrics import variance_split
 from modecl.core.results import Results, SeedResult, Stage, read_results
 
 # World measures shown as headline columns when a run has them: (label, key, digits).
@@ -285,14 +287,14 @@ CONFLICT_COLUMNS = 3  # methods per row: about 1,200 px wide at the saved dpi
 def plot_conflict(series: list[dict], path: Path) -> None:
     """Per method, two stacked panels over the monitored steps: cumulative predicted vs
     measured ΔL_image, and cosines; methods fill a grid of ``CONFLICT_COLUMNS`` per row."""
-    seed = series[0]["seed"]
+    first = (series[0].get("host"), series[0]["seed"])
     names = list(dict.fromkeys(s["method"] for s in series))
     cols = min(CONFLICT_COLUMNS, len(names))
     rows = -(-len(names) // cols)
     fig = plt.figure(figsize=(3.6 * cols, 4.4 * rows), layout="constrained")
     panels = fig.subfigures(rows, cols, squeeze=False, hspace=0.04, wspace=0.02)
     for cell, (name, panel) in enumerate(zip(names, panels.flat, strict=False)):
-        steps = [s for s in series if s["method"] == name and s["seed"] == seed]
+        steps = [s for s in series if s["method"] == name and (s.get("host"), s["seed"]) == first]
         x = np.arange(len(steps))
         top, bottom = panel.subplots(2, 1, sharex=True)
         for key, label, style in (
@@ -319,7 +321,8 @@ def plot_conflict(series: list[dict], path: Path) -> None:
             bottom.set_ylabel("cos(g_image, g_text)", fontsize=8)
         top.legend(fontsize=6)
         bottom.legend(fontsize=6)
-    fig.suptitle(f"gradient conflict through the sequence (seed {seed})", fontsize=10)
+    where = f"seed {first[1]}" if first[0] is None else f"host {first[0]}, seed {first[1]}"
+    fig.suptitle(f"gradient conflict through the sequence ({where})", fontsize=10)
     _save(fig, path)
 
 
@@ -411,6 +414,69 @@ def generation_lines(results: Results) -> list[str]:
     return lines
 
 
+# (label, summary key or None, world measure after the last task or None) for the split
+SPREAD = (
+    ("final acc", "final_average_accuracy", None),
+    ("forgetting", "average_forgetting", None),
+    ("constr. forg.", "constrained_average_forgetting", None),
+    ("generation", None, "generation_accuracy"),
+)
+
+
+def host_groups(results: Results) -> dict[int, list[SeedResult]]:
+    """The replicates of a run over several hosts, by host label (the host's seed)."""
+    groups: dict[int, list[SeedResult]] = {}
+    for rep in results.per_seed:
+        groups.setdefault((rep.host or {}).get("seed"), []).append(rep)
+    return groups
+
+
+def spread_rows(results: Results) -> list[str]:
+    """Per method and measure: the spread over every replicate split into its part between
+    hosts and within a host (:func:`~modecl.core.metrics.variance_split`); no rows unless
+    the run has several hosts and several seeds."""
+    groups = host_groups(results)
+    if len(groups) < 2 or len(results.seeds) < 2:
+        return []
+    head = "| method | measure | mean | std | between hosts (std) | within a host (std) "
+    rows = [head + "| share between hosts |", "|" + "---|" * 7]
+    for name in results.mean.methods:
+        for label, key, measure in SPREAD:
+            values = [
+                [
+                    rep.methods[name].summary.get(key)
+                    if key
+                    else rep.methods[name].stages[-1].measures.get(measure)
+                    for rep in reps
+                ]
+                for reps in groups.values()
+            ]
+            if any(v is None for g in values for v in g):
+                continue
+            split = variance_split(values)
+            cells = [split[k] for k in ("mean", "std", "between_std", "within_std")]
+            cells.append(split["between_share"])
+            rows.append(f"| {name} | {label} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    return rows
+
+
+def claims_lines(results: Results) -> list[str]:
+    """The report's "Claims" section: each finding and in how many replicates it holds."""
+    rows = claim_rows(tally([results]), len(results.per_seed))
+    if len(rows) == 2:
+        return []
+    return [
+        "## Claims",
+        "",
+        "Each finding as a rule checked on every replicate (a seed on a host): in how many",
+        "of those it applies to it holds (`modecl claims RUN...` counts over several runs).",
+        "'general': in every replicate.",
+        "",
+        *rows,
+        "",
+    ]
+
+
 def write_report(out: str | Path) -> Path:
     """(Re)build ``report.md`` and ``figures/`` in ``out`` from its saved results."""
     out = Path(out)
@@ -424,13 +490,14 @@ def write_report(out: str | Path) -> Path:
         if results.front == "bench"
         else f"train on {results.inputs.get('model')}"
     )
-    seeds = results.seeds
+    seeds, replicates = results.seeds, len(results.per_seed)
     rules = ", ".join(f"{t} ({results.scoring[t]})" for t in results.tasks)
+    hosts = f"Hosts (host seeds): {results.hosts}; seeds on each: " if results.hosts else ""
+    over = " (mean ± std over every replicate: a seed on a host)" if replicates > 1 else ""
     lines = [
         f"# modecl {title}{quick}",
         "",
-        f"Tasks in order, with their scoring rules: {rules}. Seeds: {seeds}"
-        f"{' (mean ± std over seeds)' if len(seeds) > 1 else ''}.",
+        f"Tasks in order, with their scoring rules: {rules}. {hosts or 'Seeds: '}{seeds}{over}.",
     ]
     judge = results.world.get("judge")
     if judge:
@@ -469,6 +536,19 @@ def write_report(out: str | Path) -> Path:
             "![expert use per task](figures/routing.png)",
             "",
         ]
+    spread = spread_rows(results)
+    if spread:
+        lines += [
+            "## Between hosts and within a host",
+            "",
+            "The spread over every replicate, split (one-way analysis of variance) into the",
+            "std of the host means and the pooled std of the seeds on one host; the last",
+            "column is the between-host share of the sum of squares.",
+            "",
+            *spread,
+            "",
+        ]
+    lines += claims_lines(results)
     lines += generation_lines(results)
     series_file = out / "conflict.jsonl"
     text = series_file.read_text() if series_file.exists() else ""

@@ -49,9 +49,14 @@ class MethodResult:
 
 @dataclass
 class SeedResult:
-    seed: int | None  # None for the mean over seeds
+    """One replicate's results (a seed on a host), or the mean over replicates."""
+
+    seed: int | None  # None for the mean over replicates
     pretrained: Stage
     methods: dict[str, MethodResult]
+    # What identifies the host model it ran on, where the world says (the digits host:
+    # seed, config hash, CPU kernel path it was pre-trained under, weights' SHA-256, source)
+    host: dict[str, Any] | None = None
 
 
 @dataclass
@@ -65,12 +70,13 @@ class Results:
     config: dict[str, Any]
     inputs: dict[str, Any]  # what the run read (model, task and pairs files); {} for bench
     world: dict[str, Any]  # judge, host model facts
-    per_seed: list[SeedResult]
+    per_seed: list[SeedResult]  # every replicate, host by host
     mean: SeedResult
-    std: dict[str, Any] | None  # mean's shape, each number's std over seeds; None: one seed
+    std: dict[str, Any] | None  # mean's shape, each number's std over replicates; None: one
     # What the numbers came from: per task and split the sample count and a hash of the
     # samples, the package versions (see modecl.core.runner.manifest)
     manifest: dict[str, Any] = field(default_factory=dict)
+    hosts: list[int] | None = None  # host labels of a run over several hosts; None: one host
 
 
 def method_result(stages: list[Stage], pretrained: Stage) -> MethodResult:
@@ -105,11 +111,12 @@ def _mean_std_tree(values: list[Any]) -> tuple[Any, Any]:
 
 
 def aggregate(per_seed: list[SeedResult]) -> tuple[SeedResult, dict[str, Any] | None]:
-    """The mean over seeds (a SeedResult with seed None) and the std tree (None: one seed)."""
+    """The mean over replicates (a SeedResult with seed and host None) and the std tree
+    (None: one replicate)."""
     if len(per_seed) == 1:
         return per_seed[0], None
-    mean, std = _mean_std_tree([dataclasses.asdict(r) for r in per_seed])
-    mean["seed"] = None
+    trees = [dataclasses.asdict(r) | {"seed": None, "host": None} for r in per_seed]
+    mean, std = _mean_std_tree(trees)
     return from_dict(SeedResult, mean), std
 
 

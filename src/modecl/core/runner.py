@@ -1,18 +1,21 @@
-"""The one runner: seeds x methods x tasks on a world, each stage written atomically, resumable.
+"""The one runner: (host, seed) x methods x tasks, each stage written atomically, resumable.
 
 `modecl bench` (the digits world) and `modecl train` (a transformers host with task files)
-are two front doors to :func:`run`. Layout of an out dir::
+are two front doors to :func:`run`. A run repeats every method over its replicates: each
+seed on each host (:class:`Replicate`; one host, the world's, unless the front door gives
+several, as `modecl bench --hosts` does). Layout of an out dir (``<R>`` a replicate's
+folder: ``seed<S>``, or ``host<H>-seed<S>`` in a run over several hosts)::
 
     run.json                  what the run was started with (a resume must match it)
     results.json              every number (:mod:`modecl.core.results`, ``modecl.results/2``)
     conflict.jsonl            the gradient-conflict monitor's figures, one line per step
     samples.npz               the first seed's drawn-image grids per method and stage
     report.md, figures/       built by :mod:`modecl.core.report`
-    checkpoints/seed<S>/pretrained/         stage.json (measures, answers), pictures.npy
-    checkpoints/seed<S>/<method>/stage<K>/  stage.json, pictures.npy, adapters/, method.pt
-    checkpoints/seed<S>/<method>/stage<K>.steps/  the step checkpoint inside an unfinished
-                                            task (``train.checkpoint_every``)
-    images/seed<S>/<method>/stage<K>/       drawn images, where the world decodes pixels
+    checkpoints/<R>/pretrained/         stage.json (measures, answers), pictures.npy
+    checkpoints/<R>/<method>/stage<K>/  stage.json, pictures.npy, adapters/, method.pt
+    checkpoints/<R>/<method>/stage<K>.steps/  the step checkpoint inside an unfinished
+                                        task (``train.checkpoint_every``)
+    images/<R>/<method>/stage<K>/       drawn images, where the world decodes pixels
 
 Each stage is written atomically once trained and measured; re-running the same command
 resumes after the last finished stage of every (seed, method), or inside a task from its
@@ -34,7 +37,7 @@ import resource
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,9 +94,30 @@ from modecl.core.world import World
 Gather = Callable[[list[Any]], list[Any]]
 
 
+@dataclass(frozen=True)
+class Replicate:
+    """One repetition of every method: a seed on a host. ``host`` labels the host (the
+    digits host's seed) in a run over several; None in a run over the world's one host."""
+
+    host: int | None
+    seed: int
+
+    @property
+    def folder(self) -> str:
+        """Its folder under ``checkpoints/`` and ``images/``."""
+        return f"seed{self.seed}" if self.host is None else f"host{self.host}-seed{self.seed}"
+
+    def __str__(self) -> str:
+        return f"seed {self.seed}" if self.host is None else f"host {self.host}, seed {self.seed}"
+
+
+Worlds = Mapping[int | None, World]  # each host's world by its label (None: the one host)
+
+
 @dataclass
 class RunSpec:
-    """What a run does on its world: methods x seeds under one recipe, and what to record."""
+    """What a run does on its worlds: methods x replicates under one recipe, and what to
+    record."""
 
     methods: list[str]
     seeds: list[int]
@@ -104,6 +128,12 @@ class RunSpec:
     quick: bool = False
     files: list[Path] = field(default_factory=list)  # input files, hashed into the run key
     tracking: list[str] = field(default_factory=list)  # accelerate trackers (core.tracking)
+    hosts: list[int] | None = None  # host labels of a run over several hosts; None: one
+
+    @property
+    def replicates(self) -> list[Replicate]:
+        """Every (host, seed), host by host."""
+        return [Replicate(h, s) for h in self.hosts or [None] for s in self.seeds]
 
 
 def check_methods(methods: list[str], continual: ContinualSettings | None = None) -> None:
@@ -178,7 +208,9 @@ PACKAGES = ("modecl", "torch", "transformers", "accelerate", "numpy", "diffusers
 def manifest(tasks: list[Task], accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Per task and split: the number of samples and a SHA-256 of their content (image
     codes, question, answer, options); the versions of the packages that shaped them; the
-    launch: processes, accelerate's distributed type, the ZeRO stage under DeepSpeed."""
+    launch: processes, accelerate's distributed type, the ZeRO stage under DeepSpeed, and
+    torch's CPU kernel path (``ATEN_CPU_CAPABILITY``: floats, and so trained adapters,
+    differ between paths)."""
     splits = {}
     for task in tasks:
         splits[task.name] = {}
@@ -196,6 +228,7 @@ def manifest(tasks: list[Task], accelerator: Accelerator | None = None) -> dict[
         "processes": accelerator.num_processes if accelerator else 1,
         "distributed_type": accelerator.distributed_type.value if accelerator else "NO",
         "zero_stage": zero_stage(accelerator),
+        "cpu_kernel_path": torch.backends.cpu.get_cpu_capability(),
     }
     return {"tasks": splits, "packages": versions, "launch": launch}
 
@@ -317,13 +350,12 @@ def measure(
 
 
 def _pretrained(
-    world: World, tasks: list[Task], seed: int, out: Path, p: Processes
+    world: World, tasks: list[Task], rep: Replicate, out: Path, p: Processes
 ) -> tuple[Stage, np.ndarray | None]:
-    folder = out / "checkpoints" / f"seed{seed}" / "pretrained"
+    folder = out / "checkpoints" / rep.folder / "pretrained"
     if not (folder / "stage.json").exists():
-        fields, answers, pictures = measure(
-            world, world.host, tasks, seed * 1000, out / "images" / f"seed{seed}" / "pretrained", p
-        )
+        images = out / "images" / rep.folder / "pretrained"
+        fields, answers, pictures = measure(world, world.host, tasks, rep.seed * 1000, images, p)
         if p.main:
             entry = {"stage": {"task": "pretrained", **fields}, "answers": answers}
             save_stage(folder, entry, None, None, pictures)
@@ -338,7 +370,7 @@ def _run_method(
     world: World,
     tasks: list[Task],
     spec: RunSpec,
-    seed: int,
+    rep: Replicate,
     out: Path,
     p: Processes,
     tick: Callable[[str], None],
@@ -350,7 +382,7 @@ def _run_method(
     settings, model = spec.continual, world.host
     method = get_method(name)
     method.configure(settings, world.distill_pairs())
-    torch.manual_seed(seed)
+    torch.manual_seed(rep.seed)
     attach_adapters(model, method.adapter_config(settings))
     watch = settings.monitor
     monitor, probe = None, world.probe_pairs(watch.probe_size) if watch.enabled else []
@@ -359,13 +391,13 @@ def _run_method(
     elif probe and p.main:
         message = "the conflict monitor runs in one process without DeepSpeed only: skipped"
         warnings.warn(message, stacklevel=2)
-    folder = out / "checkpoints" / f"seed{seed}" / name
+    folder = out / "checkpoints" / rep.folder / name
     stages, pictures, steps = [], [], []
     try:
         for k, task, stage_dir, saved in resumable(folder, tasks, model, method):
             if saved is None:
                 done = sum(len(s.losses.get("ce", [])) for s in stages)  # steps so far
-                track = None if tracker is None else _StageTracking(tracker, name, seed, done)
+                track = None if tracker is None else _StageTracking(tracker, name, rep, done)
                 _train_stage(
                     world,
                     model,
@@ -373,7 +405,7 @@ def _run_method(
                     tasks,
                     k,
                     spec,
-                    seed,
+                    rep.seed,
                     stage_dir,
                     monitor,
                     p,
@@ -384,11 +416,12 @@ def _run_method(
             stages.append(Stage(**saved["stage"]))
             file = stage_dir / "pictures.npy"
             pictures.append(np.load(file) if file.exists() else None)
+            where = {"seed": rep.seed} if rep.host is None else {"host": rep.host, "seed": rep.seed}
             steps += [
-                {"seed": seed, "method": name, "stage": k + 1, "task": task.name, **s}
+                {**where, "method": name, "stage": k + 1, "task": task.name, **s}
                 for s in saved["conflict_steps"]
             ]
-            tick(f"seed {seed}: {name} {task.name}")
+            tick(f"{rep}: {name} {task.name}")
     finally:
         detach_adapters(model)
     return stages, pictures, steps
@@ -396,17 +429,18 @@ def _run_method(
 
 @dataclass
 class _StageTracking:
-    """What a tracker records of one (method, seed): tags ``<method>/seed<S>/...``, steps
-    counted through the whole sequence (``done`` steps before this stage)."""
+    """What a tracker records of one (method, replicate): tags ``<method>/<R>/...`` (``R``
+    the replicate's folder), steps counted through the whole sequence (``done`` steps
+    before this stage)."""
 
     tracker: Tracking
     method: str
-    seed: int
+    rep: Replicate
     done: int
 
     @property
     def prefix(self) -> str:
-        return f"{self.method}/seed{self.seed}"
+        return f"{self.method}/{self.rep.folder}"
 
     def step(self, n: int, values: dict[str, float]) -> None:
         self.tracker.log({f"{self.prefix}/{k}": v for k, v in values.items()}, self.done + n)
@@ -484,24 +518,25 @@ def _train_stage(
 def worker_units(spec: RunSpec) -> list[Unit]:
     """The units of a run in worker processes, in the order they are handed out: the longest
     first, for the shortest finish (the image stream of distillation costs most), then the
-    host's own stage of each seed, short, beside the last units."""
-    units = [(seed, name) for seed in spec.seeds for name in spec.methods]
+    host's own stage of each replicate, short, beside the last units."""
+    units = [(rep, name) for rep in spec.replicates for name in spec.methods]
     units.sort(key=lambda unit: not get_method(unit[1]).needs_pairs)
-    return units + [(seed, HOST_STAGE) for seed in spec.seeds]
+    return units + [(rep, HOST_STAGE) for rep in spec.replicates]
 
 
-def _run_unit(spec: RunSpec, out: Path, world: World, unit: Unit, tick: Callable) -> None:
-    """One (seed, method), or a seed's pre-trained host stage, in a worker process
+def _run_unit(spec: RunSpec, out: Path, worlds: Worlds, unit: Unit, tick: Callable) -> None:
+    """One (replicate, method), or a replicate's pre-trained host stage, in a worker process
     (:mod:`modecl.core.workers`)."""
-    seed, name = unit
+    rep, name = unit
+    world = worlds[rep.host]
     if name == HOST_STAGE:
-        _pretrained(world, world.tasks(), seed, out, Processes(None))
+        _pretrained(world, world.tasks(), rep, out, Processes(None))
         return
-    _run_method(name, world, world.tasks(), spec, seed, out, Processes(None), tick, False)
+    _run_method(name, world, world.tasks(), spec, rep, out, Processes(None), tick, False)
 
 
 def run(
-    world: World,
+    worlds: World | Worlds,
     spec: RunSpec,
     out: Path,
     *,
@@ -509,22 +544,27 @@ def run(
     progress: bool = True,
     describe: dict[str, Any] | None = None,
     jobs: int = 1,
-    make_world: Callable[[], World] | None = None,
+    make_worlds: Callable[[], Worlds] | None = None,
 ) -> Results:
-    """Every method and seed through the world's tasks; writes run.json (now that the world
+    """Every method and replicate through the tasks; writes run.json (now that the worlds
     loaded), every stage, results.json, conflict.jsonl and samples.npz.
 
-    With ``jobs`` > 1, the (seed, method) units run in that many worker processes
-    (:mod:`modecl.core.workers`: forked with ``world``, or spawned and building their own
-    with ``make_world``, picklable), as do the host's stages of every seed; the results are
-    then read back from the stage files, the same as one process's.
+    ``worlds``: one world, or (for ``spec.hosts``) each host's world by its label; they share
+    the task sequence. With ``jobs`` > 1, the (replicate, method) units run in that many
+    worker processes (:mod:`modecl.core.workers`: forked with ``worlds``, or spawned and
+    building their own with ``make_worlds``, picklable), as do the host's stages of every
+    replicate; the results are then read back from the stage files, the same as one
+    process's.
     """
     check_methods(spec.methods, spec.continual)
+    worlds = worlds if isinstance(worlds, Mapping) else {None: worlds}
+    if set(worlds) != set(spec.hosts or [None]):
+        raise ValueError(f"worlds for hosts {sorted(worlds, key=str)}, the run has {spec.hosts}")
     out = Path(out)
     p = Processes(accelerator)
-    if jobs > 1 and (make_world is None or p.count > 1 or spec.tracking):
+    if jobs > 1 and (make_worlds is None or p.count > 1 or spec.tracking):
         raise ConfigError(
-            f"jobs {jobs}: worker processes need a world that can be rebuilt in each, one "
+            f"jobs {jobs}: worker processes need worlds that can be rebuilt in each, one "
             "launched process and no experiment tracking (which logs from one process); "
             "use jobs 1"
         )
@@ -533,12 +573,12 @@ def run(
     if p.main:
         remove_leftovers(out)  # of a write that a kill interrupted
         write_atomic(out / "run.json", json.dumps(run_key(spec), indent=1))
-    tasks = world.tasks()
+    tasks = next(iter(worlds.values())).tasks()
     tracker = Tracking(out, spec.tracking, spec.config) if p.main and spec.tracking else None
-    total = len(spec.seeds) * len(spec.methods) * len(tasks)
+    total = len(spec.replicates) * len(spec.methods) * len(tasks)
     if jobs > 1:
         work = functools.partial(_run_unit, spec, out)
-        run_units(worker_units(spec), world, make_world, work, jobs, total, progress)
+        run_units(worker_units(spec), worlds, make_worlds, work, jobs, total, progress)
     # After workers, every stage is done: the loop below only reads them back.
     shown = progress and p.main and jobs == 1
     bar = tqdm(total=total, desc="stages", unit="stage", disable=not shown)
@@ -548,21 +588,24 @@ def run(
         bar.update()
 
     per_seed, series, samples = [], [], {}
-    for seed in spec.seeds:
-        pretrained, pictures = _pretrained(world, tasks, seed, out, p)
-        if seed == spec.seeds[0] and pictures is not None:
+    first = spec.replicates[0]
+    for rep in spec.replicates:
+        world = worlds[rep.host]
+        pretrained, pictures = _pretrained(world, tasks, rep, out, p)
+        if rep == first and pictures is not None:
             samples["pretrained"] = pictures
         methods = {}
         for name in spec.methods:
             stages, grids, steps = _run_method(
-                name, world, tasks, spec, seed, out, p, tick, progress, tracker
+                name, world, tasks, spec, rep, out, p, tick, progress, tracker
             )
             methods[name] = method_result(stages, pretrained)
             series += steps
             for k, grid in enumerate(grids):
-                if seed == spec.seeds[0] and grid is not None:
+                if rep == first and grid is not None:
                     samples[f"{name}/stage{k + 1}"] = grid
-        per_seed.append(SeedResult(seed, pretrained, methods))
+        host = world.describe().get("host_identity")
+        per_seed.append(SeedResult(rep.seed, pretrained, methods, host=host))
     bar.close()
     if tracker is not None:
         tracker.close()
@@ -574,9 +617,10 @@ def run(
         tasks=[t.name for t in tasks],
         scoring={t.name: t.scoring for t in tasks},
         seeds=list(spec.seeds),
+        hosts=spec.hosts,
         config=spec.config,
         inputs=spec.inputs,
-        world=describe if describe is not None else world.describe(),
+        world=describe if describe is not None else worlds[first.host].describe(),
         per_seed=per_seed,
         mean=mean,
         std=std,

@@ -1,13 +1,13 @@
-"""Worker processes for the runner's independent units (a seed and a method each).
+"""Worker processes for the runner's independent units (a replicate and a method each).
 
-Every (seed, method) of a run is independent once the host is pre-trained: it attaches
-its adapters to the frozen host, trains them through the tasks and writes each stage
-atomically; measuring a seed's pre-trained host (``HOST_STAGE``) is a unit too.
+Every (replicate, method) of a run is independent once the host is pre-trained: it
+attaches its adapters to the frozen host, trains them through the tasks and writes each
+stage atomically; measuring a replicate's pre-trained host (``HOST_STAGE``) is a unit too.
 :func:`run_units` hands the units to ``jobs`` worker processes, which take units from a
 shared queue until none are left. On Linux, with one torch thread in this
 process (no OpenMP team to inherit), the workers are forked: they start at once with this
 process's world, in the state a one-process run would have at its first unit. Otherwise
-they are spawned, and each builds the world once with ``make_world``. The runner then reads
+they are spawned, and each builds the worlds once with ``make_world``. The runner then reads
 every stage back from disk, so the results do not depend on the number of workers or on
 the order in which units finish::
 
@@ -38,14 +38,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-Unit = tuple[int, str]  # (seed, method), or (seed, HOST_STAGE)
-HOST_STAGE = "pretrained"  # the unit that measures a seed's pre-trained host
+Unit = tuple[Any, str]  # (replicate, method), or (replicate, HOST_STAGE)
+HOST_STAGE = "pretrained"  # the unit that measures a replicate's pre-trained host
 Tick = Callable[[str], None]
 WorkUnit = Callable[[Any, Unit, Tick], None]  # (world, unit, tick); module-level, picklable
 
 
 class UnitFailed(RuntimeError):
-    """A unit failed in a worker process (its seed, method and traceback in the message)."""
+    """A unit failed in a worker process (its replicate, method and traceback in the
+    message)."""
 
 
 def threads_per_worker() -> int:
@@ -142,7 +143,7 @@ def _name(unit: Unit | None) -> str:
     if unit is None:
         return "building the world"
     what = "the pre-trained host" if unit[1] == HOST_STAGE else f"method {unit[1]}"
-    return f"seed {unit[0]}, {what}"
+    return f"{unit[0]}, {what}"
 
 
 def run_units(
@@ -207,7 +208,7 @@ def run_units(
                     )
                 if worker.exitcode == 0 or pipes[i][0] not in watch:
                     watch.remove(worker.sentinel)
-            bar.set_postfix_str(" | ".join(f"seed {u[0]} {u[1]}" for u in held if u))
+            bar.set_postfix_str(" | ".join(f"{u[0]} {u[1]}" for u in held if u))
     finally:
         _FORKED_WORLD.clear()
         bar.close()

@@ -1,15 +1,17 @@
 """The digits benchmark as a world for the one runner (:mod:`modecl.core.runner`).
 
-`modecl bench`: pre-train (or load) the gated digits host, then every method and seed
-through the built-in tasks, measuring after every task: exact and constrained accuracy,
-captioning, generation accuracy (judge), Fréchet distance and image-token NLL. The
-pre-trained host is shared by all seeds; a seed changes adapter init, data order, dropout
-and sampling.
+`modecl bench`: load (shipped or cached) or pre-train the gated digits hosts, then every
+method and seed on every host through the built-in tasks, measuring after every task:
+exact and constrained accuracy, captioning, generation accuracy (judge), Fréchet distance
+and image-token NLL. A host is shared by the seeds run on it; a seed changes adapter init,
+data order, dropout and sampling. ``hosts = N`` repeats the study on host seeds
+``host.seed`` .. ``host.seed + N - 1``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Collection, Sequence
 from functools import cached_property, partial
 from pathlib import Path
@@ -25,9 +27,9 @@ from modecl.core.tasks import Task
 from modecl.core.tracking import check_trackers
 from modecl.core.workers import default_jobs
 from modecl.core.world import Answering, Measured
-from modecl.digits.config import RunConfig
+from modecl.digits.config import DigitsConfig, RunConfig
 from modecl.digits.format import DigitsFormat
-from modecl.digits.pretrain import PretrainedHost, check_gate, load_or_pretrain
+from modecl.digits.pretrain import GateError, PretrainedHost, check_gate, load_or_pretrain
 from modecl.digits.tasks import TASK_RULES
 
 QUICK = {  # key -> (the quick value from the config's), a smaller first look
@@ -68,6 +70,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("a run needs at least one task")
     if config.seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {config.seeds}")
+    if config.hosts < 1:
+        raise ConfigError(f"hosts must be at least 1, got {config.hosts}")
 
 
 class DigitsBench:
@@ -122,13 +126,31 @@ class DigitsBench:
 
     def describe(self) -> dict[str, Any]:
         log = {k: v for k, v in self._host.log.items() if k not in ("history", "config")}
-        return {"judge": self.digits.judge_report(), "host": log}
+        identity = self._host.identity()
+        return {"judge": self.digits.judge_report(), "host": log, "host_identity": identity}
+
+
+def host_seeds(config: RunConfig) -> list[int]:
+    """The host seeds a run repeats on: ``host.seed`` and the next ``hosts - 1``."""
+    return [config.host.seed + i for i in range(config.hosts)]
+
+
+def _label(config: RunConfig, seed: int) -> int | None:
+    """A host's label in the runner: its seed in a run over several hosts, else None (the
+    out dir's folders are then ``seed<S>``, as a run over one host has always had)."""
+    return seed if config.hosts > 1 else None
+
+
+def host_config(config: RunConfig, seed: int) -> DigitsConfig:
+    """The host settings of host seed ``seed``."""
+    return dataclasses.replace(config.host, seed=seed)
 
 
 def bench_spec(config: RunConfig, quick_run: bool, files: list[Path]) -> RunSpec:
     return RunSpec(
         methods=list(config.methods),
         seeds=list(range(config.seeds)),
+        hosts=host_seeds(config) if config.hosts > 1 else None,
         continual=config.continual,
         front="bench",
         config=to_dict(config),
@@ -147,13 +169,19 @@ def bench_jobs(config: RunConfig, threads: int = 1) -> int:
     """Default workers of ``threads`` torch threads each: the usable cores over
     ``threads``, capped by memory and the number of units; 1 with experiment tracking (it
     logs from one process)."""
-    units = len(config.methods) * config.seeds
+    units = len(config.methods) * config.seeds * config.hosts
     return 1 if config.tracking.log_with else default_jobs(units, WORKER_MB, threads)
 
 
-def bench_world(config: RunConfig, cache_dir: Path | None) -> DigitsBench:
-    """The world in a worker process: the host from the cache the parent filled."""
-    return DigitsBench(load_or_pretrain(config.host, cache_dir, progress=False), config)
+def bench_worlds(config: RunConfig, cache_dir: Path | None) -> dict[int | None, DigitsBench]:
+    """The worlds in a worker process: each host shipped, or from the cache the parent
+    filled."""
+    return {
+        _label(config, seed): DigitsBench(
+            load_or_pretrain(host_config(config, seed), cache_dir, False), config
+        )
+        for seed in host_seeds(config)
+    }
 
 
 def run_benchmark(
@@ -166,10 +194,12 @@ def run_benchmark(
     config_file: Path | None = None,
     jobs: int = 1,
 ) -> Results:
-    """Pre-train or load the host (gated), run every method and seed, write results.json.
+    """Load or pre-train each host (gated), run every method and seed on each, write
+    results.json.
 
-    The out dir is checked first and written only once the host passed its gate. ``jobs``:
-    worker processes for the (seed, method) units (:func:`bench_jobs` chooses a default).
+    The out dir is checked first and written only once every host passed its gate.
+    ``jobs``: worker processes for the (replicate, method) units (:func:`bench_jobs`
+    chooses a default).
     """
     validate(config)
     if jobs < 1:
@@ -177,8 +207,13 @@ def run_benchmark(
     check_trackers(config.tracking.log_with)
     spec = bench_spec(config, quick, [Path(config_file)] if config_file else [])
     check_run_key(out, spec)
-    host = load_or_pretrain(config.host, cache_dir, progress)
-    check_gate(config.host, *host.gate_scores())
-    world = DigitsBench(host, config)
-    make_world = partial(bench_world, config, cache_dir)
-    return run(world, spec, Path(out), progress=progress, jobs=jobs, make_world=make_world)
+    worlds = {}
+    for seed in host_seeds(config):
+        host = load_or_pretrain(host_config(config, seed), cache_dir, progress)
+        try:
+            check_gate(host.world.config, *host.gate_scores())
+        except GateError as err:
+            raise GateError(f"host seed {seed}: {err}") from None
+        worlds[_label(config, seed)] = DigitsBench(host, config)
+    make_worlds = partial(bench_worlds, config, cache_dir)
+    return run(worlds, spec, Path(out), progress=progress, jobs=jobs, make_worlds=make_worlds)

@@ -143,7 +143,10 @@ class RunConfig:
             "mode-text-lora",
         ]
     )
-    seeds: Count = 1
+    seeds: Count = 1  # run seeds 0..seeds-1 on every host
+    # Hosts the study repeats on: host seeds host.seed .. host.seed + hosts - 1 (a trained
+    # host is a sample too: the findings are stated over hosts and seeds)
+    hosts: Count = 1
     continual: ContinualSettings = field(default_factory=ContinualSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)

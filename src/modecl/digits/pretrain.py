@@ -12,7 +12,8 @@ Four streams, mixed and shuffled every epoch (all from the pre-training pool):
 
 Checkpoint selection uses the validation part of the pre-training pool, never the test
 pool. The result is cached under :func:`cache_key` (the config, the world's texts and
-FORMAT_VERSION): a second run loads in seconds.
+FORMAT_VERSION): a second run loads in seconds. The default hosts of seeds 0, 1 and 2
+ship with the package (:mod:`modecl.digits.shipped`) and are taken before the cache.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from modecl.core.config import to_dict
 from modecl.core.files import remove_leftovers, replace_dir, temporary_dir
 from modecl.core.sequences import Example, collate, next_token_loss
 from modecl.core.train import cosine_schedule
-from modecl.digits import data, tasks
+from modecl.digits import data, shipped, tasks
 from modecl.digits.codebook import Codebook
 from modecl.digits.config import DigitsConfig, PretrainConfig
 from modecl.digits.format import draw_example, text_example, understand_example
@@ -193,7 +194,22 @@ def train_host(world: DigitsWorld, progress: bool = True) -> tuple[LlamaForCausa
 class PretrainedHost:
     world: DigitsWorld
     model: LlamaForCausalLM
-    log: dict  # selected epoch, per-epoch history, seconds, whether loaded from cache
+    # selected epoch, per-epoch history, seconds, kernel path, source: "shipped", "cache"
+    # or "trained"
+    log: dict
+    folder: Path  # where its files are: the shipped host's, or the cache entry
+
+    def identity(self) -> dict:
+        """What identifies it in results.json: host seed, config hash (the cache key), the
+        CPU kernel path it was pre-trained under, its weights' SHA-256 and whether it is a
+        shipped host (else pre-trained on this machine, now or earlier)."""
+        return {
+            "seed": self.world.config.seed,
+            "config_hash": cache_key(self.world.config),
+            "kernel_path": self.log.get("kernel_path"),
+            "weights_sha256": shipped.sha256(self.folder / "model" / "model.safetensors"),
+            "shipped": self.log["source"] == "shipped",
+        }
 
     def gate_scores(self) -> tuple[float, float]:
         """What the gate judges (:func:`check_gate`): captioning accuracy on the test pool,
@@ -204,22 +220,47 @@ class PretrainedHost:
         return skill_scores(world, self.model, world.pools.test, per_digit, config.seed)
 
 
+def _load(config: DigitsConfig, folder: Path, source: str) -> PretrainedHost:
+    start = time.perf_counter()
+    world = DigitsWorld.build(config, Codebook.load(folder / "codebook.npy"))
+    model = LlamaForCausalLM.from_pretrained(folder / "model").eval()
+    log = json.loads((folder / "log.json").read_text())
+    log |= {"cached": True, "source": source, "load_seconds": time.perf_counter() - start}
+    return PretrainedHost(world, model, log, folder)
+
+
 def load_or_pretrain(
-    config: DigitsConfig, cache_dir: str | Path | None = None, progress: bool = True
+    config: DigitsConfig,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    use_shipped: bool = True,
 ) -> PretrainedHost:
-    """The pre-trained host for ``config``: loaded from the cache, or trained and cached."""
-    folder = Path(cache_dir or default_cache_dir()) / f"digits-{cache_key(config)}"
+    """The pre-trained host for ``config``: the shipped one (checked against its manifest),
+    else loaded from the cache, else trained and cached.
+
+    Args:
+        config: the host's settings.
+        cache_dir: the cache (default: ``$MODECL_CACHE`` or ``~/.cache/modecl``).
+        progress: show the pre-training bar.
+        use_shipped: False to ignore the shipped hosts (to re-create one, or to time
+            pre-training).
+    """
+    key = cache_key(config)
+    found = shipped.find(key) if use_shipped else None
+    if found is not None:
+        shipped.verify(found)
+        return _load(config, found, "shipped")
+    folder = Path(cache_dir or default_cache_dir()) / f"digits-{key}"
     if (folder / "log.json").exists():
-        start = time.perf_counter()
-        world = DigitsWorld.build(config, Codebook.load(folder / "codebook.npy"))
-        model = LlamaForCausalLM.from_pretrained(folder / "model").eval()
-        log = json.loads((folder / "log.json").read_text())
-        log |= {"cached": True, "load_seconds": time.perf_counter() - start}
-        return PretrainedHost(world, model, log)
+        return _load(config, folder, "cache")
     start = time.perf_counter()
     world = DigitsWorld.build(config)
     model, log = train_host(world, progress)
-    log |= {"seconds": time.perf_counter() - start, "config": to_dict(config)}
+    log |= {
+        "seconds": time.perf_counter() - start,
+        "kernel_path": torch.backends.cpu.get_cpu_capability(),
+        "config": to_dict(config),
+    }
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(folder.parent)  # of a pre-training that was killed while saving
     tmp = temporary_dir(folder)
@@ -228,7 +269,7 @@ def load_or_pretrain(
     model.save_pretrained(tmp / "model")
     (tmp / "log.json").write_text(json.dumps(log, indent=1))
     replace_dir(tmp, folder)  # a half-written folder from a crash is replaced whole
-    return PretrainedHost(world, model, log | {"cached": False})
+    return PretrainedHost(world, model, log | {"cached": False, "source": "trained"}, folder)
 
 
 def check_gate(config: DigitsConfig, captioning: float, generation: float) -> None:
