@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
+import torch
 
 import modecl.core.runner
+from modecl.cli import main
 from modecl.core.config import ConfigError, load_toml
+from modecl.core.metrics import variance_split
 from modecl.core.report import write_report
 from modecl.core.results import comparable, read_results
-from modecl.digits.bench import run_benchmark
+from modecl.digits.bench import host_config, run_benchmark
 from modecl.digits.config import RunConfig
 from modecl.digits.host import DigitsWorld
-from modecl.digits.pretrain import GateError, load_or_pretrain
+from modecl.digits.pretrain import GateError, cache_key, load_or_pretrain
 from tests.fixtures import BENCH_METHODS as METHODS
 from tests.fixtures import BENCH_TASKS as TASKS
 from tests.fixtures import tiny_run
@@ -115,6 +120,54 @@ def test_multi_seed_results_hold_each_seed_and_mean_std(tmp_path, cache):
     assert entry.stages[-1].measures["generation_accuracy"] == pytest.approx(sum(values) / 2)
     spread = results.std["methods"]["seq-lora"]["stages"][-1]["measures"]["generation_accuracy"]
     assert spread == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+
+
+def test_a_run_over_hosts_repeats_every_method_on_each_host(tmp_path, cache, capsys):
+    config = tiny_run(methods=["seq-lora", "mode"], seeds=2, hosts=2)
+    results = run_benchmark(config, tmp_path, cache_dir=cache, progress=False, jobs=2)
+    assert results.hosts == [0, 1] and results.seeds == [0, 1]
+    assert [(r.host["seed"], r.seed) for r in results.per_seed] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r in results.per_seed:
+        assert r.host["config_hash"] == cache_key(host_config(config, r.host["seed"]))
+        assert r.host["kernel_path"] == torch.backends.cpu.get_cpu_capability()
+        assert not r.host["shipped"] and len(r.host["weights_sha256"]) == 64
+    assert results.per_seed[0].host["weights_sha256"] != results.per_seed[2].host["weights_sha256"]
+    assert results.mean.host is None
+    assert results.manifest["launch"]["cpu_kernel_path"] == torch.backends.cpu.get_cpu_capability()
+    folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert folders == ["host0-seed0", "host0-seed1", "host1-seed0", "host1-seed1"]
+    # the mean is over all four (host, seed) replicates
+    values = [r.methods["mode"].summary["average_forgetting"] for r in results.per_seed]
+    assert results.mean.methods["mode"].summary["average_forgetting"] == pytest.approx(
+        np.mean(values)
+    )
+    # host 0's replicates equal a run over host 0 alone, seed for seed
+    alone = run_benchmark(
+        tiny_run(methods=["seq-lora", "mode"], seeds=2),
+        tmp_path / "alone",
+        cache_dir=cache,
+        progress=False,
+    )
+    assert [dataclasses.asdict(r.methods["mode"])["summary"] for r in alone.per_seed] == [
+        dataclasses.asdict(r.methods["mode"])["summary"] for r in results.per_seed[:2]
+    ]
+    report = write_report(tmp_path).read_text()
+    assert "Hosts (host seeds): [0, 1]; seeds on each: [0, 1]" in report
+    assert "## Between hosts and within a host" in report
+    split = variance_split([values[:2], values[2:]])
+    assert f"| mode | forgetting | {split['mean']:.3f} | {split['std']:.3f} |" in report
+    assert "## Claims" in report and "`mode-forgets-less`" in report
+    assert main(["claims", str(tmp_path), str(tmp_path / "alone")]) == 0
+    out = capsys.readouterr().out
+    assert "6 replicates (a seed on a host) in 2 run(s):" in out
+    holds = sum(
+        r.methods["mode"].summary["average_forgetting"]
+        < r.methods["seq-lora"].summary["average_forgetting"]
+        for r in [*results.per_seed, *alone.per_seed]
+    )
+    assert (
+        f"| `mode-forgets-less` | mode forgets less than seq-lora (exact) | {holds} of 6 |" in out
+    )
 
 
 @pytest.mark.parametrize(

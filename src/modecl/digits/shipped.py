@@ -40,15 +40,15 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def manifests(root: Path = SHIPPED) -> dict[Path, dict[str, Any]]:
-    """Every shipped host's folder and manifest."""
+def manifests(root: Path | None = None) -> dict[Path, dict[str, Any]]:
+    """Every shipped host's folder and manifest (under ``root``, default :data:`SHIPPED`)."""
     found = {}
-    for file in sorted(Path(root).glob(f"*/{MANIFEST}")):
+    for file in sorted(Path(root or SHIPPED).glob(f"*/{MANIFEST}")):
         found[file.parent] = json.loads(read_text(file, ShippedHostError))
     return found
 
 
-def find(key: str, root: Path = SHIPPED) -> Path | None:
+def find(key: str, root: Path | None = None) -> Path | None:
     """The shipped host folder whose config has cache key ``key``, or None."""
     return next((f for f, m in manifests(root).items() if m["cache_key"] == key), None)
 
