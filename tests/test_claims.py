@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from modecl.core import claims
-from modecl.core.claims import CLAIMS, Claim, claim_rows, tally
+from modecl.core.claims import CLAIMS, Claim, claim_columns, claim_rows, tally
 from modecl.core.metrics import variance_split
 from modecl.core.results import MethodResult, Results, SeedResult, Stage
 
@@ -158,6 +158,19 @@ def test_tally_counts_k_of_n_over_the_replicates_of_several_runs():
     assert t.verdict == "never"
     (t,) = tally([results(lacks)], [claim])
     assert t.verdict == "not measured" and claim_rows([t], 1) == claim_rows([], 1)
+
+
+def test_the_per_run_table_has_a_column_per_run():
+    holds = rep(mode=method(0.3), seq_lora=method(0.4))
+    fails = rep(mode=method(0.5), seq_lora=method(0.4))
+    claim = Claim("x", "mode forgets less", claims.forgets_less("mode", "seq-lora"))
+    other = Claim("y", "never measured", claims.forgets_less("nope", "seq-lora"))
+    runs = {"a": results(holds, fails), "b": results(holds), "c": results(rep())}
+    assert claim_columns(runs, [claim, other]) == [
+        "| claim | finding | a | b | c |",
+        "|---|---|---|---|---|",
+        "| `x` | mode forgets less | 1 of 2 | 1 of 1 | – |",
+    ]
 
 
 def test_every_claim_has_a_unique_name():

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from modecl.core.claims import claim_rows, tally
+from modecl.core.claims import claim_columns, claim_rows, tally
 from modecl.core.config import ConfigError, load_toml, toml_keys
 from modecl.core.report import headline_rows, write_report
 from modecl.core.results import read_results
@@ -195,10 +195,13 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_claims(args: argparse.Namespace) -> None:
-    runs = [read_results(Path(run) / "results.json") for run in args.runs]
-    replicates = sum(len(r.per_seed) for r in runs)
+    runs = {str(run): read_results(Path(run) / "results.json") for run in args.runs}
+    if args.per_run:
+        print("\n".join(claim_columns(runs)))
+        return
+    replicates = sum(len(r.per_seed) for r in runs.values())
     print(f"{replicates} replicates (a seed on a host) in {len(runs)} run(s):")
-    print("\n".join(claim_rows(tally(runs), replicates)))
+    print("\n".join(claim_rows(tally(list(runs.values())), replicates)))
 
 
 def _positive(text: str) -> int:
@@ -293,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
         "claims", help="check the study's findings on every replicate of one or more runs"
     )
     c.add_argument("runs", type=Path, nargs="+", help="out dirs of runs (their results.json)")
+    c.add_argument(
+        "--per-run", action="store_true", help="one column per run instead of their union"
+    )
     c.set_defaults(func=cmd_claims)
     return parser
 

@@ -286,3 +286,17 @@ def claim_rows(tallies: Sequence[Tally], replicates: int) -> list[str]:
             cell = f"{t.holds} of {t.runs}{note}"
             rows.append(f"| `{t.claim.name}` | {t.claim.text} | {cell} | {t.verdict} |")
     return rows
+
+
+def claim_columns(runs: dict[str, Results], claims: Sequence[Claim] = CLAIMS) -> list[str]:
+    """The claims table with one column per run ("k of n" of its replicates): which
+    findings survive a change of schedule, host or machine. Claims that apply to none of
+    the runs are left out."""
+    columns = {label: tally([results], claims) for label, results in runs.items()}
+    rows = ["| claim | finding | " + " | ".join(columns) + " |"]
+    rows.append("|---|---|" + "---|" * len(columns))
+    for i, claim in enumerate(claims):
+        cells = [f"{t[i].holds} of {t[i].runs}" if t[i].runs else "–" for t in columns.values()]
+        if any(t[i].runs for t in columns.values()):
+            rows.append(f"| `{claim.name}` | {claim.text} | " + " | ".join(cells) + " |")
+    return rows
