@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import shlex
-import sys
 import tempfile
 from pathlib import Path
 
@@ -38,7 +37,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=SHIPPED, help="where the hosts go")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    command = shlex.join(["python", "benchmarks/ship_hosts.py", *sys.argv[1:]])
+    how = ["--seeds", *map(str, args.seeds)] + (["--config", str(args.config)] * bool(args.config))
+    command = shlex.join(["python", "benchmarks/ship_hosts.py", *how])  # how, not where
     base = load_toml(DigitsConfig, args.config)
     for seed in args.seeds:
         config = dataclasses.replace(base, seed=seed)
