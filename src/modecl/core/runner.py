@@ -67,7 +67,8 @@ from modecl.core.evaluate import (
     router_use,
 )
 from modecl.core.files import (
-    TEMP_MARK,
+    atomic_path,
+    check_writable,
     finite,
     remove_leftovers,
     replace_dir,
@@ -172,11 +173,12 @@ def run_key(spec: RunSpec) -> dict[str, Any]:
 
 
 def check_run_key(out: Path, spec: RunSpec) -> None:
-    """Refuse an out dir that is a file, or holds a run started with other settings or
-    other input files (naming those that changed), before any work."""
+    """Refuse an out dir that is a file or cannot be written, or holds a run started with
+    other settings or other input files (naming those that changed), before any work."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, expected a folder for the run")
+    check_writable(out, ConfigError)
     saved = out / "run.json"
     if not saved.exists():
         if (out / "run_config.json").exists() or (out / "checkpoints").exists():
@@ -627,9 +629,8 @@ def run(
         manifest=manifest(tasks, accelerator),
     )
     if p.main:
-        tmp = out / f".samples{TEMP_MARK}.npz"
-        np.savez(tmp, **samples)
-        os.replace(tmp, out / "samples.npz")
+        with atomic_path(out / "samples.npz") as tmp, tmp.open("wb") as file:
+            np.savez(file, **samples)
         write_atomic(out / "conflict.jsonl", "".join(json.dumps(s) + "\n" for s in series))
         write_results(out / "results.json", results)
     return results
