@@ -86,11 +86,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from modecl.core import modality
-from modecl.core.files import honour_umask
 
 __all__ = [
     "KINDS",
@@ -494,8 +493,8 @@ def save_adapters(model: nn.Module, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(directory / _WEIGHTS_FILE))
-    honour_umask(str(directory / _WEIGHTS_FILE))  # safetensors writes 0600
+    # Bytes written here: a full disk raises OSError (safetensors' own writer raises its own).
+    (directory / _WEIGHTS_FILE).write_bytes(save(tensors))
     meta = {**asdict(routing.config), "image_token_ids": routing.image_token_ids}
     (directory / _CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -129,11 +129,6 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def honour_umask(path: Path) -> None:
-    """Give a file written by a library that ignores the umask the usual permissions."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
 def temporary_dir(target: Path) -> Path:
     """An empty folder beside ``target``, to be renamed to it once complete."""
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,7 @@ from modecl.core.results import (
 )
 from modecl.core.tasks import Task
 from modecl.core.tracking import Tracking
-from modecl.core.train import train_task, zero_stage
+from modecl.core.train import PROGRESS, train_task, zero_stage
 from modecl.core.workers import HOST_STAGE, Unit, run_units
 from modecl.core.world import World
 
@@ -247,7 +247,8 @@ def save_stage(folder: Path, entry: dict, model, method, pictures: np.ndarray | 
     tmp = temporary_dir(folder)
     if model is not None:
         save_adapters(model, tmp / "adapters")
-        torch.save(method.state_dict(), tmp / "method.pt")
+        with (tmp / "method.pt").open("wb") as file:  # a full disk: OSError, not torch's
+            torch.save(method.state_dict(), file)
     if pictures is not None:
         np.save(tmp / "pictures.npy", pictures)
     (tmp / "stage.json").write_text(json.dumps(finite(entry), allow_nan=False))
@@ -400,6 +401,7 @@ def _run_method(
             if saved is None:
                 done = sum(len(s.losses.get("ce", [])) for s in stages)  # steps so far
                 track = None if tracker is None else _StageTracking(tracker, name, rep, done)
+                PROGRESS.where, PROGRESS.task = f"{name}, {rep}", k + 1
                 _train_stage(
                     world,
                     model,
@@ -414,6 +416,7 @@ def _run_method(
                     progress,
                     track,
                 )
+                PROGRESS.task = None  # written: nothing of it is lost now
                 saved = json.loads((stage_dir / "stage.json").read_text())
             stages.append(Stage(**saved["stage"]))
             file = stage_dir / "pictures.npy"
@@ -571,6 +574,7 @@ def run(
             "use jobs 1"
         )
     check_run_key(out, spec)
+    PROGRESS.task = None  # in no task yet
     p.barrier()  # every process checked before the main one writes
     if p.main:
         remove_leftovers(out)  # of a write that a kill interrupted

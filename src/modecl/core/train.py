@@ -24,6 +24,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,25 @@ from modecl.core.tasks import Sample, Task
 
 Batch = dict[str, torch.Tensor]
 _MICRO = "train_micro_batch_size_per_gpu"
+
+
+@dataclass
+class Progress:
+    """Where this process's run is, for the line an interrupt prints: the runner sets the
+    method and replicate (``where``) and the task (from 1), the training loop the steps
+    done in the task."""
+
+    where: str = ""
+    task: int | None = None
+    step: int = 0
+
+    def interrupted(self) -> str:
+        """The line that tells a user where the run stopped and that it can resume."""
+        at = "" if self.task is None else f" at task {self.task}, step {self.step} ({self.where})"
+        return f"interrupted{at}; run the same command to resume"
+
+
+PROGRESS = Progress()
 
 
 def understand_batch(fmt: Format, samples: Sequence[Sample], device: torch.device) -> Batch:
@@ -227,6 +247,7 @@ def train_task(
     first, order = 0, None
     if saver is not None and saver.exists():
         first, order, log = saver.load()
+    PROGRESS.step = first
     start = time.perf_counter()
     model.train()
     bar = tqdm(total=total, desc=desc or task.name, disable=not progress or rank > 0, leave=False)
@@ -277,6 +298,7 @@ def train_task(
                 on_step(n, values | {"grad_norm": float(norm)})
             bar.update()
             bar.set_postfix(loss=f"{ce.item():.3f}")
+            PROGRESS.step = n + 1
             if saver is not None and (n + 1) % cfg.checkpoint_every == 0 and n + 1 < total:
                 saver.save(n + 1, order, log)
     bar.close()
@@ -335,7 +357,8 @@ class StepCheckpoint:
                 "torch_rng": torch_rng,
             }
             tmp = temporary_dir(self.folder)
-            torch.save(state, tmp / "state.pt")
+            with (tmp / "state.pt").open("wb") as file:  # a full disk: OSError, not torch's
+                torch.save(state, file)
             replace_dir(tmp, self.folder)
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
