@@ -139,7 +139,8 @@ class RunSpec:
 
 def check_methods(methods: list[str], continual: ContinualSettings | None = None) -> None:
     """Stop on an unknown or repeated method name, or none at all, or (given the settings)
-    a method whose adapters cannot be built from them."""
+    a method whose adapters cannot be built from them, or ``expert_rank = "split"`` where no
+    method has a routed branch to split."""
     if not methods:
         raise ConfigError(f"a run needs at least one method; valid: {', '.join(METHOD_NAMES)}")
     unknown = [m for m in methods if m not in METHOD_NAMES]
@@ -147,11 +148,20 @@ def check_methods(methods: list[str], continual: ContinualSettings | None = None
         raise ConfigError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHOD_NAMES)}")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"methods repeat: {methods}")
-    for name in methods if continual is not None else ():
+    if continual is None:
+        return
+    routed = False
+    for name in methods:
         try:
-            get_method(name).adapter_config(continual)
+            routed |= get_method(name).adapter_config(continual).routed
         except ValueError as exc:
             raise ConfigError(f"method {name}: {exc} (continual.adapter)") from None
+    if continual.adapter.expert_rank == "split" and not routed:
+        raise ConfigError(
+            "continual.adapter.expert_rank 'split' divides the rank among the experts of a "
+            f"routed branch, and none of the methods {', '.join(methods)} has one (with "
+            f"num_experts {continual.adapter.num_experts}): use 'full'"
+        )
 
 
 def file_hash(path: Path) -> str:
