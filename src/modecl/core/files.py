@@ -146,13 +146,14 @@ def replace_dir(tmp: Path, target: Path) -> None:
     renamed aside, the new one renamed in, then the previous one deleted: a kill at any
     point leaves the newer or the older complete folder, or it aside, which
     :func:`remove_leftovers` puts back."""
-    aside = _aside(target)
-    if target.exists():
+    aside, previous = _aside(target), target.exists()
+    if previous:
         if aside.exists():  # of an earlier swap, whose target is complete
             shutil.rmtree(aside)
         os.replace(target, aside)
     os.replace(tmp, target)
-    shutil.rmtree(aside, ignore_errors=True)
+    if previous:
+        shutil.rmtree(aside)
 
 
 def remove_leftovers(folder: Path) -> list[Path]:
