@@ -597,32 +597,31 @@ def run(
         run_units(worker_units(spec), worlds, make_worlds, work, jobs, total, progress)
     # After workers, every stage is done: the loop below only reads them back.
     shown = progress and p.main and jobs == 1
-    bar = tqdm(total=total, desc="stages", unit="stage", disable=not shown)
+    with tqdm(total=total, desc="stages", unit="stage", disable=not shown) as bar:
 
-    def tick(what: str) -> None:
-        bar.set_postfix_str(what)
-        bar.update()
+        def tick(what: str) -> None:
+            bar.set_postfix_str(what)
+            bar.update()
 
-    per_seed, series, samples = [], [], {}
-    first = spec.replicates[0]
-    for rep in spec.replicates:
-        world = worlds[rep.host]
-        pretrained, pictures = _pretrained(world, tasks, rep, out, p)
-        if rep == first and pictures is not None:
-            samples["pretrained"] = pictures
-        methods = {}
-        for name in spec.methods:
-            stages, grids, steps = _run_method(
-                name, world, tasks, spec, rep, out, p, tick, progress, tracker
-            )
-            methods[name] = method_result(stages, pretrained)
-            series += steps
-            for k, grid in enumerate(grids):
-                if rep == first and grid is not None:
-                    samples[f"{name}/stage{k + 1}"] = grid
-        host = world.describe().get("host_identity")
-        per_seed.append(SeedResult(rep.seed, pretrained, methods, host=host))
-    bar.close()
+        per_seed, series, samples = [], [], {}
+        first = spec.replicates[0]
+        for rep in spec.replicates:
+            world = worlds[rep.host]
+            pretrained, pictures = _pretrained(world, tasks, rep, out, p)
+            if rep == first and pictures is not None:
+                samples["pretrained"] = pictures
+            methods = {}
+            for name in spec.methods:
+                stages, grids, steps = _run_method(
+                    name, world, tasks, spec, rep, out, p, tick, progress, tracker
+                )
+                methods[name] = method_result(stages, pretrained)
+                series += steps
+                for k, grid in enumerate(grids):
+                    if rep == first and grid is not None:
+                        samples[f"{name}/stage{k + 1}"] = grid
+            host = world.describe().get("host_identity")
+            per_seed.append(SeedResult(rep.seed, pretrained, methods, host=host))
     if tracker is not None:
         tracker.close()
     mean, std = aggregate(per_seed)
