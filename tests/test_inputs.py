@@ -30,7 +30,7 @@ from transformers import Emu3ImageProcessor
 
 from modecl.cli import main
 from modecl.core.config import ConfigError, from_dict, load_toml
-from modecl.core.files import TEMP_MARK, read_image, write_atomic
+from modecl.core.files import TEMP_MARK, atomic_dir, read_image, write_atomic
 from modecl.core.results import read_results
 from modecl.core.tasks import TaskFileError, read_jsonl
 from modecl.core.train import StepLoss
@@ -577,6 +577,18 @@ def test_an_interrupted_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_atomic(tmp_path / "results.json", "{}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_write_on_a_full_disk_names_the_folder_and_keeps_the_previous_one(tmp_path):
+    stage = tmp_path / "stage1"
+    with atomic_dir(stage) as tmp:
+        (tmp / "stage.json").write_text("complete")
+    with pytest.raises(OSError) as error, atomic_dir(stage) as tmp:
+        (tmp / "stage.json").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert (error.value.errno, error.value.filename) == (errno.ENOSPC, str(stage))
+    assert [p.name for p in tmp_path.iterdir()] == ["stage1"]
+    assert (stage / "stage.json").read_text() == "complete"
 
 
 def test_a_resume_with_an_edited_task_file_is_refused_naming_it(data, tmp_path, capsys):

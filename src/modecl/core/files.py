@@ -6,9 +6,9 @@ are not UTF-8 give one error naming the file. :func:`read_image` reads an image 
 and bit depth as 8-bit RGB (16-bit scaled, alpha composited on a given background).
 
 Writing: every file goes through :func:`atomic_path` (:func:`write_atomic` for text), every
-folder through :func:`temporary_dir` and :func:`replace_dir`: written beside the target under
-a name holding :data:`TEMP_MARK` and renamed when complete, so a kill or a full disk leaves
-the previous complete file or folder, or none. :func:`replace_dir` keeps the previous folder
+folder through :func:`atomic_dir`: written beside the target under a name holding
+:data:`TEMP_MARK` and renamed when complete, so a kill or a full disk leaves the previous
+complete file or folder, or none. :func:`replace_dir` keeps the previous folder
 aside (:data:`ASIDE_MARK`) until the new one is in place; :func:`remove_leftovers` deletes
 what a killed process left and puts back a folder a kill left aside. A write that fails
 raises OSError naming its target. :func:`check_writable` refuses a folder that cannot be
@@ -154,6 +154,24 @@ def replace_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     if previous:
         shutil.rmtree(aside)
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """An empty folder beside ``target`` for the block to fill; put in ``target``'s place
+    (:func:`replace_dir`) when the block ends, deleted if it raises. A failure to write
+    raises OSError naming ``target``, whose previous version stays."""
+    try:
+        tmp = temporary_dir(target)
+    except OSError as err:
+        raise _naming(err, target) from None
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except OSError as err:
+        raise _naming(err, target) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_leftovers(folder: Path) -> list[Path]:

@@ -67,12 +67,11 @@ from modecl.core.evaluate import (
     router_use,
 )
 from modecl.core.files import (
+    atomic_dir,
     atomic_path,
     check_writable,
     finite,
     remove_leftovers,
-    replace_dir,
-    temporary_dir,
     write_atomic,
 )
 from modecl.core.methods import METHOD_NAMES, get_method
@@ -254,15 +253,14 @@ def peak_memory_mb() -> float:
 
 def save_stage(folder: Path, entry: dict, model, method, pictures: np.ndarray | None) -> None:
     """Write one finished stage as a whole: a crash leaves it either complete or absent."""
-    tmp = temporary_dir(folder)
-    if model is not None:
-        save_adapters(model, tmp / "adapters")
-        with (tmp / "method.pt").open("wb") as file:  # a full disk: OSError, not torch's
-            torch.save(method.state_dict(), file)
-    if pictures is not None:
-        np.save(tmp / "pictures.npy", pictures)
-    (tmp / "stage.json").write_text(json.dumps(finite(entry), allow_nan=False))
-    replace_dir(tmp, folder)
+    with atomic_dir(folder) as tmp:
+        if model is not None:
+            save_adapters(model, tmp / "adapters")
+            with (tmp / "method.pt").open("wb") as file:  # a full disk: OSError, not torch's
+                torch.save(method.state_dict(), file)
+        if pictures is not None:
+            np.save(tmp / "pictures.npy", pictures)
+        (tmp / "stage.json").write_text(json.dumps(finite(entry), allow_nan=False))
 
 
 def load_stage(folder: Path, model, method) -> None:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from modecl.core.adapters import lm_logits, pass_kind
 from modecl.core.config import ConfigError, ContinualSettings
 from modecl.core.conflict import ConflictMonitor
-from modecl.core.files import replace_dir, temporary_dir
+from modecl.core.files import atomic_dir
 from modecl.core.methods.base import Method
 from modecl.core.sequences import IGNORE, DrawPair, Format, collate, next_token_loss, understand
 from modecl.core.tasks import Sample, Task
@@ -358,10 +358,8 @@ class StepCheckpoint:
                 "rng": self.rng.bit_generator.state,
                 "torch_rng": torch_rng,
             }
-            tmp = temporary_dir(self.folder)
-            with (tmp / "state.pt").open("wb") as file:  # a full disk: OSError, not torch's
-                torch.save(state, file)
-            replace_dir(tmp, self.folder)
+            with atomic_dir(self.folder) as tmp, (tmp / "state.pt").open("wb") as file:
+                torch.save(state, file)  # to a file: a full disk raises OSError, not torch's
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
 
