@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from contextlib import nullcontext
 
@@ -133,9 +134,12 @@ def standalone_layer(
     return layer
 
 
-@pytest.mark.parametrize("expert_rank", ["full", "split"])
+# "split" divides routed branches only: the kinds that have one.
+KIND_RANKS = [(k, "full") for k in KINDS] + [("mode", "split"), ("moe-lora", "split")]
+
+
 @pytest.mark.parametrize("branch", [None, "text", "image"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("kind", "expert_rank"), KIND_RANKS)
 def test_stacked_layer_equals_expert_loop(kind, branch, expert_rank):
     mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
     layer = standalone_layer(kind, mask, branch, expert_rank)
@@ -333,8 +337,6 @@ IN_OUT, ROUTER_IN = 2 * 3 * 80, 2 * 112
         # split: a routed branch of 4 experts of rank 2 has one rank-8 LoRA's parameters
         ("mode", "split", {"text": 8 * IN_OUT, "image": 8 * IN_OUT, "router": 4 * ROUTER_IN}),
         ("moe-lora", "split", {"shared": 8 * IN_OUT, "router": 4 * ROUTER_IN}),
-        ("lora", "split", {"shared": 8 * IN_OUT}),  # one expert: its rank stays
-        ("mode-text-lora", "split", {"text": 8 * IN_OUT, "image": 8 * IN_OUT}),
     ],
 )
 def test_trainable_parameters_per_branch(kind, expert_rank, expected):
@@ -452,6 +454,25 @@ def test_split_expert_rank_needs_a_rank_divisible_by_the_experts():
     with pytest.raises(ValueError, match="unknown expert_rank 'half'"):
         AdapterConfig(expert_rank="half")
     assert [AdapterConfig(expert_rank="split").expert_rank_of(n) for n in (1, 4)] == [8, 2]
+
+
+@pytest.mark.parametrize(("kind", "experts"), [("lora", 4), ("mode-text-lora", 4), ("mode", 1)])
+def test_split_expert_rank_on_a_kind_without_a_routed_branch_is_refused(kind, experts):
+    with pytest.raises(
+        ValueError,
+        match=rf"expert_rank 'split' divides the rank among the experts of a routed branch; "
+        rf"kind '{kind}' with num_experts {experts} has none: use 'full'",
+    ):
+        AdapterConfig(kind=kind, num_experts=experts, expert_rank="split")
+
+
+def test_adapters_saved_as_split_on_an_unrouted_kind_load_as_full(tmp_path):
+    model = attach_adapters(tiny_llama(), AdapterConfig(kind="lora"))
+    save_adapters(model, tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta | {"expert_rank": "split"}))
+    load_adapters(model, tmp_path)  # as an earlier version saved seq-lora under "split"
+    assert routing_context(model).config == AdapterConfig(kind="lora")
 
 
 def test_router_entropy_is_one_for_a_uniform_router_and_zero_for_a_one_hot_one():

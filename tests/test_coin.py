@@ -374,6 +374,41 @@ BAD = [
         edit("TextVQA", "test", 1, lambda r: r.pop("answers")),
         r"test\.json: record 1: field 'answers': the vqa rule needs every annotator's answer",
     ),
+    (
+        "a train id twice",
+        edit("ScienceQA", "train", 3, lambda r: r.update(id="1")),
+        r"train\.json: record 3: field 'id': '1' repeats, first at record 1$",
+    ),
+    (
+        "a test question_id twice",
+        edit("TextVQA", "test", 2, lambda r: r.update(question_id=8)),
+        r"test\.json: record 2: field 'question_id': 8 repeats, first at record 0$",
+    ),
+    (
+        "a key twice in a record",
+        raw("TextVQA", "test", b'[{"image": "images/8.png", "text": "q", "text": "r"}]'),
+        r"test\.json: record 0: key 'text' repeats in one object$",
+    ),
+    (
+        "a key twice in a turn",
+        raw(
+            "ScienceQA",
+            "train",
+            b'[{"image": "images/0.png", "conversations": [{"from": "human", "from": "gpt"}]}]',
+        ),
+        r"train\.json: record 0: key 'from' repeats in one object$",
+    ),
+    (
+        "an image path out of the image root",
+        edit("ScienceQA", "train", 2, lambda r: r.update(image="images/../../2.png")),
+        r"train\.json: record 2: field 'image': 'images/\.\./\.\./2\.png' leaves the image "
+        r"root .*cl_dataset$",
+    ),
+    (
+        "an absolute image path",
+        edit("ScienceQA", "train", 2, lambda r: r.update(image="/etc/hostname")),
+        r"train\.json: record 2: field 'image': '/etc/hostname' leaves the image root",
+    ),
     ("no train records", edit("TextVQA", "train", None, []), r"TextVQA: no train samples"),
     (
         "folder without test.json",

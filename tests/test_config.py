@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from modecl.cli import main
 from modecl.core.config import ConfigError, from_dict, load_toml, to_dict
-from modecl.core.methods import get_method
+from modecl.core.methods import METHOD_NAMES, get_method
 from modecl.digits import data, pretrain, tasks
 from modecl.digits.bench import validate
 from modecl.digits.config import DigitsConfig, RunConfig
@@ -153,3 +154,32 @@ def test_a_split_method_takes_its_own_expert_rank_and_is_checked_before_any_work
         validate(from_dict(RunConfig, data))
     data["methods"] = ["seq-lora", "mode"]
     validate(from_dict(RunConfig, data))  # the full-rank methods build at rank 6
+
+
+def test_a_global_split_divides_the_routed_methods_only():
+    data = {"methods": ["seq-lora", "mode"], "continual": {"adapter": {"expert_rank": "split"}}}
+    config = from_dict(RunConfig, data)
+    validate(config)  # seq-lora beside mode: a run of mixed kinds
+    ranks = {m: get_method(m).adapter_config(config.continual).expert_rank for m in METHOD_NAMES}
+    assert {m for m, r in ranks.items() if r == "split"} == {
+        "moe-lora",
+        "mode",
+        "mode-task",
+        "mode-sample",
+        "mode-no-kd",
+        "moe-lora-split",
+        "mode-split",
+    }
+
+
+def test_a_global_split_with_no_routed_method_is_refused_before_any_work(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('[continual.adapter]\nexpert_rank = "split"\n')
+    argv = ["bench", "--config", str(config), "--methods", "seq-lora,lwf,mode-text-lora"]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]) == 2
+    assert capsys.readouterr().err == (
+        "modecl: error: continual.adapter.expert_rank 'split' divides the rank among the "
+        "experts of a routed branch, and none of the methods seq-lora, lwf, mode-text-lora has "
+        "one (with num_experts 4): use 'full'\n"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

@@ -374,8 +374,10 @@ def test_image_tokenizer_batches_and_store(setup, tmp_path, monkeypatch):
     files = [(folder / f"{i}.png", "") for i in [*range(12), 3]]  # one file twice
     small = ImageTokenizer(model, 8, batch_size=5, progress=False, folder=tmp_path / "tokens")
     tokens = small(files)
+    assert not (tmp_path / "tokens").exists()  # staged until every input passed its checks
+    small.commit()
     assert tokens == ImageTokenizer(model, 8, batch_size=16, progress=False)(files)
-    assert tokens[3] == tokens[12] and len(small.store) == 12
+    assert tokens[3] == tokens[12] and len(small.store) == 12 and small(files) == tokens
     assert len(set(tokens)) > 1  # the images differ, and so do their tokens
     monkeypatch.setattr(ImageTokenizer, "_tokenize", None)  # nothing is tokenized again
     again = ImageTokenizer(model, 8, progress=False, folder=tmp_path / "tokens")

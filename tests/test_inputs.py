@@ -7,25 +7,33 @@ host cache) untouched.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
 import shutil
+import signal
 import stat
+import struct
+import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
+from matplotlib.figure import Figure
 from PIL import Image
 from transformers import Emu3ImageProcessor
 
 from modecl.cli import main
 from modecl.core.config import ConfigError, from_dict, load_toml
-from modecl.core.files import TEMP_MARK, read_image, write_atomic
+from modecl.core.files import TEMP_MARK, atomic_dir, read_image, write_atomic
 from modecl.core.results import read_results
 from modecl.core.tasks import TaskFileError, read_jsonl
+from modecl.core.train import StepLoss
 from modecl.digits.config import RunConfig
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.tasks import read_token_cache
@@ -69,6 +77,53 @@ def bad_line(data, tmp_path, name, line: bytes) -> Path:
 
 def toml(tmp_path, text: str) -> Path:
     return written(tmp_path, "bad.toml", text)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+GOOD_PNG = _png()
+_DATA = GOOD_PNG.index(b"IDAT") + 14
+BAD_IMAGES = {
+    "corrupt.png": GOOD_PNG[:_DATA] + bytes(20) + GOOD_PNG[_DATA + 20 :],
+    "truncated.png": GOOD_PNG[: len(GOOD_PNG) // 2],
+    "empty.png": b"",
+    "text.png": b"a text file\n",
+    # A header of 14000 x 14000 pixels: PIL refuses it as a decompression bomb on opening.
+    "huge.png": b"\x89PNG\r\n\x1a\n"
+    + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 14000, 14000, 8, 2, 0, 0, 0))
+    + _png_chunk(b"IEND", b""),
+}
+
+
+def image_task(data, name: str) -> Path:
+    """The color task with the image of line 3 replaced by the bad image ``name``."""
+    written(data["root"] / "data" / "images", name, BAD_IMAGES[name])
+    line = {"image": f"images/{name}", "question": "what color is it ?", "answer": "red"}
+    return bad_line(
+        data, None, f"task-{name}.jsonl", json.dumps(line | {"split": "train"}).encode()
+    )
+
+
+def pairs_file(data, name: str, rows: list[dict]) -> Path:
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    return written(data["root"] / "data", name, text)  # beside the images
+
+
+def concepts_file(tmp_path) -> Path:
+    """A concept whose first reference image is 0 bytes."""
+    (tmp_path / "refs").mkdir()
+    written(tmp_path / "refs", "0.png", b"")
+    line = {"concept": "red", "prompts": ["draw red"], "images": "refs"}
+    return written(tmp_path, "concepts.jsonl", json.dumps(line) + "\n")
 
 
 # (name, argv builder (data, tmp_path, out) -> argv, message regex)
@@ -215,11 +270,179 @@ def test_bad_input_is_one_clear_error_before_any_work(data, tmp_path, capsys, na
     assert not (tmp_path / "cache").exists()
 
 
+# Found once the host has loaded (images read, prompts measured in tokens): the same one
+# line, after the progress bars, and the out dir still untouched.
+LOADED = [
+    *[
+        (
+            f"image {name}",
+            lambda d, t, o, name=name: train_argv(d, o, tasks=[image_task(d, name)]),
+            rf"task-{re.escape(name)}\.jsonl:3: field 'image': cannot read image .*{message}",
+        )
+        for name, message in (
+            ("corrupt.png", "broken data stream"),
+            ("truncated.png", "image file is truncated"),
+            ("empty.png", "cannot identify image file"),
+            ("text.png", "cannot identify image file"),
+            ("huge.png", "Image size \\(196000000 pixels\\) exceeds limit"),
+        )
+    ],
+    (
+        "a question longer than the context",
+        lambda d, t, o: train_argv(
+            d,
+            o,
+            tasks=[
+                bad_line(
+                    d,
+                    t,
+                    "long.jsonl",
+                    json.dumps(
+                        {"image": "images/0.png", "question": "what " * 5000, "answer": "red"}
+                        | {"split": "train"}
+                    ).encode(),
+                )
+            ],
+        ),
+        r"long\.jsonl:3: the image, question and answer take \d+ tokens, more than the host's "
+        r"context of 4096",
+    ),
+    (
+        "a corrupt pair image",
+        lambda d, t, o: train_argv(
+            d,
+            o,
+            pairs=pairs_file(
+                d,
+                "corrupt-pairs.jsonl",
+                [{"caption": "draw red", "image": "images/corrupt.png"}] * 4,
+            ),
+        ),
+        r"corrupt-pairs\.jsonl:1: field 'image': cannot read image .*corrupt\.png",
+    ),
+    (
+        "pairs all of split test",
+        lambda d, t, o: train_argv(
+            d,
+            o,
+            pairs=pairs_file(
+                d,
+                "test-pairs.jsonl",
+                [
+                    {"caption": "draw red", "image": f"images/{i}.png", "split": "test"}
+                    for i in (0, 1, 2)
+                ],
+            ),
+        ),
+        r"test-pairs\.jsonl: method 'mode' distils from train pairs, but all 3 pairs given are "
+        r'split "test" \(they only evaluate image generation\): give pairs of split "train"',
+    ),
+    (
+        "a 0-byte concept reference image",
+        lambda d, t, o: train_argv(d, o, extra=("--concepts", str(concepts_file(t)))),
+        r"concepts\.jsonl:1: field 'images': cannot read image .*0\.png",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "argv", "message"), LOADED, ids=[c[0] for c in LOADED])
+def test_bad_input_found_after_loading_leaves_nothing_in_the_out_dir(
+    data, tmp_path, capsys, name, argv, message
+):
+    out = tmp_path / "out"
+    code = main(argv(data, tmp_path, out))
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    last = err.splitlines()[-1]
+    assert last.startswith("modecl: error: ") and err.count("modecl: error") == 1, err[-2000:]
+    assert re.search(message, last), err[-2000:]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "two"])
 def test_threads_must_be_a_positive_integer(value, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["--threads", value, "report", "nowhere"])
-    assert exit_.value.code == 2 and "--threads" in capsys.readouterr().err
+    assert main(["--threads", value, "report", "nowhere"]) == 2
+    assert capsys.readouterr().err.startswith("modecl: error: argument --threads: ")
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` look like a read-only mount to the checks (a test may not mount one,
+    and root writes anywhere else)."""
+    access, statvfs = os.access, os.statvfs
+
+    def no_write(path, mode, **kwargs):
+        return not (Path(path) == folder and mode & os.W_OK) and access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", no_write)
+    monkeypatch.setattr(
+        os,
+        "statvfs",
+        lambda p: SimpleNamespace(f_flag=os.ST_RDONLY) if Path(p) == folder else statvfs(p),
+    )
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["the folder", "a new folder in it"])
+@pytest.mark.parametrize("front", ["train", "bench"])
+def test_an_out_dir_on_a_read_only_mount_is_one_clear_error_before_any_work(
+    data, tmp_path, capsys, monkeypatch, front, inside
+):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    read_only(monkeypatch, locked)
+    out = locked / "run" if inside else locked
+    argv = train_argv(data, out) if front == "train" else bench_argv(tmp_path, out)
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"modecl: error: --out {out}: cannot write into {locked}: a read-only file system\n"
+    )
+    assert not any(locked.iterdir()) and not (tmp_path / "cache").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_previous_file_or_none(
+    data, tmp_path, capsys, monkeypatch
+):
+    def filling(fig, path, **kwargs):
+        Path(path).write_bytes(GOOD_PNG[:40])  # what fitted
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    figure = tmp_path / "run" / "figures" / "accuracy_matrices.png"
+    monkeypatch.setattr(Figure, "savefig", filling)
+    assert main(train_argv(data, tmp_path / "run", extra=("--methods", "seq-lora"))) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"\nmodecl: error: {figure}: No space left on device\n")
+    assert read_results(tmp_path / "run" / "results.json").tasks == ["color", "shape"]
+    assert not figure.exists()  # none, not a part
+    monkeypatch.undo()
+    assert main(["report", str(tmp_path / "run")]) == 0  # with space, a rerun repairs it
+    complete = figure.read_bytes()
+    monkeypatch.setattr(Figure, "savefig", filling)
+    assert main(["report", str(tmp_path / "run")]) == 1
+    assert figure.read_bytes() == complete  # the previous one
+    assert not [p for p in (tmp_path / "run").rglob("*") if TEMP_MARK in p.name]
+
+
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_says_where_the_run_stopped_and_that_it_resumes(
+    data, tmp_path, capsys, monkeypatch, sent, code
+):
+    steps, forward = [], StepLoss.forward
+
+    def interrupted(self, *args):
+        steps.append(len(steps))
+        if len(steps) == 11:  # the third step of task 2 (8 steps a task)
+            os.kill(os.getpid(), sent)
+        return forward(self, *args)
+
+    monkeypatch.setattr(StepLoss, "forward", interrupted)
+    argv = train_argv(data, tmp_path / "run", extra=("--methods", "seq-lora"))
+    assert main(argv) == code
+    assert capsys.readouterr().err.endswith(
+        "\nmodecl: interrupted at task 2, step 2 (seq-lora, seed 0); run the same command to "
+        "resume\n"
+    )
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert read_results(tmp_path / "run" / "results.json").tasks == ["color", "shape"]
 
 
 def test_report_of_a_truncated_results_file(tmp_path, capsys):
@@ -238,7 +461,7 @@ def test_a_prompt_longer_than_the_context_is_refused_naming_the_sample(data, tmp
     err = capsys.readouterr().err
     assert "color.jsonl:1: the image, question and answer take" in err
     assert "more than the host's context of 24" in err
-    assert not (out / "run.json").exists()
+    assert not out.exists()
 
 
 # --- images of any mode and bit depth -----------------------------------------------------
@@ -354,6 +577,18 @@ def test_an_interrupted_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_atomic(tmp_path / "results.json", "{}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_write_on_a_full_disk_names_the_folder_and_keeps_the_previous_one(tmp_path):
+    stage = tmp_path / "stage1"
+    with atomic_dir(stage) as tmp:
+        (tmp / "stage.json").write_text("complete")
+    with pytest.raises(OSError) as error, atomic_dir(stage) as tmp:
+        (tmp / "stage.json").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert (error.value.errno, error.value.filename) == (errno.ENOSPC, str(stage))
+    assert [p.name for p in tmp_path.iterdir()] == ["stage1"]
+    assert (stage / "stage.json").read_text() == "complete"
 
 
 def test_a_resume_with_an_edited_task_file_is_refused_naming_it(data, tmp_path, capsys):

@@ -121,6 +121,20 @@ def test_a_dead_worker_stops_the_run_with_its_unit(tmp_path, cache, monkeypatch)
         run_benchmark(tiny_run(**study()), tmp_path, cache_dir=cache, progress=False, jobs=2)
 
 
+def interrupted_unit(world, unit, tick):
+    """Ctrl-C as a terminal sends it, to the whole process group: this worker, the parent."""
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getppid(), signal.SIGINT)
+    time.sleep(60)
+
+
+def test_ctrl_c_stops_the_run_in_the_parent_which_stops_the_workers():
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):  # not a unit that failed with it
+        workers.run_units([("a", "x")], {}, dict, interrupted_unit, 1, 1, progress=False)
+    assert time.monotonic() - started < 30
+
+
 def test_a_run_killed_with_workers_in_flight_resumes_to_the_same_results(
     one_process, tmp_path, cache
 ):

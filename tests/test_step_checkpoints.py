@@ -1,9 +1,12 @@
 """Resume inside a task: a `modecl train` killed with SIGKILL in the middle of a task resumes
-from its last step checkpoint and ends with the results of a run never interrupted."""
+from its last step checkpoint and ends with the results of a run never interrupted; a kill at
+any instruction of a step checkpoint's swap resumes from the newer or the older one."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from modecl.core.adapters import attach_adapters
+from modecl.core.config import ContinualSettings, from_dict
+from modecl.core.files import remove_leftovers
+from modecl.core.methods import get_method
 from modecl.core.results import read_results
+from modecl.core.train import train_task
+from modecl.digits.model import build_model
+from tests.conftest import tiny_config
 from tests.fixtures import TRAIN_CONFIG, subprocess_env, torchrun, write_host, write_tasks
 
 ENV = subprocess_env()
@@ -106,3 +116,72 @@ def test_a_run_killed_inside_a_task_resumes_to_the_uninterrupted_results(
         ]
         assert weights[0].keys() == weights[1].keys()
         assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
+
+
+class Killed(BaseException):
+    """A kill at one instruction of the swap: nothing after it runs."""
+
+
+# 8 steps, a step checkpoint after steps 3 and 6: the second one swaps with the first.
+SWAP = from_dict(
+    ContinualSettings,
+    {
+        "adapter": {"rank": 2},
+        "train": {"epochs": 1, "batch_size": 4, "max_train_samples": 32, "checkpoint_every": 3},
+    },
+)
+
+
+def train_parity(world, folder: Path) -> list[int]:
+    """seq-lora on parity with step checkpoints in ``folder``; the steps it trained."""
+    model = build_model(world.vocab, tiny_config().model, seed=0)
+    method = get_method("seq-lora")
+    attach_adapters(model, method.adapter_config(SWAP))
+    steps: list[int] = []
+    task = world.tasks(["parity"])[0]
+    train_task(
+        model,
+        world.format,
+        method,
+        task,
+        SWAP,
+        progress=False,
+        checkpoint=folder,
+        on_step=lambda n, values: steps.append(n),
+    )
+    return steps
+
+
+@pytest.mark.parametrize(
+    ("at", "resumed_from"),
+    [("renaming the old aside", 3), ("renaming the new in", 3), ("deleting the old", 6)],
+)
+def test_a_kill_inside_the_swap_resumes_from_a_step_checkpoint(
+    world, tmp_path, monkeypatch, at, resumed_from
+):
+    folder = tmp_path / "stage1.steps"
+    replace, rmtree = os.replace, shutil.rmtree
+    swaps = []
+
+    def killed_replace(src, dst):
+        if Path(dst) == folder:
+            swaps.append(src)
+        if at == "renaming the old aside" and Path(src) == folder:
+            raise Killed
+        if at == "renaming the new in" and Path(dst) == folder and len(swaps) == 2:
+            raise Killed
+        replace(src, dst)
+
+    def killed_rmtree(path, *args, **kwargs):
+        if at == "deleting the old" and Path(path).name == ".stage1.steps.previous":
+            raise Killed
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", killed_replace)
+    monkeypatch.setattr(shutil, "rmtree", killed_rmtree)
+    with pytest.raises(Killed):
+        train_parity(world, folder)
+    monkeypatch.undo()
+    remove_leftovers(tmp_path)  # as a resumed run does first
+    assert train_parity(world, folder) == list(range(resumed_from, 8))
+    assert [p.name for p in tmp_path.iterdir()] == ["stage1.steps"]

@@ -101,6 +101,7 @@ BAD_LINES = [
     (line(image=[0] * 15), "field 'image': expected 16 codes, got 15"),
     (line(image=[0] * 15 + [16]), "field 'image': code 16 is not an int in 0..15"),
     (line(image=[0] * 15 + ["1"]), "field 'image': code '1' is not an int"),
+    (line()[:-1] + ', "answer": "even"}', "key 'answer' repeats in one object"),
 ]
 
 

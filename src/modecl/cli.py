@@ -1,11 +1,20 @@
-"""The ``modecl`` command line."""
+"""The ``modecl`` command line.
+
+Every error is one line ``modecl: error: ...``: bad input (arguments included) exits 2, a
+failed unit or a write the system refused (a read-only or full disk) exits 1. Ctrl-C and
+SIGTERM print where the run stopped and exit 130 and 143.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors.torch import load_file
@@ -15,6 +24,7 @@ from modecl.core.config import ConfigError, load_toml, toml_keys
 from modecl.core.report import headline_rows, write_report
 from modecl.core.results import read_results
 from modecl.core.tasks import TaskFileError
+from modecl.core.train import PROGRESS
 from modecl.core.workers import UnitFailed, threads_per_worker
 from modecl.digits import shipped
 from modecl.digits.bench import bench_jobs, run_benchmark, validate
@@ -215,8 +225,15 @@ def _positive(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in the one-line form of every other input error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modecl", description=__doc__)
+    parser = _Parser(prog="modecl", description=__doc__)
     parser.add_argument(
         "--threads",
         type=_positive,
@@ -303,11 +320,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A write the system refused: one line naming the file, not a traceback.
+WRITE_FAULTS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, to end it as Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.start = time.perf_counter()
-    torch.set_num_threads(args.threads)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.start = time.perf_counter()
+        torch.set_num_threads(args.threads)
         args.func(args)
     except (ConfigError, GateError, TaskFileError, shipped.ShippedHostError) as exc:
         print(f"modecl: error: {exc}", file=sys.stderr)
@@ -315,6 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     except UnitFailed as exc:
         print(f"modecl: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.errno not in WRITE_FAULTS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"modecl: error: {where}{exc.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        if os.environ.get("RANK", "0") == "0":  # one line for a launch of several processes
+            print(f"modecl: {PROGRESS.interrupted()}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
 
 

@@ -86,11 +86,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from modecl.core import modality
-from modecl.core.files import honour_umask
 
 __all__ = [
     "KINDS",
@@ -163,6 +162,11 @@ class AdapterConfig:
             raise ValueError(
                 f"unknown expert_rank {self.expert_rank!r}; expected one of {EXPERT_RANKS}"
             )
+        if self.expert_rank == "split" and not self.routed:
+            raise ValueError(
+                f"expert_rank 'split' divides the rank among the experts of a routed branch; "
+                f"kind {self.kind!r} with num_experts {self.num_experts} has none: use 'full'"
+            )
         if self.expert_rank == "split" and self.rank % self.num_experts:
             raise ValueError(
                 f"expert_rank 'split' gives each of num_experts {self.num_experts} experts "
@@ -187,6 +191,11 @@ class AdapterConfig:
         `expert_rank = "split"` and a router, rank / experts (the branch then has one LoRA's
         parameters, as CoIN's MoELoRA). alpha / rank scales every expert alike."""
         return self.rank // experts if self.expert_rank == "split" and experts > 1 else self.rank
+
+    @property
+    def routed(self) -> bool:
+        """Whether a branch has several experts and a router."""
+        return any(n > 1 for _, n in self.branches)
 
     @property
     def splits_modality(self) -> bool:
@@ -494,8 +503,8 @@ def save_adapters(model: nn.Module, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(directory / _WEIGHTS_FILE))
-    honour_umask(str(directory / _WEIGHTS_FILE))  # safetensors writes 0600
+    # Bytes written here: a full disk raises OSError (safetensors' own writer raises its own).
+    (directory / _WEIGHTS_FILE).write_bytes(save(tensors))
     meta = {**asdict(routing.config), "image_token_ids": routing.image_token_ids}
     (directory / _CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -505,7 +514,9 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
     directory = Path(directory)
     meta = json.loads((directory / _CONFIG_FILE).read_text())
     ids = meta.pop("image_token_ids")
-    config = AdapterConfig(**meta)
+    full = AdapterConfig(**{**meta, "expert_rank": "full"})
+    # Earlier versions saved "split" on kinds without a routed branch: the same adapters.
+    config = full if not full.routed else AdapterConfig(**meta)
     if not has_adapters(model):
         attach_adapters(model, config, image_token_ids=ids)
     elif routing_context(model).config != config:

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from modecl.core.claims import claim_rows, tally
-from modecl.core.files import write_atomic
+from modecl.core.files import atomic_path, write_atomic
 from modecl.core.metrics import variance_split
 from modecl.core.results import Results, SeedResult, Stage, read_results
 
@@ -44,10 +44,14 @@ SUMMARY = (
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    if fig.get_layout_engine() is None:
-        fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Write a figure atomically (a full disk leaves the previous one, or none) and close it."""
+    try:
+        if fig.get_layout_engine() is None:
+            fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
+    finally:
+        plt.close(fig)
 
 
 def _fmt(mean: Any, std: Any = None, digits: int = 3) -> str:

@@ -67,11 +67,11 @@ from modecl.core.evaluate import (
     router_use,
 )
 from modecl.core.files import (
-    TEMP_MARK,
+    atomic_dir,
+    atomic_path,
+    check_writable,
     finite,
     remove_leftovers,
-    replace_dir,
-    temporary_dir,
     write_atomic,
 )
 from modecl.core.methods import METHOD_NAMES, get_method
@@ -87,7 +87,7 @@ from modecl.core.results import (
 )
 from modecl.core.tasks import Task
 from modecl.core.tracking import Tracking
-from modecl.core.train import train_task, zero_stage
+from modecl.core.train import PROGRESS, train_task, zero_stage
 from modecl.core.workers import HOST_STAGE, Unit, run_units
 from modecl.core.world import World
 
@@ -138,7 +138,8 @@ class RunSpec:
 
 def check_methods(methods: list[str], continual: ContinualSettings | None = None) -> None:
     """Stop on an unknown or repeated method name, or none at all, or (given the settings)
-    a method whose adapters cannot be built from them."""
+    a method whose adapters cannot be built from them, or ``expert_rank = "split"`` where no
+    method has a routed branch to split."""
     if not methods:
         raise ConfigError(f"a run needs at least one method; valid: {', '.join(METHOD_NAMES)}")
     unknown = [m for m in methods if m not in METHOD_NAMES]
@@ -146,11 +147,20 @@ def check_methods(methods: list[str], continual: ContinualSettings | None = None
         raise ConfigError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHOD_NAMES)}")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"methods repeat: {methods}")
-    for name in methods if continual is not None else ():
+    if continual is None:
+        return
+    routed = False
+    for name in methods:
         try:
-            get_method(name).adapter_config(continual)
+            routed |= get_method(name).adapter_config(continual).routed
         except ValueError as exc:
             raise ConfigError(f"method {name}: {exc} (continual.adapter)") from None
+    if continual.adapter.expert_rank == "split" and not routed:
+        raise ConfigError(
+            "continual.adapter.expert_rank 'split' divides the rank among the experts of a "
+            f"routed branch, and none of the methods {', '.join(methods)} has one (with "
+            f"num_experts {continual.adapter.num_experts}): use 'full'"
+        )
 
 
 def file_hash(path: Path) -> str:
@@ -172,11 +182,12 @@ def run_key(spec: RunSpec) -> dict[str, Any]:
 
 
 def check_run_key(out: Path, spec: RunSpec) -> None:
-    """Refuse an out dir that is a file, or holds a run started with other settings or
-    other input files (naming those that changed), before any work."""
+    """Refuse an out dir that is a file or cannot be written, or holds a run started with
+    other settings or other input files (naming those that changed), before any work."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, expected a folder for the run")
+    check_writable(out, ConfigError)
     saved = out / "run.json"
     if not saved.exists():
         if (out / "run_config.json").exists() or (out / "checkpoints").exists():
@@ -242,14 +253,14 @@ def peak_memory_mb() -> float:
 
 def save_stage(folder: Path, entry: dict, model, method, pictures: np.ndarray | None) -> None:
     """Write one finished stage as a whole: a crash leaves it either complete or absent."""
-    tmp = temporary_dir(folder)
-    if model is not None:
-        save_adapters(model, tmp / "adapters")
-        torch.save(method.state_dict(), tmp / "method.pt")
-    if pictures is not None:
-        np.save(tmp / "pictures.npy", pictures)
-    (tmp / "stage.json").write_text(json.dumps(finite(entry), allow_nan=False))
-    replace_dir(tmp, folder)
+    with atomic_dir(folder) as tmp:
+        if model is not None:
+            save_adapters(model, tmp / "adapters")
+            with (tmp / "method.pt").open("wb") as file:  # a full disk: OSError, not torch's
+                torch.save(method.state_dict(), file)
+        if pictures is not None:
+            np.save(tmp / "pictures.npy", pictures)
+        (tmp / "stage.json").write_text(json.dumps(finite(entry), allow_nan=False))
 
 
 def load_stage(folder: Path, model, method) -> None:
@@ -398,6 +409,7 @@ def _run_method(
             if saved is None:
                 done = sum(len(s.losses.get("ce", [])) for s in stages)  # steps so far
                 track = None if tracker is None else _StageTracking(tracker, name, rep, done)
+                PROGRESS.where, PROGRESS.task = f"{name}, {rep}", k + 1
                 _train_stage(
                     world,
                     model,
@@ -412,6 +424,7 @@ def _run_method(
                     progress,
                     track,
                 )
+                PROGRESS.task = None  # written: nothing of it is lost now
                 saved = json.loads((stage_dir / "stage.json").read_text())
             stages.append(Stage(**saved["stage"]))
             file = stage_dir / "pictures.npy"
@@ -569,6 +582,7 @@ def run(
             "use jobs 1"
         )
     check_run_key(out, spec)
+    PROGRESS.task = None  # in no task yet
     p.barrier()  # every process checked before the main one writes
     if p.main:
         remove_leftovers(out)  # of a write that a kill interrupted
@@ -581,32 +595,31 @@ def run(
         run_units(worker_units(spec), worlds, make_worlds, work, jobs, total, progress)
     # After workers, every stage is done: the loop below only reads them back.
     shown = progress and p.main and jobs == 1
-    bar = tqdm(total=total, desc="stages", unit="stage", disable=not shown)
+    with tqdm(total=total, desc="stages", unit="stage", disable=not shown) as bar:
 
-    def tick(what: str) -> None:
-        bar.set_postfix_str(what)
-        bar.update()
+        def tick(what: str) -> None:
+            bar.set_postfix_str(what)
+            bar.update()
 
-    per_seed, series, samples = [], [], {}
-    first = spec.replicates[0]
-    for rep in spec.replicates:
-        world = worlds[rep.host]
-        pretrained, pictures = _pretrained(world, tasks, rep, out, p)
-        if rep == first and pictures is not None:
-            samples["pretrained"] = pictures
-        methods = {}
-        for name in spec.methods:
-            stages, grids, steps = _run_method(
-                name, world, tasks, spec, rep, out, p, tick, progress, tracker
-            )
-            methods[name] = method_result(stages, pretrained)
-            series += steps
-            for k, grid in enumerate(grids):
-                if rep == first and grid is not None:
-                    samples[f"{name}/stage{k + 1}"] = grid
-        host = world.describe().get("host_identity")
-        per_seed.append(SeedResult(rep.seed, pretrained, methods, host=host))
-    bar.close()
+        per_seed, series, samples = [], [], {}
+        first = spec.replicates[0]
+        for rep in spec.replicates:
+            world = worlds[rep.host]
+            pretrained, pictures = _pretrained(world, tasks, rep, out, p)
+            if rep == first and pictures is not None:
+                samples["pretrained"] = pictures
+            methods = {}
+            for name in spec.methods:
+                stages, grids, steps = _run_method(
+                    name, world, tasks, spec, rep, out, p, tick, progress, tracker
+                )
+                methods[name] = method_result(stages, pretrained)
+                series += steps
+                for k, grid in enumerate(grids):
+                    if rep == first and grid is not None:
+                        samples[f"{name}/stage{k + 1}"] = grid
+            host = world.describe().get("host_identity")
+            per_seed.append(SeedResult(rep.seed, pretrained, methods, host=host))
     if tracker is not None:
         tracker.close()
     mean, std = aggregate(per_seed)
@@ -627,9 +640,8 @@ def run(
         manifest=manifest(tasks, accelerator),
     )
     if p.main:
-        tmp = out / f".samples{TEMP_MARK}.npz"
-        np.savez(tmp, **samples)
-        os.replace(tmp, out / "samples.npz")
+        with atomic_path(out / "samples.npz") as tmp, tmp.open("wb") as file:
+            np.savez(file, **samples)
         write_atomic(out / "conflict.jsonl", "".join(json.dumps(s) + "\n" for s in series))
         write_results(out / "results.json", results)
     return results

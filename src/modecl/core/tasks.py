@@ -1,7 +1,8 @@
 """Tasks: named sets of (image, question, answer) samples with train and test splits.
 
 A world builds them: the digits benchmark's built-in tasks, or a transformers host's task
-files. :func:`read_jsonl` is the one checked reader of JSONL files.
+files. :func:`read_jsonl` is the one checked reader of JSONL files; :func:`loads` reads
+JSON marking an object whose keys repeat, which :func:`repeated_key` finds.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import reprlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,39 @@ class TaskFileError(ValueError):
 
 
 LINE_LIMIT = 2**20  # bytes of one JSONL record: a sample, not a data set
+
+
+class _Repeated(dict):
+    """A JSON object in which a key repeats (json keeps its last value): ``key`` names it."""
+
+    key: str
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json's ``object_pairs_hook``: the object, marked where a key repeats."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    marked = _Repeated(obj)
+    marked.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return marked
+
+
+def loads(text: str) -> Any:
+    """JSON, each object whose keys repeat marked for :func:`repeated_key`."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def repeated_key(value: Any) -> str | None:
+    """A key that repeats in an object of ``value`` (read by :func:`loads`), else None."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, _Repeated):
+            return item.key
+        todo += item.values() if isinstance(item, dict) else item if isinstance(item, list) else []
+    return None
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -88,7 +123,7 @@ def read_jsonl(
             continue
         where = f"{path}:{lineno}: "
         try:
-            record = json.loads(line)
+            record = loads(line)
         except json.JSONDecodeError as err:
             message = f"{where}invalid JSON: {err.msg} (column {err.colno})"
             raise TaskFileError(message) from None
@@ -96,6 +131,8 @@ def read_jsonl(
             raise TaskFileError(f"{where}JSON nested too deeply") from None
         if not isinstance(record, dict):
             raise TaskFileError(f"{where}expected a JSON object, got {type(record).__name__}")
+        if (key := repeated_key(record)) is not None:
+            raise TaskFileError(f"{where}key {key!r} repeats in one object")
         for key in record:
             if key not in known:
                 raise TaskFileError(

@@ -24,6 +24,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,32 @@ from tqdm.auto import tqdm
 from modecl.core.adapters import lm_logits, pass_kind
 from modecl.core.config import ConfigError, ContinualSettings
 from modecl.core.conflict import ConflictMonitor
-from modecl.core.files import replace_dir, temporary_dir
+from modecl.core.files import atomic_dir
 from modecl.core.methods.base import Method
 from modecl.core.sequences import IGNORE, DrawPair, Format, collate, next_token_loss, understand
 from modecl.core.tasks import Sample, Task
 
 Batch = dict[str, torch.Tensor]
 _MICRO = "train_micro_batch_size_per_gpu"
+
+
+@dataclass
+class Progress:
+    """Where this process's run is, for the line an interrupt prints: the runner sets the
+    method and replicate (``where``) and the task (from 1), the training loop the steps
+    done in the task."""
+
+    where: str = ""
+    task: int | None = None
+    step: int = 0
+
+    def interrupted(self) -> str:
+        """The line that tells a user where the run stopped and that it can resume."""
+        at = "" if self.task is None else f" at task {self.task}, step {self.step} ({self.where})"
+        return f"interrupted{at}; run the same command to resume"
+
+
+PROGRESS = Progress()
 
 
 def understand_batch(fmt: Format, samples: Sequence[Sample], device: torch.device) -> Batch:
@@ -227,59 +247,63 @@ def train_task(
     first, order = 0, None
     if saver is not None and saver.exists():
         first, order, log = saver.load()
+    PROGRESS.step = first
     start = time.perf_counter()
     model.train()
-    bar = tqdm(total=total, desc=desc or task.name, disable=not progress or rank > 0, leave=False)
-    bar.update(first)
-    first_epoch, first_step = divmod(first, steps_per_epoch)
-    for epoch in range(first_epoch, cfg.epochs):
-        if order is None or epoch > first_epoch or first_step == 0:  # else resumed mid-epoch
-            order = rng.permutation(len(samples))
-        for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
-            index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            batch = understand_batch(
-                fmt, method.mix([samples[i] for i in index], rng)[rank::world], model.device
-            )
-            inputs = method.step_inputs(rng, rank, world)
-            normalizer = None
-            if world > 1:
-                tokens = (batch["labels"][:, 1:] != IGNORE).sum()
-                normalizer = accelerator.reduce(tokens, "sum") / world
-            with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
-                loss, ce, terms = step_loss(batch, inputs, normalizer)
-            n = epoch * steps_per_epoch + step
-            watched = monitor is not None and monitor.due(n)
-            if watched:
-                monitor.before(model, ce, lr=optim.param_groups[0]["lr"])
-            optim.zero_grad(set_to_none=True)
-            lr = optim.param_groups[0]["lr"]
-            if accelerator is not None:
-                # Under DeepSpeed, backward also clips (at train.grad_clip: check_engine),
-                # steps and zeroes; the norm is then its step's, the optimizer's step a no-op.
-                accelerator.backward(loss)
-                norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optim.step()
-            if watched:
-                log["conflict"].append({"step": n, **monitor.after(model)})
-            schedule.step()
-            if world > 1:
-                ce = accelerator.reduce(ce.detach(), "mean")
-                terms = {k: accelerator.reduce(v.detach(), "mean") for k, v in terms.items()}
-            log["loss"].append(ce.item())
-            for name, value in terms.items():
-                log["terms"].setdefault(name, []).append(value.item())
-            if on_step is not None:
-                values = {"loss/ce": ce.item(), "lr": lr}
-                values |= {f"loss/{k}": v.item() for k, v in terms.items()}
-                on_step(n, values | {"grad_norm": float(norm)})
-            bar.update()
-            bar.set_postfix(loss=f"{ce.item():.3f}")
-            if saver is not None and (n + 1) % cfg.checkpoint_every == 0 and n + 1 < total:
-                saver.save(n + 1, order, log)
-    bar.close()
+    # Closed however the loop ends: an interrupt's line then comes after the bar's last.
+    with tqdm(
+        total=total, desc=desc or task.name, disable=not progress or rank > 0, leave=False
+    ) as bar:
+        bar.update(first)
+        first_epoch, first_step = divmod(first, steps_per_epoch)
+        for epoch in range(first_epoch, cfg.epochs):
+            if order is None or epoch > first_epoch or first_step == 0:  # else resumed mid-epoch
+                order = rng.permutation(len(samples))
+            for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
+                index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                batch = understand_batch(
+                    fmt, method.mix([samples[i] for i in index], rng)[rank::world], model.device
+                )
+                inputs = method.step_inputs(rng, rank, world)
+                normalizer = None
+                if world > 1:
+                    tokens = (batch["labels"][:, 1:] != IGNORE).sum()
+                    normalizer = accelerator.reduce(tokens, "sum") / world
+                with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
+                    loss, ce, terms = step_loss(batch, inputs, normalizer)
+                n = epoch * steps_per_epoch + step
+                watched = monitor is not None and monitor.due(n)
+                if watched:
+                    monitor.before(model, ce, lr=optim.param_groups[0]["lr"])
+                optim.zero_grad(set_to_none=True)
+                lr = optim.param_groups[0]["lr"]
+                if accelerator is not None:
+                    # Under DeepSpeed, backward also clips (at train.grad_clip: check_engine),
+                    # steps and zeroes; the norm is then its step's, the optimizer's step a no-op.
+                    accelerator.backward(loss)
+                    norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
+                else:
+                    loss.backward()
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optim.step()
+                if watched:
+                    log["conflict"].append({"step": n, **monitor.after(model)})
+                schedule.step()
+                if world > 1:
+                    ce = accelerator.reduce(ce.detach(), "mean")
+                    terms = {k: accelerator.reduce(v.detach(), "mean") for k, v in terms.items()}
+                log["loss"].append(ce.item())
+                for name, value in terms.items():
+                    log["terms"].setdefault(name, []).append(value.item())
+                if on_step is not None:
+                    values = {"loss/ce": ce.item(), "lr": lr}
+                    values |= {f"loss/{k}": v.item() for k, v in terms.items()}
+                    on_step(n, values | {"grad_norm": float(norm)})
+                bar.update()
+                bar.set_postfix(loss=f"{ce.item():.3f}")
+                PROGRESS.step = n + 1
+                if saver is not None and (n + 1) % cfg.checkpoint_every == 0 and n + 1 < total:
+                    saver.save(n + 1, order, log)
     if accelerator is not None:
         accelerator.free_memory()  # drop this task's engine and optimizer wrappers
     model.eval()
@@ -334,9 +358,8 @@ class StepCheckpoint:
                 "rng": self.rng.bit_generator.state,
                 "torch_rng": torch_rng,
             }
-            tmp = temporary_dir(self.folder)
-            torch.save(state, tmp / "state.pt")
-            replace_dir(tmp, self.folder)
+            with atomic_dir(self.folder) as tmp, (tmp / "state.pt").open("wb") as file:
+                torch.save(state, file)  # to a file: a full disk raises OSError, not torch's
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
 

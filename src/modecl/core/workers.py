@@ -123,6 +123,10 @@ def _worker(
     """Take units from ``todo`` until None; report on ``events`` (a pipe: each message is
     written before this returns, so a worker that dies has said which unit it held)."""
     _die_with_parent()
+    # The parent alone tells of an interrupt (Ctrl-C reaches the whole process group) and
+    # stops the workers, whose SIGTERM ends them at once.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(threads)
     try:
         world = _FORKED_WORLD[0] if make_world is None else make_world()

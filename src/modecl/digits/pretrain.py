@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
 from modecl.core.config import to_dict
-from modecl.core.files import remove_leftovers, replace_dir, temporary_dir
+from modecl.core.files import atomic_dir, remove_leftovers
 from modecl.core.sequences import Example, collate, next_token_loss
 from modecl.core.train import cosine_schedule
 from modecl.digits import data, shipped, tasks
@@ -263,12 +263,11 @@ def load_or_pretrain(
     }
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(folder.parent)  # of a pre-training that was killed while saving
-    tmp = temporary_dir(folder)
-    world.codebook.save(tmp / "codebook.npy")
-    world.vocab.save(tmp / "vocab.json")
-    model.save_pretrained(tmp / "model")
-    (tmp / "log.json").write_text(json.dumps(log, indent=1))
-    replace_dir(tmp, folder)  # a half-written folder from a crash is replaced whole
+    with atomic_dir(folder) as tmp:  # a half-written folder from a crash is replaced whole
+        world.codebook.save(tmp / "codebook.npy")
+        world.vocab.save(tmp / "vocab.json")
+        model.save_pretrained(tmp / "model")
+        (tmp / "log.json").write_text(json.dumps(log, indent=1))
     return PretrainedHost(world, model, log | {"cached": False, "source": "trained"}, folder)
 
 

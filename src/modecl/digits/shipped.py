@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from modecl.core.files import read_text, remove_leftovers, replace_dir, temporary_dir
+from modecl.core.files import atomic_dir, read_text, remove_leftovers
 
 SHIPPED = Path(__file__).parent / "hosts"
 MANIFEST = "manifest.json"
@@ -95,24 +95,23 @@ def ship(
     log = json.loads((entry / "log.json").read_text())
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(folder.parent)  # of a ship that was killed while writing
-    tmp = temporary_dir(folder)
-    shutil.copytree(entry, tmp, dirs_exist_ok=True)
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    versions = {name: importlib.metadata.version(name) for name in PACKAGES}
-    manifest = {
-        "cache_key": key,
-        "seed": seed,
-        "command": command,
-        "packages": versions,
-        "cpu": cpu_model(),
-        "kernel_path": log.get("kernel_path"),
-        "pretrain_seconds": round(log["seconds"], 1),
-        "selected_epoch": log["selected_epoch"],
-        "gate_scores": gate,
-        "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in files},
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    replace_dir(tmp, folder)
+    with atomic_dir(folder) as tmp:
+        shutil.copytree(entry, tmp, dirs_exist_ok=True)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        versions = {name: importlib.metadata.version(name) for name in PACKAGES}
+        manifest = {
+            "cache_key": key,
+            "seed": seed,
+            "command": command,
+            "packages": versions,
+            "cpu": cpu_model(),
+            "kernel_path": log.get("kernel_path"),
+            "pretrain_seconds": round(log["seconds"], 1),
+            "selected_epoch": log["selected_epoch"],
+            "gate_scores": gate,
+            "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in files},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

@@ -14,10 +14,12 @@ test records in CoIN's::
      "text": "Which is a mammal?\\nA. frog\\nB. cat", "answer": "B"}
 
 optionally with ``"answers"``, every annotator's answer (TextVQA's ten), which the `vqa`
-rule scores against. Other fields (the ids) are ignored.
+rule scores against. Other fields are ignored, but an ``id`` (train) or ``question_id``
+(test) that an earlier record of the file has is refused (a sample would count twice).
 
 - Image paths are relative to the image root (CoIN's ``cl_dataset/``; by default the task
-  folder's parent), not to the file.
+  folder's parent), not to the file; a path that leaves the root (``../``, absolute) is
+  refused.
 - The ``<image>`` placeholder is removed wherever it stands, and may be absent: the host's
   format puts the image span before the question, as for JSONL tasks.
 - Options are the question's lines ``A. ...``, ``B. ...`` (the last run of two or more
@@ -30,7 +32,8 @@ rule scores against. Other fields (the ids) are ignored.
   (:func:`~modecl.core.scoring.paper_rule`: ScienceQA `choice`, ImageNet `contains`, any
   other `exact`).
 
-Records are numbered from 0, as in the array (``jq '.[3]'``). A bad record raises
+Records are numbered from 0, as in the array (``jq '.[3]'``). A record in which a key
+repeats is refused (JSON would keep its last value). A bad record raises
 :class:`~modecl.core.tasks.TaskFileError` naming the file, the record and the field, before
 any image is tokenized.
 """
@@ -47,7 +50,7 @@ from typing import Any
 
 from modecl.core.files import read_text
 from modecl.core.scoring import paper_rule
-from modecl.core.tasks import Task, TaskFileError
+from modecl.core.tasks import Task, TaskFileError, loads, repeated_key
 from modecl.hosts.tasks import ImageTokenizer, Row, check_images, check_rows, rows_task, text_list
 
 __all__ = [
@@ -98,7 +101,7 @@ def _records(path: Path) -> list[Any]:
     """The records of an instruction file: a JSON array."""
     text = read_text(path, TaskFileError, FILE_LIMIT)
     try:
-        data = json.loads(text)
+        data = loads(text)
     except json.JSONDecodeError as err:
         message = f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})"
         raise TaskFileError(message) from None
@@ -156,15 +159,39 @@ def _turns(record: dict, where: str) -> list[str]:
 def _object(record: Any, where: str) -> dict:
     if not isinstance(record, dict):
         raise TaskFileError(f"{where}expected a JSON object, got {_kind(record)}")
+    if (key := repeated_key(record)) is not None:
+        raise TaskFileError(f"{where}key {key!r} repeats in one object")
     return record
 
 
+def _image(record: dict, root: Path, where: str) -> Path:
+    """A record's image file, under the image root."""
+    name = _text(record, "image", where)
+    if not _absolute(root / name).is_relative_to(_absolute(root)):
+        raise TaskFileError(f"{where}field 'image': {name!r} leaves the image root {root}")
+    return root / name
+
+
+def _unique_id(record: dict, key: str, seen: dict[str, int], i: int, where: str) -> None:
+    """Refuse an id (field `key`) that an earlier record has; `seen`: ids -> record."""
+    if key not in record:
+        return
+    value = json.dumps(record[key], sort_keys=True)
+    if value in seen:
+        raise TaskFileError(
+            f"{where}field '{key}': {reprlib.repr(record[key])} repeats, first at record "
+            f"{seen[value]}"
+        )
+    seen[value] = i
+
+
 def _train_rows(path: Path, root: Path) -> list[Row]:
-    rows = []
+    rows, ids = [], {}
     for i, record in enumerate(_records(path)):
         where = f"{path}: record {i}: "
         record = _object(record, where)
-        image = root / _text(record, "image", where)
+        _unique_id(record, "id", ids, i, where)
+        image = _image(record, root, where)
         turns = _turns(record, where)
         for k in range(1, len(turns), 2):
             at = where if len(turns) == 2 else f"{path}: record {i} turn {k}: "
@@ -176,11 +203,12 @@ def _train_rows(path: Path, root: Path) -> list[Row]:
 
 
 def _test_rows(path: Path, root: Path) -> list[Row]:
-    rows = []
+    rows, ids = [], {}
     for i, record in enumerate(_records(path)):
         where = f"{path}: record {i}: "
         record = _object(record, where)
-        image = root / _text(record, "image", where)
+        _unique_id(record, "question_id", ids, i, where)
+        image = _image(record, root, where)
         question = _question(_text(record, "text", where), f"{where}field 'text': ")
         answer = _text(record, "answer", where)
         answers = record.get("answers")

@@ -40,7 +40,7 @@ from PIL import Image
 from torch import nn
 
 from modecl.core.adapters import has_adapters, pass_kind, routing_context
-from modecl.core.files import read_image
+from modecl.core.files import atomic_path, read_image
 from modecl.core.generation import generate
 from modecl.core.modality import HOST_FAMILIES, host_family
 from modecl.hosts.vqgan import code_indices, decode_codes
@@ -260,7 +260,7 @@ def save_png(pixels: torch.Tensor, path: str | Path) -> Path:
     if pixels.ndim != 3 or pixels.shape[0] != 3:
         raise ValueError(f"expected one RGB image [3, H, W], got shape {tuple(pixels.shape)}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     array = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    Image.fromarray(array.permute(1, 2, 0).cpu().numpy()).save(path, format="PNG")
+    with atomic_path(path) as tmp:
+        Image.fromarray(array.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
     return path

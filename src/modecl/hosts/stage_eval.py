@@ -85,7 +85,7 @@ def eval_stage(
     names = check_inputs(files, pairs_file, image_root, config, tokenized, concepts)
     accelerator = default_accelerator()
     model, tokenizer = load_host(inputs["model"], config.host.dtype, accelerator.device)
-    world, _ = host_world(
+    world, tokens = host_world(
         model,
         tokenizer,
         inputs["model"],
@@ -98,6 +98,7 @@ def eval_stage(
         progress and accelerator.is_main_process,
         concepts,
     )
+    tokens.commit()
     attach_adapters(model, get_method(method).adapter_config(config.continual))
     load_adapters(model, stage_dir / "adapters")
     number = int(stage_name.removeprefix("stage"))

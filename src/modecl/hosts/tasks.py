@@ -139,10 +139,13 @@ class ImageTokenizer:
     `size_or_processor`: an int / (h, w) to resize to (the tiny test models), or the host's
     image processor (a real checkpoint's `AutoImageProcessor`). The tokens live in the
     memory-mapped :class:`~modecl.hosts.token_cache.TokenStore` at `folder` (a run's
-    ``image_tokens/``, kept across runs; without it, a temporary one of this tokenizer's),
-    which refuses tokens of another host or image sizing. New files are read and tokenized
-    `batch_size` at a time: under several processes (accelerate) each tokenizes its share,
-    the main process writes every batch into the store, and all read them from it.
+    ``image_tokens/``, kept across runs), which refuses tokens of another host or image
+    sizing. Tokens of new files wait in a temporary store (``$TMPDIR``) until
+    :meth:`commit` moves them into `folder`: a run commits once every input passed its
+    checks, so a refused input leaves nothing in the out dir. Without `folder`, they stay in
+    the temporary store. New files are read and tokenized `batch_size` at a time: under
+    several processes (accelerate) each tokenizes its share, all gather every batch, the
+    main process keeps them in the temporary store and the others in memory.
     """
 
     model: nn.Module
@@ -153,34 +156,51 @@ class ImageTokenizer:
     store: TokenStore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._shared = self.folder is not None  # else every process writes its own store
-        if self.folder is None:
-            self._temporary = tempfile.TemporaryDirectory(prefix="modecl-tokens-")
-            self.folder = Path(self._temporary.name)
         size = self.size_or_processor
         sizing = size.to_json_string() if hasattr(size, "to_json_string") else json.dumps(size)
         settings = json.dumps([getattr(self.model, "name_or_path", ""), sizing]).encode()
-        self.store = TokenStore(self.folder, source=hashlib.sha256(settings).hexdigest())
+        self._source = hashlib.sha256(settings).hexdigest()
+        self._temporary = tempfile.TemporaryDirectory(prefix="modecl-tokens-")
+        self.staged = TokenStore(Path(self._temporary.name), source=self._source)
+        self.store = self.staged
+        if self.folder is not None:
+            self.store = TokenStore(self.folder, source=self._source)
+        self._kept: dict[str, tuple[int, ...]] = {}  # a process other than the main one's
+
+    def _codes(self, path: str) -> tuple[int, ...] | None:
+        for store in (self.store, self.staged):
+            if path in store:
+                return store[path]
+        return self._kept.get(path)
 
     def __call__(self, files: Sequence[tuple[Path, str]]) -> list[tuple[int, ...]]:
         """Tokens of each `(file, where)`; `where` prefixes the error of a bad file."""
         todo = {}
         for file, where in files:  # every file checked before any work
-            if str(file) not in self.store and str(file) not in todo:
+            if str(file) not in todo and self._codes(str(file)) is None:
                 if not file.is_file():
                     raise TaskFileError(f"{where}image file not found: {file}")
                 todo[str(file)] = where
         if todo:
             state = PartialState()
             tokens = self._tokenized(todo, state)
-            if self._shared and not state.is_main_process:
-                for _ in tokens:  # take part in every gather
-                    pass
+            if self.folder is not None and not state.is_main_process:
+                self._kept.update((name, tuple(codes)) for name, codes in tokens)
             else:
-                self.store.write(tokens)
-            state.wait_for_everyone()
-            self.store.refresh()
-        return [self.store[str(file)] for file, _ in files]
+                self.staged.write(tokens)
+        return [self._codes(str(file)) for file, _ in files]
+
+    def commit(self) -> None:
+        """Move the tokens read so far into the store at `folder` (every process calls it)."""
+        if self.folder is None:
+            return
+        state = PartialState()
+        if state.is_main_process:
+            self.store.take_segments(self.staged.folder)
+            self.staged = TokenStore(self.staged.folder, source=self._source)
+        state.wait_for_everyone()
+        self.store.refresh()
+        self._kept.clear()
 
     def _tokenized(
         self, todo: dict[str, str], state: PartialState

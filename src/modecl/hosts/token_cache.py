@@ -18,8 +18,10 @@ Writing (:meth:`TokenStore.write`) adds new segments, one per ``segment_images``
 appending images later (another task file) never rewrites a segment, and a kill loses at
 most the segment being written. A segment is written under a temporary name holding
 :data:`~modecl.core.files.TEMP_MARK`, renamed when complete (a reader sees whole segments or
-none), with the umask's permissions. Writers hold a shared lock on the folder's ``.lock``; an
-open that gets it exclusively (no writer at work) deletes what a killed writer left.
+none), with the umask's permissions; :meth:`TokenStore.take_segments` moves in the segments
+of another store (a run's tokens, staged until its inputs passed every check). Writers hold
+a shared lock on the folder's ``.lock``; an open that gets it exclusively (no writer at
+work) deletes what a killed writer left.
 
 ``source`` (a digest of the tokenizer's settings, in every segment) guards against mixing
 codes of different tokenizers: a store opened with a source refuses segments of another.
@@ -30,21 +32,22 @@ on first open into the segment ``json.tokens`` (source unknown, accepted by any)
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
-import tempfile
+import shutil
 import uuid
 from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
 from modecl.core.config import ConfigError
-from modecl.core.files import TEMP_MARK, honour_umask, remove_leftovers
+from modecl.core.files import atomic_path, remove_leftovers
 
 __all__ = ["TOKEN_STORE", "TokenStore"]
 
@@ -147,6 +150,25 @@ class TokenStore(Mapping[str, tuple[int, ...]]):
                 total += count
                 self.refresh()
 
+    def take_segments(self, folder: Path) -> None:
+        """Move every segment of the store at `folder` (of the same source) into this one:
+        renamed, or copied where the two lie on different file systems."""
+        segments = sorted(Path(folder).glob(f"*{SUFFIX}"))
+        if not segments:
+            return
+        with _writing(self.folder):
+            for path in segments:
+                target = self.folder / path.name
+                try:
+                    os.replace(path, target)
+                except OSError as err:
+                    if err.errno != errno.EXDEV:
+                        raise
+                    with atomic_path(target) as tmp:
+                        shutil.copyfile(path, tmp)
+                    path.unlink()
+        self.refresh()
+
     def _find(self, path: object) -> tuple[Segment, int] | None:
         if isinstance(path, str):
             key = os.fsencode(path)
@@ -209,56 +231,52 @@ def _write_segment(
 ) -> int:
     """Write `items` as the segment `target` (renamed into place when complete); returns the
     number of images, 0 for none (then nothing is written)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TEMP_MARK}")
-    try:
-        with os.fdopen(fd, "r+b") as f:
-            f.write(bytes(DATA))
-            keys, starts, lengths, dtype, count = [], [], [], np.dtype("<u2"), 0
-            for path, codes in items:
-                array = np.asarray(codes)
-                if path in stored:
-                    raise ValueError(f"{path}: already in the token store")
-                if array.ndim != 1 or not array.size or array.dtype.kind not in "iu":
-                    raise ValueError(f"{path}: expected a non-empty sequence of token ids")
-                low, high = int(array.min()), int(array.max())
-                if low < 0 or high >= 2**32:
-                    raise ValueError(f"{path}: token ids must lie in [0, 2**32)")
-                if high > np.iinfo(dtype).max:
-                    _widen(f, Path(tmp), count)
-                    dtype = np.dtype("<u4")
-                f.write(array.astype(dtype).tobytes())
-                keys.append(path)
-                starts.append(count)
-                lengths.append(array.size)
-                count += array.size
-            if not keys:
-                return 0
-            paths = np.array([os.fsencode(k) for k in keys])
-            order = np.argsort(paths, kind="stable")
-            twice = np.flatnonzero(paths[order][1:] == paths[order][:-1])
-            if twice.size:
-                raise ValueError(f"{keys[order[twice[0]]]}: twice in one segment")
-            header = {"dtype": dtype.str, "images": len(keys), "tokens": count, "data": DATA}
-            header |= {"width": paths.dtype.itemsize, "source": source}
-            for name, array in (
-                ("keys", paths[order]),
-                ("starts", np.asarray(starts, "<i8")[order]),
-                ("lengths", np.asarray(lengths, "<u4")[order]),
-            ):
-                f.write(bytes(-f.tell() % ALIGN))
-                header[name] = f.tell()
-                f.write(array.tobytes())
-            at = f.tell()
-            f.write(json.dumps(header).encode())
-            f.seek(0)
-            f.write(MAGIC + at.to_bytes(8, "little"))
-            f.flush()
-            os.fsync(f.fileno())
-        honour_umask(Path(tmp))
-        os.replace(tmp, target)
-        return len(keys)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    items = iter(items)
+    first = next(items, None)
+    if first is None:
+        return 0
+    with atomic_path(target) as tmp, tmp.open("r+b") as f:
+        f.write(bytes(DATA))
+        keys, starts, lengths, dtype, count = [], [], [], np.dtype("<u2"), 0
+        for path, codes in chain([first], items):
+            array = np.asarray(codes)
+            if path in stored:
+                raise ValueError(f"{path}: already in the token store")
+            if array.ndim != 1 or not array.size or array.dtype.kind not in "iu":
+                raise ValueError(f"{path}: expected a non-empty sequence of token ids")
+            low, high = int(array.min()), int(array.max())
+            if low < 0 or high >= 2**32:
+                raise ValueError(f"{path}: token ids must lie in [0, 2**32)")
+            if high > np.iinfo(dtype).max:
+                _widen(f, tmp, count)
+                dtype = np.dtype("<u4")
+            f.write(array.astype(dtype).tobytes())
+            keys.append(path)
+            starts.append(count)
+            lengths.append(array.size)
+            count += array.size
+        paths = np.array([os.fsencode(k) for k in keys])
+        order = np.argsort(paths, kind="stable")
+        twice = np.flatnonzero(paths[order][1:] == paths[order][:-1])
+        if twice.size:
+            raise ValueError(f"{keys[order[twice[0]]]}: twice in one segment")
+        header = {"dtype": dtype.str, "images": len(keys), "tokens": count, "data": DATA}
+        header |= {"width": paths.dtype.itemsize, "source": source}
+        for name, array in (
+            ("keys", paths[order]),
+            ("starts", np.asarray(starts, "<i8")[order]),
+            ("lengths", np.asarray(lengths, "<u4")[order]),
+        ):
+            f.write(bytes(-f.tell() % ALIGN))
+            header[name] = f.tell()
+            f.write(array.tobytes())
+        at = f.tell()
+        f.write(json.dumps(header).encode())
+        f.seek(0)
+        f.write(MAGIC + at.to_bytes(8, "little"))
+        f.flush()
+        os.fsync(f.fileno())
+    return len(keys)
 
 
 def _widen(f: BinaryIO, path: Path, count: int) -> None:

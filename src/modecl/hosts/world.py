@@ -475,7 +475,7 @@ def train_run(
     check_engine(accelerator, config.continual)  # before minutes of loading the host
     main = accelerator.is_main_process
     model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
-    world, _ = host_world(
+    world, images = host_world(
         model,
         tokenizer,
         model_path,
@@ -489,12 +489,14 @@ def train_run(
         concepts,
     )
     if distilling:
+        batch, tests = config.continual.distill.batch_size, len(world.pairs.test)
         try:
-            check_pairs(distilling[0], len(world.pairs.train), config.continual.distill.batch_size)
+            check_pairs(distilling[0], len(world.pairs.train), batch, tests)
         except ValueError as err:
             raise ConfigError(f"{kd_data}: {err}") from None
     if config.host.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    images.commit()  # every input passed its checks: its tokens join the out dir
     return run(world, spec, out, accelerator=accelerator, progress=progress)
 
 

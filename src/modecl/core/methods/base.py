@@ -9,6 +9,7 @@ Adding a method: one module defining ``METHOD``, and one line in the registry.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,8 @@ class Method:
     """A named strategy: adapter ``kind`` under a routing ``policy``, plus its recipe hooks.
 
     ``expert_rank``, when set, is this method's own (``"split"``: the matched-capacity
-    variants); otherwise it is ``continual.adapter.expert_rank``.
+    variants); otherwise it is ``continual.adapter.expert_rank`` where the kind has a routed
+    branch, else ``"full"`` (a run's setting applies to its routed methods only).
     """
 
     name: str
@@ -47,16 +49,17 @@ class Method:
 
     def adapter_config(self, settings: ContinualSettings) -> AdapterConfig:
         a = settings.adapter
-        return AdapterConfig(
+        config = AdapterConfig(
             kind=self.kind,
             rank=a.rank,
             alpha=a.alpha,
             dropout=a.dropout,
             num_experts=a.num_experts,
             target_modules=tuple(a.target_modules),
-            expert_rank=self.expert_rank or a.expert_rank,
             routing=self.policy,
         )
+        rank = self.expert_rank or (a.expert_rank if config.routed else "full")
+        return dataclasses.replace(config, expert_rank=rank)
 
     def configure(self, settings: ContinualSettings, pairs: Sequence[DrawPair] = ()) -> None:
         """Take the settings (and the image-generation stream); called before each task.

@@ -96,8 +96,14 @@ class Distilling(Method):
         return {"kd": (distill_loss(model, fmt, inputs, self.settings), self.settings.weight)}
 
 
-def check_pairs(method: str, available: int, batch_size: int) -> None:
-    """Raise ValueError unless ``available`` pairs fill a distillation batch of ``batch_size``."""
+def check_pairs(method: str, available: int, batch_size: int, tests: int = 0) -> None:
+    """Raise ValueError unless ``available`` train pairs fill a distillation batch of
+    ``batch_size``; ``tests``: the test pairs given beside them, named in the message."""
+    if available == 0 and tests:
+        raise ValueError(
+            f"method '{method}' distils from train pairs, but all {tests} pairs given are "
+            'split "test" (they only evaluate image generation): give pairs of split "train"'
+        )
     if available == 0:
         raise ValueError(f"method '{method}' distils but no image-generation pairs were given")
     if available < batch_size:
