@@ -104,11 +104,18 @@ def test_modecl_train_under_torchrun_matches_one_process(tmp_path, one_run, engi
     )
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (read_results(d / "results.json") for d in (one_dir, tmp_path / "two"))
-    assert one.manifest["launch"] == {"processes": 1, "distributed_type": "NO", "zero_stage": None}
+    path = torch.backends.cpu.get_cpu_capability()
+    assert one.manifest["launch"] == {
+        "processes": 1,
+        "distributed_type": "NO",
+        "zero_stage": None,
+        "cpu_kernel_path": path,
+    }
     assert two.manifest["launch"] == {
         "processes": 2,
         "distributed_type": distributed_type,
         "zero_stage": stage,
+        "cpu_kernel_path": path,
     }
     for method in METHODS:
         a_method, b_method = two.mean.methods[method], one.mean.methods[method]
