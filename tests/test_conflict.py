@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from modecl.core.adapters import attach_adapters
-from modecl.core.config import ContinualSettings, from_dict
+from modecl.core.config import ConfigError, ContinualSettings, TrainSettings, from_dict, load_toml
 from modecl.core.conflict import ConflictMonitor, summarize_conflict
 from modecl.core.methods import get_method
-from modecl.core.train import train_task, understand_loss
+from modecl.core.train import make_optimizer, train_task, understand_loss
 from modecl.digits.model import build_model
 from tests.conftest import tiny_config
 
@@ -152,3 +152,57 @@ def test_summary_sums_changes_and_leaves_undefined_figures_empty():
     assert three["mean_cosine"] == 0.0
     assert three["by_group"]["shared"]["predicted_image_loss_change"] == 3.0
     assert summarize_conflict([])["correlation"] is None
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "second"),
+    [
+        # plain SGD: each step -lr * grad
+        ("sgd", [0.7 - 0.3, 1.5 - 0.5]),
+        # heavy ball: v = 0.5 v + g, step -lr * v
+        ("sgd-momentum", [0.7 - 0.1 * (0.5 * 3 + 3), 1.5 - 0.1 * (0.5 * 5 + 5)]),
+    ],
+)
+def test_one_sgd_step_is_lr_times_the_gradient(optimizer, second):
+    theta = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    optim = make_optimizer([theta], TrainSettings(optimizer=optimizer, lr=0.1, momentum=0.5))
+    for expected in ([0.7, 1.5], second):  # the loss 3 a + 5 b: gradient (3, 5)
+        optim.zero_grad()
+        (theta @ torch.tensor([3.0, 5.0])).backward()
+        optim.step()
+        assert theta.detach().tolist() == pytest.approx(expected, rel=1e-6)
+    assert isinstance(make_optimizer([theta], TrainSettings()), torch.optim.AdamW)
+
+
+def test_an_unknown_optimizer_is_refused_at_load(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('[train]\noptimizer = "adam"\n')
+    with pytest.raises(ConfigError, match=r"train\.optimizer: 'adam' is not one of 'adamw', 'sgd'"):
+        load_toml(ContinualSettings, file)
+
+
+def test_under_plain_sgd_the_papers_formula_is_the_real_update_prediction(world, task, monitor):
+    """seq-lora (the CE alone), plain SGD, no clipping: Δθ = -lr ∇L_T, so the SGD formula
+    equals the first-order prediction with the real update at every step, and the splits
+    by layer and by module add up to it."""
+    config = settings(lr=0.05, warmup_fraction=0.0, optimizer="sgd", grad_clip=1e9)
+    model = adapted(world, "seq-lora", config)
+    log = train_task(
+        model, world.format, get_method("seq-lora"), task, config, progress=False, monitor=monitor
+    )
+    assert len(log["conflict"]) == 3
+    for step in log["conflict"]:
+        predicted = step["predicted_image_loss_change"]
+        assert abs(predicted) > 1e-6
+        assert step["sgd_image_loss_change"] == pytest.approx(predicted, rel=1e-4)
+        assert sorted(step["by_layer"]) == ["0", "1"]
+        assert sorted(step["by_module"]) == ["down_proj", "gate_proj", "up_proj"]
+        for split in ("by_layer", "by_module"):
+            for key in ("predicted_image_loss_change", "inner_product_text"):
+                parts = sum(site[key] for site in step[split].values())
+                assert parts == pytest.approx(step[key], rel=1e-9)
+    summary = summarize_conflict(log["conflict"])
+    assert summary["sgd_correlation"] == pytest.approx(summary["correlation"], abs=1e-4)
+    assert summary["by_module"]["up_proj"]["predicted_image_loss_change"] == pytest.approx(
+        sum(s["by_module"]["up_proj"]["predicted_image_loss_change"] for s in log["conflict"])
+    )

@@ -181,6 +181,12 @@ class TrainSettings:
     lr: Positive = 3e-3
     batch_size: Count = 32
     warmup_fraction: Fraction = 0.1
+    # "adamw" (the paper's); "sgd": plain SGD, each step -lr x gradient, the optimizer the
+    # paper's first-order gradient-conflict argument assumes; "sgd-momentum": SGD with
+    # `momentum` (heavy ball). Schedule, clipping and weight decay apply to each alike
+    # (AdamW decouples its weight decay, SGD adds it to the gradient).
+    optimizer: Literal["adamw", "sgd", "sgd-momentum"] = "adamw"
+    momentum: Probability = 0.9  # sgd-momentum only
     weight_decay: NonNegative = 0.0
     grad_clip: Positive = 10.0
     max_train_samples: Count | None = None  # per task; None = all

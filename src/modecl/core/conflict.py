@@ -19,8 +19,14 @@ On a monitored step the monitor records
 and the first three again for each parameter group: the `text`, `image` and `shared`
 branches (their rows of `lora_A` and columns of `lora_B`, by `layer.columns`) and the
 `router`; group figures add up to the totals (the groups cover every trainable parameter
-of an adapted host). Δθ is the optimizer's real update (AdamW moments, clipping, schedule
-included), so `predicted` is exact to first order for any optimizer, not only SGD.
+of an adapted host). The inner product and the predicted change are split by site too:
+by decoder layer (`by_layer`, the index in the adapted module's name) and by adapted module
+(`by_module`: gate_proj, up_proj, down_proj, ...), each split adding up to the totals: which
+parameters carry the image loss's change.
+
+Δθ is the optimizer's real update (AdamW moments, clipping, schedule included), so
+`predicted` is exact to first order for any optimizer, not only SGD (`train.optimizer`:
+under plain SGD, no clipping and the CE alone, `predicted` equals `sgd`).
 Under the `sample` routing policy the probe's draw pass and an understanding batch take
 disjoint branches, so every inner product is exactly zero: no first-order conflict.
 
@@ -38,6 +44,7 @@ drawn) and the model's mode is restored afterwards: the monitor never changes tr
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -61,6 +68,19 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, Pieces]:
         if layer.router is not None:
             groups["router"].append((layer.router.weight, (slice(None),)))
     return dict(groups)
+
+
+def parameter_sites(model: torch.nn.Module) -> dict[str, dict[str, Pieces]]:
+    """The adapter parameters split by decoder layer (``by_layer``: "0", "1", ...; "-" for
+    a module outside a numbered layer) and by module (``by_module``: the last part of the
+    adapted module's name)."""
+    sites: dict[str, dict[str, Pieces]] = {"by_layer": defaultdict(list), "by_module": {}}
+    for name, layer in adapter_layers(model).items():
+        pieces: Pieces = [(p, (slice(None),)) for p in layer.parameters() if p.requires_grad]
+        index = re.search(r"(?:^|\.)(\d+)\.", name)
+        sites["by_layer"][index.group(1) if index else "-"] += pieces
+        sites["by_module"].setdefault(name.rsplit(".", 1)[-1], []).extend(pieces)
+    return {split: dict(groups) for split, groups in sites.items()}
 
 
 def _dot(a: dict, b: dict, pieces: Pieces) -> float:
@@ -133,14 +153,25 @@ class ConflictMonitor:
                 "predicted_image_loss_change": _dot(gi, delta, pieces),
             }
 
+        def changes(pieces: Pieces) -> dict[str, float]:
+            return {
+                "inner_product_text": _dot(gi, gt, pieces),
+                "predicted_image_loss_change": _dot(gi, delta, pieces),
+            }
+
         loss_after = self.image_loss(model).item()
         total = figures([(p, (slice(None),)) for p in s["params"]])
+        sites = {
+            split: {site: changes(pieces) for site, pieces in groups.items()}
+            for split, groups in parameter_sites(model).items()
+        }
         return {
             "image_loss": s["loss"],
             "measured_image_loss_change": loss_after - s["loss"],
             **total,
             "sgd_image_loss_change": -s["lr"] * total["inner_product_text"],
             "by_group": {g: figures(pieces) for g, pieces in parameter_groups(model).items()},
+            **sites,
         }
 
 
@@ -159,8 +190,10 @@ def _correlation(x: list[float], y: list[float]) -> float | None:
 def summarize_conflict(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """One task's monitored steps: mean cosines and inner products, summed changes.
 
-    `correlation` is Pearson's between the steps' predicted and measured changes; figures
-    without a defined value (no steps, one step, a zero gradient) are None.
+    `correlation` is Pearson's between the steps' predicted and measured changes,
+    `sgd_correlation` between the SGD formula's and the measured; figures without a defined
+    value (no steps, one step, a zero gradient) are None. `by_layer` and `by_module` sum each
+    site's inner products and predicted changes.
     """
     predicted = [s["predicted_image_loss_change"] for s in steps]
     measured = [s["measured_image_loss_change"] for s in steps]
@@ -173,6 +206,18 @@ def summarize_conflict(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "measured_image_loss_change": float(sum(measured)) if steps else None,
         "sgd_image_loss_change": float(sum(sgd)) if steps else None,
         "correlation": _correlation(predicted, measured),
+        "sgd_correlation": _correlation(sgd, measured),
+        **{
+            split: {
+                site: {
+                    key: float(sum(s[split][site][key] for s in steps))
+                    for key in ("inner_product_text", "predicted_image_loss_change")
+                }
+                for site in steps[0][split]
+            }
+            for split in ("by_layer", "by_module")
+            if steps and split in steps[0]
+        },
         "by_group": {
             g: {
                 "mean_cosine": _mean([s["by_group"][g]["cosine"] for s in steps]),

@@ -1,6 +1,7 @@
 """The one training loop, shared by every method and every host.
 
-Per task: AdamW over the adapter parameters, cosine schedule with warm-up, gradient
+Per task: AdamW (or SGD, ``train.optimizer``) over the adapter parameters, cosine schedule
+with warm-up, gradient
 clipping, seeded shuffling; optionally bfloat16 autocast (``train.mixed_precision``), the
 adapters and the optimizer state staying float32. Each step's loss is
 
@@ -37,7 +38,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from modecl.core.adapters import lm_logits, pass_kind
-from modecl.core.config import ConfigError, ContinualSettings
+from modecl.core.config import ConfigError, ContinualSettings, TrainSettings
 from modecl.core.conflict import ConflictMonitor
 from modecl.core.files import atomic_dir
 from modecl.core.methods.base import Method
@@ -186,6 +187,15 @@ def cosine_schedule(optim: torch.optim.Optimizer, warmup: int, total: int) -> La
     return LambdaLR(optim, functools.partial(_cosine_factor, warmup=warmup, total=total))
 
 
+def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainSettings) -> torch.optim.Optimizer:
+    """The optimizer ``train.optimizer`` names, at ``train.lr`` with ``train.weight_decay``:
+    AdamW, plain SGD (a step is ``-lr * grad``) or SGD with ``train.momentum``."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    momentum = cfg.momentum if cfg.optimizer == "sgd-momentum" else 0.0
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay)
+
+
 def train_task(
     model: nn.Module,
     fmt: Format,
@@ -233,7 +243,7 @@ def train_task(
     # Every process needs a sample in every batch: a last batch smaller than that is dropped.
     steps_per_epoch = len(samples) // cfg.batch_size + (len(samples) % cfg.batch_size >= world)
     total = steps_per_epoch * cfg.epochs
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optim = make_optimizer(params, cfg)
     schedule = cosine_schedule(optim, int(cfg.warmup_fraction * total), total)
     step_loss: nn.Module = StepLoss(model, fmt, method)
     if accelerator is not None:
