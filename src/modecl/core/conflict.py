@@ -19,8 +19,10 @@ On a monitored step the monitor records
 and the first three again for each parameter group: the `text`, `image` and `shared`
 branches (their rows of `lora_A` and columns of `lora_B`, by `layer.columns`) and the
 `router`; group figures add up to the totals (the groups cover every trainable parameter
-of an adapted host). Δθ is the optimizer's real update (AdamW moments, clipping, schedule
-included), so `predicted` is exact to first order for any optimizer, not only SGD.
+of an adapted host; `o-lora`'s LoRAs of every task are the one `shared` group: in a step
+only the task in training moves). Δθ is the optimizer's real update (AdamW moments,
+clipping, schedule included), so `predicted` is exact to first order for any optimizer,
+not only SGD.
 Under the `sample` routing policy the probe's draw pass and an understanding batch take
 disjoint branches, so every inner product is exactly zero: no first-order conflict.
 
