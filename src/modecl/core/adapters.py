@@ -117,6 +117,7 @@ __all__ = [
     "KINDS",
     "PASS_KINDS",
     "POLICIES",
+    "TASK_KINDS",
     "AdapterConfig",
     "AdapterLinear",
     "RoutingContext",
@@ -143,6 +144,7 @@ __all__ = [
 ]
 
 KINDS = ("mode", "lora", "moe-lora", "mode-text-lora", "o-lora", "cl-moe")
+TASK_KINDS = ("o-lora", "cl-moe")  # sized by the sequence, reading the task in training
 POLICIES = ("token", "task", "sample")
 EXPERT_RANKS = ("full", "split")
 PASS_KINDS = ("understand", "draw", "teacher", "student")
@@ -164,7 +166,7 @@ class AdapterConfig:
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     routing: str = "token"
     expert_rank: str = "full"  # "split": rank / num_experts per expert of a routed branch
-    tasks: int = 1  # the sequence's length: o-lora's LoRAs, cl-moe's task gates
+    tasks: int = 1  # the sequence's length: o-lora's LoRAs, cl-moe's task gates (else 1)
     task_gate: float = 0.5  # cl-moe: the task-level gate's share w of each expert's weight
 
     def __post_init__(self) -> None:
@@ -184,6 +186,8 @@ class AdapterConfig:
             raise ValueError(f"num_experts must be at least 1, got {self.num_experts}")
         if self.tasks < 1:
             raise ValueError(f"tasks must be at least 1, got {self.tasks}")
+        if self.tasks > 1 and not self.uses_tasks:
+            raise ValueError(f"kind {self.kind!r} has no per-task adapters: tasks must be 1")
         if not 0.0 <= self.task_gate <= 1.0:
             raise ValueError(f"task_gate must be in [0, 1], got {self.task_gate}")
         if not 0.0 <= self.dropout < 1.0:
@@ -212,6 +216,12 @@ class AdapterConfig:
             "o-lora": (("shared", self.tasks),),
             "cl-moe": (("shared", n),),
         }[self.kind]
+
+    @property
+    def uses_tasks(self) -> bool:
+        """Whether the adapters are sized by the sequence (`tasks`) and read the task in
+        training: o-lora's LoRAs, cl-moe's task gates."""
+        return self.kind in TASK_KINDS
 
     @property
     def routed(self) -> bool:
@@ -584,7 +594,7 @@ def training_task(model: nn.Module, task: int) -> Iterator[None]:
     the block: o-lora's earlier LoRAs are frozen and later ones left out; cl-moe routes by
     its instance-level router alone."""
     routing = routing_context(model)
-    if not 0 <= task < routing.config.tasks:
+    if routing.config.uses_tasks and not 0 <= task < routing.config.tasks:
         raise ValueError(f"task {task} of a sequence of {routing.config.tasks} tasks")
     previous, routing.task = routing.task, task
     try:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from modecl.core.adapters import AdapterConfig
+from modecl.core.adapters import TASK_KINDS, AdapterConfig
 from modecl.core.sequences import DrawPair, Format
 from modecl.core.tasks import Sample, Task
 
@@ -55,10 +55,11 @@ class Method:
         return False
 
     def adapter_config(self, settings: ContinualSettings, tasks: int = 1) -> AdapterConfig:
-        """The adapters for a sequence of ``tasks`` tasks (per-task adapters size by it)."""
+        """The adapters for a sequence of ``tasks`` tasks (kinds with per-task adapters are
+        sized by it; the others take 1, so that their saved adapters fit any sequence)."""
         a = settings.adapter
         return AdapterConfig(
-            tasks=tasks,
+            tasks=tasks if self.kind in TASK_KINDS else 1,
             kind=self.kind,
             rank=a.rank,
             alpha=a.alpha,
