@@ -28,11 +28,13 @@ from modecl.core.adapters import (
     lm_logits,
     load_adapters,
     pass_kind,
+    prompt_embedding,
     routed_weights,
     router_entropy,
     routing_context,
     save_adapters,
     trainable_parameters,
+    training_task,
 )
 from modecl.core.generation import generate
 from modecl.core.modality import image_mask, image_token_ids
@@ -491,3 +493,138 @@ def test_routed_weights_are_the_routed_real_tokens_and_sum_to_one():
     assert routed and all(w.shape == (int(text.sum()), 3) for w in routed.values())
     for weights in routed.values():
         torch.testing.assert_close(weights.sum(-1), torch.ones(len(weights)))
+
+
+# --- per-task adapters (o-lora) and task gates (cl-moe) -------------------------------------
+
+
+def expert_grads(layers: dict[str, AdapterLinear]) -> list[torch.Tensor]:
+    """Each expert's gradient (its rows of A and columns of B) over all layers."""
+    grads = []
+    for e, rank in enumerate(next(iter(layers.values())).expert_ranks):
+        cols = slice(e * rank, (e + 1) * rank)
+        grads.append(
+            torch.cat(
+                [
+                    part
+                    for layer in layers.values()
+                    for part in (
+                        grad_of(layer.lora_A, cols),
+                        grad_of(layer.lora_B, (slice(None), cols)),
+                    )
+                ]
+            )
+        )
+    return grads
+
+
+@pytest.mark.parametrize(
+    ("kind", "task", "learning"),
+    [
+        ("o-lora", 0, {0}),  # later tasks' LoRAs left out
+        ("o-lora", 1, {1}),  # task 0's frozen, task 2's left out
+        ("o-lora", 2, {2}),  # both earlier ones frozen
+        ("o-lora", None, {0, 1, 2}),  # out of training every LoRA adds up
+        ("cl-moe", 0, {0, 1, 2}),  # one routed mixture for every task
+        ("cl-moe", None, {0, 1, 2}),
+    ],
+)
+def test_per_task_experts_learn_only_in_their_task(kind, task, learning):
+    model = adapted("llama", kind=kind, tasks=3, num_experts=3).train()
+    ids = batch("mixed")
+    with training_task(model, task) if task is not None else nullcontext():
+        logits = lm_logits(model, input_ids=ids)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    layers = adapter_layers(model)
+    grads = expert_grads(layers)
+    assert len(grads) == 3
+    for e, grad in enumerate(grads):
+        # exactly zero, not small: frozen or left out
+        assert (torch.count_nonzero(grad) > 0) == (e in learning), e
+    for layer in layers.values():
+        assert layer.task_gates is None or not layer.task_gates.requires_grad
+
+
+def test_o_lora_frozen_tasks_still_add_their_output():
+    """While task 1 trains: task 0's LoRA adds its output (frozen), task 2's is left out."""
+    model = adapted("llama", kind="o-lora", tasks=3)
+    ids = batch()
+    with training_task(model, 1):
+        training = model(ids).logits
+    everything = model(ids).logits
+    assert not torch.allclose(training, everything, atol=1e-4)
+    for layer in adapter_layers(model).values():
+        layer.lora_B.data[:, 2 * layer.rank :] = 0  # task 2's LoRA untrained: B = 0
+    torch.testing.assert_close(model(ids).logits, training, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="task 3 of a sequence of 3 tasks"):
+        training_task(model, 3).__enter__()
+
+
+def test_cl_moe_gate_mixes_the_instance_router_with_the_indexed_tasks_gate():
+    """(1 - w) softmax(R x) + w task_gates[t], t each sample's own."""
+    torch.manual_seed(3)
+    config = AdapterConfig(
+        kind="cl-moe", num_experts=3, rank=6, alpha=6.0, dropout=0.0, tasks=2, expert_rank="split"
+    )
+    routing = RoutingContext(config, image_token_ids=None)
+    layer = AdapterLinear(nn.Linear(16, 24), config, routing)
+    nn.init.normal_(layer.lora_B)
+    layer.task_gates.copy_(torch.tensor([[0.0, 0.25, 0.75], [1.0, 0.0, 0.0]]))
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+    routing.state = RoutingState(task_ids=torch.tensor([1, 0]))
+    out = layer(x)
+    instance = layer.router(x).softmax(-1)
+    gate = 0.5 * instance + 0.5 * layer.task_gates[torch.tensor([1, 0])][:, None]
+    expected = layer.base(x)
+    for e in range(3):
+        cols = slice(2 * e, 2 * e + 2)
+        expert = x @ layer.lora_A[cols].T @ layer.lora_B[:, cols].T
+        expected = expected + layer.scaling * gate[..., e : e + 1] * expert
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    routing.state = RoutingState(task=0)  # in training: the instance router alone
+    plain = layer.base(x) + layer.scaling * sum(
+        instance[..., e : e + 1]
+        * (x @ layer.lora_A[2 * e : 2 * e + 2].T @ layer.lora_B[:, 2 * e : 2 * e + 2].T)
+        for e in range(3)
+    )
+    torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_cl_moe_indexes_each_sample_by_the_nearest_trained_prototype():
+    model = adapted("llama", kind="cl-moe", tasks=3, num_experts=2)
+    routing = routing_context(model)
+    ids = batch("mixed", rows=3)
+    ids[1, :4], ids[1, 10:] = ids[2, :4], ids[2, 10:]  # rows 1 and 2: one text, two images
+    rows = prompt_embedding(model, ids)
+    # the text tokens only: image tokens do not move the embedding
+    image = torch.tensor(IMAGE_IDS[:6])
+    assert torch.equal(
+        prompt_embedding(model, torch.cat([ids[:, :4], image.expand(3, 6)], dim=1)),
+        prompt_embedding(model, ids[:, :4]),
+    )
+    model.eval()
+    model(ids)
+    assert routing.state.task_ids is None  # no task trained yet: no task gate
+    routing.prototypes[0], routing.prototypes[2] = rows[2], rows[0]  # task 1 untrained
+    model(ids)
+    assert routing.state.task_ids.tolist() == [2, 0, 0]  # row 1: row 2's prompt
+    # a cached decoding step keeps its prompt's tasks; training sets the task instead
+    generate(model, ids, 3)
+    assert routing.state.task_ids.tolist() == [2, 0, 0]
+    with training_task(model, 1):
+        model(ids)
+    assert routing.state.task_ids is None and routing.state.task == 1
+
+
+def test_cl_moe_task_gates_and_prototypes_are_saved_with_the_adapters(tmp_path):
+    model = adapted("llama", kind="cl-moe", tasks=2, num_experts=2)
+    routing = routing_context(model)
+    routing.prototypes[0] = prompt_embedding(model, batch())[0]
+    for layer in adapter_layers(model).values():
+        layer.task_gates[0] = torch.tensor([0.3, 0.7])
+    model.eval()
+    expected = model(batch()).logits
+    save_adapters(model, tmp_path)
+    fresh = load_adapters(tiny_llama(), tmp_path)
+    assert torch.equal(routing_context(fresh).prototypes, routing.prototypes)
+    assert torch.equal(fresh(batch()).logits, expected)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from modecl.cli import main
+from modecl.core.evaluate import credit
 from modecl.core.results import read_results
 from modecl.core.scoring import score
 from modecl.core.tasks import TaskFileError
@@ -27,9 +28,12 @@ OTHER = {"red": "blue", "blue": "green", "green": "red"}
 
 
 def annotators(color: str, i: int) -> list[str]:
-    """Ten annotators' answers: `color` from 2 + i % 3 of them (credit 0.6, 0.9 or 1.0)."""
+    """Ten annotators' answers: `color` from 2 + i % 3 of them (credit 0.6, 0.9 or 1.0), and
+    from two more as "The Color!", which is `color` once processed as the VQA evaluator does
+    (then 4, 5 or 6 of ten: credit 1.0)."""
     agree = 2 + i % 3
-    return [color] * agree + [OTHER[color]] * (10 - agree)
+    variant = f"The {color.title()}!"
+    return [color] * agree + [variant] * 2 + [OTHER[color]] * (8 - agree)
 
 
 def coin_records() -> dict[str, dict[str, list[dict]]]:
@@ -141,6 +145,19 @@ def test_coin_folders_read_into_the_same_task_as_a_jsonl_file(coin):
     assert text.scoring == "vqa" and text.test[0].answers == tuple(annotators("green", 8))
     assert all(s.options is None for s in text.train + text.test)
     assert load_coin_task(coin["folders"]["TextVQA"], images, coin["images"]).scoring == "exact"
+
+
+@pytest.mark.parametrize(
+    ("rule", "credits"),
+    [("vqa", [1.0, 1.0, 1.0, 1.0]), ("vqa-raw", [1.0, 0.6, 0.9, 1.0])],
+)
+def test_textvqa_credits_follow_the_vqa_evaluators_answer_processing(coin, rule, credits):
+    """The reference answer scored against the ten annotators of each TextVQA-like test
+    record: "The Red!" counts as "red" under `vqa` (CoIN's evaluator), not under `vqa-raw`."""
+    images = ImageTokenizer(HOSTS["chameleon"](), 8, progress=False)
+    text = load_coin_task(coin["folders"]["TextVQA"], images, coin["images"], scoring=rule)
+    assert [s.answers.count(f"The {s.answer.title()}!") for s in text.test] == [2] * 4
+    assert [credit(text, s, s.answer) for s in text.test] == pytest.approx(credits)
 
 
 def test_a_conversation_gives_one_sample_per_answer(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import json
 import pathlib
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,7 +36,10 @@ ENGINES = {
     "zero2": (subprocess_env(**ZERO2), "DEEPSPEED", 2),
     "zero2-json": (subprocess_env(**ZERO2_JSON), "DEEPSPEED", 2),
 }
-METHODS = ["mode", "ewc"]  # EWC: its Fisher is computed between tasks, outside the engine
+# EWC: its Fisher is computed between tasks, outside the engine; CL-MoE merges its experts
+# there too; O-LoRA: per-task LoRAs; A-GEM edits the gradient: DDP only (refused by ZeRO-2)
+METHODS = ["mode", "ewc", "cl-moe", "o-lora", "a-gem"]
+LAUNCHED = {"ddp": METHODS, "zero2": [m for m in METHODS if m != "a-gem"]}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +81,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, one_p
 
 @pytest.fixture(scope="module")
 def one_run(tmp_path_factory) -> tuple[list[str], pathlib.Path]:
-    """`modecl train` arguments (MoDE and EWC on the tiny Chameleon) and its one-process run."""
+    """`modecl train` arguments (`METHODS` on the tiny Chameleon) and its one-process run."""
     root = tmp_path_factory.mktemp("cli")
     host = write_host("chameleon", root / "host")
     files, pairs = write_tasks(root / "data")
@@ -95,6 +99,12 @@ def test_modecl_train_under_torchrun_matches_one_process(tmp_path, one_run, engi
     """The CLI under two processes: sharded training and evaluation, the one-process results."""
     args, one_dir = one_run
     env, distributed_type, stage = ENGINES[engine]
+    methods = LAUNCHED[engine]
+    args = [
+        *args[: args.index("--methods") + 1],
+        ",".join(methods),
+        *args[args.index("--kd-data") :],
+    ]
     done = subprocess.run(
         [*torchrun(), "-m", "modecl.cli", *args, "--out", str(tmp_path / "two")],
         env=env,
@@ -117,13 +127,14 @@ def test_modecl_train_under_torchrun_matches_one_process(tmp_path, one_run, engi
         "zero_stage": stage,
         "cpu_kernel_path": path,
     }
-    for method in METHODS:
+    assert list(two.mean.methods) == methods
+    for method in methods:
         a_method, b_method = two.mean.methods[method], one.mean.methods[method]
         assert a_method.accuracy_matrix == b_method.accuracy_matrix
         for a, b in zip(a_method.stages, b_method.stages, strict=True):
             assert a.final_loss == pytest.approx(b.final_loss, rel=1e-5)
             assert a.losses.keys() == b.losses.keys()
-            for term, values in b.losses.items():  # ce, and kd or ewc
+            for term, values in b.losses.items():  # ce, and kd, ewc, orthogonal, l2, projected
                 assert a.losses[term] == pytest.approx(values, rel=1e-4, abs=1e-5), term
             assert a.measures["image_nll"] == pytest.approx(b.measures["image_nll"], rel=1e-5)
             drawn = [s.measures["pairs_generation"]["drawn"] for s in (a, b)]
@@ -135,6 +146,29 @@ def test_modecl_train_under_torchrun_matches_one_process(tmp_path, one_run, engi
             ]
             assert answers[0] == answers[1]
     assert "ewc" in two.mean.methods["ewc"].stages[1].losses  # the penalty of task 2
+    assert "orthogonal" in two.mean.methods["o-lora"].stages[1].losses
+    if "a-gem" in methods:  # it projected some of task 2's steps, alike in both processes
+        assert 0 < np.mean(two.mean.methods["a-gem"].stages[1].losses["projected"]) < 1
+
+
+def test_a_gem_under_zero2_is_refused_before_any_work(tmp_path, one_run):
+    """DeepSpeed steps inside its backward: no gradient to project. Nothing is written."""
+    args, _ = one_run
+    args = [
+        *args[: args.index("--methods") + 1],
+        "seq-lora,a-gem",
+        *args[args.index("--kd-data") :],
+    ]
+    done = subprocess.run(
+        [*torchrun(), "-m", "modecl.cli", *args, "--out", str(tmp_path / "two")],
+        env=ENGINES["zero2"][0],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode != 0
+    assert "method a-gem projects each step's gradient, but DeepSpeed" in done.stderr
+    assert not (tmp_path / "two").exists()
 
 
 def test_deepspeed_without_a_launcher_is_refused(monkeypatch):

@@ -425,6 +425,21 @@ def test_modecl_eval_reproduces_the_recorded_answers_of_a_stage(
     assert "no method 'lwf'" in capsys.readouterr().err
 
 
+def test_modecl_eval_reproduces_cl_moe_and_o_lora_from_their_saved_adapters(
+    setup, tmp_path, capsys
+):
+    """Their inference needs more than the experts: CL-MoE's task gates and prototypes, and
+    O-LoRA's every-task sum, sized by the run's sequence: all in the saved adapters."""
+    out = tmp_path / "run"
+    assert train(setup, "chameleon", "cl-moe,o-lora", out) == 0
+    for method in ("cl-moe", "o-lora"):
+        assert main(["eval", str(out), "--method", method, "--stage", "2"]) == 0
+        written = json.loads((out / "eval" / f"seed0-{method}-stage2.json").read_text())
+        stage = out / "checkpoints" / "seed0" / method / "stage2" / "stage.json"
+        assert written["answers"] == json.loads(stage.read_text())["answers"]
+    capsys.readouterr()
+
+
 def test_bf16_autocast_trains_with_float32_adapters(setup, tmp_path):
     """Mixed precision on CPU: the step runs under bfloat16 autocast (its losses differ from
     float32's, slightly), the adapters and what is saved stay float32."""

@@ -93,6 +93,46 @@ def test_resume_after_a_crash_gives_the_same_results(full_run, tmp_path, cache, 
     assert (tmp_path / "conflict.jsonl").read_text() == first
 
 
+def test_cl_moe_o_lora_and_a_gem_resume_after_crashes_to_the_same_results(
+    tmp_path, cache, monkeypatch
+):
+    """Their state past a task (CL-MoE's task gates, prototypes and last experts; A-GEM's
+    memory) comes back from the stage: crashed in CL-MoE's second task, then in A-GEM's,
+    the run ends as one never interrupted."""
+    config = tiny_run(methods=["cl-moe", "o-lora", "a-gem"])
+    whole = run_benchmark(config, tmp_path / "whole", cache_dir=cache, progress=False)
+    real_train = modecl.core.runner.train_task
+    trained = []
+
+    def crashing_train(model, fmt, method, task, *args, **kwargs):
+        trained.append((method.name, kwargs["index"]))
+        if trained[-1] in crash:
+            crash.remove(trained[-1])
+            raise KeyboardInterrupt("simulated crash")
+        return real_train(model, fmt, method, task, *args, **kwargs)
+
+    monkeypatch.setattr(modecl.core.runner, "train_task", crashing_train)
+    crash = [("cl-moe", 1), ("a-gem", 1)]
+    for _ in crash[:]:
+        with pytest.raises(KeyboardInterrupt):
+            run_benchmark(config, tmp_path / "resumed", cache_dir=cache, progress=False)
+    resumed = run_benchmark(config, tmp_path / "resumed", cache_dir=cache, progress=False)
+    assert trained == [
+        ("cl-moe", 0),
+        ("cl-moe", 1),  # crash
+        ("cl-moe", 1),
+        ("o-lora", 0),
+        ("o-lora", 1),
+        ("a-gem", 0),
+        ("a-gem", 1),  # crash
+        ("a-gem", 1),
+    ]
+    assert comparable(resumed) == comparable(whole)
+    # A-GEM's memory came back: the resumed task's steps had a reference gradient
+    stages = resumed.mean.methods["a-gem"].stages
+    assert "projected" not in stages[0].losses and len(stages[1].losses["projected"]) == 2
+
+
 def test_report_is_rebuilt_from_saved_results(full_run):
     out, results = full_run
     report = write_report(out).read_text()

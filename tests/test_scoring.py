@@ -6,7 +6,7 @@ from typing import get_args
 
 import pytest
 
-from modecl.core.scoring import RULES, normalize, paper_rule, score
+from modecl.core.scoring import RULES, normalize, paper_rule, score, vqa_normalize
 from modecl.hosts.config import Rule
 
 OPTIONS = ["Mercury", "Venus", "Earth", "Mars"]
@@ -102,6 +102,7 @@ def test_substring(prediction, answer, right):
 TEN = ["red"] * 4 + ["dark red"] * 3 + ["maroon"] * 2 + ["Red."]  # "red" 5 times normalized
 
 
+@pytest.mark.parametrize("rule", ["vqa", "vqa-raw"])
 @pytest.mark.parametrize(
     ("prediction", "answers", "credit"),
     [
@@ -115,8 +116,59 @@ TEN = ["red"] * 4 + ["dark red"] * 3 + ["maroon"] * 2 + ["Red."]  # "red" 5 time
         ("green", ["green"], 0.0),  # one annotator: none left to agree
     ],
 )
-def test_vqa_soft_accuracy(prediction, answers, credit):
-    assert score(prediction, "unused", "vqa", answers=answers) == pytest.approx(credit)
+def test_vqa_soft_accuracy(rule, prediction, answers, credit):
+    assert score(prediction, "unused", rule, answers=answers) == pytest.approx(credit)
+
+
+@pytest.mark.parametrize(
+    ("text", "processed"),
+    [
+        # 1. lower-case; commas and question marks dropped; "'s" split off; whitespace
+        ("Yes?", "yes"),
+        ("Red, White", "red white"),
+        ("Man's hat", "man 's hat"),
+        ("left\n\tside", "left side"),
+        # 2. punctuation: deleted where it stands next to a space, else a space
+        ("black/white", "black white"),
+        ("x-ray vision - yes", "xray vision yes"),  # "- " occurs: every "-" is deleted
+        ("(left)", "left"),
+        ("wow!", "wow"),
+        ("1,000", "1000"),
+        # periods: deleted unless a digit follows
+        ("e.g.", "eg"),
+        ("St. Louis.", "st louis"),
+        ("3.5", "3.5"),
+        # 3. number words to digits, articles dropped, contractions given their apostrophe
+        ("Two", "2"),
+        ("none", "0"),
+        ("ten", "10"),
+        ("eleven", "eleven"),  # zero..ten only
+        ("the red one", "red 1"),
+        ("An apple", "apple"),
+        ("a", ""),
+        ("dont know", "don't know"),
+        ("isnt", "isn't"),
+        ("Im", "im"),  # the published upper-case key is never met: lower-cased first
+        ("somebody'd", "somebodyd"),  # as published: backwards
+    ],
+)
+def test_vqa_normalize_processes_answers_as_the_vqa_evaluator(text, processed):
+    assert vqa_normalize(text) == processed
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "vqa", "raw"),
+    [
+        ("Two dogs", ["2 dogs"] * 4 + ["cats"] * 6, 1.0, 0.0),  # number word
+        ("red", ["the red"] * 2 + ["red"] + ["blue"] * 7, 0.9, 0.3),  # article
+        ("dont know", ["don't know"] * 3 + ["no"] * 7, 0.9, 0.0),  # contraction
+        ("black-white", ["black white"] * 4 + ["gray"] * 6, 1.0, 0.0),  # punctuation
+        ("yes", ["yes"] * 4 + ["no"] * 6, 1.0, 1.0),  # nothing to process
+    ],
+)
+def test_vqa_scores_processed_answers_and_vqa_raw_the_former_way(prediction, answers, vqa, raw):
+    assert score(prediction, "unused", "vqa", answers=answers) == pytest.approx(vqa)
+    assert score(prediction, "unused", "vqa-raw", answers=answers) == pytest.approx(raw)
 
 
 @pytest.mark.parametrize(
@@ -148,7 +200,7 @@ def test_the_config_accepts_exactly_the_rules():
 
 
 def test_errors_name_the_valid_rules_and_what_a_rule_misses():
-    with pytest.raises(ValueError, match="exact, choice, contains, vqa, substring"):
+    with pytest.raises(ValueError, match="exact, choice, contains, vqa, vqa-raw, substring"):
         score("a", "a", "fuzzy")
     with pytest.raises(ValueError, match="the vqa rule needs the sample's answers"):
         score("red", "red", "vqa")

@@ -117,12 +117,20 @@ def test_kd_is_zero_at_init_and_the_teacher_is_the_host_without_a_copy(world, pa
 def test_every_method_trains_two_tasks_end_to_end(world, two_tasks, pairs, name):
     model = fresh_model(world)
     method = get_method(name)
-    attach_adapters(model, method.adapter_config(SETTINGS))
+    attach_adapters(model, method.adapter_config(SETTINGS, len(two_tasks)))
     host = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for k, task in enumerate(two_tasks):
         log = train_task(
-            model, world.format, method, task, SETTINGS, draw_pairs=pairs, seed=k, progress=False
+            model,
+            world.format,
+            method,
+            task,
+            SETTINGS,
+            draw_pairs=pairs,
+            seed=k,
+            progress=False,
+            index=k,
         )
         assert len(log["loss"]) == 2 and all(np.isfinite(log["loss"]))
         assert bool(log["terms"].get("kd")) == method.needs_pairs

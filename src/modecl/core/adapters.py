@@ -29,6 +29,24 @@ Configurations (`AdapterConfig.kind`)::
     lora              one LoRA shared by all tokens (branch `shared`)
     moe-lora          N experts + router shared by all tokens (branch `shared`)
     mode-text-lora    one LoRA                         one separate LoRA
+    o-lora            one LoRA per task (O-LoRA), shared by all tokens; no router
+    cl-moe            N experts + router shared by all tokens, and a task gate (CL-MoE)
+
+Per-task adapters and task gates read the task in training, ``routing_context(model).task``
+(set by ``with training_task(model, k)``), and `AdapterConfig.tasks`, the sequence's length:
+
+- `o-lora`: task k's LoRA is expert k. While task k trains, the experts of earlier tasks
+  take part through detached copies (their LoRAs are frozen: exactly zero gradient), later
+  ones are left out (exactly zero gradient); out of training every expert adds up (an
+  untrained one has B = 0 and adds exactly 0).
+- `cl-moe`: its routed branch's gate mixes the instance-level router with a task-level
+  gate, ``gate = (1 - w) softmax(R x) + w task_gates[t]`` (w = `AdapterConfig.task_gate`),
+  where `task_gates` (tasks x N, a buffer filled by the method after each task) is the
+  task-level router. In training (a task set) the instance router alone routes, as CL-MoE's
+  code trains; out of training each sample's task t is indexed: the task whose prototype
+  (`RoutingContext.prototypes`, the mean `prompt_embedding` of its training prompts) is
+  nearest by cosine to the sample's, over the tasks trained so far (no task gate before
+  the first). A cached decoding step keeps its prompt's tasks.
 
 Init: A kaiming-uniform (a=sqrt(5)), B zeros, so at step 0 the adapted model equals the host.
 
@@ -50,12 +68,15 @@ one-branch kind (lora, moe-lora) takes `token` only, and any other policy is ref
 Public API::
 
     AdapterConfig(kind="mode", rank=8, alpha=16.0, dropout=0.05, num_experts=4,
-                  target_modules=("gate_proj", "up_proj", "down_proj"), routing="token")
+                  target_modules=("gate_proj", "up_proj", "down_proj"), routing="token",
+                  tasks=1, task_gate=0.5)
     attach_adapters(model, config=AdapterConfig(), image_token_ids=None) -> model
     detach_adapters(model) -> model;  has_adapters(model) -> bool
     with pass_kind(model, "understand" | "draw" | "teacher" | "student"): ...
     with adapters_off(model): ...                  # the distillation teacher
     with image_mask_override(model, mask): ...     # for callers passing inputs_embeds
+    with training_task(model, k): ...              # task k trains (per-task adapters, gates)
+    prompt_embedding(model, input_ids, attention_mask=None) -> (batch, hidden)
     adapter_layers(model) -> {name: AdapterLinear}
     adapter_state_dict(model) -> {name: tensor}
     save_adapters(model, directory); load_adapters(model, directory) -> model
@@ -95,6 +116,7 @@ __all__ = [
     "KINDS",
     "PASS_KINDS",
     "POLICIES",
+    "TASK_KINDS",
     "AdapterConfig",
     "AdapterLinear",
     "RoutingContext",
@@ -111,14 +133,17 @@ __all__ = [
     "lm_logits",
     "load_adapters",
     "pass_kind",
+    "prompt_embedding",
     "routed_weights",
     "router_entropy",
     "routing_context",
     "save_adapters",
     "trainable_parameters",
+    "training_task",
 ]
 
-KINDS = ("mode", "lora", "moe-lora", "mode-text-lora")
+KINDS = ("mode", "lora", "moe-lora", "mode-text-lora", "o-lora", "cl-moe")
+TASK_KINDS = ("o-lora", "cl-moe")  # sized by the sequence, reading the task in training
 POLICIES = ("token", "task", "sample")
 EXPERT_RANKS = ("full", "split")
 PASS_KINDS = ("understand", "draw", "teacher", "student")
@@ -140,6 +165,8 @@ class AdapterConfig:
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     routing: str = "token"
     expert_rank: str = "full"  # "split": rank / num_experts per expert of a routed branch
+    tasks: int = 1  # the sequence's length: o-lora's LoRAs, cl-moe's task gates (else 1)
+    task_gate: float = 0.5  # cl-moe: the task-level gate's share w of each expert's weight
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -156,6 +183,12 @@ class AdapterConfig:
             raise ValueError(f"rank must be positive, got {self.rank}")
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be at least 1, got {self.num_experts}")
+        if self.tasks < 1:
+            raise ValueError(f"tasks must be at least 1, got {self.tasks}")
+        if self.tasks > 1 and not self.uses_tasks:
+            raise ValueError(f"kind {self.kind!r} has no per-task adapters: tasks must be 1")
+        if not 0.0 <= self.task_gate <= 1.0:
+            raise ValueError(f"task_gate must be in [0, 1], got {self.task_gate}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.expert_rank not in EXPERT_RANKS:
@@ -184,18 +217,33 @@ class AdapterConfig:
             "lora": (("shared", 1),),
             "moe-lora": (("shared", n),),
             "mode-text-lora": (("text", 1), ("image", 1)),
+            "o-lora": (("shared", self.tasks),),
+            "cl-moe": (("shared", n),),
         }[self.kind]
+
+    @property
+    def uses_tasks(self) -> bool:
+        """Whether the adapters are sized by the sequence (`tasks`) and read the task in
+        training: o-lora's LoRAs, cl-moe's task gates."""
+        return self.kind in TASK_KINDS
+
+    @property
+    def routed(self) -> bool:
+        """Whether a branch of several experts has a router (all but o-lora's, one per task)."""
+        return self.kind != "o-lora" and any(n > 1 for _, n in self.branches)
+
+    @property
+    def reads_modality(self) -> bool:
+        """Whether the layers need each token's modality: to split branches, or for
+        cl-moe's task index (the prompt's text tokens)."""
+        return self.splits_modality or self.kind == "cl-moe"
 
     def expert_rank_of(self, experts: int) -> int:
         """The rank of each expert of a branch of ``experts`` experts: `rank`, or with
         `expert_rank = "split"` and a router, rank / experts (the branch then has one LoRA's
         parameters, as CoIN's MoELoRA). alpha / rank scales every expert alike."""
-        return self.rank // experts if self.expert_rank == "split" and experts > 1 else self.rank
-
-    @property
-    def routed(self) -> bool:
-        """Whether a branch has several experts and a router."""
-        return any(n > 1 for _, n in self.branches)
+        split = self.expert_rank == "split" and experts > 1 and self.routed
+        return self.rank // experts if split else self.rank
 
     @property
     def splits_modality(self) -> bool:
@@ -208,12 +256,16 @@ class RoutingState:
     """Everything an adapter layer needs to know about the forward in progress.
 
     `branch` forces one branch for every token; None routes each token by `image_mask`
-    (batch, seq; True = image). Replaced, never mutated, so it can be captured and restored.
+    (batch, seq; True = image). `task`: the task in training (per-task adapters);
+    `task_ids` (batch,): each sample's indexed task (cl-moe's task gate), out of training.
+    Replaced, never mutated, so it can be captured and restored.
     """
 
     enabled: bool = True
     branch: str | None = None
     image_mask: torch.Tensor | None = None
+    task: int | None = None
+    task_ids: torch.Tensor | None = None
     _outside: dict[tuple[bool, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def outside(self, image_experts: tuple[bool, ...]) -> torch.Tensor:
@@ -227,7 +279,9 @@ class RoutingState:
 
 @dataclass(eq=False)
 class RoutingContext:
-    """The routing policy, the pass in progress, and the state of the current forward."""
+    """The routing policy, the pass in progress, the task in training, and the state of the
+    current forward; for cl-moe, the task prototypes (tasks x hidden; a row of zeros: not
+    yet trained) and the host's input embeddings that index a sample's task."""
 
     config: AdapterConfig
     image_token_ids: list[int] | None
@@ -235,6 +289,9 @@ class RoutingContext:
     off_depth: int = 0
     mask_override: torch.Tensor | None = None
     state: RoutingState = field(default_factory=RoutingState)
+    task: int | None = None
+    prototypes: torch.Tensor | None = None
+    embed: nn.Module | None = None
 
     def forced_branch(self, training: bool) -> str | None:
         """The branch every token takes under the policy and pass, None for per token."""
@@ -246,11 +303,18 @@ class RoutingContext:
             return "text"
         return None
 
-    def prepare(self, training: bool, input_ids: torch.Tensor | None) -> None:
-        """Set the state for a forward over `input_ids` (only the new tokens under a cache)."""
+    def prepare(
+        self,
+        training: bool,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        cached: bool = False,
+    ) -> None:
+        """Set the state for a forward over `input_ids` (only the new tokens under a cache:
+        `cached`, whose prompt's indexed tasks are kept)."""
         enabled = self.off_depth == 0 and self.pass_kind != "teacher"
         branch = self.forced_branch(training) if enabled else None
-        mask = None
+        mask, task_ids = None, None
         if enabled and branch is None and self.config.splits_modality:
             if self.mask_override is not None:
                 mask = self.mask_override
@@ -261,13 +325,48 @@ class RoutingContext:
                     "per-token routing needs each token's modality: call the model with "
                     "input_ids, or wrap a forward on inputs_embeds in image_mask_override()"
                 )
-        self.state = RoutingState(enabled, branch, mask)
+        if enabled and self.task is None and self.prototypes is not None:
+            kept = self.state.task_ids
+            task_ids = kept if cached else self.index_tasks(input_ids, attention_mask)
+        self.state = RoutingState(enabled, branch, mask, self.task, task_ids)
+
+    def index_tasks(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Each sample's task: the trained task whose prototype has the largest cosine with
+        the sample's `prompt_embedding`; None before any task is trained."""
+        trained = self.prototypes.ne(0).any(-1).nonzero().flatten()
+        if len(trained) == 0:
+            return None
+        if input_ids is None:
+            raise ValueError("indexing a sample's task needs the model called with input_ids")
+        rows = _prompt_embedding(self, input_ids, attention_mask)
+        similarity = F.cosine_similarity(rows[:, None], self.prototypes[trained][None], dim=-1)
+        return trained[similarity.argmax(-1)]
 
     def pre_forward_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         """Forward pre-hook of the top-level model: route by its `input_ids`."""
-        self.prepare(module.training, kwargs.get("input_ids", args[0] if args else None))
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.prepare(module.training, ids, kwargs.get("attention_mask"), _cached(kwargs))
+
+
+def _cached(inputs: dict[str, Any]) -> bool:
+    """Whether a forward's inputs continue a KV cache that already holds tokens."""
+    cache = inputs.get("past_key_values", inputs.get("cache"))
+    return cache is not None and cache.get_seq_length() > 0
+
+
+def _prompt_embedding(
+    routing: RoutingContext, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """(batch, hidden): the mean input embedding of each row's attended text tokens."""
+    keep = ~modality.image_mask(input_ids, routing.image_token_ids)
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
+    embeds = routing.embed(input_ids).float() * keep.unsqueeze(-1)
+    return embeds.sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
 
 
 class AdapterLinear(nn.Module):
@@ -292,8 +391,12 @@ class AdapterLinear(nn.Module):
         self.register_buffer("repeats", repeats, persistent=False)
         # Fan-in of each expert's A is in_features, as for the stack: one call inits all alike.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        routed = [n for _, n in self.branches if n > 1]
+        routed = [n for _, n in self.branches if n > 1] if config.routed else []
         self.router = nn.Linear(base.in_features, routed[0], bias=False, **kw) if routed else None
+        self.per_task = config.kind == "o-lora"  # expert k: task k's LoRA, no gate
+        self.task_gate = config.task_gate
+        gates = torch.zeros(config.tasks, routed[0], **kw) if config.kind == "cl-moe" else None
+        self.register_buffer("task_gates", gates)  # cl-moe's task-level router, per task
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.columns: dict[str, slice] = {}
         start = 0
@@ -312,6 +415,10 @@ class AdapterLinear(nn.Module):
         self.last_route = None
         xa = x.to(self.lora_A.dtype)
         repeats = None
+        if self.per_task:  # one LoRA per task: in training, only the tasks so far
+            lora_A, lora_B = self._tasks_so_far(state.task)
+            h = F.linear(self.dropout(xa), lora_A)
+            return y.add(F.linear(h, lora_B).to(y.dtype), alpha=self.scaling)
         if state.branch is not None and len(self.branches) == 2:
             # One branch for all tokens: compute only its columns; the other gets no gradient.
             experts, rank = dict(self.branches)[state.branch], self.ranks[state.branch]
@@ -323,26 +430,48 @@ class AdapterLinear(nn.Module):
             outside = state.outside(self.image_experts) if len(self.branches) == 2 else None
         h = F.linear(self.dropout(xa), lora_A)
         if experts > 1:  # weigh each expert's components by its gate
-            gate = self._gate(xa, outside, state.image_mask)
+            gate = self._gate(xa, outside, state.image_mask, state.task_ids)
             if repeats is None:  # every expert in play of one rank
                 h = (h.unflatten(-1, (-1, rank)) * gate.unsqueeze(-1)).flatten(-2)
             else:
                 h = h * gate.repeat_interleave(repeats, dim=-1, output_size=h.shape[-1])
         return y.add(F.linear(h, lora_B).to(y.dtype), alpha=self.scaling)
 
+    def _tasks_so_far(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """o-lora's (A, B): every task's LoRA out of training; while task k trains, the LoRAs
+        of tasks 0..k, those of tasks before k detached (frozen), later ones left out."""
+        if task is None:
+            return self.lora_A, self.lora_B
+        if not 0 <= task < len(self.expert_ranks):
+            raise ValueError(f"task {task} of a sequence of {len(self.expert_ranks)} tasks")
+        start, stop = task * self.rank, (task + 1) * self.rank
+        lora_A, lora_B = self.lora_A[:stop], self.lora_B[:, :stop]
+        if start:
+            lora_A = torch.cat([lora_A[:start].detach(), lora_A[start:]])
+            lora_B = torch.cat([lora_B[:, :start].detach(), lora_B[:, start:]], dim=1)
+        return lora_A, lora_B
+
     def _gate(
-        self, x: torch.Tensor, outside: torch.Tensor | None, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        outside: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        task_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-token weight of each expert in play: (..., experts).
 
         One softmax over a logit per expert in play: the router's for a routed branch, 0 for
         a one-expert branch, -inf outside the token's branch. So a token's weights are its
         router's softmax, or exactly 1 for a one-expert branch, and exactly 0 in the other
-        branch (whose experts and router receive exactly zero gradient from it).
+        branch (whose experts and router receive exactly zero gradient from it). With
+        `task_ids` (cl-moe, out of training): (1 - w) softmax + w task_gates[sample's task].
         """
         if outside is None:  # one routed branch for every token
             weights = F.linear(x, self.router.weight).float().softmax(-1)
             self.last_route = (weights.detach(), None)
+            if task_ids is not None and self.task_gates is not None:
+                task = self.task_gates[task_ids].unsqueeze(-2)  # (batch, 1, experts)
+                weights = torch.lerp(weights, task, self.task_gate)
             return weights
         if outside.shape[:-1] != x.shape[:-1]:
             raise ValueError(
@@ -393,7 +522,7 @@ def attach_adapters(
     if has_adapters(model):
         raise ValueError(f"{type(model).__name__} already has adapters; detach_adapters first")
     ids = None
-    if config.splits_modality:
+    if config.reads_modality:
         ids = list(
             modality.image_token_ids(model.config) if image_token_ids is None else image_token_ids
         )
@@ -410,6 +539,12 @@ def attach_adapters(
     host_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
     routing = RoutingContext(config, ids)
+    if config.kind == "cl-moe":
+        routing.embed = model.get_input_embeddings()
+        weight = routing.embed.weight
+        routing.prototypes = torch.zeros(
+            config.tasks, weight.shape[1], device=weight.device, dtype=torch.float32
+        )
     for name in targets:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
@@ -458,6 +593,29 @@ def pass_kind(model: nn.Module, kind: str) -> Iterator[None]:
 
 
 @contextmanager
+def training_task(model: nn.Module, task: int) -> Iterator[None]:
+    """Tell the adapter layers that task ``task`` (0-based) of the sequence trains inside
+    the block: o-lora's earlier LoRAs are frozen and later ones left out; cl-moe routes by
+    its instance-level router alone."""
+    routing = routing_context(model)
+    if routing.config.uses_tasks and not 0 <= task < routing.config.tasks:
+        raise ValueError(f"task {task} of a sequence of {routing.config.tasks} tasks")
+    previous, routing.task = routing.task, task
+    try:
+        yield
+    finally:
+        routing.task = previous
+
+
+def prompt_embedding(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(batch, hidden): each row's mean host input embedding over its attended text tokens,
+    as cl-moe indexes a sample's task (its prototypes are means of these)."""
+    return _prompt_embedding(routing_context(model), input_ids, attention_mask)
+
+
+@contextmanager
 def adapters_off(model: nn.Module) -> Iterator[None]:
     """Run the host model alone inside the block (the same weights, no copy)."""
     routing = routing_context(model)
@@ -488,13 +646,19 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter parameters (experts and routers, not the host's), detached."""
-    return {
+    """The adapter parameters (experts and routers, not the host's), detached, and cl-moe's
+    task gates (per layer) and task prototypes (`task_prototypes`)."""
+    state = {
         f"{name}.{key}": param.detach()
         for name, layer in adapter_layers(model).items()
         for key, param in layer.named_parameters()
         if not key.startswith("base.")
     }
+    for name, layer in adapter_layers(model).items():
+        if layer.task_gates is not None:
+            state[f"{name}.task_gates"] = layer.task_gates
+    prototypes = routing_context(model).prototypes
+    return state if prototypes is None else state | {"task_prototypes": prototypes}
 
 
 def save_adapters(model: nn.Module, directory: str | Path) -> None:
@@ -592,7 +756,9 @@ def lm_logits(model: nn.Module, *, last_only: bool = False, **inputs: Any) -> to
     """
     if has_adapters(model):
         # The body is called directly, below the top-level hook: route here instead.
-        routing_context(model).prepare(model.training, inputs.get("input_ids"))
+        routing_context(model).prepare(
+            model.training, inputs.get("input_ids"), inputs.get("attention_mask"), _cached(inputs)
+        )
     hidden = model.base_model(**inputs).last_hidden_state
     return model.get_output_embeddings()(hidden[:, -1:] if last_only else hidden)
 

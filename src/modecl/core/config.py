@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from modecl.core.files import read_text
+from modecl.core.methods.a_gem import AGEMSettings
+from modecl.core.methods.cl_moe import CLMoESettings
 from modecl.core.methods.distillation import DistillSettings
 from modecl.core.methods.ewc import EWCSettings
+from modecl.core.methods.o_lora import OLoRASettings
 from modecl.core.methods.replay import ReplaySettings
 from modecl.core.values import (
     Count,
@@ -220,4 +223,7 @@ class ContinualSettings:
     distill: DistillSettings = field(default_factory=DistillSettings)
     replay: ReplaySettings = field(default_factory=ReplaySettings)
     ewc: EWCSettings = field(default_factory=EWCSettings)
+    cl_moe: CLMoESettings = field(default_factory=CLMoESettings)
+    o_lora: OLoRASettings = field(default_factory=OLoRASettings)
+    a_gem: AGEMSettings = field(default_factory=AGEMSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)

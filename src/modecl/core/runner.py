@@ -154,7 +154,7 @@ def check_methods(methods: list[str], continual: ContinualSettings | None = None
         try:
             routed |= get_method(name).adapter_config(continual).routed
         except ValueError as exc:
-            raise ConfigError(f"method {name}: {exc} (continual.adapter)") from None
+            raise ConfigError(f"method {name}: {exc} (continual)") from None
     if continual.adapter.expert_rank == "split" and not routed:
         raise ConfigError(
             "continual.adapter.expert_rank 'split' divides the rank among the experts of a "
@@ -394,7 +394,7 @@ def _run_method(
     method = get_method(name)
     method.configure(settings, world.distill_pairs())
     torch.manual_seed(rep.seed)
-    attach_adapters(model, method.adapter_config(settings))
+    attach_adapters(model, method.adapter_config(settings, len(tasks)))
     watch = settings.monitor
     monitor, probe = None, world.probe_pairs(watch.probe_size) if watch.enabled else []
     if probe and p.count == 1 and zero_stage(p.accelerator) is None:
@@ -502,6 +502,7 @@ def _train_stage(
         accelerator=p.accelerator,
         on_step=None if track is None else track.step,
         checkpoint=stage_dir.with_name(f"{stage_dir.name}.steps"),
+        index=k,
     )
     images = Path(str(stage_dir).replace(f"{os.sep}checkpoints{os.sep}", f"{os.sep}images{os.sep}"))
     fields, answers, pictures = measure(world, model, tasks, seed * 1000 + k + 1, images, p)

@@ -8,7 +8,9 @@ adapters and the optimizer state staying float32. Each step's loss is
     CE(answer tokens | understand pass) + sum of the method's weighted loss terms
 
 (:meth:`~modecl.core.methods.base.Method.loss_terms`: distillation from the adapters-off
-teacher, EWC's penalty). Each forward tells the routing context what kind of pass it is. An
+teacher, EWC's penalty, O-LoRA's orthogonality); a method may then edit the gradient before
+clipping (A-GEM's projection). Each forward tells the routing context what kind of pass it
+is, and the adapters know the task in training (``training_task``). An
 optional :class:`~modecl.core.conflict.ConflictMonitor` watches every k-th step (gradient
 conflict between the CE and the image loss) without changing it.
 
@@ -37,11 +39,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from modecl.core.adapters import lm_logits, pass_kind
+from modecl.core.adapters import lm_logits, pass_kind, training_task
 from modecl.core.config import ConfigError, ContinualSettings, TrainSettings
 from modecl.core.conflict import ConflictMonitor
 from modecl.core.files import atomic_dir
-from modecl.core.methods.base import Method
+from modecl.core.methods.base import LossFn, Method
 from modecl.core.sequences import IGNORE, DrawPair, Format, collate, next_token_loss, understand
 from modecl.core.tasks import Sample, Task
 
@@ -119,7 +121,10 @@ def zero_stage(accelerator: Accelerator | None) -> int | None:
 
 
 def check_engine(
-    accelerator: Accelerator | None, settings: ContinualSettings, model: nn.Module | None = None
+    accelerator: Accelerator | None,
+    settings: ContinualSettings,
+    model: nn.Module | None = None,
+    methods: Sequence[Method] = (),
 ) -> None:
     """Refuse, before any training, a DeepSpeed config that the loop cannot follow, and fill
     in what the loop decides where the config leaves it to us ("auto" or absent).
@@ -135,11 +140,20 @@ def check_engine(
     loop builds its own from the settings). Given the ``model``, an "auto" ZeRO reduce
     bucket is sized as accelerate sizes it, hidden size squared, the hidden size read from
     the input embeddings (accelerate reads ``model.config.hidden_size``: the loss module it
-    wraps has no config, and Emu3 keeps it in its text config).
+    wraps has no config, and Emu3 keeps it in its text config). A method that edits the
+    step's gradient (A-GEM) is refused: DeepSpeed clips and steps inside its backward, and
+    ZeRO-2 holds each process's partition of the gradient only.
     """
     stage = zero_stage(accelerator)
     if stage is None:
         return
+    editing = [m.name for m in methods if m.edits_gradients]
+    if editing:
+        raise ConfigError(
+            f"method {', '.join(editing)} projects each step's gradient, but DeepSpeed clips "
+            "and steps inside its backward (and ZeRO-2 partitions the gradient over the "
+            "processes), leaving no whole gradient to project; run it without DeepSpeed (DDP)"
+        )
     cfg, config = settings.train, accelerator.state.deepspeed_plugin.deepspeed_config
     if stage not in (1, 2):
         raise ConfigError(
@@ -211,8 +225,10 @@ def train_task(
     accelerator: Accelerator | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     checkpoint: Path | None = None,
+    index: int = 0,
 ) -> dict:
-    """Train the adapters of ``model`` on ``task`` with ``method``; returns a small log.
+    """Train the adapters of ``model`` on ``task``, task ``index`` of the sequence, with
+    ``method``; returns a small log.
 
     With a ``monitor``, ``log["conflict"]`` holds its figures of each monitored step;
     ``on_step(step, values)`` receives each step's losses, learning rate and gradient norm
@@ -247,7 +263,7 @@ def train_task(
     schedule = cosine_schedule(optim, int(cfg.warmup_fraction * total), total)
     step_loss: nn.Module = StepLoss(model, fmt, method)
     if accelerator is not None:
-        check_engine(accelerator, settings, model)
+        check_engine(accelerator, settings, model, [method])
         step_loss, optim = accelerator.prepare(step_loss, optim)
     log: dict[str, Any] = {"loss": [], "terms": {}, "conflict": []}
     bf16 = cfg.mixed_precision == "bf16"  # autocast: matmuls in bfloat16, adapters float32
@@ -260,19 +276,20 @@ def train_task(
     PROGRESS.step = first
     start = time.perf_counter()
     model.train()
-    # Closed however the loop ends: an interrupt's line then comes after the bar's last.
-    with tqdm(
-        total=total, desc=desc or task.name, disable=not progress or rank > 0, leave=False
-    ) as bar:
+    loss_fn: LossFn = lambda m, s: understand_loss(m, fmt, s)  # noqa: E731
+    bar = tqdm(total=total, desc=desc or task.name, disable=not progress or rank > 0, leave=False)
+    # The adapters know the task in training (o-lora freezes earlier LoRAs), after it too;
+    # the bar closes however the loop ends (an interrupt's line then comes after its last).
+    with training_task(model, index), bar:
         bar.update(first)
         first_epoch, first_step = divmod(first, steps_per_epoch)
         for epoch in range(first_epoch, cfg.epochs):
             if order is None or epoch > first_epoch or first_step == 0:  # else resumed mid-epoch
                 order = rng.permutation(len(samples))
             for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
-                index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 batch = understand_batch(
-                    fmt, method.mix([samples[i] for i in index], rng)[rank::world], model.device
+                    fmt, method.mix([samples[i] for i in picked], rng)[rank::world], model.device
                 )
                 inputs = method.step_inputs(rng, rank, world)
                 normalizer = None
@@ -291,10 +308,14 @@ def train_task(
                     # Under DeepSpeed, backward also clips (at train.grad_clip: check_engine),
                     # steps and zeroes; the norm is then its step's, the optimizer's step a no-op.
                     accelerator.backward(loss)
-                    norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
                 else:
                     loss.backward()
+                with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
+                    edits = method.edit_gradients(model, params, inputs, loss_fn)
+                if accelerator is None:
                     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                else:
+                    norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
                 optim.step()
                 if watched:
                     log["conflict"].append({"step": n, **monitor.after(model)})
@@ -305,6 +326,8 @@ def train_task(
                 log["loss"].append(ce.item())
                 for name, value in terms.items():
                     log["terms"].setdefault(name, []).append(value.item())
+                for name, value in edits.items():
+                    log["terms"].setdefault(name, []).append(value)
                 if on_step is not None:
                     values = {"loss/ce": ce.item(), "lr": lr}
                     values |= {f"loss/{k}": v.item() for k, v in terms.items()}
@@ -314,10 +337,10 @@ def train_task(
                 PROGRESS.step = n + 1
                 if saver is not None and (n + 1) % cfg.checkpoint_every == 0 and n + 1 < total:
                     saver.save(n + 1, order, log)
-    if accelerator is not None:
-        accelerator.free_memory()  # drop this task's engine and optimizer wrappers
-    model.eval()
-    method.after_task(model, task, lambda m, s: understand_loss(m, fmt, s), seed=seed)
+        if accelerator is not None:
+            accelerator.free_memory()  # drop this task's engine and optimizer wrappers
+        model.eval()
+        method.after_task(model, task, loss_fn, seed=seed, fmt=fmt)
     log["seconds"] = time.perf_counter() - start
     return log
 

@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 from modecl.core.config import ContinualSettings, TrackingSettings
 from modecl.core.values import Count, NonEmpty, NonNegative, Seed, Size
 
-Rule = Literal["exact", "choice", "contains", "vqa", "substring"]  # modecl.core.scoring.RULES
+# modecl.core.scoring.RULES
+Rule = Literal["exact", "choice", "contains", "vqa", "vqa-raw", "substring"]
 
 
 @dataclass

@@ -99,7 +99,9 @@ def eval_stage(
         concepts,
     )
     tokens.commit()
-    attach_adapters(model, get_method(method).adapter_config(config.continual))
+    # Sized for the run's sequence (per-task adapters), whatever tasks are scored now.
+    sequence = len(inputs["tasks"])
+    attach_adapters(model, get_method(method).adapter_config(config.continual, sequence))
     load_adapters(model, stage_dir / "adapters")
     number = int(stage_name.removeprefix("stage"))
     seed_value = int(seed_dir.name.removeprefix("seed"))

@@ -286,7 +286,7 @@ class Row:
 
 def check_rule(row: Row, rule: str) -> None:
     """What `rule` needs of a sample: `choice` its options and an answer naming one of
-    them, `vqa` every annotator's answer on a test sample."""
+    them, `vqa` and `vqa-raw` every annotator's answer on a test sample."""
     if rule == "choice":
         if row.options is None:
             raise TaskFileError(
@@ -296,9 +296,9 @@ def check_rule(row: Row, rule: str) -> None:
             score(row.answer, row.answer, rule, row.options)
         except ValueError as err:
             raise TaskFileError(f"{row.where}field '{row.answer_field}': {err}") from None
-    if rule == "vqa" and row.split == "test" and row.answers is None:
+    if rule in ("vqa", "vqa-raw") and row.split == "test" and row.answers is None:
         raise TaskFileError(
-            f"{row.where}field 'answers': the vqa rule needs every annotator's answer "
+            f"{row.where}field 'answers': the {rule} rule needs every annotator's answer "
             "on each test sample"
         )
 

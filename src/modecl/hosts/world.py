@@ -472,7 +472,8 @@ def train_run(
     out = Path(out)
     check_run_key(out, spec)
     accelerator = accelerator or default_accelerator()
-    check_engine(accelerator, config.continual)  # before minutes of loading the host
+    # before minutes of loading the host
+    check_engine(accelerator, config.continual, methods=[get_method(m) for m in methods])
     main = accelerator.is_main_process
     model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
     world, images = host_world(

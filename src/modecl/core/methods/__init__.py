@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 
 from modecl.core.methods import (
+    a_gem,
+    cl_moe,
     ewc,
     lwf,
     mode,
@@ -18,6 +20,7 @@ from modecl.core.methods import (
     mode_text_lora,
     moe_lora,
     moe_lora_split,
+    o_lora,
     replay,
     seq_lora,
 )
@@ -36,6 +39,9 @@ _MODULES = (
     mode_text_lora,
     moe_lora_split,
     mode_split,
+    cl_moe,
+    o_lora,
+    a_gem,
 )
 REGISTRY: dict[str, Method] = {m.METHOD.name: m.METHOD for m in _MODULES}
 METHOD_NAMES = tuple(REGISTRY)

@@ -2,7 +2,10 @@
 
 The one training loop (:mod:`modecl.core.train`) calls these hooks; a method overrides only
 what it changes. Each step's loss is the task CE plus the method's named loss terms
-(:meth:`Method.loss_terms`: distillation, EWC's penalty). A method's settings live in its own
+(:meth:`Method.loss_terms`: distillation, EWC's penalty, O-LoRA's orthogonality); a method
+may then edit the step's gradient (:meth:`Method.edit_gradients`: A-GEM's projection).
+The task in training is known to the adapters (``routing_context(model).task``, set by the
+loop); the sequence's length to :meth:`Method.adapter_config`. A method's settings live in its own
 module (e.g. ``ReplaySettings`` in ``replay.py``); ``ContinualSettings`` gathers them.
 Adding a method: one module defining ``METHOD``, and one line in the registry.
 """
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from modecl.core.adapters import AdapterConfig
+from modecl.core.adapters import TASK_KINDS, AdapterConfig
 from modecl.core.sequences import DrawPair, Format
 from modecl.core.tasks import Sample, Task
 
@@ -47,9 +50,18 @@ class Method:
         """Whether the method trains on an image-generation stream (distillation)."""
         return False
 
-    def adapter_config(self, settings: ContinualSettings) -> AdapterConfig:
+    @property
+    def edits_gradients(self) -> bool:
+        """Whether :meth:`edit_gradients` changes the step's gradient (not under DeepSpeed,
+        which steps inside its backward)."""
+        return False
+
+    def adapter_config(self, settings: ContinualSettings, tasks: int = 1) -> AdapterConfig:
+        """The adapters for a sequence of ``tasks`` tasks (kinds with per-task adapters are
+        sized by it; the others take 1, so that their saved adapters fit any sequence)."""
         a = settings.adapter
         config = AdapterConfig(
+            tasks=tasks if self.kind in TASK_KINDS else 1,
             kind=self.kind,
             rank=a.rank,
             alpha=a.alpha,
@@ -82,8 +94,24 @@ class Method:
         """Named (loss, weight) terms added to the task CE: total = CE + sum weight * loss."""
         return {}
 
-    def after_task(self, model: torch.nn.Module, task: Task, loss_fn: LossFn, seed: int) -> None:
-        """Called after training each task (replay fills its buffer, EWC its Fisher)."""
+    def edit_gradients(
+        self, model: torch.nn.Module, params: list[torch.nn.Parameter], inputs: Any, loss_fn: LossFn
+    ) -> dict[str, float]:
+        """Edit the step's gradients (``p.grad``, the global batch's) in place after the
+        backward, before clipping; ``inputs`` are :meth:`step_inputs`'. Returns figures to
+        log (A-GEM: whether it projected)."""
+        return {}
+
+    def after_task(
+        self,
+        model: torch.nn.Module,
+        task: Task,
+        loss_fn: LossFn,
+        seed: int,
+        fmt: Format | None = None,
+    ) -> None:
+        """Called after training each task, the task still set in the adapters (replay fills
+        its buffer, EWC its Fisher, CL-MoE its task gates and prototype)."""
 
     def state_dict(self) -> dict:
         """What must survive a resume besides the adapters (buffers, Fisher, anchors)."""

@@ -53,7 +53,14 @@ class EWC(Method):
         total = sum((self.fisher[n] * (params[n] - self.anchor[n]) ** 2).sum() for n in self.fisher)
         return {"ewc": (0.5 * total, self.settings.weight)}
 
-    def after_task(self, model: torch.nn.Module, task: Task, loss_fn: LossFn, seed: int) -> None:
+    def after_task(
+        self,
+        model: torch.nn.Module,
+        task: Task,
+        loss_fn: LossFn,
+        seed: int,
+        fmt: Format | None = None,
+    ) -> None:
         params = trainable(model)
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         order = np.random.default_rng(seed).permutation(len(task.train))

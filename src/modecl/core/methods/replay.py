@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from modecl.core.methods.base import LossFn, Method
-from modecl.core.sequences import DrawPair
+from modecl.core.sequences import DrawPair, Format
 from modecl.core.tasks import Sample, Task
 from modecl.core.values import Size
 
@@ -42,7 +42,14 @@ class Replay(Method):
         take = rng.choice(len(self.buffer), min(per_batch, len(self.buffer)), replace=False)
         return batch + [self.buffer[i] for i in take]
 
-    def after_task(self, model: torch.nn.Module, task: Task, loss_fn: LossFn, seed: int) -> None:
+    def after_task(
+        self,
+        model: torch.nn.Module,
+        task: Task,
+        loss_fn: LossFn,
+        seed: int,
+        fmt: Format | None = None,
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.seen[task.name] = [task.train[i] for i in rng.permutation(len(task.train))]
         self._fill_buffer()
@@ -55,9 +62,13 @@ class Replay(Method):
         self._fill_buffer()
 
     def _fill_buffer(self) -> None:
-        """An equal share of the buffer for every task seen so far."""
-        share = self.settings.buffer_size // max(len(self.seen), 1)
-        self.buffer = [s for samples in self.seen.values() for s in samples[:share]]
+        self.buffer = equal_shares(self.seen, self.settings.buffer_size)
+
+
+def equal_shares(seen: dict[str, list[Sample]], size: int) -> list[Sample]:
+    """``size`` samples, an equal share from each task seen so far (its first ones)."""
+    share = size // max(len(seen), 1)
+    return [s for samples in seen.values() for s in samples[:share]]
 
 
 METHOD = Replay("replay", kind="lora")
