@@ -162,6 +162,18 @@ def sgd_formula_misses(method: str, share: float) -> Rule:
     return rule
 
 
+def sgd_formula_tracks(method: str, above: float) -> Rule:
+    """The paper's SGD formula, step by step, correlates above ``above`` with the measured
+    change of the image loss over ``method``'s monitored steps (mean over tasks)."""
+
+    def rule(rep: SeedResult) -> bool | None:
+        values = [s.get("sgd_correlation") for s in _conflict_stages(rep, method)]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) > above if values else None
+
+    return rule
+
+
 CLAIMS = (
     Claim(
         "seq-lora-loses-drawing",
@@ -240,6 +252,11 @@ CLAIMS = (
         "sgd-formula-misses",
         "the SGD formula predicts less than half of seq-lora's measured image-loss rise",
         sgd_formula_misses("seq-lora", 0.5),
+    ),
+    Claim(
+        "sgd-formula-tracks-seq-lora",
+        "the SGD formula correlates above 0.9 with seq-lora's measured image-loss change",
+        sgd_formula_tracks("seq-lora", 0.9),
     ),
 )
 

@@ -264,8 +264,9 @@ def _curve(values: list) -> list[float]:
 def conflict_rows(results: Results) -> list[str]:
     """Per method: mean cosine(grad L_image, grad L_text) by group, and the image-loss change."""
     head = "| method | cos all | " + " | ".join(f"cos {g}" for g in GROUPS)
-    head += " | predicted ΔL_image | measured ΔL_image | corr. (mean over tasks) | SGD formula |"
-    rows = [head, "|" + "---|" * (len(GROUPS) + 6)]
+    head += " | predicted ΔL_image | measured ΔL_image | corr. (mean over tasks) | SGD formula"
+    head += " | SGD formula corr. |"
+    rows = [head, "|" + "---|" * (len(GROUPS) + 7)]
     for name, entry in results.mean.methods.items():
         stages = [s.conflict for s in entry.stages if s.conflict and s.conflict.get("steps")]
         if not stages:
@@ -280,6 +281,7 @@ def conflict_rows(results: Results) -> list[str]:
             sum(s["measured_image_loss_change"] for s in stages),
             _mean([s["correlation"] for s in stages]),
             sum(s["sgd_image_loss_change"] for s in stages),
+            _mean([s.get("sgd_correlation") for s in stages]),
         ]
         rows.append(f"| {name} | " + " | ".join(_fmt(c, digits=4) for c in cells) + " |")
     return rows
@@ -327,6 +329,56 @@ def plot_conflict(series: list[dict], path: Path) -> None:
         bottom.legend(fontsize=6)
     where = f"seed {first[1]}" if first[0] is None else f"host {first[0]}, seed {first[1]}"
     fig.suptitle(f"gradient conflict through the sequence ({where})", fontsize=10)
+    _save(fig, path)
+
+
+SITES = (("by_layer", "decoder layer"), ("by_module", "module"), ("by_group", "branch"))
+
+
+def site_changes(results: Results) -> dict[str, dict[str, dict[str, float]]]:
+    """Per method with split monitor figures: the predicted ΔL_image summed over its
+    monitored steps and tasks (mean over replicates), by layer, by module and by branch."""
+    out = {}
+    for name, entry in results.mean.methods.items():
+        stages = [s.conflict for s in entry.stages if s.conflict and s.conflict.get("by_layer")]
+        if not stages:
+            continue
+        out[name] = {
+            split: {
+                site: sum(c[split][site]["predicted_image_loss_change"] for c in stages)
+                for site in stages[0][split]
+            }
+            for split, _ in SITES
+        }
+    return out
+
+
+def plot_conflict_sites(changes: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
+    """Per method (rows): which parameters carry the image loss's predicted change, summed
+    over the sequence, split by decoder layer, by module and by branch (columns)."""
+    fig, axes = plt.subplots(
+        len(changes),
+        len(SITES),
+        figsize=(3.4 * len(SITES), 1.9 * len(changes) + 0.6),
+        squeeze=False,
+        sharey="row",
+    )
+    for row, (name, splits) in enumerate(changes.items()):
+        for col, (split, label) in enumerate(SITES):
+            ax, parts = axes[row, col], splits[split]
+            values = list(parts.values())
+            ax.bar(
+                range(len(parts)),
+                values,
+                color=["tab:red" if v > 0 else "tab:blue" for v in values],
+            )
+            ax.set_xticks(range(len(parts)), list(parts), fontsize=7)
+            ax.axhline(0, color="grey", lw=0.5)
+            if row == 0:
+                ax.set_title(f"by {label}", fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"{name}\nΣ predicted ΔL_image", fontsize=8)
+    fig.suptitle("where the image loss's change sits (red: rise)", fontsize=10)
     _save(fig, path)
 
 
@@ -569,13 +621,24 @@ def write_report(out: str | Path) -> Path:
             "measured. Cosines are means over monitored steps and tasks; changes are sums over",
             "the monitored steps only (one step in `continual.monitor.every`). 'SGD formula' is",
             "the paper's -lr <grad L_image, grad L_text>: what the change would be if the step",
-            "were plain SGD on the task loss alone.",
+            "were plain SGD on the task loss alone; its corr. is with the measured change.",
             "",
             *conflict_rows(results),
             "",
             "![gradient conflict](figures/conflict.png)",
             "",
         ]
+        sites = site_changes(results)
+        if sites:
+            plot_conflict_sites(sites, figures / "conflict_sites.png")
+            lines += [
+                "Which parameters carry it: the predicted change (<grad L_image, Δθ> over each",
+                "site's parameters) summed over the monitored steps of every task, by decoder",
+                "layer, by adapted module and by branch; each split adds up to the total.",
+                "",
+                "![where the change sits](figures/conflict_sites.png)",
+                "",
+            ]
     samples = np.load(out / "samples.npz") if (out / "samples.npz").exists() else {}
     for name in results.mean.methods:
         lines += [
