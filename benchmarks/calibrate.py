@@ -7,9 +7,13 @@ R[i][i]); the recipe in configs/digits.toml is the best shared setting found her
 at F or above, or, on a task where the config's own schedule (which must be in the grid)
 stays below F, at that schedule's accuracy or above. Gentlest: the smallest epochs x lr
 (the sum of the peak step sizes over a task), then the fewest epochs; this is the gentle
-schedule of configs/regimes/gentle.toml.
+schedule of configs/regimes/gentle.toml. With ``--optimizer sgd`` (or ``sgd-momentum``) the
+grid trains with that optimizer, and ``--match`` names the lr whose mean accuracy right
+after each task comes closest to AdamW's at the config's own recipe (trained first, as the
+reference): the optimizer study's matched learning rate (configs/optimizers/).
 
     .venv/bin/python benchmarks/calibrate.py [--config configs/digits.toml] [--floor 0.75]
+    .venv/bin/python benchmarks/calibrate.py --optimizer sgd --lr 0.1 0.3 1 3 --epochs 10 --match
 """
 
 from __future__ import annotations
@@ -37,32 +41,56 @@ def main() -> None:
     parser.add_argument(
         "--floor", type=float, help="name the gentlest setting that still learns every task"
     )
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd-momentum"])
+    parser.add_argument(
+        "--match", action="store_true", help="name the lr whose mean accuracy matches AdamW's"
+    )
     args = parser.parse_args()
     base = load_toml(RunConfig, args.config)
     host = load_or_pretrain(base.host)
     tasks = host.world.tasks(base.tasks)
     print(
-        "lr      epochs batch | "
+        "optimizer    lr      epochs batch | "
         + " ".join(f"{t.name[:10]:>10}" for t in tasks)
-        + " |   min  seconds"
+        + " |   min   mean  seconds"
     )
-    diagonals = {}
-    for lr, epochs, batch in itertools.product(args.lr, args.epochs, args.batch_size):
+
+    def diagonal(optimizer: str, lr: float, epochs: int, batch: int) -> list[float]:
+        """seq-lora's accuracy on each task right after training it, printed as a row."""
         config = copy.deepcopy(base.continual)
-        config.train.lr, config.train.epochs, config.train.batch_size = lr, epochs, batch
+        train = config.train
+        train.optimizer, train.lr, train.epochs, train.batch_size = optimizer, lr, epochs, batch
         method = get_method("seq-lora")
         model = copy.deepcopy(host.model)
         attach_adapters(model, method.adapter_config(config))
-        start, diagonal = time.perf_counter(), []
+        start, row = time.perf_counter(), []
         for k, task in enumerate(tasks):
             train_task(model, host.world.format, method, task, config, seed=k, progress=False)
-            diagonal.append(exact_accuracy(model, host.world.format, task.test))
-        diagonals[epochs, lr, batch] = diagonal
-        cells = " ".join(f"{a:>10.3f}" for a in diagonal)
+            row.append(exact_accuracy(model, host.world.format, task.test))
+        cells = " ".join(f"{a:>10.3f}" for a in row)
         print(
-            f"{lr:<7g} {epochs:>6} {batch:>5} | {cells} | {min(diagonal):.3f} "
-            f"{time.perf_counter() - start:8.0f}",
+            f"{optimizer:<12} {lr:<7g} {epochs:>6} {batch:>5} | {cells} | {min(row):.3f} "
+            f"{sum(row) / len(row):.3f} {time.perf_counter() - start:8.0f}",
             flush=True,
+        )
+        return row
+
+    own = base.continual.train
+    reference = None
+    if args.match:
+        reference = diagonal("adamw", own.lr, own.epochs, own.batch_size)
+    diagonals = {
+        (epochs, lr, batch): diagonal(args.optimizer, lr, epochs, batch)
+        for lr, epochs, batch in itertools.product(args.lr, args.epochs, args.batch_size)
+    }
+    if reference is not None:
+        target = sum(reference) / len(reference)
+        epochs, lr, batch = min(
+            diagonals, key=lambda s: abs(sum(diagonals[s]) / len(tasks) - target)
+        )
+        print(
+            f"closest to AdamW's mean {target:.3f} with {args.optimizer}: "
+            f"lr {lr:g} (epochs {epochs}, batch {batch})"
         )
     if args.floor is not None:
         train = base.continual.train
