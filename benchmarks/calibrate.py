@@ -23,6 +23,8 @@ import copy
 import itertools
 import time
 
+import torch
+
 from modecl.core.adapters import attach_adapters
 from modecl.core.config import load_toml
 from modecl.core.evaluate import exact_accuracy
@@ -62,6 +64,7 @@ def main() -> None:
         train.optimizer, train.lr, train.epochs, train.batch_size = optimizer, lr, epochs, batch
         method = get_method("seq-lora")
         model = copy.deepcopy(host.model)
+        torch.manual_seed(0)  # the adapters' init: torch seeds itself at random at start-up
         attach_adapters(model, method.adapter_config(config))
         start, row = time.perf_counter(), []
         for k, task in enumerate(tasks):
