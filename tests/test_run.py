@@ -210,6 +210,16 @@ def test_a_run_over_hosts_repeats_every_method_on_each_host(tmp_path, cache, cap
     )
 
 
+def test_tracking_takes_a_tracker_as_a_string_as_accelerate_does(tmp_path, cache):
+    file = tmp_path / "run.toml"
+    file.write_text('methods = ["seq-lora"]\n[tracking]\nlog_with = "tensorboard"\n')
+    assert load_toml(RunConfig, file).tracking.log_with == ["tensorboard"]
+    config = tiny_run(methods=["seq-lora"], tracking={"log_with": "tensorboard"})
+    run_benchmark(config, tmp_path / "out", cache_dir=cache, progress=False)
+    (run,) = (tmp_path / "out" / "tracking").glob("*/")
+    assert list(run.rglob("events.out.tfevents.*"))
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

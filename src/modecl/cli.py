@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import signal
 import sys
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 
 from modecl.core.claims import claim_columns, claim_rows, tally
 from modecl.core.config import ConfigError, load_toml, toml_keys
+from modecl.core.export import ExportError, export_peft, stage_adapters
 from modecl.core.report import headline_rows, write_report
 from modecl.core.results import read_results
 from modecl.core.tasks import TaskFileError
@@ -204,6 +206,21 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report written: {write_report(args.dir)}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    adapters = stage_adapters(
+        args.run, args.method, stage=args.stage, seed=args.seed, host=args.host
+    )
+    key = (
+        json.loads((args.run / "run.json").read_text()) if (args.run / "run.json").exists() else {}
+    )
+    base = key.get("inputs", {}).get("model")
+    try:
+        written = export_peft(adapters, args.out, branch=args.branch, base_model=base)
+    except ExportError as err:
+        raise ConfigError(f"{adapters}: {err}") from None
+    print(f"{adapters} -> {args.out} (peft LoRA, r {written['r']}, {written['target_modules']})")
+
+
 def cmd_claims(args: argparse.Namespace) -> None:
     runs = {str(run): read_results(Path(run) / "results.json") for run in args.runs}
     if args.per_run:
@@ -309,6 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="rebuild report.md and figures from a run's results")
     r.add_argument("dir", type=Path)
     r.set_defaults(func=cmd_report)
+    x = sub.add_parser(
+        "export", help="write a stage's LoRA-family adapters in peft's format (PeftModel)"
+    )
+    x.add_argument("run", type=Path, help="the run's out dir")
+    x.add_argument("--method", required=True, help="a method of the run")
+    x.add_argument("--stage", type=_positive, help="default: its last finished stage")
+    x.add_argument("--seed", type=int, help="default: the run's last replicate")
+    x.add_argument("--host", type=int, help="the host seed, in a run over several hosts")
+    x.add_argument(
+        "--branch",
+        choices=("shared", "text", "image"),
+        help="default: the kind's first that exports",
+    )
+    x.add_argument("--out", type=Path, required=True, help="the peft adapter folder to write")
+    x.set_defaults(func=cmd_export)
     c = sub.add_parser(
         "claims", help="check the study's findings on every replicate of one or more runs"
     )

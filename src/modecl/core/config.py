@@ -211,7 +211,13 @@ class MonitorSettings:
 class TrackingSettings:
     """Experiment tracking (:mod:`modecl.core.tracking`): accelerate trackers to log to."""
 
-    log_with: list[str] = field(default_factory=list)  # e.g. ["tensorboard"], ["wandb"]
+    # e.g. "tensorboard" or ["tensorboard", "wandb"] (a string or a list, as accelerate
+    # takes it); held as a list
+    log_with: str | list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.log_with, str):
+            self.log_with = [self.log_with]
 
 
 @dataclass

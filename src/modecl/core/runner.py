@@ -33,6 +33,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import resource
 import shutil
 import time
@@ -161,6 +162,20 @@ def check_methods(methods: list[str], continual: ContinualSettings | None = None
             f"routed branch, and none of the methods {', '.join(methods)} has one (with "
             f"num_experts {continual.adapter.num_experts}): use 'full'"
         )
+
+
+def pick_entry(folder: Path, pattern: str, wanted: str | None, what: str) -> str:
+    """The entry of a run's ``folder`` matching ``pattern`` named ``wanted`` (default: the
+    last in natural order); else a ConfigError naming what there is."""
+    names = sorted(
+        (p.name for p in folder.iterdir() if re.fullmatch(pattern, p.name)),
+        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)],
+    )
+    if wanted is None and names:
+        return names[-1]
+    if wanted not in names:
+        raise ConfigError(f"{folder}: no {what} {wanted!r}; there are {names or 'none'}")
+    return wanted
 
 
 def file_hash(path: Path) -> str:

@@ -66,14 +66,13 @@ class Tracking:
 
     def image(self, tag: str, pixels: np.ndarray, step: int) -> None:
         """A drawn-image grid (``[rows, columns, H, W]`` gray 0..16 or ``(..., 3)`` RGB bytes)."""
-        rgb = pixels.ndim == 5
         strip = np.concatenate(list(pixels.reshape(-1, *pixels.shape[2:])), axis=1)
-        image = strip.astype(np.uint8) if rgb else (255 - strip * (255 / 16)).astype(np.uint8)
+        if pixels.ndim == 4:  # gray ink 0..16 (dark on white) as RGB bytes
+            strip = np.repeat((255 - strip * (255 / 16))[..., None], 3, axis=-1)
+        image = strip.astype(np.uint8)
         for tracker in self.trackers:
             if hasattr(tracker, "log_images"):
-                tracker.log_images(
-                    {tag: image[None]}, step=step, dataformats="NHWC" if rgb else "NHW"
-                )
+                tracker.log_images({tag: image[None]}, step=step, dataformats="NHWC")
 
     def close(self) -> None:
         for tracker in self.trackers:

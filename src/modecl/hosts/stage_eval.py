@@ -11,7 +11,6 @@ written beside the run as ``eval/seed<S>-<method>-stage<K>.json``.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from modecl.core.adapters import attach_adapters, load_adapters
 from modecl.core.config import ConfigError, from_dict
 from modecl.core.files import finite, read_text, write_atomic
 from modecl.core.methods import get_method
-from modecl.core.runner import Processes, measure
+from modecl.core.runner import Processes, measure, pick_entry
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.tasks import (
     read_token_cache,
@@ -28,19 +27,6 @@ from modecl.hosts.token_cache import TOKEN_STORE
 from modecl.hosts.world import check_inputs, default_accelerator, host_world, load_host
 
 __all__ = ["eval_stage"]
-
-
-def _pick(folder: Path, pattern: str, wanted: str | None, what: str) -> str:
-    """The entry of ``folder`` matching ``pattern`` named ``wanted`` (default: the last)."""
-    names = sorted(
-        (p.name for p in folder.iterdir() if re.fullmatch(pattern, p.name)),
-        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)],
-    )
-    if wanted is None and names:
-        return names[-1]
-    if wanted not in names:
-        raise ConfigError(f"{folder}: no {what} {wanted!r}; there are {names or 'none'}")
-    return wanted
 
 
 def eval_stage(
@@ -65,10 +51,14 @@ def eval_stage(
     config = from_dict(TrainConfig, key["config"])
     inputs = key["inputs"]
     seeds = run_dir / "checkpoints"
-    seed_dir = seeds / _pick(seeds, r"seed\d+", None if seed is None else f"seed{seed}", "seed")
-    method = _pick(seed_dir, r"(?!pretrained$)[^.].*", method, "method")
+    seed_dir = seeds / pick_entry(
+        seeds, r"seed\d+", None if seed is None else f"seed{seed}", "seed"
+    )
+    method = pick_entry(seed_dir, r"(?!pretrained$)[^.].*", method, "method")
     method_dir = seed_dir / method
-    stage_name = _pick(method_dir, r"stage\d+", None if stage is None else f"stage{stage}", "stage")
+    stage_name = pick_entry(
+        method_dir, r"stage\d+", None if stage is None else f"stage{stage}", "stage"
+    )
     stage_dir = method_dir / stage_name
     if not (stage_dir / "stage.json").exists():
         raise ConfigError(f"{stage_dir}: not a finished stage")
