@@ -190,8 +190,8 @@ def test_replay_batches_contain_old_tasks_samples(world, two_tasks):
     assert mixed[:4] == batch and len(mixed) == 4 + SETTINGS.replay.per_batch
     assert all(s in first.train for s in mixed[4:])
     method.after_task(None, second, None, seed=1)
-    assert len(method.buffer) == SETTINGS.replay.buffer_size
-    assert {s.question for s in method.buffer} == {
+    assert len(method.memory) == SETTINGS.replay.buffer_size
+    assert {s.question for s in method.memory} == {
         first.train[0].question,
         second.train[0].question,
     }

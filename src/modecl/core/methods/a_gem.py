@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from modecl.core.methods.base import LossFn, Method
-from modecl.core.methods.replay import equal_shares
-from modecl.core.sequences import DrawPair, Format
-from modecl.core.tasks import Sample, Task
+from modecl.core.methods.base import LossFn
+from modecl.core.methods.replay import Rehearsal
+from modecl.core.sequences import DrawPair
+from modecl.core.tasks import Sample
 from modecl.core.values import Count, Size
 
 if TYPE_CHECKING:
@@ -49,10 +49,11 @@ def project(grad: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 @dataclass
-class AGEM(Method):
+class AGEM(Rehearsal):
     settings: AGEMSettings = field(default_factory=AGEMSettings)
-    seen: dict[str, list[Sample]] = field(default_factory=dict)  # task name -> its samples
-    memory: list[Sample] = field(default_factory=list)
+
+    def memory_size(self) -> int:
+        return self.settings.memory_size
 
     @property
     def edits_gradients(self) -> bool:
@@ -60,7 +61,7 @@ class AGEM(Method):
 
     def configure(self, settings: ContinualSettings, pairs: Sequence[DrawPair] = ()) -> None:
         self.settings = settings.a_gem
-        self._fill_memory()
+        self.refill()
 
     def step_inputs(self, rng: np.random.Generator, rank: int, world: int) -> list[Sample]:
         """The reference batch, the same in every process (not cut to a share)."""
@@ -86,28 +87,6 @@ class AGEM(Method):
             for p, value in zip(params, step.split([p.numel() for p in params]), strict=True):
                 p.grad = value.view_as(p).clone()
         return {"projected": float(projected)}
-
-    def after_task(
-        self,
-        model: torch.nn.Module,
-        task: Task,
-        loss_fn: LossFn,
-        seed: int,
-        fmt: Format | None = None,
-    ) -> None:
-        rng = np.random.default_rng(seed)
-        self.seen[task.name] = [task.train[i] for i in rng.permutation(len(task.train))]
-        self._fill_memory()
-
-    def state_dict(self) -> dict:
-        return {"seen": self.seen}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seen = state["seen"]
-        self._fill_memory()
-
-    def _fill_memory(self) -> None:
-        self.memory = equal_shares(self.seen, self.settings.memory_size)
 
 
 def _flat(param: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:

@@ -26,21 +26,18 @@ class ReplaySettings:
 
 
 @dataclass
-class Replay(Method):
-    settings: ReplaySettings = field(default_factory=ReplaySettings)
+class Rehearsal(Method):
+    """A method that keeps earlier tasks' training samples: ``memory`` holds an equal share
+    of :meth:`memory_size` from each task seen (its first ones in a seeded order), refilled
+    after each task and on resume. Replay mixes them into the batches; A-GEM takes its
+    reference gradient from them."""
+
     seen: dict[str, list[Sample]] = field(default_factory=dict)  # task name -> its samples
-    buffer: list[Sample] = field(default_factory=list)
+    memory: list[Sample] = field(default_factory=list)
 
-    def configure(self, settings: ContinualSettings, pairs: Sequence[DrawPair] = ()) -> None:
-        self.settings = settings.replay
-        self._fill_buffer()
-
-    def mix(self, batch: list[Sample], rng: np.random.Generator) -> list[Sample]:
-        per_batch = self.settings.per_batch
-        if not self.buffer or per_batch == 0:
-            return batch
-        take = rng.choice(len(self.buffer), min(per_batch, len(self.buffer)), replace=False)
-        return batch + [self.buffer[i] for i in take]
+    def memory_size(self) -> int:
+        """How many samples the memory holds over all earlier tasks."""
+        raise NotImplementedError
 
     def after_task(
         self,
@@ -52,17 +49,37 @@ class Replay(Method):
     ) -> None:
         rng = np.random.default_rng(seed)
         self.seen[task.name] = [task.train[i] for i in rng.permutation(len(task.train))]
-        self._fill_buffer()
+        self.refill()
 
     def state_dict(self) -> dict:
         return {"seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.seen = state["seen"]
-        self._fill_buffer()
+        self.refill()
 
-    def _fill_buffer(self) -> None:
-        self.buffer = equal_shares(self.seen, self.settings.buffer_size)
+    def refill(self) -> None:
+        """The memory's equal shares of the tasks seen, at the current size."""
+        self.memory = equal_shares(self.seen, self.memory_size())
+
+
+@dataclass
+class Replay(Rehearsal):
+    settings: ReplaySettings = field(default_factory=ReplaySettings)
+
+    def memory_size(self) -> int:
+        return self.settings.buffer_size
+
+    def configure(self, settings: ContinualSettings, pairs: Sequence[DrawPair] = ()) -> None:
+        self.settings = settings.replay
+        self.refill()
+
+    def mix(self, batch: list[Sample], rng: np.random.Generator) -> list[Sample]:
+        per_batch = self.settings.per_batch
+        if not self.memory or per_batch == 0:
+            return batch
+        take = rng.choice(len(self.memory), min(per_batch, len(self.memory)), replace=False)
+        return batch + [self.memory[i] for i in take]
 
 
 def equal_shares(seen: dict[str, list[Sample]], size: int) -> list[Sample]:
