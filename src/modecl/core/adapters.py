@@ -474,7 +474,7 @@ class AdapterLinear(nn.Module):
         index: torch.Tensor | None,
         state: RoutingState,
     ) -> torch.Tensor:
-        """The layer's output by `_FusedDelta`, routed as `_gate` routes."""
+        """The layer's output by `_FusedDelta`, gated as `_gate` gates."""
         router = outside = gate = task = None
         pad = 0
         if experts > 1:
@@ -489,11 +489,19 @@ class AdapterLinear(nn.Module):
                 if state.task_ids is not None and self.task_gates is not None:
                     task = self.task_gates[state.task_ids].unsqueeze(-2)
                     task = task.expand(*x.shape[:-1], -1).flatten(0, -2)
-        dropout = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
-        plan = _Plan(dropout, self.scaling, lora_A.shape[0] // experts, pad, self.task_gate)
-        out, weights = _FusedDelta.apply(
-            y, x, x, lora_A, lora_B, router, outside, gate, task, index, plan
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+        plan = _Plan(
+            p,
+            self.scaling,
+            lora_A.shape[0] // experts,
+            pad,
+            self.task_gate,
+            outside,
+            gate,
+            task,
+            index,
         )
+        out, weights = _FusedDelta.apply(y, x, x, lora_A, lora_B, router, plan)
         if weights is not None:
             self.last_route = (weights, None if outside is None else state.image_mask)
         return out
@@ -569,13 +577,17 @@ class AdapterLinear(nn.Module):
 
 
 class _Plan(NamedTuple):
-    """What `_FusedDelta` needs beside tensors."""
+    """What `_FusedDelta` needs beside the tensors it differentiates."""
 
     dropout: float  # p, in training; 0: none
     scaling: float  # alpha / r
     rank: int  # each gated expert's rank, where equal
     pad: int  # logits of 0 appended to the router's (the V-Adapter's), before the mask
     task_gate: float  # cl-moe's w
+    outside: torch.Tensor | None  # (tokens, E) bool: True where a logit is masked
+    gate: torch.Tensor | None  # (tokens, E): a fixed gate, without a router
+    task: torch.Tensor | None  # (tokens, E): cl-moe's task gate
+    index: torch.Tensor | None  # (E·r,): each component's expert, where ranks differ
 
 
 class _FusedDelta(torch.autograd.Function):
@@ -584,7 +596,7 @@ class _FusedDelta(torch.autograd.Function):
     With x flattened to (tokens, in), x_a its float32 copy and m the dropout mask::
 
         h    = (m ⊙ x_a) A^T                                 (tokens, E·r)
-        gate = softmax(pad(x_a R^T) masked by `outside`)      (tokens, E), or a given gate
+        gate = softmax(pad(x_a R^T) masked by `outside`)      (tokens, E), or a fixed gate
         out  = y + s · (gate ⊙ h) B^T                         gate repeated over each rank
 
     and, with g = s · dout (s = alpha / r), g_h = g B the gradient of gate ⊙ h::
@@ -597,7 +609,7 @@ class _FusedDelta(torch.autograd.Function):
     (`AdapterLinear._reference`; `_weight_grad`, `_input_grad` replay mm's backward), so the
     floats are the same; float32 x reaches this node twice (``x_router``, ``x``) so that the
     router's and the experts' gradients of x add up in the reference's order. Saved: x as
-    given, the mask, h, gate ⊙ h and the gate; x_a and m ⊙ x_a are recomputed.
+    given, the dropout mask, h, gate ⊙ h and the gate; x_a and m ⊙ x_a are recomputed.
     """
 
     @staticmethod
@@ -609,65 +621,77 @@ class _FusedDelta(torch.autograd.Function):
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         router: torch.Tensor | None,
-        outside: torch.Tensor | None,
-        gate: torch.Tensor | None,
-        task: torch.Tensor | None,
-        index: torch.Tensor | None,
         plan: _Plan,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Args: y (..., out) the base output; x_router, x (..., in) the layer input (one
         tensor, twice); lora_A (E·r, in), lora_B (out, E·r) the experts in play; router
-        (N, in) or None; outside (tokens, E) bool, True where the logit is masked; gate
-        (tokens, E) a fixed gate (no router); task (tokens, E) cl-moe's task gate; index
-        (E·r,) each component's expert where ranks differ. Returns the output and the
-        router's weights (tokens, E; no gradient), or None without a router."""
-        xa = x.reshape(-1, x.shape[-1]).to(lora_A.dtype)
+        (N, in) or None. Returns the output and the router's weights (tokens, E; no
+        gradient), or None without a router."""
+        xa = x.reshape(-1, x.shape[-1])
+        xa = xa if xa.dtype == lora_A.dtype else xa.to(lora_A.dtype)
         xd, mask = _dropout(xa, plan.dropout)
-        h = xd.mm(lora_A.t())
-        weights = None
+        h = F.linear(xd, lora_A)
+        weights = factor = None
+        gate = plan.gate
         if router is not None:
-            logits = xa.mm(router.t())
+            logits = F.linear(xa, router)
             if plan.pad:
-                logits = F.pad(logits, (0, plan.pad))
-            if outside is not None:
-                logits = logits.masked_fill(outside, -math.inf)
+                logits = torch.constant_pad_nd(logits, (0, plan.pad))
+            if plan.outside is not None:
+                logits = logits.masked_fill(plan.outside, -math.inf)
             weights = gate = logits.softmax(-1)
-            if task is not None:
-                gate = weights.lerp(task, plan.task_gate)
+            if plan.task is not None:
+                gate = weights.lerp(plan.task, plan.task_gate)
             ctx.mark_non_differentiable(weights)
-        gated = h if gate is None else _gated(h, gate, index, plan.rank)
-        delta = gated.mm(lora_B.t()).view(y.shape)
-        ctx.plan, ctx.tasked = plan, task is not None
-        ctx.save_for_backward(x, mask, lora_A, lora_B, router, outside, weights, gate, h, gated)
-        ctx.index = index
-        return y.add(delta.to(y.dtype), alpha=plan.scaling), weights
+        gated = h
+        if gate is not None:  # each component times its expert's gate
+            if plan.index is None:
+                h, factor = h.view(len(h), -1, plan.rank), gate.unsqueeze(-1)
+                gated = (h * factor).view(len(h), -1)
+            else:
+                factor = gate.index_select(-1, plan.index)
+                gated = h * factor
+        delta = F.linear(gated, lora_B).view(y.shape)
+        ctx.set_materialize_grads(False)  # the weights' gradient: None, not zeros
+        ctx.plan = plan
+        ctx.save_for_backward(x, mask, lora_A, lora_B, router, weights, factor, h, gated)
+        delta = delta if delta.dtype == y.dtype else delta.to(y.dtype)
+        return y.add(delta, alpha=plan.scaling), weights
 
     @staticmethod
     @once_differentiable
     def backward(
         ctx: Any, grad: torch.Tensor, _: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        x, mask, lora_A, lora_B, router, outside, weights, gate, h, gated = ctx.saved_tensors
-        plan, index = ctx.plan, ctx.index
+        x, mask, lora_A, lora_B, router, weights, factor, h, gated = ctx.saved_tensors
+        plan = ctx.plan
         _, need_xr, need_x, need_A, need_B, need_R = ctx.needs_input_grad[:6]
         g = grad.reshape(-1, grad.shape[-1])
-        g = (g if plan.scaling == 1 else g * plan.scaling).to(lora_B.dtype)
+        g = g if plan.scaling == 1 else g * plan.scaling
+        g = g if g.dtype == lora_B.dtype else g.to(lora_B.dtype)
         grad_B = _weight_grad(g, gated, lora_B) if need_B else None
         grad_A = grad_R = grad_xr = grad_x = None
-        xa = x.reshape(-1, x.shape[-1]).to(lora_A.dtype)
-        grad_gated = _input_grad(g, gated, lora_B)
-        grad_h = grad_gated if gate is None else _gated(grad_gated, gate, index, plan.rank)
-        if router is not None and (need_R or need_xr):
-            dgate = _gate_grad(grad_gated, h, gate, index, plan.rank)
-            if ctx.tasked:
-                dgate = dgate * (1 - plan.task_gate)
-            dlogits = torch._softmax_backward_data(dgate, weights, -1, weights.dtype)
-            if outside is not None:
-                dlogits = dlogits.masked_fill(outside, 0)
-            if plan.pad:
-                dlogits = F.pad(dlogits, (0, -plan.pad))
-            grad_R = _weight_grad(dlogits, xa, router) if need_R else None
-            grad_xr = _input_grad(dlogits, xa, router) if need_xr else None
+        xa = x.reshape(-1, x.shape[-1])
+        xa = xa if xa.dtype == lora_A.dtype else xa.to(lora_A.dtype)
+        grad_h = _input_grad(g, gated, lora_B)  # of gate ⊙ h, then of h
+        if factor is not None:
+            grad_gated = grad_h.view(h.shape)
+            grad_h = (grad_gated * factor).view(len(grad_h), -1)
+            if router is not None and (need_R or need_xr):
+                dgate = grad_gated * h  # summed over each expert's components
+                if plan.index is None:
+                    dgate = dgate.sum(-1)
+                else:  # as index_select's backward sums
+                    dgate = torch.zeros_like(weights).index_add_(-1, plan.index, dgate)
+                if plan.task is not None:
+                    dgate = dgate * (1 - plan.task_gate)
+                dlogits = torch._softmax_backward_data(dgate, weights, -1, weights.dtype)
+                if plan.outside is not None:
+                    dlogits = dlogits.masked_fill(plan.outside, 0)
+                if plan.pad:
+                    dlogits = torch.constant_pad_nd(dlogits, (0, -plan.pad))
+                grad_R = _weight_grad(dlogits, xa, router) if need_R else None
+                grad_xr = _input_grad(dlogits, xa, router) if need_xr else None
         if need_A:
             grad_A = _weight_grad(grad_h, _redrop(xa, mask, plan.dropout), lora_A)
         if need_x:
@@ -675,8 +699,9 @@ class _FusedDelta(torch.autograd.Function):
             if x.dtype != xa.dtype:  # one gradient of x.to(float32), cast back once
                 grad_x = grad_x if grad_xr is None else grad_xr + grad_x
                 grad_x, grad_xr = grad_x.to(x.dtype), None
-        grad_xr, grad_x = (None if d is None else d.view(x.shape) for d in (grad_xr, grad_x))
-        return grad, grad_xr, grad_x, grad_A, grad_B, grad_R, None, None, None, None, None
+        grad_xr = None if grad_xr is None else grad_xr.view(x.shape)
+        grad_x = None if grad_x is None else grad_x.view(x.shape)
+        return grad, grad_xr, grad_x, grad_A, grad_B, grad_R, None
 
 
 def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -699,23 +724,6 @@ def _redrop(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tenso
     if mask.dtype == torch.bool:
         return torch.ops.aten.native_dropout_backward(x, mask, 1 / (1 - p))
     return x * mask
-
-
-def _gated(h: torch.Tensor, gate: torch.Tensor, index: torch.Tensor | None, rank: int):
-    """h (tokens, E·r) weighed by each component's expert's gate (tokens, E)."""
-    if index is not None:
-        return h * gate.index_select(-1, index)
-    return (h.view(len(h), -1, rank) * gate.unsqueeze(-1)).view(h.shape)
-
-
-def _gate_grad(
-    grad: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, index: torch.Tensor | None, rank: int
-) -> torch.Tensor:
-    """The gate's gradient from that of `_gated`'s output: Σ over each expert's components
-    of grad ⊙ h, summed as autograd sums a broadcast (or an index_select's backward)."""
-    if index is not None:
-        return torch.zeros_like(gate).index_add_(-1, index, grad * h)
-    return (grad.view(len(h), -1, rank) * h.view(len(h), -1, rank)).sum(-1)
 
 
 def _weight_grad(grad: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
