@@ -64,7 +64,7 @@ class OpCounter(TorchDispatchMode):
         self.all: collections.Counter[str] = collections.Counter()
         self.kernels: collections.Counter[str] = collections.Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.all[name] += 1
         if not (func.is_view or name in NO_KERNEL):
@@ -161,7 +161,8 @@ def main() -> None:
     half = args.vocab // 2
     ids = torch.randint(0, half, (args.batch, args.seq), generator=g)
     image = slice(args.seq // 4, args.seq - args.seq // 4)
-    ids[:, image] = torch.randint(half, args.vocab, (args.batch, image.stop - image.start), generator=g)
+    codes = (args.batch, image.stop - image.start)
+    ids[:, image] = torch.randint(half, args.vocab, codes, generator=g)
     ids = ids.to(args.device)
 
     counts: dict[str, tuple[int, ...]] = {}
@@ -185,17 +186,18 @@ def main() -> None:
     host_counts, peft_counts = counts["frozen host"], counts["peft LoRA r=8"]
     added = {n: [c - h for c, h in zip(v, host_counts, strict=True)] for n, v in counts.items()}
     peft_added = added["peft LoRA r=8"]
+    widths = (11, 9, 11, 13)
     for name, values in counts.items():
         cells = []
         for i, value in enumerate(values[: 4 if cuda else 3]):
             extra = added[name][i]
             ratio = f"{extra / peft_added[i]:.2f}" if name != "frozen host" else "–"
-            if i == 2:
+            if i == 2:  # bytes
                 cells.append(f"{value / 2**20:>11.3f}{extra / 2**20:>9.3f}{ratio:>8}")
             else:
-                cells.append(f"{value:>{13 if i == 3 else 11 if i == 0 else 9}}{extra:>7}{ratio:>8}")
+                cells.append(f"{value:>{widths[i]}}{extra:>7}{ratio:>8}")
         print(f"{name:<30}" + "".join(cells))
-    print(f"peft_lora_added_kernel_ops={peft_added[0]} (host {host_counts[0]}, peft {peft_counts[0]})")
+    print(f"peft_lora_added_kernel_ops={peft_added[0]} (host {host_counts[0]}, {peft_counts[0]})")
     print(f"moe_lora_ops_over_peft_lora_ops={added['ours moe-lora'][0] / peft_added[0]:.3f}")
     print(f"mode_ops_over_peft_lora_ops={added['ours mode'][0] / peft_added[0]:.3f}")
 

@@ -22,6 +22,14 @@ one `B` matmul, no loop over experts. A branch not in play for a token multiplie
 components by an exact 0, so it receives exactly zero gradient from that token (and the
 router none from tokens of the other branch). One dropout mask is shared by all experts.
 
+Two implementations, the same floats: by default the layer's whole delta (dropout, A, router,
+gate, B, the add) is one autograd node with its backward written out (`_FusedDelta`): each
+product and elementwise op computed as autograd computes it for the plain ops (the reference,
+`RoutingContext.fused = False`, and under autocast), bit for bit. It keeps the layer input as
+given and the dropout mask, and recomputes the float32 input and the dropped-out input in the
+backward: under a bf16 host no float32 copy of the input is kept (peft's LoRA keeps its
+dropped-out input; the reference keeps that and the float32 copy its router reads).
+
 Configurations (`AdapterConfig.kind`)::
 
     kind              text tokens                      image tokens
@@ -85,7 +93,7 @@ Public API::
     routed_weights(model, valid=None) -> {layer name: (routed tokens, experts) weights}
     router_entropy(weights) -> each row's entropy / log(experts), in [0, 1]
     lm_logits(model, last_only=False, **inputs) -> lm_head over the final hidden states
-    routing_context(model) -> RoutingContext
+    routing_context(model) -> RoutingContext    # .fused = False: the reference path
     enable_gradient_checkpointing(model) -> model   # HF checkpointing, routing-safe
 
 Gradient checkpointing: everything a layer reads per forward is the one object
@@ -425,7 +433,7 @@ class AdapterLinear(nn.Module):
             self.columns[name] = slice(start, start + n * self.ranks[name])
             start += n * self.ranks[name]
         self.image_experts = tuple(name == "image" for name, n in self.branches for _ in range(n))
-        # (router weights, image mask or None) of the last forward, detached.
+        # (router weights (..., experts), image mask or None) of the last forward, detached.
         self.last_route: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
