@@ -189,17 +189,18 @@ def fused_case(kind, expert_rank="full", routing="token", training=True, pass_=N
     )
 
 
+# The kinds with a router: the fused path's (the others take the reference's ops).
+ROUTED = [("mode", "full"), ("mode", "split"), ("moe-lora", "full"), ("moe-lora", "split")]
 FUSED_CASES = [
-    *(fused_case(kind, rank) for kind, rank in KIND_RANKS),
-    *(fused_case(kind, rank, training=False) for kind, rank in KIND_RANKS),
+    *(fused_case(kind, rank, training=t) for kind, rank in ROUTED for t in (True, False)),
+    fused_case("cl-moe", "split", tasks=2),
     *(
-        fused_case(kind, routing=routing, training=training, pass_=pass_)
-        for kind in ("mode", "mode-text-lora")
+        fused_case("mode", rank, routing=routing, training=training, pass_=pass_)
+        for rank in ("full", "split")
         for routing in ("task", "sample")
         for pass_ in (None, "understand", "draw", "student")  # the teacher: no adapters
         for training in (True, False)
     ),
-    *(fused_case("mode", "split", pass_=pass_) for pass_ in ("understand", "draw")),
     fused_case("mode", dropout=0.0),
     fused_case("moe-lora", alpha=8.0),  # scaling 1
 ]
@@ -228,7 +229,7 @@ def test_fused_path_gives_the_reference_floats(config, training, kind):
         ("chameleon", torch.float32, dict(kind="mode"), None),
         ("llama", torch.bfloat16, dict(kind="mode"), None),
         ("llama", torch.bfloat16, dict(kind="moe-lora", expert_rank="split"), None),
-        ("llama", torch.float32, dict(kind="o-lora", tasks=3), 1),  # task 0's LoRA frozen
+        ("llama", torch.float32, dict(kind="cl-moe", tasks=3), 1),  # in training
     ],
 )
 def test_fused_path_gives_the_reference_floats_on_other_hosts(host, dtype, config, task):
@@ -256,15 +257,15 @@ def test_fused_path_gives_the_reference_floats_with_cl_moe_task_gates():
 
 
 @pytest.mark.parametrize(
-    ("kind", "rank", "branch", "rows", "out"),
+    ("kind", "features", "branch", "rows", "out"),
     [
-        ("lora", 1, None, (1, 1), 24),  # (1, 1) inputs of a product are column-major too
-        ("lora", 1, None, (2, 5), 24),
-        ("mode", 8, "image", (1, 2048), 512),  # B's columns of a branch: not column-major
+        ("moe-lora", 1, None, (1, 1), 24),  # a (1, 1) input of a product: column-major too
+        ("moe-lora", 1, None, (2, 5), 24),
+        ("mode", 16, "text", (1, 2048), 512),  # B's columns of a branch: not column-major
     ],
 )
 def test_fused_layer_gives_the_reference_floats_where_mm_backward_changes_form(
-    kind, rank, branch, rows, out
+    kind, features, branch, rows, out
 ):
     """mm's backward picks its product's form by the strides: the fused backward the same
     (the other form rounds differently at 2048 tokens, where MKL splits the sum over two
@@ -272,7 +273,7 @@ def test_fused_layer_gives_the_reference_floats_where_mm_backward_changes_form(
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        results = fused_and_reference_layer(kind, rank, branch, rows, out)
+        results = fused_and_reference_layer(kind, features, branch, rows, out)
     finally:
         torch.set_num_threads(threads)
     for ours, expected in zip(*results, strict=True):
@@ -280,16 +281,16 @@ def test_fused_layer_gives_the_reference_floats_where_mm_backward_changes_form(
 
 
 def fused_and_reference_layer(
-    kind: str, rank: int, branch: str | None, rows: tuple[int, int], out: int
+    kind: str, features: int, branch: str | None, rows: tuple[int, int], out: int
 ) -> list[list[torch.Tensor]]:
     """Output and gradients of a standalone layer's step, by the fused and the reference path."""
     torch.manual_seed(3)
-    config = AdapterConfig(kind=kind, rank=rank, alpha=3.0)
+    config = AdapterConfig(kind=kind, rank=1, alpha=3.0, num_experts=2)
     routing = RoutingContext(config, image_token_ids=None)
     routing.state = RoutingState(branch=branch)  # one branch for every token
-    layer = AdapterLinear(nn.Linear(16, out), config, routing).train()
+    layer = AdapterLinear(nn.Linear(features, out), config, routing).train()
     nn.init.normal_(layer.lora_B)
-    x = torch.randn(*rows, 16, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(*rows, features, generator=torch.Generator().manual_seed(4))
     upstream = torch.randn(*rows, out, generator=torch.Generator().manual_seed(5))
     results = []
     for fused in (True, False):
@@ -299,7 +300,8 @@ def fused_and_reference_layer(
         torch.manual_seed(6)
         y = layer(xi)
         (y * upstream).sum().backward()
-        results.append([y, xi.grad, layer.lora_A.grad, layer.lora_B.grad])
+        grads = [layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad]
+        results.append([y, xi.grad, *grads])
     return results
 
 

@@ -22,13 +22,16 @@ one `B` matmul, no loop over experts. A branch not in play for a token multiplie
 components by an exact 0, so it receives exactly zero gradient from that token (and the
 router none from tokens of the other branch). One dropout mask is shared by all experts.
 
-Two implementations, the same floats: by default the layer's whole delta (dropout, A, router,
-gate, B, the add) is one autograd node with its backward written out (`_FusedDelta`): each
-product and elementwise op computed as autograd computes it for the plain ops (the reference,
-`RoutingContext.fused = False`, and under autocast), bit for bit. It keeps the layer input as
-given and the dropout mask, and recomputes the float32 input and the dropped-out input in the
-backward: under a bf16 host no float32 copy of the input is kept (peft's LoRA keeps its
-dropped-out input; the reference keeps that and the float32 copy its router reads).
+Two implementations, the same floats. Where a router is in play, by default the layer's whole
+delta (dropout, A, router, gate, B, the add) is one autograd node with its backward written
+out (`_FusedDelta`), each product and elementwise op computed as autograd computes it for the
+plain ops (the reference: elsewhere, under autocast, and with `RoutingContext.fused = False`),
+bit for bit. It keeps the layer input as given and the dropout mask, and recomputes the
+float32 input and the dropped-out input in the backward: under a bf16 host it keeps no
+float32 copy of the input (peft's LoRA keeps its dropped-out input; the reference keeps that
+and the float32 copy its router reads). Without a router the reference keeps what peft's
+LoRA keeps, and its plain ops cost the host less than a Python autograd node would
+(`benchmarks/adapter_speed.py --tiny --reference`).
 
 Configurations (`AdapterConfig.kind`)::
 
@@ -275,7 +278,7 @@ class RoutingState:
     image_mask: torch.Tensor | None = None
     task: int | None = None
     task_ids: torch.Tensor | None = None
-    _outside: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
+    _outside: dict[tuple[bool | str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def outside(self, image_experts: tuple[bool, ...]) -> torch.Tensor:
         """(batch, seq, experts): True where an expert is not of the token's branch, given
@@ -285,13 +288,11 @@ class RoutingState:
             self._outside[image_experts] = self.image_mask.unsqueeze(-1) != layout
         return self._outside[image_experts]
 
-    def gate_layout(self, image_experts: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`outside` flattened to (tokens, experts), and its complement in float32 (the gate
-        of two one-expert branches): the fused path's, derived once per forward."""
-        key = ("flat", *image_experts)
+    def flat_outside(self, image_experts: tuple[bool, ...]) -> torch.Tensor:
+        """`outside` flattened to (tokens, experts), for the fused path."""
+        key = (*image_experts, "flat")
         if key not in self._outside:
-            outside = self.outside(image_experts).flatten(0, -2)
-            self._outside[key] = (outside, (~outside).float())
+            self._outside[key] = self.outside(image_experts).flatten(0, -2)
         return self._outside[key]
 
 
@@ -310,7 +311,7 @@ class RoutingContext:
     task: int | None = None
     prototypes: torch.Tensor | None = None
     embed: nn.Module | None = None
-    fused: bool = True  # the layers' fused path (`_FusedDelta`); False: the reference's ops
+    fused: bool = True  # routed layers' fused path (`_FusedDelta`); False: the reference
 
     def forced_branch(self, training: bool) -> str | None:
         """The branch every token takes under the policy and pass, None for per token."""
@@ -391,10 +392,10 @@ def _prompt_embedding(
 class AdapterLinear(nn.Module):
     """A frozen `nn.Linear` (`base`) plus the stacked experts of every branch (see module doc).
 
-    Two implementations of one layer, the same floats: the fused path (`_FusedDelta`, the
-    default: the whole adapter delta as one autograd node, its backward written out) and the
-    reference (`_reference`: autograd over plain ops), which runs under autocast and where
-    `RoutingContext.fused` is off.
+    Two implementations of one layer, the same floats: the fused path (`_FusedDelta`: the
+    whole adapter delta as one autograd node, its backward written out), by default where a
+    router is in play, and the reference (`_reference`: autograd over plain ops) elsewhere,
+    under autocast and where `RoutingContext.fused` is off.
     """
 
     def __init__(self, base: nn.Linear, config: AdapterConfig, routing: RoutingContext) -> None:
@@ -448,8 +449,9 @@ class AdapterLinear(nn.Module):
                 f"image mask of shape {tuple(outside.shape[:-1])} does not match the tokens "
                 f"{tuple(x.shape[:-1])} reaching this layer"
             )
-        if self.routing.fused and not torch.is_autocast_enabled(x.device.type):
-            return self._fused(y, x, lora_A, lora_B, experts, index, state)
+        routed = experts > 1 and self.router is not None
+        if routed and self.routing.fused and not torch.is_autocast_enabled(x.device.type):
+            return self._fused(y, x, lora_A, lora_B, experts, outside, index, state)
         return self._reference(y, x, lora_A, lora_B, experts, outside, index, state)
 
     def _in_play(
@@ -479,39 +481,24 @@ class AdapterLinear(nn.Module):
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         experts: int,
+        outside: torch.Tensor | None,
         index: torch.Tensor | None,
         state: RoutingState,
     ) -> torch.Tensor:
-        """The layer's output by `_FusedDelta`, gated as `_gate` gates."""
-        router = outside = gate = task = None
-        pad = 0
-        if experts > 1:
-            if len(self.branches) == 2 and state.branch is None:  # each token its branch
-                outside, fixed = state.gate_layout(self.image_experts)
-                if self.router is None:
-                    gate = fixed
-                else:  # the routed branch first, the image expert's logit 0
-                    router, pad = self.router.weight, experts - self.router.out_features
-            else:  # one routed branch for every token
-                router = self.router.weight
-                if state.task_ids is not None and self.task_gates is not None:
-                    task = self.task_gates[state.task_ids].unsqueeze(-2)
-                    task = task.expand(*x.shape[:-1], -1).flatten(0, -2)
+        """The layer's output by `_FusedDelta`, routed as `_gate` routes."""
+        task = None
+        if outside is not None:  # each token its branch: flattened, once per forward
+            outside = state.flat_outside(self.image_experts)
+        elif state.task_ids is not None and self.task_gates is not None:
+            task = self.task_gates[state.task_ids].unsqueeze(-2)
+            task = task.expand(*x.shape[:-1], -1).flatten(0, -2)
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
-        plan = _Plan(
-            p,
-            self.scaling,
-            lora_A.shape[0] // experts,
-            pad,
-            self.task_gate,
-            outside,
-            gate,
-            task,
-            index,
-        )
-        out, weights = _FusedDelta.apply(y, x, x, lora_A, lora_B, router, plan)
-        if weights is not None:
-            self.last_route = (weights, None if outside is None else state.image_mask)
+        # With an image mask, the routed branch first and the image expert's logit 0.
+        pad = experts - self.router.out_features
+        rank = lora_A.shape[0] // experts
+        plan = _Plan(p, self.scaling, rank, pad, self.task_gate, outside, task, index)
+        out, weights = _FusedDelta.apply(y, x, x, lora_A, lora_B, self.router.weight, plan)
+        self.last_route = (weights, None if outside is None else state.image_mask)
         return out
 
     def _reference(
@@ -589,22 +576,21 @@ class _Plan(NamedTuple):
 
     dropout: float  # p, in training; 0: none
     scaling: float  # alpha / r
-    rank: int  # each gated expert's rank, where equal
+    rank: int  # each expert's rank, where equal
     pad: int  # logits of 0 appended to the router's (the V-Adapter's), before the mask
     task_gate: float  # cl-moe's w
     outside: torch.Tensor | None  # (tokens, E) bool: True where a logit is masked
-    gate: torch.Tensor | None  # (tokens, E): a fixed gate, without a router
     task: torch.Tensor | None  # (tokens, E): cl-moe's task gate
     index: torch.Tensor | None  # (E·r,): each component's expert, where ranks differ
 
 
 class _FusedDelta(torch.autograd.Function):
-    r"""The adapter layer from its base output to its output, as one autograd node.
+    r"""A routed adapter layer from its base output to its output, as one autograd node.
 
     With x flattened to (tokens, in), x_a its float32 copy and m the dropout mask::
 
         h    = (m ⊙ x_a) A^T                                 (tokens, E·r)
-        gate = softmax(pad(x_a R^T) masked by `outside`)      (tokens, E), or a fixed gate
+        gate = softmax(pad(x_a R^T) masked by `outside`)      (tokens, E)
         out  = y + s · (gate ⊙ h) B^T                         gate repeated over each rank
 
     and, with g = s · dout (s = alpha / r), g_h = g B the gradient of gate ⊙ h::
@@ -628,38 +614,32 @@ class _FusedDelta(torch.autograd.Function):
         x: torch.Tensor,
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
-        router: torch.Tensor | None,
+        router: torch.Tensor,
         plan: _Plan,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: y (..., out) the base output; x_router, x (..., in) the layer input (one
         tensor, twice); lora_A (E·r, in), lora_B (out, E·r) the experts in play; router
-        (N, in) or None. Returns the output and the router's weights (tokens, E; no
-        gradient), or None without a router."""
+        (N, in). Returns the output and the router's weights (tokens, E; no gradient)."""
         xa = x.reshape(-1, x.shape[-1])
         xa = xa if xa.dtype == lora_A.dtype else xa.to(lora_A.dtype)
         xd, mask = _dropout(xa, plan.dropout)
         h = F.linear(xd, lora_A)
-        weights = factor = None
-        gate = plan.gate
-        if router is not None:
-            logits = F.linear(xa, router)
-            if plan.pad:
-                logits = torch.constant_pad_nd(logits, (0, plan.pad))
-            if plan.outside is not None:
-                logits = logits.masked_fill(plan.outside, -math.inf)
-            weights = gate = logits.softmax(-1)
-            if plan.task is not None:
-                gate = weights.lerp(plan.task, plan.task_gate)
-            ctx.mark_non_differentiable(weights)
-        gated = h
-        if gate is not None:  # each component times its expert's gate
-            if plan.index is None:
-                h, factor = h.view(len(h), -1, plan.rank), gate.unsqueeze(-1)
-                gated = (h * factor).view(len(h), -1)
-            else:
-                factor = gate.index_select(-1, plan.index)
-                gated = h * factor
+        logits = F.linear(xa, router)
+        if plan.pad:
+            logits = torch.constant_pad_nd(logits, (0, plan.pad))
+        if plan.outside is not None:
+            logits = logits.masked_fill(plan.outside, -math.inf)
+        weights = gate = logits.softmax(-1)
+        if plan.task is not None:
+            gate = weights.lerp(plan.task, plan.task_gate)
+        if plan.index is None:  # each component times its expert's gate
+            h, factor = h.view(len(h), -1, plan.rank), gate.unsqueeze(-1)
+            gated = (h * factor).view(len(h), -1)
+        else:
+            factor = gate.index_select(-1, plan.index)
+            gated = h * factor
         delta = F.linear(gated, lora_B).view(y.shape)
+        ctx.mark_non_differentiable(weights)
         ctx.set_materialize_grads(False)  # the weights' gradient: None, not zeros
         ctx.plan = plan
         ctx.save_for_backward(x, mask, lora_A, lora_B, router, weights, factor, h, gated)
@@ -681,25 +661,23 @@ class _FusedDelta(torch.autograd.Function):
         grad_A = grad_R = grad_xr = grad_x = None
         xa = x.reshape(-1, x.shape[-1])
         xa = xa if xa.dtype == lora_A.dtype else xa.to(lora_A.dtype)
-        grad_h = _input_grad(g, gated, lora_B)  # of gate ⊙ h, then of h
-        if factor is not None:
-            grad_gated = grad_h.view(h.shape)
-            grad_h = (grad_gated * factor).view(len(grad_h), -1)
-            if router is not None and (need_R or need_xr):
-                dgate = grad_gated * h  # summed over each expert's components
-                if plan.index is None:
-                    dgate = dgate.sum(-1)
-                else:  # as index_select's backward sums
-                    dgate = torch.zeros_like(weights).index_add_(-1, plan.index, dgate)
-                if plan.task is not None:
-                    dgate = dgate * (1 - plan.task_gate)
-                dlogits = torch._softmax_backward_data(dgate, weights, -1, weights.dtype)
-                if plan.outside is not None:
-                    dlogits = dlogits.masked_fill(plan.outside, 0)
-                if plan.pad:
-                    dlogits = torch.constant_pad_nd(dlogits, (0, -plan.pad))
-                grad_R = _weight_grad(dlogits, xa, router) if need_R else None
-                grad_xr = _input_grad(dlogits, xa, router) if need_xr else None
+        grad_gated = _input_grad(g, gated, lora_B).view(h.shape)
+        grad_h = (grad_gated * factor).view(len(h), -1)
+        if need_R or need_xr:
+            dgate = grad_gated * h  # summed over each expert's components
+            if plan.index is None:
+                dgate = dgate.sum(-1)
+            else:  # as index_select's backward sums
+                dgate = torch.zeros_like(weights).index_add_(-1, plan.index, dgate)
+            if plan.task is not None:
+                dgate = dgate * (1 - plan.task_gate)
+            dlogits = torch._softmax_backward_data(dgate, weights, -1, weights.dtype)
+            if plan.outside is not None:
+                dlogits = dlogits.masked_fill(plan.outside, 0)
+            if plan.pad:
+                dlogits = torch.constant_pad_nd(dlogits, (0, -plan.pad))
+            grad_R = _weight_grad(dlogits, xa, router) if need_R else None
+            grad_xr = _input_grad(dlogits, xa, router) if need_xr else None
         if need_A:
             grad_A = _weight_grad(grad_h, _redrop(xa, mask, plan.dropout), lora_A)
         if need_x:
