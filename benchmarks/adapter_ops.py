@@ -4,9 +4,10 @@ One forward, cross entropy and backward of a small Llama stack (adapters on gate
 down_proj, a batch of text and image tokens; the embedding requires grad for every variant
 alike, so that each backward runs through the whole stack), for: the frozen host, peft's LoRA
 (r=8), and ours `lora`, `mode`, `mode` with split expert ranks, `moe-lora` and
-`mode-text-lora`, each by the fused path (the default) and by the reference path
-(`RoutingContext.fused = False`, the same floats). A variant's adapter-added count is its
-step's count minus the frozen host's.
+`mode-text-lora`; those with a router also by the reference path ("ref.":
+`RoutingContext.fused = False`, the same floats; the fused path is the default there, the
+reference elsewhere). A variant's adapter-added count is its step's count minus the frozen
+host's.
 
 What is counted, every aten op that reaches the dispatcher below autograd in the step (a
 `TorchDispatchMode`: forward, loss, backward and the gradients' accumulation, whatever
@@ -99,10 +100,10 @@ def variants(args: argparse.Namespace) -> dict[str, nn.Module]:
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(TARGETS))
     models = {"frozen host": base, "peft LoRA r=8": peft.get_peft_model(shared(), lora)}
     for name, config in OURS.items():
-        for fused in (True, False):
+        for fused in (True, False) if config.routed else (True,):
             model = attach_adapters(shared(), config)
             routing_context(model).fused = fused
-            models[f"ours {name}" + ("" if fused else " (reference)")] = model
+            models[f"ours {name}" + ("" if fused else " (ref.)")] = model
     for model in models.values():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -180,7 +181,7 @@ def main() -> None:
         f"host {str(args.dtype).removeprefix('torch.')}, adapters float32, {args.device}; "
         "one training step; added = variant - frozen host"
     )
-    header = f"{'variant':<30}{'kernel ops':>11}{'added':>7}{'/ peft':>8}"
+    header = f"{'variant':<24}{'kernel ops':>11}{'added':>7}{'/ peft':>8}"
     header += f"{'all ops':>9}{'added':>7}{'/ peft':>8}{'saved MiB':>11}{'added':>9}{'/ peft':>8}"
     print(header + (f"{'GPU kernels':>13}{'added':>7}{'/ peft':>8}" if cuda else ""))
     host_counts, peft_counts = counts["frozen host"], counts["peft LoRA r=8"]
@@ -196,7 +197,7 @@ def main() -> None:
                 cells.append(f"{value / 2**20:>11.3f}{extra / 2**20:>9.3f}{ratio:>8}")
             else:
                 cells.append(f"{value:>{widths[i]}}{extra:>7}{ratio:>8}")
-        print(f"{name:<30}" + "".join(cells))
+        print(f"{name:<24}" + "".join(cells))
     print(f"peft_lora_added_kernel_ops={peft_added[0]} (host {host_counts[0]}, {peft_counts[0]})")
     print(f"moe_lora_ops_over_peft_lora_ops={added['ours moe-lora'][0] / peft_added[0]:.3f}")
     print(f"mode_ops_over_peft_lora_ops={added['ours mode'][0] / peft_added[0]:.3f}")
