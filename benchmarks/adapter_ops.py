@@ -11,7 +11,8 @@ host's.
 
 What is counted, every aten op that reaches the dispatcher below autograd in the step (a
 `TorchDispatchMode`: forward, loss, backward and the gradients' accumulation, whatever
-Python, autograd or a custom autograd function issued it):
+Python, autograd or a custom autograd function issued it; not the ops a kernel runs inside
+itself, of which there are none here: on the CPU dropout is its four ops, for peft as for us):
 
 - kernel ops: those that compute, which on a GPU each launch at least one kernel: all but
   views (ops whose output aliases an input: view, t, detach, expand, ...), `_unsafe_view`,
