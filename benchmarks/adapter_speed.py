@@ -3,14 +3,15 @@
 Compares, in one run and on the same frozen host: the host alone, peft's LoRA (r=8), our
 `lora`, our `mode` (N=4, per-token routing over a batch of text and image tokens), and with
 `--naive` a MoDE that loops over its experts in Python, as published MoE-LoRA code does, and
-with `--reference` our `lora` and `mode` by the reference path (`RoutingContext.fused =
-False`: the same floats by plain autograd ops). `--tiny` shrinks the stack to hidden 64 and
-2 x 32 tokens, where a step is the host's work of dispatching its ops, as a GPU step at batch
-1 is launch-bound. A step is forward + cross-entropy + backward, timed in this process's CPU
-time (one thread: waiting for a core shared with other jobs does not count). The variants
-take turns, one step each per round; a variant's overhead in a round is its step minus the
-host's step of that round, and each figure is the median over the rounds, so that slow
-spells of a shared machine (memory bandwidth, caches) cancel out of the differences.
+with `--reference` our `mode` by the reference path (`RoutingContext.fused = False`: the
+same floats by plain autograd ops; our `lora`, without a router, takes it anyway). `--tiny`
+shrinks the stack to hidden 64 and 2 x 32 tokens, where a step is the host's work of
+dispatching its ops, as a GPU step at batch 1 is launch-bound. A step is forward +
+cross-entropy + backward, timed in this process's CPU time (one thread: waiting for a core
+shared with other jobs does not count). The variants take turns, one step each per round; a
+variant's overhead in a round is its step minus the host's step of that round, and each
+figure is the median over the rounds, so that slow spells of a shared machine (memory
+bandwidth, caches) cancel out of the differences.
 
     .venv/bin/python benchmarks/adapter_speed.py [--quick | --tiny] [--steps N] [--naive]
         [--reference]
@@ -100,10 +101,9 @@ def variants(args: argparse.Namespace, mask: torch.Tensor) -> dict[str, nn.Modul
         "ours lora": attach_adapters(copy.deepcopy(base), AdapterConfig(kind="lora")),
         "ours mode": attach_adapters(copy.deepcopy(base), AdapterConfig(kind="mode")),
     }
-    for kind in ("lora", "mode") if args.reference else ():
-        model = attach_adapters(copy.deepcopy(base), AdapterConfig(kind=kind))
-        routing_context(model).fused = False
-        models[f"ours {kind} (ref.)"] = model
+    if args.reference:
+        models["ours mode (ref.)"] = attach_adapters(copy.deepcopy(base), AdapterConfig())
+        routing_context(models["ours mode (ref.)"]).fused = False
     if args.naive:
         naive = copy.deepcopy(base)
         for name, module in list(naive.named_modules()):
@@ -134,7 +134,7 @@ def main() -> None:
     size.add_argument("--tiny", action="store_true", help="hidden 64: the host's dispatch work")
     parser.add_argument("--steps", type=int, default=15, help="timed rounds")
     parser.add_argument("--naive", action="store_true", help="also the per-expert loop MoDE")
-    parser.add_argument("--reference", action="store_true", help="also our reference paths")
+    parser.add_argument("--reference", action="store_true", help="also mode's reference path")
     # One thread by default: on a shared machine, OpenMP threads stall whenever another
     # process holds one of their cores, which swamps the differences measured here.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

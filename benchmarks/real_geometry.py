@@ -4,14 +4,14 @@ A Llama stack of Anole-7B's width (hidden 4096, intermediate 11008, 32 heads, vo
 65,536, image codes 4..8195) with random weights and `--layers` decoder layers (default 2),
 one sequence of a 1,024-code image and its question (1,100 tokens). Timed round-robin in one
 process, on the same frozen host weights: the host alone, peft's LoRA (r=8 on gate / up /
-down_proj), our `lora` and our `mode` (`modecl.core.adapters`), each of ours also by its
-reference path ("ref.": `RoutingContext.fused = False`, the same floats by plain autograd
-ops). A step is forward, cross entropy and backward; the embedding output requires grad for
-every variant alike, so each backward runs through the whole stack. Each variant reports the
-median step (on CPU, this process's CPU time: other jobs on a shared machine barely change
-it), tokens/s and its peak memory above what was resident before its warm-up step. First,
-`modecl.core.distill.topk_kl` on [1, 1,100, 65,536] logits: its peak extra memory, forward
-and backward, per chunk size.
+down_proj), our `lora` and our `mode` (`modecl.core.adapters`), `mode` also by its reference
+path ("ref.": `RoutingContext.fused = False`, the same floats by plain autograd ops; `lora`
+has no router, so it takes the reference path anyway). A step is forward, cross entropy and
+backward; the embedding output requires grad for every variant alike, so each backward runs
+through the whole stack. Each variant reports the median step (on CPU, this process's CPU
+time: other jobs on a shared machine barely change it), tokens/s and its peak memory above
+what was resident before its warm-up step. First, `modecl.core.distill.topk_kl` on
+[1, 1,100, 65,536] logits: its peak extra memory, forward and backward, per chunk size.
 
     .venv/bin/python benchmarks/real_geometry.py                        # CPU, float32
     python benchmarks/real_geometry.py --layers 32 --device cuda        # one GPU, bfloat16
@@ -118,11 +118,11 @@ def variants(base: LlamaForCausalLM) -> dict[str, nn.Module]:
 
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(TARGETS))
     models = {"frozen host": base, "peft LoRA r=8": peft.get_peft_model(shared(), lora)}
-    for kind in ("lora", "mode"):
-        for fused in (True, False):
-            model = attach_adapters(shared(), AdapterConfig(kind=kind))
-            routing_context(model).fused = fused
-            models[f"ours {kind}" + ("" if fused else " (ref.)")] = model
+    models["ours lora"] = attach_adapters(shared(), AdapterConfig(kind="lora"))
+    for fused in (True, False):
+        model = attach_adapters(shared(), AdapterConfig(kind="mode"))
+        routing_context(model).fused = fused
+        models["ours mode" + ("" if fused else " (ref.)")] = model
     for model in models.values():
         for name, param in model.named_parameters():
             if "lora_B" in name:  # B != 0 as after some training: no path is trivially zero
