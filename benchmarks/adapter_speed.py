@@ -2,14 +2,19 @@
 
 Compares, in one run and on the same frozen host: the host alone, peft's LoRA (r=8), our
 `lora`, our `mode` (N=4, per-token routing over a batch of text and image tokens), and with
-`--naive` a MoDE that loops over its experts in Python, as published MoE-LoRA code does. A
-step is forward + cross-entropy + backward, timed in this process's CPU time (one thread:
-waiting for a core shared with other jobs does not count). The variants take turns, one
-step each per round; a variant's overhead in a round is its step minus the host's step of
-that round, and each figure is the median over the rounds, so that slow spells of a shared
-machine (memory bandwidth, caches) cancel out of the differences.
+`--naive` a MoDE that loops over its experts in Python, as published MoE-LoRA code does, and
+with `--reference` our `mode` by the reference path (`RoutingContext.fused = False`: the
+same floats by plain autograd ops; our `lora`, without a router, takes it anyway). `--tiny`
+shrinks the stack to hidden 64 and 2 x 32 tokens, where a step is the host's work of
+dispatching its ops, as a GPU step at batch 1 is launch-bound. A step is forward +
+cross-entropy + backward, timed in this process's CPU time (one thread: waiting for a core
+shared with other jobs does not count). The variants take turns, one step each per round; a
+variant's overhead in a round is its step minus the host's step of that round, and each
+figure is the median over the rounds, so that slow spells of a shared machine (memory
+bandwidth, caches) cancel out of the differences.
 
-    .venv/bin/python benchmarks/adapter_speed.py [--quick] [--steps N] [--naive]
+    .venv/bin/python benchmarks/adapter_speed.py [--quick | --tiny] [--steps N] [--naive]
+        [--reference]
 
 The last line is `mode_overhead_over_peft_lora_overhead=<ratio>` (median overheads).
 """
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modecl.core.adapters import AdapterConfig, attach_adapters
+from modecl.core.adapters import AdapterConfig, attach_adapters, routing_context
 
 TARGETS = ("gate_proj", "up_proj", "down_proj")
 
@@ -67,8 +72,8 @@ def host(args: argparse.Namespace) -> LlamaForCausalLM:
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=args.hidden // 64,
+        num_attention_heads=max(args.hidden // 64, 2),
+        num_key_value_heads=max(args.hidden // 64, 2),
         attn_implementation="sdpa",
     )
     config.image_token_ids = list(range(args.vocab // 2, args.vocab))
@@ -96,6 +101,9 @@ def variants(args: argparse.Namespace, mask: torch.Tensor) -> dict[str, nn.Modul
         "ours lora": attach_adapters(copy.deepcopy(base), AdapterConfig(kind="lora")),
         "ours mode": attach_adapters(copy.deepcopy(base), AdapterConfig(kind="mode")),
     }
+    if args.reference:
+        models["ours mode (ref.)"] = attach_adapters(copy.deepcopy(base), AdapterConfig())
+        routing_context(models["ours mode (ref.)"]).fused = False
     if args.naive:
         naive = copy.deepcopy(base)
         for name, module in list(naive.named_modules()):
@@ -121,15 +129,25 @@ def step(model: nn.Module, ids: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small stack, for a smoke run")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a small stack, for a smoke run")
+    size.add_argument("--tiny", action="store_true", help="hidden 64: the host's dispatch work")
     parser.add_argument("--steps", type=int, default=15, help="timed rounds")
     parser.add_argument("--naive", action="store_true", help="also the per-expert loop MoDE")
+    parser.add_argument("--reference", action="store_true", help="also mode's reference path")
     # One thread by default: on a shared machine, OpenMP threads stall whenever another
     # process holds one of their cores, which swamps the differences measured here.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    size = (256, 704, 2, 512, 4, 128) if args.quick else (1024, 2816, 4, 2048, 8, 256)
+    size = (1024, 2816, 4, 2048, 8, 256)
+    size = (
+        (256, 704, 2, 512, 4, 128)
+        if args.quick
+        else (64, 176, 2, 256, 2, 32)
+        if args.tiny
+        else size
+    )
     args.hidden, args.intermediate, args.layers, args.vocab, batch, seq = size
 
     # Each row: text prompt (1/8), image tokens (3/4), text (1/8).
@@ -157,11 +175,11 @@ def main() -> None:
         f"vocab {args.vocab}, batch x seq = {batch} x {seq}, float32, "
         f"{torch.get_num_threads()} thread(s), CPU time, medians over {args.steps} rounds"
     )
-    print(f"{'variant':<18}{'step s':>10}{'overhead s':>12}{'x host':>9}{'overhead / peft':>17}")
+    print(f"{'variant':<20}{'step s':>10}{'overhead s':>12}{'x host':>9}{'overhead / peft':>17}")
     for name, overhead in overheads.items():
         step_s = statistics.median(times[name])
         ratio = overhead / overheads["peft lora"]
-        print(f"{name:<18}{step_s:>10.3f}{overhead:>12.3f}{step_s / host_step:>9.3f}{ratio:>17.2f}")
+        print(f"{name:<20}{step_s:>10.4g}{overhead:>12.4g}{step_s / host_step:>9.3f}{ratio:>17.2f}")
     ratio = overheads["ours mode"] / overheads["peft lora"]
     print(f"mode_overhead_over_peft_lora_overhead={ratio:.3f}")
 

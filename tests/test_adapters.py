@@ -160,6 +160,197 @@ def test_stacked_layer_equals_expert_loop(kind, branch, expert_rank):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
+# --- the fused path: the reference's floats ----------------------------------------------
+
+
+def step_results(
+    model: nn.Module, fused: bool, ids: torch.Tensor, kind: str | None, task: int | None
+) -> list[torch.Tensor]:
+    """Logits, routed weights and every gradient (adapters, router, input embeddings) of one
+    training step by the fused or the reference path, from the same random state."""
+    routing_context(model).fused = fused
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same dropout masks
+    passing = pass_kind(model, kind) if kind else nullcontext()
+    with passing, training_task(model, task) if task is not None else nullcontext():
+        logits = lm_logits(model, input_ids=ids)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+    weights = list(routed_weights(model).values())
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    return [logits.detach(), *weights, *(torch.zeros(0) if g is None else g for g in grads)]
+
+
+def fused_case(kind, expert_rank="full", routing="token", training=True, pass_=None, **extra):
+    return pytest.param(
+        dict(kind=kind, expert_rank=expert_rank, routing=routing, **extra),
+        training,
+        pass_,
+        id=f"{kind}-{expert_rank}-{routing}-{pass_}-{'train' if training else 'eval'}",
+    )
+
+
+# The kinds with a router: the fused path's (the others take the reference's ops).
+ROUTED = [("mode", "full"), ("mode", "split"), ("moe-lora", "full"), ("moe-lora", "split")]
+FUSED_CASES = [
+    *(fused_case(kind, rank, training=t) for kind, rank in ROUTED for t in (True, False)),
+    fused_case("cl-moe", "split", tasks=2),
+    *(
+        fused_case("mode", rank, routing=routing, training=training, pass_=pass_)
+        for rank in ("full", "split")
+        for routing in ("task", "sample")
+        for pass_ in (None, "understand", "draw", "student")  # the teacher: no adapters
+        for training in (True, False)
+    ),
+    fused_case("mode", dropout=0.0),
+    fused_case("moe-lora", alpha=8.0),  # scaling 1
+]
+
+
+@pytest.mark.parametrize(("config", "training", "kind"), FUSED_CASES)
+def test_fused_path_gives_the_reference_floats(config, training, kind):
+    """Outputs, router weights and every gradient, bit for bit, whatever the kind, rank,
+    policy, pass, dropout or scaling."""
+    model = adapted("llama", **config).train(training)
+    for layer in adapter_layers(model).values():
+        if layer.router is not None:  # routers far from uniform: no path is trivially equal
+            nn.init.normal_(layer.router.weight, std=0.5)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    ids = batch()
+    fused, reference = (step_results(model, f, ids, kind, None) for f in (True, False))
+    assert len(fused) == len(reference)
+    assert not torch.equal(fused[0], tiny_llama()(ids).logits)
+    for ours, expected in zip(fused, reference, strict=True):
+        assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize(
+    ("host", "dtype", "config", "task"),
+    [
+        ("chameleon", torch.float32, dict(kind="mode"), None),
+        ("llama", torch.bfloat16, dict(kind="mode"), None),
+        ("llama", torch.bfloat16, dict(kind="moe-lora", expert_rank="split"), None),
+        ("llama", torch.float32, dict(kind="cl-moe", tasks=3), 1),  # in training
+    ],
+)
+def test_fused_path_gives_the_reference_floats_on_other_hosts(host, dtype, config, task):
+    model = attach_adapters(HOSTS[host]().to(dtype), AdapterConfig(**config))
+    randomize(model)
+    model.train().get_input_embeddings().weight.requires_grad_(True)
+    ids = batch()
+    fused, reference = (step_results(model, f, ids, None, task) for f in (True, False))
+    for ours, expected in zip(fused, reference, strict=True):
+        assert ours.dtype == expected.dtype and torch.equal(ours, expected)
+
+
+def test_fused_path_gives_the_reference_floats_with_cl_moe_task_gates():
+    model = adapted("llama", kind="cl-moe", tasks=2, num_experts=3).train()
+    routing = routing_context(model)
+    routing.prototypes[0] = prompt_embedding(model, batch())[0]
+    for layer in adapter_layers(model).values():
+        layer.task_gates[0] = torch.tensor([0.2, 0.3, 0.5])
+    model.get_input_embeddings().weight.requires_grad_(True)
+    ids = batch()
+    fused, reference = (step_results(model, f, ids, None, None) for f in (True, False))
+    assert routing.state.task_ids is not None  # out of training: each sample's task gate
+    for ours, expected in zip(fused, reference, strict=True):
+        assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize(
+    ("kind", "features", "branch", "rows", "out"),
+    [
+        ("moe-lora", 1, None, (1, 1), 24),  # a (1, 1) input of a product: column-major too
+        ("moe-lora", 1, None, (2, 5), 24),
+        ("mode", 16, "text", (1, 2048), 512),  # B's columns of a branch: not column-major
+    ],
+)
+def test_fused_layer_gives_the_reference_floats_where_mm_backward_changes_form(
+    kind, features, branch, rows, out
+):
+    """mm's backward picks its product's form by the strides: the fused backward the same
+    (the other form rounds differently at 2048 tokens, where MKL splits the sum over two
+    threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = fused_and_reference_layer(kind, features, branch, rows, out)
+    finally:
+        torch.set_num_threads(threads)
+    for ours, expected in zip(*results, strict=True):
+        assert torch.equal(ours, expected)
+
+
+def fused_and_reference_layer(
+    kind: str, features: int, branch: str | None, rows: tuple[int, int], out: int
+) -> list[list[torch.Tensor]]:
+    """Output and gradients of a standalone layer's step, by the fused and the reference path."""
+    torch.manual_seed(3)
+    config = AdapterConfig(kind=kind, rank=1, alpha=3.0, num_experts=2)
+    routing = RoutingContext(config, image_token_ids=None)
+    routing.state = RoutingState(branch=branch)  # one branch for every token
+    layer = AdapterLinear(nn.Linear(features, out), config, routing).train()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(*rows, features, generator=torch.Generator().manual_seed(4))
+    upstream = torch.randn(*rows, out, generator=torch.Generator().manual_seed(5))
+    results = []
+    for fused in (True, False):
+        routing.fused = fused
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(6)
+        y = layer(xi)
+        (y * upstream).sum().backward()
+        grads = [layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad]
+        results.append([y, xi.grad, *grads])
+    return results
+
+
+def saved_for_backward(forward) -> list[torch.Tensor]:
+    """The tensors autograd keeps for the backward of ``forward()``."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        forward()
+    return saved
+
+
+def test_fused_path_keeps_no_float32_copy_of_a_bfloat16_input_beyond_peft_loras():
+    """Of the input's size, peft's LoRA keeps the dropout mask and the dropped-out float32
+    input; the fused MoDE layer the mask and the input itself (the reference also the float32
+    copy its router reads)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(3)
+    base = nn.Linear(16, 24).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    config = AdapterConfig(kind="mode", num_experts=3)
+    routing = RoutingContext(config, image_token_ids=None)
+    routing.state = RoutingState(image_mask=mask)
+    layer = AdapterLinear(base, config, routing).train()
+    model = peft.get_peft_model(
+        nn.Sequential(base), peft.LoraConfig(r=8, lora_dropout=0.05, target_modules=["0"])
+    ).train()
+
+    def input_sized(forward) -> list[torch.dtype]:
+        return sorted(str(t.dtype) for t in saved_for_backward(forward) if t.numel() == x.numel())
+
+    assert input_sized(lambda: model(x)) == ["torch.float32", "torch.float32"]
+    assert input_sized(lambda: layer(x)) == ["torch.bfloat16", "torch.float32"]
+    routing.fused = False
+    assert input_sized(lambda: layer(x)) == ["torch.float32"] * 3
+
+
+def test_autocast_takes_the_reference_path():
+    """Under autocast the fused node steps aside: the same floats, fused on or off."""
+    model = adapted("llama").train()
+    ids = batch()
+    with torch.autocast("cpu", torch.bfloat16):
+        fused, reference = (step_results(model, f, ids, None, None) for f in (True, False))
+    plain = step_results(model, True, ids, None, None)
+    assert not torch.equal(fused[0], plain[0])  # autocast did run in bfloat16
+    for ours, expected in zip(fused, reference, strict=True):
+        assert torch.equal(ours, expected)
+
+
 # --- gradient isolation ------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from modecl.core.adapters import (
     enable_gradient_checkpointing,
     lm_logits,
     pass_kind,
+    routing_context,
 )
 from tests.fixtures import ADAPTER_HOSTS, HOSTS, batch, randomize
 
@@ -49,14 +50,16 @@ def shorter_batch(model: nn.Module, ids: torch.Tensor) -> None:
 
 
 def adapter_grads(
-    host: str, checkpointing: str, between: Between, grad_first: bool = False
+    host: str, checkpointing: str, between: Between, grad_first: bool = False, fused: bool = True
 ) -> list[torch.Tensor]:
     """Adapter gradients of one mixed-batch loss, with `between` run before its backward.
 
     `grad_first`: an `autograd.grad` over the same graph (kept) runs first, as the conflict
-    monitor does; each checkpointed layer is then recomputed twice.
+    monitor does; each checkpointed layer is then recomputed twice. `fused`: the layers'
+    fused path (the default) or the reference.
     """
     model = attach_adapters(HOSTS[host](), AdapterConfig(dropout=0.0, routing="task"))
+    routing_context(model).fused = fused
     randomize(model)
     model.train()
     if checkpointing == "routing-safe":
@@ -80,12 +83,13 @@ def adapter_grads(
 BETWEEN = [nothing, other_batch, teacher, draw, shorter_batch]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 @pytest.mark.parametrize("between", BETWEEN, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("host", ADAPTER_HOSTS)
-def test_routing_safe_checkpointing_gives_the_reference_gradients(host, between):
-    reference = adapter_grads(host, "off", nothing)
+def test_routing_safe_checkpointing_gives_the_reference_gradients(host, between, fused):
+    reference = adapter_grads(host, "off", nothing, fused=False)
     assert all(torch.count_nonzero(g) > 0 for g in reference)
-    grads = adapter_grads(host, "routing-safe", between)
+    grads = adapter_grads(host, "routing-safe", between, fused=fused)
     assert len(grads) == len(reference)
     for ours, expected in zip(grads, reference, strict=True):
         torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)

@@ -22,6 +22,17 @@ one `B` matmul, no loop over experts. A branch not in play for a token multiplie
 components by an exact 0, so it receives exactly zero gradient from that token (and the
 router none from tokens of the other branch). One dropout mask is shared by all experts.
 
+Two implementations, the same floats. Where a router is in play, by default the layer's whole
+delta (dropout, A, router, gate, B, the add) is one autograd node with its backward written
+out (`_FusedDelta`), each product and elementwise op computed as autograd computes it for the
+plain ops (the reference: elsewhere, under autocast, and with `RoutingContext.fused = False`),
+bit for bit. It keeps the layer input as given and the dropout mask, and recomputes the
+float32 input and the dropped-out input in the backward: under a bf16 host it keeps no
+float32 copy of the input (peft's LoRA keeps its dropped-out input; the reference keeps that
+and the float32 copy its router reads). Without a router the reference keeps what peft's
+LoRA keeps, and its plain ops cost the host less than a Python autograd node would
+(`benchmarks/adapter_speed.py --tiny --reference`).
+
 Configurations (`AdapterConfig.kind`)::
 
     kind              text tokens                      image tokens
@@ -85,7 +96,7 @@ Public API::
     routed_weights(model, valid=None) -> {layer name: (routed tokens, experts) weights}
     router_entropy(weights) -> each row's entropy / log(experts), in [0, 1]
     lm_logits(model, last_only=False, **inputs) -> lm_head over the final hidden states
-    routing_context(model) -> RoutingContext
+    routing_context(model) -> RoutingContext    # .fused = False: the reference path
     enable_gradient_checkpointing(model) -> model   # HF checkpointing, routing-safe
 
 Gradient checkpointing: everything a layer reads per forward is the one object
@@ -103,12 +114,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from modecl.core import modality
 
@@ -266,7 +278,7 @@ class RoutingState:
     image_mask: torch.Tensor | None = None
     task: int | None = None
     task_ids: torch.Tensor | None = None
-    _outside: dict[tuple[bool, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+    _outside: dict[tuple[bool | str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def outside(self, image_experts: tuple[bool, ...]) -> torch.Tensor:
         """(batch, seq, experts): True where an expert is not of the token's branch, given
@@ -275,6 +287,13 @@ class RoutingState:
             layout = torch.tensor(image_experts, device=self.image_mask.device)
             self._outside[image_experts] = self.image_mask.unsqueeze(-1) != layout
         return self._outside[image_experts]
+
+    def flat_outside(self, image_experts: tuple[bool, ...]) -> torch.Tensor:
+        """`outside` flattened to (tokens, experts), for the fused path."""
+        key = (*image_experts, "flat")
+        if key not in self._outside:
+            self._outside[key] = self.outside(image_experts).flatten(0, -2)
+        return self._outside[key]
 
 
 @dataclass(eq=False)
@@ -292,6 +311,7 @@ class RoutingContext:
     task: int | None = None
     prototypes: torch.Tensor | None = None
     embed: nn.Module | None = None
+    fused: bool = True  # routed layers' fused path (`_FusedDelta`); False: the reference
 
     def forced_branch(self, training: bool) -> str | None:
         """The branch every token takes under the policy and pass, None for per token."""
@@ -370,7 +390,13 @@ def _prompt_embedding(
 
 
 class AdapterLinear(nn.Module):
-    """A frozen `nn.Linear` (`base`) plus the stacked experts of every branch (see module doc)."""
+    """A frozen `nn.Linear` (`base`) plus the stacked experts of every branch (see module doc).
+
+    Two implementations of one layer, the same floats: the fused path (`_FusedDelta`: the
+    whole adapter delta as one autograd node, its backward written out), by default where a
+    router is in play, and the reference (`_reference`: autograd over plain ops) elsewhere,
+    under autocast and where `RoutingContext.fused` is off.
+    """
 
     def __init__(self, base: nn.Linear, config: AdapterConfig, routing: RoutingContext) -> None:
         super().__init__()
@@ -386,9 +412,13 @@ class AdapterLinear(nn.Module):
         kw = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(sum(ranks), base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, sum(ranks), **kw))
-        # Unequal ranks (split T-MoE beside the V-Adapter): each gate repeats over its rank.
-        repeats = None if len(set(ranks)) == 1 else torch.tensor(ranks, device=kw["device"])
-        self.register_buffer("repeats", repeats, persistent=False)
+        # Unequal ranks (split T-MoE beside the V-Adapter): each component's expert, so that
+        # a gate repeats over its expert's rank.
+        index = None
+        if len(set(ranks)) > 1:
+            index = torch.arange(len(ranks), device=kw["device"])
+            index = index.repeat_interleave(torch.tensor(ranks, device=kw["device"]))
+        self.register_buffer("index", index, persistent=False)
         # Fan-in of each expert's A is in_features, as for the stack: one call inits all alike.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         routed = [n for _, n in self.branches if n > 1] if config.routed else []
@@ -404,7 +434,7 @@ class AdapterLinear(nn.Module):
             self.columns[name] = slice(start, start + n * self.ranks[name])
             start += n * self.ranks[name]
         self.image_experts = tuple(name == "image" for name, n in self.branches for _ in range(n))
-        # (router weights, image mask or None) of the last forward, detached.
+        # (router weights (..., experts), image mask or None) of the last forward, detached.
         self.last_route: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -413,28 +443,84 @@ class AdapterLinear(nn.Module):
         if not state.enabled:
             return y
         self.last_route = None
-        xa = x.to(self.lora_A.dtype)
-        repeats = None
-        if self.per_task:  # one LoRA per task: in training, only the tasks so far
-            lora_A, lora_B = self._tasks_so_far(state.task)
-            h = F.linear(self.dropout(xa), lora_A)
-            return y.add(F.linear(h, lora_B).to(y.dtype), alpha=self.scaling)
+        lora_A, lora_B, experts, outside, index = self._in_play(state)
+        if outside is not None and outside.shape[:-1] != x.shape[:-1]:
+            raise ValueError(
+                f"image mask of shape {tuple(outside.shape[:-1])} does not match the tokens "
+                f"{tuple(x.shape[:-1])} reaching this layer"
+            )
+        routed = experts > 1 and self.router is not None
+        if routed and self.routing.fused and not torch.is_autocast_enabled(x.device.type):
+            return self._fused(y, x, lora_A, lora_B, experts, outside, index, state)
+        return self._reference(y, x, lora_A, lora_B, experts, outside, index, state)
+
+    def _in_play(
+        self, state: RoutingState
+    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
+        """(A, B) of the experts in play, how many gated experts (1: no gate), `outside`
+        where each token picks its branch, and `index` where their ranks differ."""
+        if self.per_task:  # one LoRA per task, no gate: in training, only the tasks so far
+            return *self._tasks_so_far(state.task), 1, None, None
         if state.branch is not None and len(self.branches) == 2:
-            # One branch for all tokens: compute only its columns; the other gets no gradient.
-            experts, rank = dict(self.branches)[state.branch], self.ranks[state.branch]
+            # One branch for all tokens: only its columns; the other gets no gradient.
             cols = self.columns[state.branch]
-            lora_A, lora_B, outside = self.lora_A[cols], self.lora_B[:, cols], None
-        else:
-            experts, rank = sum(n for _, n in self.branches), self.expert_ranks[0]
-            lora_A, lora_B, repeats = self.lora_A, self.lora_B, self.repeats
-            outside = state.outside(self.image_experts) if len(self.branches) == 2 else None
+            return (
+                self.lora_A[cols],
+                self.lora_B[:, cols],
+                dict(self.branches)[state.branch],
+                None,
+                None,
+            )
+        outside = state.outside(self.image_experts) if len(self.branches) == 2 else None
+        return self.lora_A, self.lora_B, len(self.expert_ranks), outside, self.index
+
+    def _fused(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        experts: int,
+        outside: torch.Tensor | None,
+        index: torch.Tensor | None,
+        state: RoutingState,
+    ) -> torch.Tensor:
+        """The layer's output by `_FusedDelta`, routed as `_gate` routes."""
+        task = None
+        if outside is not None:  # each token its branch: flattened, once per forward
+            outside = state.flat_outside(self.image_experts)
+        elif state.task_ids is not None and self.task_gates is not None:
+            task = self.task_gates[state.task_ids].unsqueeze(-2)
+            task = task.expand(*x.shape[:-1], -1).flatten(0, -2)
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+        # With an image mask, the routed branch first and the image expert's logit 0.
+        pad = experts - self.router.out_features
+        rank = lora_A.shape[0] // experts
+        plan = _Plan(p, self.scaling, rank, pad, self.task_gate, outside, task, index)
+        out, weights = _FusedDelta.apply(y, x, x, lora_A, lora_B, self.router.weight, plan)
+        self.last_route = (weights, None if outside is None else state.image_mask)
+        return out
+
+    def _reference(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        experts: int,
+        outside: torch.Tensor | None,
+        index: torch.Tensor | None,
+        state: RoutingState,
+    ) -> torch.Tensor:
+        """The layer's output by autograd over plain ops: the fused path's reference."""
+        xa = x.to(self.lora_A.dtype)
         h = F.linear(self.dropout(xa), lora_A)
         if experts > 1:  # weigh each expert's components by its gate
             gate = self._gate(xa, outside, state.image_mask, state.task_ids)
-            if repeats is None:  # every expert in play of one rank
-                h = (h.unflatten(-1, (-1, rank)) * gate.unsqueeze(-1)).flatten(-2)
+            if index is None:  # every expert in play of one rank
+                h = (h.unflatten(-1, (experts, -1)) * gate.unsqueeze(-1)).flatten(-2)
             else:
-                h = h * gate.repeat_interleave(repeats, dim=-1, output_size=h.shape[-1])
+                h = h * gate.index_select(-1, index)
         return y.add(F.linear(h, lora_B).to(y.dtype), alpha=self.scaling)
 
     def _tasks_so_far(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -473,11 +559,6 @@ class AdapterLinear(nn.Module):
                 task = self.task_gates[task_ids].unsqueeze(-2)  # (batch, 1, experts)
                 weights = torch.lerp(weights, task, self.task_gate)
             return weights
-        if outside.shape[:-1] != x.shape[:-1]:
-            raise ValueError(
-                f"image mask of shape {tuple(outside.shape[:-1])} does not match the tokens "
-                f"{tuple(x.shape[:-1])} reaching this layer"
-            )
         if self.router is None:  # one expert in each branch: the token's own
             return (~outside).to(x.dtype)
         # The routed branch is the first (`AdapterConfig.branches`), the image expert's logit 0.
@@ -488,6 +569,164 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"branches={self.branches}, ranks={self.ranks}, scaling={self.scaling}"
+
+
+class _Plan(NamedTuple):
+    """What `_FusedDelta` needs beside the tensors it differentiates."""
+
+    dropout: float  # p, in training; 0: none
+    scaling: float  # alpha / r
+    rank: int  # each expert's rank, where equal
+    pad: int  # logits of 0 appended to the router's (the V-Adapter's), before the mask
+    task_gate: float  # cl-moe's w
+    outside: torch.Tensor | None  # (tokens, E) bool: True where a logit is masked
+    task: torch.Tensor | None  # (tokens, E): cl-moe's task gate
+    index: torch.Tensor | None  # (E·r,): each component's expert, where ranks differ
+
+
+class _FusedDelta(torch.autograd.Function):
+    r"""A routed adapter layer from its base output to its output, as one autograd node.
+
+    With x flattened to (tokens, in), x_a its float32 copy and m the dropout mask::
+
+        h    = (m ⊙ x_a) A^T                                 (tokens, E·r)
+        gate = softmax(pad(x_a R^T) masked by `outside`)      (tokens, E)
+        out  = y + s · (gate ⊙ h) B^T                         gate repeated over each rank
+
+    and, with g = s · dout (s = alpha / r), g_h = g B the gradient of gate ⊙ h::
+
+        dB = g^T (gate ⊙ h)      dA = (gate ⊙ g_h)^T (m ⊙ x_a)      dy = dout
+        dgate_e = Σ_r g_h ⊙ h    dl = softmax'(dgate), masked and unpadded
+        dR = dl^T x_a            dx = dl R + m ⊙ ((gate ⊙ g_h) A)
+
+    Each product and elementwise op is computed as autograd computes the reference's
+    (`AdapterLinear._reference`; `_weight_grad`, `_input_grad` replay mm's backward), so the
+    floats are the same; float32 x reaches this node twice (``x_router``, ``x``) so that the
+    router's and the experts' gradients of x add up in the reference's order. Saved: x as
+    given, the dropout mask, h, gate ⊙ h and the gate; x_a and m ⊙ x_a are recomputed.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        y: torch.Tensor,
+        x_router: torch.Tensor,
+        x: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        router: torch.Tensor,
+        plan: _Plan,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: y (..., out) the base output; x_router, x (..., in) the layer input (one
+        tensor, twice); lora_A (E·r, in), lora_B (out, E·r) the experts in play; router
+        (N, in). Returns the output and the router's weights (tokens, E; no gradient)."""
+        xa = x.reshape(-1, x.shape[-1])
+        xa = xa if xa.dtype == lora_A.dtype else xa.to(lora_A.dtype)
+        xd, mask = _dropout(xa, plan.dropout)
+        h = F.linear(xd, lora_A)
+        logits = F.linear(xa, router)
+        if plan.pad:
+            logits = torch.constant_pad_nd(logits, (0, plan.pad))
+        if plan.outside is not None:
+            logits = logits.masked_fill(plan.outside, -math.inf)
+        weights = gate = logits.softmax(-1)
+        if plan.task is not None:
+            gate = weights.lerp(plan.task, plan.task_gate)
+        if plan.index is None:  # each component times its expert's gate
+            h, factor = h.view(len(h), -1, plan.rank), gate.unsqueeze(-1)
+            gated = (h * factor).view(len(h), -1)
+        else:
+            factor = gate.index_select(-1, plan.index)
+            gated = h * factor
+        delta = F.linear(gated, lora_B).view(y.shape)
+        ctx.mark_non_differentiable(weights)
+        ctx.set_materialize_grads(False)  # the weights' gradient: None, not zeros
+        ctx.plan = plan
+        ctx.save_for_backward(x, mask, lora_A, lora_B, router, weights, factor, h, gated)
+        delta = delta if delta.dtype == y.dtype else delta.to(y.dtype)
+        return y.add(delta, alpha=plan.scaling), weights
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad: torch.Tensor, _: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, mask, lora_A, lora_B, router, weights, factor, h, gated = ctx.saved_tensors
+        plan = ctx.plan
+        _, need_xr, need_x, need_A, need_B, need_R = ctx.needs_input_grad[:6]
+        g = grad.reshape(-1, grad.shape[-1])
+        g = g if plan.scaling == 1 else g * plan.scaling
+        g = g if g.dtype == lora_B.dtype else g.to(lora_B.dtype)
+        grad_B = _weight_grad(g, gated, lora_B) if need_B else None
+        grad_A = grad_R = grad_xr = grad_x = None
+        xa = x.reshape(-1, x.shape[-1])
+        xa = xa if xa.dtype == lora_A.dtype else xa.to(lora_A.dtype)
+        grad_gated = _input_grad(g, gated, lora_B).view(h.shape)
+        grad_h = (grad_gated * factor).view(len(h), -1)
+        if need_R or need_xr:
+            dgate = grad_gated * h  # summed over each expert's components
+            if plan.index is None:
+                dgate = dgate.sum(-1)
+            else:  # as index_select's backward sums
+                dgate = torch.zeros_like(weights).index_add_(-1, plan.index, dgate)
+            if plan.task is not None:
+                dgate = dgate * (1 - plan.task_gate)
+            dlogits = torch._softmax_backward_data(dgate, weights, -1, weights.dtype)
+            if plan.outside is not None:
+                dlogits = dlogits.masked_fill(plan.outside, 0)
+            if plan.pad:
+                dlogits = torch.constant_pad_nd(dlogits, (0, -plan.pad))
+            grad_R = _weight_grad(dlogits, xa, router) if need_R else None
+            grad_xr = _input_grad(dlogits, xa, router) if need_xr else None
+        if need_A:
+            grad_A = _weight_grad(grad_h, _redrop(xa, mask, plan.dropout), lora_A)
+        if need_x:
+            grad_x = _redrop(_input_grad(grad_h, xa, lora_A), mask, plan.dropout)
+            if x.dtype != xa.dtype:  # one gradient of x.to(float32), cast back once
+                grad_x = grad_x if grad_xr is None else grad_xr + grad_x
+                grad_x, grad_xr = grad_x.to(x.dtype), None
+        grad_xr = None if grad_xr is None else grad_xr.view(x.shape)
+        grad_x = None if grad_x is None else grad_x.view(x.shape)
+        return grad, grad_xr, grad_x, grad_A, grad_B, grad_R, None
+
+
+def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`F.dropout(x, p)` in training, drawn and computed as torch does, and its mask: torch's
+    fused kernel on CUDA and XPU (a boolean mask), elsewhere x ⊙ bernoulli(1 - p) / (1 - p)
+    (the mask holds 0 or 1 / (1 - p)). No dropout: x and None."""
+    if p == 0 or x.numel() == 0:
+        return x, None
+    if x.device.type in ("cuda", "xpu"):
+        return torch.native_dropout(x, p, True)
+    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    return x * noise, noise
+
+
+def _redrop(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+    """x through the dropout that drew `mask`: its forward on the input, its backward on
+    a gradient (the same product)."""
+    if mask is None:
+        return x
+    if mask.dtype == torch.bool:
+        return torch.ops.aten.native_dropout_backward(x, mask, 1 / (1 - p))
+    return x * mask
+
+
+def _weight_grad(grad: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dW of ``inputs @ W^T`` from its output's gradient, as autograd's mm backward computes
+    it (a column-major ``W^T``: ``(grad^T inputs)``, else ``(inputs^T grad)^T``)."""
+    if weight.stride(1) == 1 and weight.stride(0) == weight.shape[1]:
+        return grad.t().mm(inputs)
+    return inputs.t().mm(grad).t()
+
+
+def _input_grad(grad: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d inputs of ``inputs @ W^T`` from its output's gradient, as autograd's mm backward
+    computes it (column-major inputs: ``(W^T grad^T)^T``, else ``grad W``); only the inputs'
+    strides are read."""
+    if inputs.stride(0) == 1 and inputs.stride(1) == inputs.shape[0]:
+        return weight.t().mm(grad.t()).t()
+    return grad.mm(weight)
 
 
 @dataclass
@@ -721,14 +960,14 @@ def routed_weights(model: nn.Module, valid: torch.Tensor | None = None) -> dict[
         if layer.last_route is None:
             continue
         weights, mask = layer.last_route  # with an image mask: the routed (text) tokens
-        n = layer.router.out_features
-        keep = torch.ones(weights.shape[:-1], dtype=torch.bool, device=weights.device)
+        weights = weights.flatten(0, -2)  # (tokens, experts)
+        keep = torch.ones(len(weights), dtype=torch.bool, device=weights.device)
         if mask is not None:
-            keep &= ~mask
+            keep &= ~mask.flatten()
         if valid is not None:
-            keep &= valid.bool()
+            keep &= valid.bool().flatten()
         if keep.any():
-            out[name] = weights[..., :n][keep].float()
+            out[name] = weights[keep, : layer.router.out_features].float()
     return out
 
 
