@@ -1,4 +1,4 @@
-"""The regime table of the README ("Where does the T-MoE help?") from finished runs.
+"""The regime table (docs/digits-study.md, "Where does the T-MoE help?") from finished runs.
 
 For each run (one schedule) and method: final accuracy and forgetting, exact and
 constrained, the host's generation accuracy after the last task, and the router's use

@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT_DIR [METHOD]
 
-DDP, or DeepSpeed ZeRO with ``ACCELERATE_USE_DEEPSPEED=true`` (README, "Scale-out"). The
+DDP, or DeepSpeed ZeRO with ``ACCELERATE_USE_DEEPSPEED=true`` (docs/scale-out.md). The
 steps run twice: once writing a step checkpoint after every step, then again resuming from
 the last one, which trains the last step only. Each process writes OUT_DIR/rank<R>.pt: its
 engine, its logged losses and gradient norms, its adapter weights, and those the resumed

@@ -1,5 +1,5 @@
 """Data-parallel training: two CPU processes (torchrun, gloo) against one process, under DDP
-and under DeepSpeed ZeRO-2 (chosen as `accelerate launch` chooses it, README "Scale-out")."""
+and under DeepSpeed ZeRO-2 (chosen as `accelerate launch` chooses it, docs/scale-out.md)."""
 
 from __future__ import annotations
 

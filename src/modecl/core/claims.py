@@ -1,7 +1,7 @@
 """The study's findings as named claims, each a rule checked on every replicate of a run.
 
 A trained host is a sample, and so is a run seed: a finding measured once can reverse on
-another host or machine. So every finding the README states is a :class:`Claim` with a
+another host or machine. So every finding the docs state is a :class:`Claim` with a
 rule over one replicate's results (a seed on a host, :class:`~modecl.core.results.SeedResult`)
 that says whether it holds there, or ``None`` where the replicate lacks what the rule needs
 (a method that did not run, a measure the world does not take). :func:`tally` counts, over

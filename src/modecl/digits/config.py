@@ -90,7 +90,7 @@ class GenerationConfig:
 @dataclass
 class GateConfig:
     # 0.02 below the lowest test captioning of host seeds 0-2 under three CPU kernel paths
-    # (benchmarks/pretrain_seeds.py; README): the aim of 0.95 sits on the plateau
+    # (benchmarks/pretrain_seeds.py; docs/digits-study.md): the aim of 0.95 sits on the plateau
     captioning: Fraction = 0.93
     generation: Fraction = 0.90
 

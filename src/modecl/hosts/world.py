@@ -67,7 +67,7 @@ def default_accelerator() -> Accelerator:
     accelerate treats a torchrun launch on a machine without GPUs as distributed only when
     asked for CPU explicitly, and then never as DeepSpeed. DeepSpeed is asked for as
     `accelerate launch` asks for it, by ``ACCELERATE_USE_DEEPSPEED=true`` and the
-    ``ACCELERATE_DEEPSPEED_*`` variables (README, "Scale-out"); launched CPU processes then
+    ``ACCELERATE_DEEPSPEED_*`` variables (docs/scale-out.md); launched CPU processes then
     need the process group's backend named, else each believes it is alone; a process
     that no launcher started is refused (accelerate would train it without DeepSpeed).
     """
