@@ -237,14 +237,15 @@ def check_coin_folder(
     name: str | None = None,
     scoring: str | None = None,
     tokenized: Collection[str] = (),
-) -> None:
+) -> list[Row]:
     """Every check of :func:`load_coin_task` that needs no model: records, fields, the
     rule's needs, splits, image files present unless already ``tokenized`` (to run before
-    a host loads)."""
+    a host loads); the checked rows."""
     folder = Path(folder)
     rows = coin_rows(folder, image_root)
     check_rows(folder, rows, scoring or paper_rule(name or folder_name(folder)))
     check_images(rows, tokenized)
+    return rows
 
 
 def load_coin_task(

@@ -12,7 +12,9 @@ each written once and never changed::
     header       JSON: dtype, counts, path width, section offsets, `source`
 
 Every process maps the segments with ``np.memmap``: opening reads the headers only; a lookup
-binary-searches the paths and copies one image's codes out of the shared page cache.
+binary-searches the paths and returns a view of one image's codes in the shared page cache
+(as stored: uint16 or uint32, never copied into Python ints). :meth:`TokenStore.rows`
+locates many paths at once, as :class:`Rows`: a sequence of such views.
 
 Writing (:meth:`TokenStore.write`) adds new segments, one per ``segment_images`` images, so
 appending images later (another task file) never rewrites a segment, and a kill loses at
@@ -49,7 +51,7 @@ import numpy as np
 from modecl.core.config import ConfigError
 from modecl.core.files import atomic_path, remove_leftovers
 
-__all__ = ["TOKEN_STORE", "TokenStore"]
+__all__ = ["TOKEN_STORE", "Rows", "TokenStore"]
 
 TOKEN_STORE = "image_tokens"  # the store's folder in a run's out dir
 MAGIC = b"MDCLTOK1"
@@ -83,7 +85,7 @@ class Segment:
             self.keys = section("keys", f"S{width}", n)
             self.starts = section("starts", "<i8", n)
             self.lengths = section("lengths", "<u4", n)
-            self.data = section("data", header["dtype"], header["tokens"])
+            self.data = section("data", header["dtype"], header["tokens"]).view(np.ndarray)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{path}: not a readable token store segment ({err})") from None
         self.source: str | None = header["source"]
@@ -99,12 +101,47 @@ class Segment:
         i = int(np.searchsorted(self.keys, key))
         return i if i < len(self.keys) and self.keys[i] == key else -1
 
-    def codes(self, i: int) -> tuple[int, ...]:
+    def find_all(self, keys: np.ndarray) -> np.ndarray:
+        """The index of each path of `keys` (a bytes array), -1 where absent."""
+        if not len(self.keys) or not len(keys):
+            return np.full(len(keys), -1)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[at] == keys, at, -1)
+
+    def codes(self, i: int) -> np.ndarray:
+        """Image `i`'s codes: a read-only view into the mapped file."""
         start = int(self.starts[i])
-        return tuple(self.data[start : start + int(self.lengths[i])].tolist())
+        return self.data[start : start + int(self.lengths[i])]
 
 
-class TokenStore(Mapping[str, tuple[int, ...]]):
+class Rows(Sequence[np.ndarray]):
+    """The codes of images located in a store's segments: row i is image ``index[i]`` of
+    ``segments[which[i]]``, a view made when asked for (14 bytes a row held)."""
+
+    def __init__(self, segments: Sequence[Segment], which: np.ndarray, index: np.ndarray) -> None:
+        self.segments, self.which, self.index = list(segments), which, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        return self.segments[self.which[i]].codes(int(self.index[i]))
+
+    def take(self, positions: Sequence[int] | np.ndarray) -> Rows:
+        """The rows at `positions`, in their order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return Rows(self.segments, self.which[positions], self.index[positions])
+
+    def lengths(self) -> np.ndarray:
+        """The number of codes of every row, read from the index (no codes touched)."""
+        out = np.zeros(len(self), dtype=np.int64)
+        for k, segment in enumerate(self.segments):
+            mine = self.which == k
+            out[mine] = segment.lengths[self.index[mine]]
+        return out
+
+
+class TokenStore(Mapping[str, np.ndarray]):
     """The segments of `folder`: image path -> its codes (empty while the folder is absent).
 
     `source`: refuse segments written with another (module doc). `segment_images`: images
@@ -169,6 +206,21 @@ class TokenStore(Mapping[str, tuple[int, ...]]):
                     path.unlink()
         self.refresh()
 
+    def rows(self, paths: Sequence[str]) -> tuple[Rows, np.ndarray]:
+        """Every path's codes as :class:`Rows`, and a mask of the paths found (a row of a
+        path not found is not to be read)."""
+        keys = np.array([os.fsencode(p) for p in paths] or [b""])[: len(paths)]
+        which = np.full(len(paths), -1, dtype=np.int32)
+        index = np.zeros(len(paths), dtype=np.int64)
+        for k, segment in enumerate(self.segments):
+            todo = np.flatnonzero(which < 0)
+            if not len(todo):
+                break
+            found = segment.find_all(keys[todo])
+            which[todo[found >= 0]] = k
+            index[todo[found >= 0]] = found[found >= 0]
+        return Rows(self.segments, which, index), which >= 0
+
     def _find(self, path: object) -> tuple[Segment, int] | None:
         if isinstance(path, str):
             key = os.fsencode(path)
@@ -180,7 +232,7 @@ class TokenStore(Mapping[str, tuple[int, ...]]):
     def __contains__(self, path: object) -> bool:
         return self._find(path) is not None
 
-    def __getitem__(self, path: str) -> tuple[int, ...]:
+    def __getitem__(self, path: str) -> np.ndarray:
         found = self._find(path)
         if found is None:
             raise KeyError(path)

@@ -18,6 +18,7 @@ import hashlib
 import os
 import pickle
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from modecl.core.methods import get_method
 from modecl.core.methods.distillation import check_pairs
 from modecl.core.results import Results
 from modecl.core.runner import RunSpec, check_methods, check_run_key, run
-from modecl.core.sequences import DrawPair, left_padded
+from modecl.core.sequences import DrawPair, example_lengths, left_padded
 from modecl.core.tasks import Task, TaskFileError
 from modecl.core.tracking import check_trackers
 from modecl.core.train import check_engine
@@ -51,6 +52,7 @@ from modecl.hosts.tasks import (
     HostFormat,
     ImageTokenizer,
     Pairs,
+    Row,
     check_pairs_file,
     check_task_file,
     load_image_task,
@@ -334,12 +336,14 @@ def check_context(
     if limit is None:
         return
     for task in tasks:
-        for sample in [*task.train, *task.test]:
-            length = len(fmt.prompt(sample)) + len(fmt.answer_ids(sample.answer))
-            if length > limit:
+        for samples in (task.train, task.test):
+            lengths = example_lengths(fmt, samples)
+            over = np.flatnonzero(lengths > limit)
+            if len(over):
+                sample = samples[int(over[0])]
                 raise ConfigError(
                     f"{sample.source or task.name}: the image, question and answer take "
-                    f"{length} tokens, more than the host's context of {limit} "
+                    f"{lengths[over[0]]} tokens, more than the host's context of {limit} "
                     "(max_position_embeddings)"
                 )
     for i, pair in enumerate([*pairs.train, *pairs.test] if pairs else []):
@@ -371,9 +375,11 @@ def check_inputs(
     config: TrainConfig,
     tokenized: Collection[str] = (),
     concepts: Path | None = None,
+    read: dict[str, list[Row]] | None = None,
 ) -> list[str]:
     """Every check that needs no model, before minutes of loading it; the task names.
-    Images whose tokens are ``tokenized`` (a resumed run's) need not be present."""
+    Images whose tokens are ``tokenized`` (a resumed run's) need not be present. `read`, if
+    given, receives each task's checked rows by its name."""
     folders = [f for f in task_files if f.is_dir()]  # CoIN task folders
     files = [*(f for f in task_files if f not in folders), kd_data, concepts, config.host.vqgan]
     for file in files:
@@ -393,9 +399,11 @@ def check_inputs(
         raise ConfigError(f"task names (the files' stems, the folders' names) repeat: {names}")
     for file, name in zip(task_files, names, strict=True):
         if file in folders:
-            check_coin_folder(file, image_root, name, config.scoring.get(name), tokenized)
+            rows = check_coin_folder(file, image_root, name, config.scoring.get(name), tokenized)
         else:
-            check_task_file(file, config.scoring.get(name), tokenized)
+            rows = check_task_file(file, config.scoring.get(name), tokenized)
+        if read is not None:
+            read[name] = rows
     if kd_data is not None:
         check_pairs_file(kd_data, tokenized)
     if concepts is not None:
@@ -407,7 +415,22 @@ def check_inputs(
     return names
 
 
-def train_run(
+@dataclass
+class Inputs:
+    """A `modecl train` run's inputs, past every check that needs no model: its files, the
+    task names, the run's spec and, where asked for, each task's checked rows by name."""
+
+    task_files: list[Path]
+    names: list[str]
+    kd_data: Path | None
+    image_root: Path | None
+    concepts: Path | None
+    spec: RunSpec
+    distilling: list[str]
+    rows: dict[str, list[Row]]
+
+
+def checked_inputs(
     model_path: str,
     task_files: Sequence[str | Path],
     methods: list[str] | str,
@@ -416,19 +439,13 @@ def train_run(
     kd_data: Path | None = None,
     image_root: Path | None = None,
     concepts: Path | None = None,
-    config: TrainConfig | None = None,
+    config: TrainConfig,
     seeds: int = 1,
-    progress: bool = True,
-    accelerator: Accelerator | None = None,
     config_files: Sequence[Path] = (),
-) -> Results:
-    """Train every method of `methods` through `task_files` (JSONL task files or CoIN task
-    folders, whose image paths start at `image_root`, default each folder's parent) on the
-    host at `model_path`, over `seeds` seeds from `config.seed` on; writes the out dir and
-    returns results.json. `concepts` is a concepts file (:mod:`modecl.hosts.concepts`) to
-    draw from after every task. `config_files` (the TOML it came from) are hashed into the
-    run key with the input files."""
-    config = config or TrainConfig()
+    keep_rows: bool = False,
+) -> Inputs:
+    """Every check of :func:`train_run` before the host loads (arguments as there), the
+    out dir's run key included; `keep_rows` keeps each task's rows."""
     methods = [methods] if isinstance(methods, str) else list(methods)
     check_methods(methods, config.continual)
     if seeds < 1:
@@ -440,7 +457,10 @@ def train_run(
     image_root = None if image_root is None else Path(image_root)
     concepts = None if concepts is None else Path(concepts)
     tokenized = read_token_cache(Path(out) / TOKEN_STORE)  # a resume needs no images
-    names = check_inputs(task_files, kd_data, image_root, config, tokenized, concepts)
+    rows: dict[str, list[Row]] = {}
+    names = check_inputs(
+        task_files, kd_data, image_root, config, tokenized, concepts, rows if keep_rows else None
+    )
     check_trackers(config.tracking.log_with)
     distilling = [m for m in methods if get_method(m).needs_pairs]
     if distilling and kd_data is None:
@@ -469,8 +489,52 @@ def train_run(
         ],
         tracking=list(config.tracking.log_with),
     )
+    check_run_key(Path(out), spec)
+    return Inputs(task_files, names, kd_data, image_root, concepts, spec, distilling, rows)
+
+
+def train_run(
+    model_path: str,
+    task_files: Sequence[str | Path],
+    methods: list[str] | str,
+    out: Path,
+    *,
+    kd_data: Path | None = None,
+    image_root: Path | None = None,
+    concepts: Path | None = None,
+    config: TrainConfig | None = None,
+    seeds: int = 1,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+    config_files: Sequence[Path] = (),
+) -> Results:
+    """Train every method of `methods` through `task_files` (JSONL task files or CoIN task
+    folders, whose image paths start at `image_root`, default each folder's parent) on the
+    host at `model_path`, over `seeds` seeds from `config.seed` on; writes the out dir and
+    returns results.json. `concepts` is a concepts file (:mod:`modecl.hosts.concepts`) to
+    draw from after every task. `config_files` (the TOML it came from) are hashed into the
+    run key with the input files."""
+    config = config or TrainConfig()
+    checked = checked_inputs(
+        model_path,
+        task_files,
+        methods,
+        out,
+        kd_data=kd_data,
+        image_root=image_root,
+        concepts=concepts,
+        config=config,
+        seeds=seeds,
+        config_files=config_files,
+    )
+    task_files, names, spec, distilling = (
+        checked.task_files,
+        checked.names,
+        checked.spec,
+        checked.distilling,
+    )
+    kd_data, image_root, concepts = checked.kd_data, checked.image_root, checked.concepts
     out = Path(out)
-    check_run_key(out, spec)
     accelerator = accelerator or default_accelerator()
     check_engine(accelerator, config.continual)  # before minutes of loading the host
     main = accelerator.is_main_process

@@ -44,7 +44,8 @@ class Replay(Method):
 
     def after_task(self, model: torch.nn.Module, task: Task, loss_fn: LossFn, seed: int) -> None:
         rng = np.random.default_rng(seed)
-        self.seen[task.name] = [task.train[i] for i in rng.permutation(len(task.train))]
+        order = rng.permutation(len(task.train))[: self.settings.buffer_size]  # all it can use
+        self.seen[task.name] = [task.train[i] for i in order]
         self._fill_buffer()
 
     def state_dict(self) -> dict:
