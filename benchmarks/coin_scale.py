@@ -54,14 +54,15 @@ CODES, OFFSET, PER_IMAGE = 8192, 4, 1024  # Anole: ids 4..8195, a 32x32 grid
 VOCAB = 65_536
 IMAGE_SIZE = 512
 MIB = 2**20
-WORDS = (
+_WORDS = (
     "the a of in on to is what which color object image sign written person shirt left "
     "right table cup plate dog cat car tree house bottle book phone screen label brand "
     "number red blue green white black yellow small large two three yes no unanswerable "
     "mammal bird fish reptile plant rock metal wood glass water context question lecture "
     "answer with option letter from given choices directly single word phrase provided "
     "information insufficient respond using this that it are there how many kind where"
-).split()
+)
+WORDS = _WORDS.split()
 CLASSES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray"]
 CONFIG = f"""
 seed = 0
@@ -82,6 +83,17 @@ batch_size = 4
 max_new_tokens = 2
 max_test_samples = 4
 draws = 0
+"""
+
+
+# What the dry run plans: the paper's schedule in one process (8 processes pad nothing).
+PAPER = f"""
+[host]
+image_size = {IMAGE_SIZE}
+[continual.train]
+epochs = 1
+batch_size = 8
+group_by_length = {{grouped}}
 """
 
 
@@ -170,7 +182,13 @@ def write_host(folder: Path) -> Path:
         bos_token_id=0,
         pad_token_id=1,
         eos_token_id=2,
-        vq_config={"embed_dim": 4, "num_embeddings": CODES, "latent_channels": 4},
+        vq_config={
+            "embed_dim": 4,
+            "num_embeddings": CODES,
+            "latent_channels": 4,
+            "base_channels": 32,
+            "channel_multiplier": [1, 2],
+        },
     )
     torch.manual_seed(0)
     ChameleonForConditionalGeneration(config).save_pretrained(folder)
@@ -272,12 +290,12 @@ def launch(processes: int, argv: list[str], out: Path) -> dict[str, Any]:
     return {"launch": start, "ranks": ranks}
 
 
-def dry_run(argv: list[str], grouped: bool) -> tuple[float, str]:
+def dry_run(argv: list[str]) -> tuple[float, str]:
+    """`modecl train --dry-run`: its seconds and its table."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
     start = time.perf_counter()
-    extra = ["--group-by-length"] if grouped else []
     done = subprocess.run(
-        [sys.executable, "-m", "modecl.cli", *argv, "--dry-run", *extra],
+        [sys.executable, "-m", "modecl.cli", *argv, "--dry-run"],
         env=env,
         capture_output=True,
         text=True,
@@ -303,8 +321,14 @@ def scale_case(samples: int, workdir: Path, processes: list[int]) -> dict[str, A
         out["store_seconds"] = fill_store(run_dir / "image_tokens", host, images)
         argv = ["train", "--model", str(host), "--tasks", *map(str, folders), "--methods"]
         argv += ["seq-lora", "--config", str(root / "train.toml"), "--out", str(run_dir)]
-        if count == processes[0]:
-            out["dry_run"] = dry_run(argv, grouped=False)
+        argv += ["--image-root", str(root)]
+        if count == processes[0]:  # the paper's schedule: every sample, a batch of 8
+            for grouped in (False, True):
+                paper = root / f"paper-{grouped}.toml"
+                paper.write_text(PAPER.format(grouped=str(grouped).lower()))
+                config = argv.index("--config") + 1
+                plan = [*argv[:config], str(paper), *argv[config + 1 :], "--processes", "1"]
+                out[f"dry_run_grouped_{grouped}"] = dry_run(plan)
         result = launch(count, argv, root / f"probe{count}")
         out["runs"][count] = result
         shutil.rmtree(run_dir, ignore_errors=True)

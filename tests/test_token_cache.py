@@ -194,3 +194,18 @@ def test_the_store_honours_the_umask(tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
     assert set(modes.values()) == {0o640} and len(modes) == 2  # a segment and the lock
     assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+
+
+def test_rows_locate_many_paths_at_once_across_segments(tmp_path):
+    written = codes(30)
+    store = TokenStore(tmp_path / "tokens", segment_images=7)  # five segments
+    store.write(written.items())
+    paths = [*reversed(written), "absent.png", "data/img/003.png"]
+    rows, found = store.rows(paths)
+    assert found.tolist() == [True] * 30 + [False, True]
+    assert len(store.segments) == 5 and len(set(rows.which[found].tolist())) == 5
+    for i, path in enumerate(paths):
+        if found[i]:
+            assert tuple(rows[i].tolist()) == written[path]
+    assert rows.take([0, 31]).lengths().tolist() == [len(written[paths[0]]), 16 + 5 * 3]
+    assert store.rows([])[1].tolist() == []

@@ -135,7 +135,7 @@ def dry_run(
         f"host: {fmt.vocab.family}, read from its config (no weights): "
         f"{getattr(host.get_text_config(), 'vocab_size', '?'):,} ids, context {limit:,}; "
         f"{len(store):,} images in the token store"
-        + (f", {per_image:,} codes per other image" if per_image else ""),
+        + (f" ({per_image:,} codes for any other image, by the config)" if per_image else ""),
         f"run: {len(methods)} method(s) x {seeds} seed(s), {processes} process(es), global "
         f"batch {train.batch_size}, {train.epochs} epoch(s), batches "
         + ("grouped by length" if train.group_by_length else "in random order"),
