@@ -253,8 +253,7 @@ class ImageTokenizer:
         if state.is_main_process:
             self.store.take_segments(self.staged.folder)
         state.wait_for_everyone()
-        if not state.is_main_process:  # its copy: the rows read stay mapped until they go
-            shutil.rmtree(self.staged.folder, ignore_errors=True)
+        shutil.rmtree(self.staged.folder, ignore_errors=True)  # rows read stay mapped
         self.staged = TokenStore(self.staged.folder, self._source, self.segment_images)
         self.store.refresh()
 
