@@ -3,6 +3,7 @@ resumed, length-grouped batches, and `modecl train --dry-run` (README, "CoIN's s
 
 from __future__ import annotations
 
+import mmap
 import re
 from dataclasses import replace
 
@@ -38,9 +39,10 @@ def inputs(tmp_path_factory):
 
 def mapped(codes: np.ndarray) -> bool:
     """Whether `codes` is a view into a memory-mapped file."""
-    while codes is not None and not isinstance(codes, np.memmap):
-        codes = codes.base
-    return codes is not None
+    base = codes
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base, mmap.mmap)
 
 
 def test_loaded_samples_hold_views_of_the_token_store_not_tuples(inputs, tmp_path):

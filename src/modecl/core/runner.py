@@ -85,7 +85,7 @@ from modecl.core.results import (
     method_result,
     write_results,
 )
-from modecl.core.tasks import Sample, Task
+from modecl.core.tasks import Sample, Samples, Task
 from modecl.core.tracking import Tracking
 from modecl.core.train import PROGRESS, train_task, zero_stage
 from modecl.core.workers import HOST_STAGE, Unit, run_units
@@ -221,6 +221,8 @@ def content_digest(samples: Sequence[Sample]) -> str:
         item = [np.asarray(s.codes).tolist(), s.question, s.answer, s.options]
         digest.update((", " if i else "").encode() + json.dumps(item).encode())
     digest.update(b"]")
+    if isinstance(samples, Samples):
+        samples.release()
     return digest.hexdigest()
 
 

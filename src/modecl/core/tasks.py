@@ -36,13 +36,17 @@ class Sample:
     answers: tuple[str, ...] | None = None  # every annotator's answer (the vqa rule)
 
 
+def _json(value: Any) -> str:
+    return "null" if value is None else json.dumps(value, ensure_ascii=False)
+
+
 class Packed(Sequence[Any]):
     """Values packed into one UTF-8 buffer: strings as they are, else (``json``) JSON (a
     tuple is read back as a tuple, None as None); a few bytes each beyond their text."""
 
     def __init__(self, values: Iterable[Any], json_values: bool = False) -> None:
         self.json = json_values
-        encode = (lambda v: json.dumps(v, ensure_ascii=False)) if json_values else str
+        encode = _json if json_values else str
         parts = [encode(v).encode() for v in values]
         self.ends = np.cumsum([0, *map(len, parts)], dtype=np.int64)
         self.data = b"".join(parts)
@@ -95,6 +99,13 @@ class Samples(Sequence[Sample]):
 
     def __len__(self) -> int:
         return len(self.codes)
+
+    def release(self) -> None:
+        """After a scan of every sample: drop the pages of mapped codes it brought into this
+        process, where the codes can (``codes.release()``, as a token store's rows)."""
+        release = getattr(self.codes, "release", None)
+        if release is not None:
+            release()
 
     def _sample(self, i: int) -> Sample:
         values = {name: column[i] for name, column in self.columns.items()}

@@ -114,7 +114,7 @@ def dry_run(
         config_files=config_files,
         keep_rows=True,
     )
-    records = sum(len(rows) for rows in inputs.rows.values())
+    records = sum(len(rows) for rows, _ in inputs.rows.values())
     read = time.perf_counter() - start
     try:
         host = AutoConfig.from_pretrained(model_path)
@@ -145,7 +145,7 @@ def dry_run(
     ]
     totals = np.zeros(6, dtype=np.int64)  # the columns, then the batch tokens
     for k, name in enumerate(inputs.names):
-        rows = inputs.rows[name]
+        rows = inputs.rows[name][0]
         tables = [_samples(rows, split, fmt, store, per_image) for split in ("train", "test")]
         lengths = [fmt.lengths(table) for table in tables]
         for split, counted in zip(("train", "test"), lengths, strict=True):

@@ -101,7 +101,7 @@ class HostFormat:
             pad_id=int(eos if pad is None else pad),
             encode=lambda s: tokenizer(s, add_special_tokens=False)["input_ids"],
             decode_text=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-            encode_batch=lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"],
+            encode_batch=_batch_encoder(tokenizer),
         )
 
     def lengths(self, samples: Sequence[Sample]) -> np.ndarray:
@@ -118,10 +118,13 @@ class HostFormat:
         texts = np.zeros(len(samples), dtype=np.int64)
         for name in ("question", "answer"):
             column = samples.columns[name] if table else [getattr(s, name) for s in samples]
+            counted: dict[str, int] = {}  # each text encoded once (ImageNet asks one question)
             for start in range(0, len(samples), CHUNK):
                 part = column[start : start + CHUNK]
-                encoded = self.encode_batch(part) if self.encode_batch else map(self.encode, part)
-                texts[start : start + len(part)] += [len(ids) for ids in encoded]
+                new = [t for t in dict.fromkeys(part) if t not in counted]
+                encoded = self.encode_batch(new) if self.encode_batch else map(self.encode, new)
+                counted.update(zip(new, map(len, encoded), strict=True))
+                texts[start : start + len(part)] += [counted[t] for t in part]
         return spans + texts + len(self.bos) + 1  # BOS, and the answer's EOS
 
     def prompt(self, sample: Sample) -> list[int]:
@@ -159,6 +162,15 @@ class HostFormat:
 
     def is_image_token(self, ids: torch.Tensor) -> torch.Tensor:
         return image_mask(ids, self.modality_ids)
+
+
+def _batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[Sequence[int]]]:
+    """Texts -> their ids, as `tokenizer(texts, add_special_tokens=False)` gives them: a
+    fast tokenizer's own batch encoder, without transformers' per-text wrapping."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def token_source(model_path: str, size_or_processor: Any) -> str:
@@ -428,13 +440,13 @@ def load_image_task(
 
 def check_task_file(
     path: Path, scoring: str | None = None, tokenized: Collection[str] = ()
-) -> list[Row]:
+) -> tuple[list[Row], str]:
     """Every check of :func:`load_image_task` that needs no model: fields, rules, splits,
     image files present unless already ``tokenized`` (to run before a host loads); the
-    checked rows."""
-    rows = _task_rows(Path(path), scoring)[0]
+    checked rows and the task's rule."""
+    rows, rule = _task_rows(Path(path), scoring)
     check_images(rows, tokenized)
-    return rows
+    return rows, rule
 
 
 def _task_rows(path: Path, scoring: str | None) -> tuple[list[Row], str]:

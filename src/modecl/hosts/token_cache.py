@@ -11,7 +11,7 @@ each written once and never changed::
                  codes (int64, uint32), each 64-byte aligned
     header       JSON: dtype, counts, path width, section offsets, `source`
 
-Every process maps the segments with ``np.memmap``: opening reads the headers only; a lookup
+Every process maps the segments (``mmap``): opening reads the headers only; a lookup
 binary-searches the paths and returns a view of one image's codes in the shared page cache
 (as stored: uint16 or uint32, never copied into Python ints). :meth:`TokenStore.rows`
 locates many paths at once, as :class:`Rows`: a sequence of such views.
@@ -37,6 +37,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import mmap
 import os
 import shutil
 import uuid
@@ -75,7 +76,8 @@ class Segment:
                     raise ValueError("no segment header")
                 f.seek(int.from_bytes(head[8:], "little"))
                 header = json.loads(f.read())
-            buffer = np.memmap(path, dtype=np.uint8, mode="r")
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            buffer = np.frombuffer(self.map, dtype=np.uint8)
             n, width = header["images"], header["width"]
 
             def section(name: str, dtype: str, count: int) -> np.ndarray:
@@ -85,7 +87,7 @@ class Segment:
             self.keys = section("keys", f"S{width}", n)
             self.starts = section("starts", "<i8", n)
             self.lengths = section("lengths", "<u4", n)
-            self.data = section("data", header["dtype"], header["tokens"]).view(np.ndarray)
+            self.data = section("data", header["dtype"], header["tokens"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{path}: not a readable token store segment ({err})") from None
         self.source: str | None = header["source"]
@@ -107,6 +109,11 @@ class Segment:
             return np.full(len(keys), -1)
         at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         return np.where(self.keys[at] == keys, at, -1)
+
+    def release(self) -> None:
+        """Unmap the pages read so far from this process (they stay in the page cache):
+        after a scan of every image, the process holds no more than before it."""
+        self.map.madvise(mmap.MADV_DONTNEED)
 
     def codes(self, i: int) -> np.ndarray:
         """Image `i`'s codes: a read-only view into the mapped file."""
@@ -131,6 +138,11 @@ class Rows(Sequence[np.ndarray]):
         """The rows at `positions`, in their order."""
         positions = np.asarray(positions, dtype=np.int64)
         return Rows(self.segments, self.which[positions], self.index[positions])
+
+    def release(self) -> None:
+        """Unmap the pages of the segments read so far (:meth:`Segment.release`)."""
+        for segment in self.segments:
+            segment.release()
 
     def lengths(self) -> np.ndarray:
         """The number of codes of every row, read from the index (no codes touched)."""

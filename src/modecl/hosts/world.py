@@ -58,6 +58,7 @@ from modecl.hosts.tasks import (
     load_image_task,
     load_pairs,
     read_token_cache,
+    rows_task,
 )
 from modecl.hosts.token_cache import TOKEN_STORE
 from modecl.hosts.vqgan import load_vqgan
@@ -375,11 +376,11 @@ def check_inputs(
     config: TrainConfig,
     tokenized: Collection[str] = (),
     concepts: Path | None = None,
-    read: dict[str, list[Row]] | None = None,
+    read: dict[str, tuple[list[Row], str]] | None = None,
 ) -> list[str]:
     """Every check that needs no model, before minutes of loading it; the task names.
     Images whose tokens are ``tokenized`` (a resumed run's) need not be present. `read`, if
-    given, receives each task's checked rows by its name."""
+    given, receives each task's checked rows and rule by its name."""
     folders = [f for f in task_files if f.is_dir()]  # CoIN task folders
     files = [*(f for f in task_files if f not in folders), kd_data, concepts, config.host.vqgan]
     for file in files:
@@ -427,7 +428,7 @@ class Inputs:
     concepts: Path | None
     spec: RunSpec
     distilling: list[str]
-    rows: dict[str, list[Row]]
+    rows: dict[str, tuple[list[Row], str]]
 
 
 def checked_inputs(
@@ -445,7 +446,7 @@ def checked_inputs(
     keep_rows: bool = False,
 ) -> Inputs:
     """Every check of :func:`train_run` before the host loads (arguments as there), the
-    out dir's run key included; `keep_rows` keeps each task's rows."""
+    out dir's run key included; `keep_rows` keeps each task's rows and rule."""
     methods = [methods] if isinstance(methods, str) else list(methods)
     check_methods(methods, config.continual)
     if seeds < 1:
@@ -457,7 +458,7 @@ def checked_inputs(
     image_root = None if image_root is None else Path(image_root)
     concepts = None if concepts is None else Path(concepts)
     tokenized = read_token_cache(Path(out) / TOKEN_STORE)  # a resume needs no images
-    rows: dict[str, list[Row]] = {}
+    rows: dict[str, tuple[list[Row], str]] = {}
     names = check_inputs(
         task_files, kd_data, image_root, config, tokenized, concepts, rows if keep_rows else None
     )
@@ -526,6 +527,7 @@ def train_run(
         config=config,
         seeds=seeds,
         config_files=config_files,
+        keep_rows=True,  # read once: the tasks are built from them
     )
     task_files, names, spec, distilling = (
         checked.task_files,
@@ -551,6 +553,7 @@ def train_run(
         out / TOKEN_STORE,
         progress and main,
         concepts,
+        checked.rows,
     )
     if distilling:
         batch, tests = config.continual.distill.batch_size, len(world.pairs.test)
@@ -576,16 +579,22 @@ def host_world(
     token_cache: Path,
     progress: bool,
     concepts: Path | None = None,
+    rows: dict[str, tuple[list[Row], str]] | None = None,
 ) -> tuple[HostWorld, ImageTokenizer]:
     """The world of a loaded host and its checked inputs, and the image tokenizer that read
-    them into the token store `token_cache` (read back first: nothing is tokenized twice)."""
+    them into the token store `token_cache` (read back first: nothing is tokenized twice).
+    `rows`: each task's rows and rule as :func:`check_inputs` read them, taken out of it as
+    the tasks are built (else the files are read again)."""
     fmt = HostFormat.from_model(model, tokenizer)
     vqgan = _vqgan(model, fmt, model_path, config)
     images = _image_reader(model, model_path, config, progress, token_cache)
     tasks = []
     for file, name in zip(task_files, names, strict=True):
         rule, answers = config.scoring.get(name), config.answer_sets.get(name)
-        if file.is_dir():
+        if rows:
+            read, rule = rows.pop(name)
+            tasks.append(rows_task(name, read, rule, images, answers))
+        elif file.is_dir():
             tasks.append(load_coin_task(file, images, image_root, name, rule, answers))
         else:
             tasks.append(load_image_task(file, images, name, rule, answers))
