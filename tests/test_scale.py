@@ -42,7 +42,7 @@ def mapped(codes: np.ndarray) -> bool:
     base = codes
     while isinstance(base, np.ndarray):
         base = base.base
-    return isinstance(base, mmap.mmap)
+    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
 
 
 def test_loaded_samples_hold_views_of_the_token_store_not_tuples(inputs, tmp_path):
