@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -335,24 +336,307 @@ def scale_case(samples: int, workdir: Path, processes: list[int]) -> dict[str, A
     return out
 
 
+# --- the store against an Arrow table (Hugging Face datasets) -------------------------------
+
+
+def resident() -> dict[str, float]:
+    """RssAnon (private) and RssFile (mapped file pages: the shared page cache), in MiB."""
+    fields = dict(line.split(":") for line in Path("/proc/self/status").read_text().splitlines())
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")}
+
+
+def store_side(kind: str, folder: Path, paths: list[str], lookups: list[str]) -> dict[str, float]:
+    """Write `paths`' random codes into a store of `kind` at `folder`, open it, look up
+    `lookups` by path (a fresh process: its memory is the store's)."""
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    if kind == "store":
+        from modecl.hosts.token_cache import TokenStore
+
+        TokenStore(folder).write(random_codes(paths))
+    else:
+        from datasets import Dataset, Features, Sequence, Value
+
+        features = Features({"path": Value("string"), "codes": Sequence(Value("uint16"))})
+
+        def rows() -> Iterator[dict[str, Any]]:
+            for path, codes in random_codes(paths):
+                yield {"path": path, "codes": codes}
+
+        table = Dataset.from_generator(rows, features=features, cache_dir=str(folder / "cache"))
+        table.save_to_disk(str(folder / "table"))
+        del table
+        shutil.rmtree(folder / "cache")
+    out["write_s"] = time.perf_counter() - start
+    out["bytes_per_image"] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / len(
+        paths
+    )
+    before = resident()
+    start = time.perf_counter()
+    if kind == "store":
+        from modecl.hosts.token_cache import TokenStore
+
+        store = TokenStore(folder)
+
+        def find(path: str) -> np.ndarray:
+            return store[path]
+    else:
+        from datasets import load_from_disk
+
+        table = load_from_disk(str(folder / "table")).with_format("numpy")
+        row_of = {path: i for i, path in enumerate(table["path"])}  # a by-path index
+
+        def find(path: str) -> np.ndarray:
+            return table[row_of[path]]["codes"]
+
+    out["open_s"] = time.perf_counter() - start
+    opened = resident()
+    start = time.perf_counter()
+    for path in lookups:
+        find(path)
+    out["lookup_us"] = (time.perf_counter() - start) / len(lookups) * 1e6
+    after = resident()
+    out["open_private_mib"] = opened["RssAnon"] - before["RssAnon"]
+    out["lookups_private_mib"] = after["RssAnon"] - opened["RssAnon"]
+    out["lookups_file_mib"] = after["RssFile"] - before["RssFile"]
+    return out
+
+
+def stores_case(images: int, workdir: Path) -> dict[str, dict[str, float]]:
+    """The token store and an Arrow table (datasets), each measured in a fresh process."""
+    out = {}
+    for kind in ("store", "datasets"):
+        folder = workdir / f"{kind}{images}"
+        shutil.rmtree(folder, ignore_errors=True)
+        command = [sys.executable, __file__, "--store-side", kind, str(folder), str(images)]
+        done = subprocess.run(command, env=_env(), capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{kind} failed:\n{done.stderr[-4000:]}")
+        out[kind] = json.loads(done.stdout.splitlines()[-1])
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+# --- the sharded image tokenizer ------------------------------------------------------------
+
+
+def tokenize_worker(folder: Path, out: Path) -> None:
+    """Tokenize every PNG of ``folder/images`` with the tiny VQ of ``folder/host`` into the
+    store ``out/image_tokens``; writes ``out/rank<R>.json``: the images this process
+    tokenized and the seconds of the whole call (every process's rounds gathered)."""
+    from accelerate import PartialState
+
+    from modecl.hosts.tasks import ImageTokenizer
+    from modecl.hosts.world import load_host
+
+    state = PartialState(cpu=True)
+    model, _ = load_host(str(folder / "host"), "float32", state.device)
+    files = [(p, "") for p in sorted((folder / "images").glob("*.png"))]
+    tokenizer = ImageTokenizer(model, 32, 16, progress=False, folder=out / "image_tokens")
+    mine, original = [], tokenizer._tokenize
+
+    def counted(names: list[str], where: dict[str, str]) -> dict[str, np.ndarray]:
+        mine.extend(names)
+        return original(names, where)
+
+    tokenizer._tokenize = counted  # type: ignore[method-assign]
+    start = time.perf_counter()
+    tokenizer(files)
+    tokenizer.commit()
+    seconds = time.perf_counter() - start
+    result = {"tokenized": mine, "seconds": seconds, "stored": len(tokenizer.store)}
+    (out / f"rank{state.process_index}.json").write_text(json.dumps(result))
+
+
+def tokenize_case(images: int, workdir: Path, processes: list[int]) -> dict[str, Any]:
+    """Images/s of the sharded tokenizer with a tiny VQ (32x32 pixels, 256 codes)."""
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from tests.fixtures import write_host as write_tiny
+
+    folder = workdir / "tokenize"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "images" / f"{i:05d}.png")
+    write_tiny("chameleon", folder / "host")
+    out: dict[str, Any] = {"images": images, "runs": {}}
+    for count in processes:
+        probe = folder / f"out{count}"
+        shutil.rmtree(probe, ignore_errors=True)
+        probe.mkdir()
+        command = [__file__, "--tokenize-worker", str(folder), str(probe)]
+        done = subprocess.run(
+            _launcher(count) + command, env=_env(), capture_output=True, text=True
+        )
+        if done.returncode:
+            raise SystemExit(f"tokenizing failed:\n{done.stderr[-4000:]}")
+        ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(count)]
+        everything = [name for rank in ranks for name in rank["tokenized"]]
+        out["runs"][count] = {
+            "images_per_s": images / max(r["seconds"] for r in ranks),
+            "tokenized": len(everything),
+            "once_each": sorted(everything) == sorted(map(str, (folder / "images").glob("*.png"))),
+            "stored": ranks[0]["stored"],
+        }
+    return out
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+
+
+def _launcher(processes: int) -> list[str]:
+    if processes == 1:
+        return [sys.executable]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+    ]
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def _rank0(case: dict[str, Any], count: int) -> dict[str, Any]:
+    return case["runs"][count]["ranks"][0]
+
+
+def _most(case: dict[str, Any], count: int, when: str, kind: str) -> float:
+    """The largest of every process's memory (`kind`) at `when`."""
+    return max(rank[when][kind] for rank in case["runs"][count]["ranks"])
+
+
+# The rows of the table: (measure, its value of a case under `count` processes).
+RUN_ROWS = (
+    ("records read and checked per s", lambda c, n: c["records"] / _rank0(c, n)["check_seconds"]),
+    ("launch to first step, s", lambda c, n: _rank0(c, n)["first_step"] - c["runs"][n]["launch"]),
+    (
+        "RSS per process at first step, MiB",
+        lambda c, n: _most(c, n, "memory_first_step", "rss_mib"),
+    ),
+    ("private (USS) at first step, MiB", lambda c, n: _most(c, n, "memory_first_step", "uss_mib")),
+    ("RSS per process at the end, MiB", lambda c, n: _most(c, n, "memory_end", "rss_mib")),
+    ("manifest, s", lambda c, n: _rank0(c, n)["manifest_seconds"]),
+    ("step checkpoint, s", lambda c, n: _rank0(c, n)["checkpoint_seconds"]),
+    ("step checkpoint, KiB", lambda c, n: _rank0(c, n)["checkpoint_bytes"] / 1024),
+    (
+        "evaluation samples per s",
+        lambda c, n: _rank0(c, n)["measured"] / _rank0(c, n)["measure_seconds"],
+    ),
+)
+
+
+def report(cases: list[dict[str, Any]], stores: dict, tokenizing: dict) -> str:
+    """The measures side by side, each size a column, and the ratio of the last to the first."""
+    rows: list[tuple[str, list[Any]]] = [
+        (
+            "training samples (records in all)",
+            [f"{c['samples']:,} ({c['records']:,})" for c in cases],
+        )
+    ]
+    for count in sorted(cases[0]["runs"]):
+        for name, value in RUN_ROWS:
+            rows.append((f"{name}, {count} process(es)", [value(c, count) for c in cases]))
+    rows.append(("dry run, s", [c["dry_run_grouped_False"][0] for c in cases]))
+    for grouped, how in ((False, "random order"), (True, "grouped by length")):
+        padded = [_padding(c[f"dry_run_grouped_{grouped}"][1]) for c in cases]
+        rows.append((f"padding, batch 8 in 1 process, {how}", padded))
+    lines = ["| measure | " + " | ".join(f"{c['samples']:,}" for c in cases) + " | ratio |"]
+    lines.append("|---|" + "---|" * (len(cases) + 1))
+    for name, values in rows:
+        numbers = all(isinstance(v, int | float) for v in values)
+        ratio = f"{values[-1] / values[0]:.2f}" if numbers and values[0] else ""
+        shown = [f"{v:,.1f}" if isinstance(v, float) else str(v) for v in values]
+        lines.append(f"| {name} | {' | '.join(shown)} | {ratio} |")
+    return "\n".join([*lines, "", stores_table(stores), "", tokenize_table(tokenizing)])
+
+
+def _padding(table: str) -> str:
+    """The total padding fraction of a dry run's table."""
+    return re.findall(r"^\| total \|.* \| ([0-9.]+%) \|$", table, re.MULTILINE)[0]
+
+
+STORE_ROWS = (
+    ("write, s", "write_s", "{:.1f}"),
+    ("bytes per image on disk", "bytes_per_image", "{:,.0f}"),
+    ("open, s", "open_s", "{:.3f}"),
+    ("lookup by path, us", "lookup_us", "{:.1f}"),
+    ("private memory gained by opening, MiB", "open_private_mib", "{:.1f}"),
+    ("private memory gained by the lookups, MiB", "lookups_private_mib", "{:.1f}"),
+    ("page cache mapped by the lookups, MiB", "lookups_file_mib", "{:.1f}"),
+)
+
+
+def stores_table(stores: dict) -> str:
+    lines = [
+        f"{stores['images']:,} images x {PER_IMAGE} codes, 10,000 random lookups by path",
+        "",
+        "|  | token store | Arrow table (datasets) |",
+        "|---|---|---|",
+    ]
+    for name, key, form in STORE_ROWS:
+        ours, theirs = (form.format(stores[kind][key]) for kind in ("store", "datasets"))
+        lines.append(f"| {name} | {ours} | {theirs} |")
+    return "\n".join(lines)
+
+
+def tokenize_table(tokenizing: dict) -> str:
+    lines = [
+        f"the sharded image tokenizer, tiny VQ (32x32 pixels, 256 codes), "
+        f"{tokenizing['images']:,} images",
+        "",
+        "| processes | images per s | images tokenized (each once) |",
+        "|---|---|---|",
+    ]
+    for count, r in tokenizing["runs"].items():
+        once = "yes" if r["once_each"] else "NO"
+        lines.append(f"| {count} | {r['images_per_s']:.1f} | {r['tokenized']:,} ({once}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, nargs="+", default=[10_000, 270_000])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--store-images", type=int, default=100_000, help="store vs datasets")
+    parser.add_argument("--tokenize-images", type=int, default=1_000)
     parser.add_argument("--keep", type=Path, help="write the data here and keep it")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--store-side", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--tokenize-worker", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("argv", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         worker(args.worker, args.argv)
         return
+    if args.store_side is not None:
+        kind, folder, images = args.store_side
+        paths = [f"coin/ImageNet/train/{i:07d}.jpg" for i in range(int(images))]
+        lookups = random.Random(0).choices(paths, k=10_000)
+        print(json.dumps(store_side(kind, Path(folder), paths, lookups)))
+        return
+    if args.tokenize_worker is not None:
+        tokenize_worker(*args.tokenize_worker)
+        return
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="modecl-coin-scale-"))
     try:
         cases = [scale_case(n, workdir, args.processes) for n in args.samples]
+        stores = {"images": args.store_images} | stores_case(args.store_images, workdir)
+        tokenizing = tokenize_case(args.tokenize_images, workdir, args.processes)
+        if args.keep is not None:
+            measured = {"cases": cases, "stores": stores, "tokenizing": tokenizing}
+            (workdir / "coin_scale.json").write_text(json.dumps(measured, indent=1))
     finally:
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(cases, indent=1))
+    print(report(cases, stores, tokenizing))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,18 @@ class Packed(Sequence[Any]):
     def __len__(self) -> int:
         return len(self.ends) - 1
 
+    def fixed_width(self) -> np.ndarray:
+        """Every (text) value's UTF-8 bytes as one fixed-width bytes array (numpy ``S``):
+        no Python object per value."""
+        lengths = np.diff(self.ends)
+        width = max(int(lengths.max(initial=0)), 1)
+        out = np.zeros((len(self), width), dtype=np.uint8)
+        rows = np.repeat(np.arange(len(self)), lengths)
+        out[rows, np.arange(self.ends[-1]) - np.repeat(self.ends[:-1], lengths)] = np.frombuffer(
+            self.data, dtype=np.uint8
+        )
+        return out.view(f"S{width}").ravel()
+
     def _value(self, i: int) -> Any:
         text = self.data[self.ends[i] : self.ends[i + 1]].decode()
         if not self.json:
@@ -75,6 +87,17 @@ class Packed(Sequence[Any]):
 _TEXT_FIELDS = ("question", "answer")
 
 
+def pack_fields(samples: Iterable[dict[str, Any]]) -> dict[str, Packed]:
+    """Every field of :class:`Sample` but its codes, packed: the columns of a table of
+    `samples` (each a dict by field name; those absent are None)."""
+    names = [f.name for f in fields(Sample) if f.name != "codes"]
+    values: dict[str, list[Any]] = {name: [] for name in names}
+    for sample in samples:
+        for name in names:
+            values[name].append(sample.get(name))
+    return {n: Packed(v, json_values=n not in _TEXT_FIELDS) for n, v in values.items()}
+
+
 class Samples(Sequence[Sample]):
     """A table of samples: ``codes[i]`` the codes of sample i (any sequence of 1-D arrays,
     such as rows of a token store), every other field of :class:`Sample` a packed column
@@ -89,13 +112,7 @@ class Samples(Sequence[Sample]):
     def of(cls, codes: Sequence[np.ndarray], samples: Iterable[dict[str, Any]]) -> Samples:
         """The table of ``codes`` and each sample's other fields (a dict by field name;
         those absent are None)."""
-        names = [f.name for f in fields(Sample) if f.name != "codes"]
-        values: dict[str, list[Any]] = {name: [] for name in names}
-        for sample in samples:
-            for name in names:
-                values[name].append(sample.get(name))
-        columns = {n: Packed(v, json_values=n not in _TEXT_FIELDS) for n, v in values.items()}
-        return cls(codes, columns)
+        return cls(codes, pack_fields(samples))
 
     def __len__(self) -> int:
         return len(self.codes)

@@ -25,11 +25,13 @@ from modecl.core.config import ConfigError
 from modecl.core.tasks import Samples
 from modecl.core.train import epoch_order, padding, steps_per_epoch
 from modecl.hosts.config import TrainConfig
-from modecl.hosts.tasks import HostFormat, Row
+from modecl.hosts.tasks import HostFormat, TaskTable
 from modecl.hosts.token_cache import TOKEN_STORE, TokenStore
 from modecl.hosts.world import checked_inputs
 
 __all__ = ["dry_run"]
+
+SPLITS = ("train", "test")
 
 
 class _Counts(Sequence[np.ndarray]):
@@ -63,15 +65,14 @@ def chameleon_codes(host: Any, model_path: str, image_size: Any) -> int:
 
 
 def _samples(
-    rows: list[Row], split: str, fmt: HostFormat, store: TokenStore, per_image: int | None
+    table: TaskTable, split: str, fmt: HostFormat, store: TokenStore, per_image: int | None
 ) -> Samples:
-    """One split of a task's rows as a table whose codes are counted (stored, else
-    `per_image`) or, for an Emu3 host, read from the store."""
-    mine = [row for row in rows if row.split == split]
-    stored, found = store.rows([str(row.image) for row in mine])
+    """One split of a task as a table whose codes are counted (stored, else `per_image`)
+    or, for an Emu3 host, read from the store."""
+    stored, found = store.rows(table.images[split])
     if fmt.vocab.family == "emu3" or per_image is None:
         if not found.all():
-            missing = mine[int(np.flatnonzero(~found)[0])].image
+            missing = table.images[split][int(np.flatnonzero(~found)[0])]
             raise ConfigError(
                 f"a dry run counts an Emu3 image's tokens from the token store, and {missing} "
                 "is not in it: run once to tokenize the images"
@@ -79,8 +80,7 @@ def _samples(
         codes: Sequence[np.ndarray] = stored
     else:
         codes = _Counts(np.where(found, stored.lengths(), per_image))
-    texts = ({"question": row.question, "answer": row.answer} for row in mine)
-    return Samples.of(codes, texts)
+    return Samples(codes, table.fields[split])
 
 
 def dry_run(
@@ -112,9 +112,9 @@ def dry_run(
         config=config,
         seeds=seeds,
         config_files=config_files,
-        keep_rows=True,
+        tables=True,
     )
-    records = sum(len(rows) for rows, _ in inputs.rows.values())
+    records = sum(len(t.images[s]) for t in inputs.tables.values() for s in ("train", "test"))
     read = time.perf_counter() - start
     try:
         host = AutoConfig.from_pretrained(model_path)
@@ -145,11 +145,10 @@ def dry_run(
     ]
     totals = np.zeros(6, dtype=np.int64)  # the columns, then the batch tokens
     for k, name in enumerate(inputs.names):
-        rows = inputs.rows[name][0]
-        tables = [_samples(rows, split, fmt, store, per_image) for split in ("train", "test")]
+        tables = [_samples(inputs.tables[name], s, fmt, store, per_image) for s in SPLITS]
         lengths = [fmt.lengths(table) for table in tables]
-        for split, counted in zip(("train", "test"), lengths, strict=True):
-            _check_context(rows, split, counted, limit)
+        for table, counted in zip(tables, lengths, strict=True):
+            _check_context(table, counted, limit)
         rng = np.random.default_rng(config.seed * 1000 + k)  # the first seed's, as train_task's
         used = lengths[0]
         if train.max_train_samples is not None:
@@ -173,13 +172,13 @@ def dry_run(
     return "\n".join(lines)
 
 
-def _check_context(rows: list[Row], split: str, lengths: np.ndarray, limit: int | None) -> None:
+def _check_context(samples: Samples, lengths: np.ndarray, limit: int | None) -> None:
     """Refuse, as the run would, a sample longer than the host's context."""
     over = np.flatnonzero(lengths > limit) if limit is not None else []
     if len(over):
-        where = [row.where for row in rows if row.split == split][int(over[0])]
+        where = samples.columns["source"][int(over[0])]
         raise ConfigError(
-            f"{where.rstrip(': ')}: the image, question and answer take {lengths[over[0]]} "
+            f"{where}: the image, question and answer take {lengths[over[0]]} "
             f"tokens, more than the host's context of {limit} (max_position_embeddings)"
         )
 

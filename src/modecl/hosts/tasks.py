@@ -48,7 +48,15 @@ from tqdm.auto import tqdm
 from modecl.core.modality import HOST_FAMILIES, image_mask, image_token_ids
 from modecl.core.scoring import RULES, score
 from modecl.core.sequences import IGNORE, DrawPair, Example
-from modecl.core.tasks import Sample, Samples, Task, TaskFileError, read_jsonl
+from modecl.core.tasks import (
+    Packed,
+    Sample,
+    Samples,
+    Task,
+    TaskFileError,
+    pack_fields,
+    read_jsonl,
+)
 from modecl.hosts.host import (
     ImageVocabulary,
     bos_ids,
@@ -237,12 +245,15 @@ class ImageTokenizer:
 
     def __call__(self, files: Sequence[tuple[Path, str]]) -> Rows:
         """Tokens of each `(file, where)`; `where` prefixes the error of a bad file."""
-        names = [str(file) for file, _ in files]
+        return self.rows_of([str(file) for file, _ in files], lambda i: files[i][1])
+
+    def rows_of(self, names: Sequence[str], where: Callable[[int], str]) -> Rows:
+        """Tokens of each file of `names` (paths, or packed: :class:`Packed`); `where(i)`
+        prefixes the error of a bad file `names[i]`."""
         _, found = self.rows(names)
         todo: dict[str, str] = {}
-        for name, (_, where), ok in zip(names, files, found, strict=True):
-            if not ok:
-                todo.setdefault(name, where)
+        for i in np.flatnonzero(~found):
+            todo.setdefault(names[i], where(i))
         state, have = PartialState(), set()
         if state.num_processes > 1:  # after a kill, processes may have staged unequal parts
             holder = [todo]
@@ -397,6 +408,52 @@ def check_images(rows: Sequence[Row], tokenized: Collection[str] = ()) -> None:
             raise TaskFileError(f"{row.where}field 'image': image file not found: {row.image}")
 
 
+@dataclass(frozen=True)
+class TaskTable:
+    """A task's checked samples, their images not tokenized yet, packed (a few buffers, no
+    Python object per sample): per split, the image files' paths and the samples' other
+    fields (:func:`~modecl.core.tasks.pack_fields`; `source` says where each was read)."""
+
+    rule: str
+    images: dict[str, Packed]
+    fields: dict[str, dict[str, Packed]]
+
+    @classmethod
+    def of(cls, rows: Sequence[Row], rule: str) -> TaskTable:
+        """The table of checked `rows` (:func:`check_rows`) under `rule`."""
+        images, fields = {}, {}
+        for split in ("train", "test"):
+            mine = [row for row in rows if row.split == split]
+            images[split] = Packed(str(row.image) for row in mine)
+            fields[split] = pack_fields(
+                {
+                    "question": row.question,
+                    "answer": row.answer,
+                    "options": row.options,
+                    "source": row.where.rstrip(": "),
+                    "answers": row.answers,
+                }
+                for row in mine
+            )
+        return cls(rule, images, fields)
+
+
+def _image_field(sources: Packed) -> Callable[[int], str]:
+    """Sample i's "where" of a message about its image, from the samples' sources."""
+    return lambda i: f"{sources[i]}: field 'image': "
+
+
+def table_task(
+    name: str, table: TaskTable, images: ImageTokenizer, answers: Sequence[str] | None = None
+) -> Task:
+    """The task of a checked `table`, its images tokenized by `images`."""
+    splits = {}
+    for split in ("train", "test"):
+        codes = images.rows_of(table.images[split], _image_field(table.fields[split]["source"]))
+        splits[split] = Samples(codes, table.fields[split])
+    return Task(name, tuple(answers or ()), splits["train"], splits["test"], scoring=table.rule)
+
+
 def rows_task(
     name: str,
     rows: Sequence[Row],
@@ -405,22 +462,7 @@ def rows_task(
     answers: Sequence[str] | None = None,
 ) -> Task:
     """The task of checked `rows` (:func:`check_rows`), their images tokenized by `images`."""
-    codes = images([(row.image, f"{row.where}field 'image': ") for row in rows])
-    splits = {}
-    for split in ("train", "test"):
-        mine = [i for i, row in enumerate(rows) if row.split == split]
-        fields = (
-            {
-                "question": rows[i].question,
-                "answer": rows[i].answer,
-                "options": rows[i].options,
-                "source": rows[i].where.rstrip(": "),
-                "answers": rows[i].answers,
-            }
-            for i in mine
-        )
-        splits[split] = Samples.of(codes.take(mine), fields)
-    return Task(name, tuple(answers or ()), splits["train"], splits["test"], scoring=rule)
+    return table_task(name, TaskTable.of(rows, rule), images, answers)
 
 
 def load_image_task(

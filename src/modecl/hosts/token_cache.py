@@ -51,6 +51,7 @@ import numpy as np
 
 from modecl.core.config import ConfigError
 from modecl.core.files import atomic_path, remove_leftovers
+from modecl.core.tasks import Packed
 
 __all__ = ["TOKEN_STORE", "Rows", "TokenStore"]
 
@@ -220,8 +221,11 @@ class TokenStore(Mapping[str, np.ndarray]):
 
     def rows(self, paths: Sequence[str]) -> tuple[Rows, np.ndarray]:
         """Every path's codes as :class:`Rows`, and a mask of the paths found (a row of a
-        path not found is not to be read)."""
-        keys = np.array([os.fsencode(p) for p in paths] or [b""])[: len(paths)]
+        path not found is not to be read). `paths` may be packed (:class:`Packed`)."""
+        if isinstance(paths, Packed):
+            keys = paths.fixed_width()
+        else:
+            keys = np.array([os.fsencode(p) for p in paths] or [b""])[: len(paths)]
         which = np.full(len(paths), -1, dtype=np.int32)
         index = np.zeros(len(paths), dtype=np.int64)
         for k, segment in enumerate(self.segments):

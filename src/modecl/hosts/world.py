@@ -14,10 +14,13 @@ concepts' against every concept's reference images. The out dir is the runner's
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import multiprocessing
 import os
 import pickle
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,13 +55,13 @@ from modecl.hosts.tasks import (
     HostFormat,
     ImageTokenizer,
     Pairs,
-    Row,
+    TaskTable,
     check_pairs_file,
     check_task_file,
     load_image_task,
     load_pairs,
     read_token_cache,
-    rows_task,
+    table_task,
 )
 from modecl.hosts.token_cache import TOKEN_STORE
 from modecl.hosts.vqgan import load_vqgan
@@ -376,11 +379,11 @@ def check_inputs(
     config: TrainConfig,
     tokenized: Collection[str] = (),
     concepts: Path | None = None,
-    read: dict[str, tuple[list[Row], str]] | None = None,
+    read: dict[str, TaskTable] | None = None,
 ) -> list[str]:
     """Every check that needs no model, before minutes of loading it; the task names.
     Images whose tokens are ``tokenized`` (a resumed run's) need not be present. `read`, if
-    given, receives each task's checked rows and rule by its name."""
+    given, receives each task's checked samples (:class:`TaskTable`) by its name."""
     folders = [f for f in task_files if f.is_dir()]  # CoIN task folders
     files = [*(f for f in task_files if f not in folders), kd_data, concepts, config.host.vqgan]
     for file in files:
@@ -404,7 +407,7 @@ def check_inputs(
         else:
             rows = check_task_file(file, config.scoring.get(name), tokenized)
         if read is not None:
-            read[name] = rows
+            read[name] = TaskTable.of(*rows)
     if kd_data is not None:
         check_pairs_file(kd_data, tokenized)
     if concepts is not None:
@@ -419,7 +422,7 @@ def check_inputs(
 @dataclass
 class Inputs:
     """A `modecl train` run's inputs, past every check that needs no model: its files, the
-    task names, the run's spec and, where asked for, each task's checked rows by name."""
+    task names, the run's spec and, where asked for, each task's checked samples by name."""
 
     task_files: list[Path]
     names: list[str]
@@ -428,7 +431,17 @@ class Inputs:
     concepts: Path | None
     spec: RunSpec
     distilling: list[str]
-    rows: dict[str, tuple[list[Row], str]]
+    tables: dict[str, TaskTable]
+
+
+def in_child(function: Callable[[], Any]) -> Any:
+    """``function()`` in a forked child process, its result or its exception sent back
+    pickled: what it allocates on the way (the parsed JSON of every task file, millions of
+    small objects at CoIN's size) leaves with the child instead of fragmenting this
+    process's heap."""
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(1, mp_context=context) as child:
+        return child.submit(function).result()
 
 
 def checked_inputs(
@@ -443,10 +456,28 @@ def checked_inputs(
     config: TrainConfig,
     seeds: int = 1,
     config_files: Sequence[Path] = (),
-    keep_rows: bool = False,
+    tables: bool | None = False,
 ) -> Inputs:
     """Every check of :func:`train_run` before the host loads (arguments as there), the
-    out dir's run key included; `keep_rows` keeps each task's rows and rule."""
+    out dir's run key included; with `tables`, each task's checked samples are kept, read
+    in a child process (:func:`in_child`; None: in this one)."""
+    if tables:
+        return in_child(
+            functools.partial(
+                checked_inputs,
+                model_path,
+                task_files,
+                methods,
+                out,
+                kd_data=kd_data,
+                image_root=image_root,
+                concepts=concepts,
+                config=config,
+                seeds=seeds,
+                config_files=config_files,
+                tables=None,
+            )
+        )
     methods = [methods] if isinstance(methods, str) else list(methods)
     check_methods(methods, config.continual)
     if seeds < 1:
@@ -458,10 +489,9 @@ def checked_inputs(
     image_root = None if image_root is None else Path(image_root)
     concepts = None if concepts is None else Path(concepts)
     tokenized = read_token_cache(Path(out) / TOKEN_STORE)  # a resume needs no images
-    rows: dict[str, tuple[list[Row], str]] = {}
-    names = check_inputs(
-        task_files, kd_data, image_root, config, tokenized, concepts, rows if keep_rows else None
-    )
+    kept: dict[str, TaskTable] = {}
+    keep = kept if tables is None else None
+    names = check_inputs(task_files, kd_data, image_root, config, tokenized, concepts, keep)
     check_trackers(config.tracking.log_with)
     distilling = [m for m in methods if get_method(m).needs_pairs]
     if distilling and kd_data is None:
@@ -491,7 +521,7 @@ def checked_inputs(
         tracking=list(config.tracking.log_with),
     )
     check_run_key(Path(out), spec)
-    return Inputs(task_files, names, kd_data, image_root, concepts, spec, distilling, rows)
+    return Inputs(task_files, names, kd_data, image_root, concepts, spec, distilling, kept)
 
 
 def train_run(
@@ -527,7 +557,7 @@ def train_run(
         config=config,
         seeds=seeds,
         config_files=config_files,
-        keep_rows=True,  # read once: the tasks are built from them
+        tables=True,  # read once: the tasks are built from them
     )
     task_files, names, spec, distilling = (
         checked.task_files,
@@ -553,7 +583,7 @@ def train_run(
         out / TOKEN_STORE,
         progress and main,
         concepts,
-        checked.rows,
+        checked.tables,
     )
     if distilling:
         batch, tests = config.continual.distill.batch_size, len(world.pairs.test)
@@ -579,21 +609,20 @@ def host_world(
     token_cache: Path,
     progress: bool,
     concepts: Path | None = None,
-    rows: dict[str, tuple[list[Row], str]] | None = None,
+    tables: dict[str, TaskTable] | None = None,
 ) -> tuple[HostWorld, ImageTokenizer]:
     """The world of a loaded host and its checked inputs, and the image tokenizer that read
     them into the token store `token_cache` (read back first: nothing is tokenized twice).
-    `rows`: each task's rows and rule as :func:`check_inputs` read them, taken out of it as
-    the tasks are built (else the files are read again)."""
+    `tables`: each task's checked samples as :func:`check_inputs` read them (else the files
+    are read again)."""
     fmt = HostFormat.from_model(model, tokenizer)
     vqgan = _vqgan(model, fmt, model_path, config)
     images = _image_reader(model, model_path, config, progress, token_cache)
     tasks = []
     for file, name in zip(task_files, names, strict=True):
         rule, answers = config.scoring.get(name), config.answer_sets.get(name)
-        if rows:
-            read, rule = rows.pop(name)
-            tasks.append(rows_task(name, read, rule, images, answers))
+        if tables:
+            tasks.append(table_task(name, tables[name], images, answers))
         elif file.is_dir():
             tasks.append(load_coin_task(file, images, image_root, name, rule, answers))
         else:
