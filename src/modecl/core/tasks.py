@@ -36,6 +36,11 @@ class Sample:
     answers: tuple[str, ...] | None = None  # every annotator's answer (the vqa rule)
 
 
+# How each field of a Sample other than its codes is packed: text, or JSON (None, tuples).
+_TEXT_FIELDS = ("question", "answer")
+CHUNK = 4096  # values at a time where a column is turned into one array
+
+
 def _json(value: Any) -> str:
     return "null" if value is None else json.dumps(value, ensure_ascii=False)
 
@@ -60,10 +65,14 @@ class Packed(Sequence[Any]):
         lengths = np.diff(self.ends)
         width = max(int(lengths.max(initial=0)), 1)
         out = np.zeros((len(self), width), dtype=np.uint8)
-        rows = np.repeat(np.arange(len(self)), lengths)
-        out[rows, np.arange(self.ends[-1]) - np.repeat(self.ends[:-1], lengths)] = np.frombuffer(
-            self.data, dtype=np.uint8
-        )
+        data = np.frombuffer(self.data, dtype=np.uint8)
+        for start in range(0, len(self), CHUNK):  # a few MiB of indices at a time
+            part = lengths[start : start + CHUNK]
+            rows = np.repeat(np.arange(start, start + len(part)), part)
+            first, last = self.ends[start], self.ends[start + len(part)]
+            out[
+                rows, np.arange(first, last) - np.repeat(self.ends[start : start + len(part)], part)
+            ] = data[first:last]
         return out.view(f"S{width}").ravel()
 
     def _value(self, i: int) -> Any:
@@ -81,10 +90,6 @@ class Packed(Sequence[Any]):
         if isinstance(i, slice):
             return [self._value(k) for k in range(len(self))[i]]
         return self._value(range(len(self))[i])
-
-
-# How each field of a Sample other than its codes is packed: text, or JSON (None, tuples).
-_TEXT_FIELDS = ("question", "answer")
 
 
 def pack_fields(samples: Iterable[dict[str, Any]]) -> dict[str, Packed]:

@@ -91,7 +91,7 @@ class HostFormat:
     pad_id: int
     encode: Callable[[str], Sequence[int]]
     decode_text: Callable[[Sequence[int]], str]
-    encode_batch: Callable[[list[str]], list[Sequence[int]]] | None = None
+    count_tokens: Callable[[list[str]], list[int]] | None = None  # texts -> ids each
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer: Any) -> HostFormat:
@@ -109,7 +109,7 @@ class HostFormat:
             pad_id=int(eos if pad is None else pad),
             encode=lambda s: tokenizer(s, add_special_tokens=False)["input_ids"],
             decode_text=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-            encode_batch=_batch_encoder(tokenizer),
+            count_tokens=_token_counter(tokenizer),
         )
 
     def lengths(self, samples: Sequence[Sample]) -> np.ndarray:
@@ -126,12 +126,12 @@ class HostFormat:
         texts = np.zeros(len(samples), dtype=np.int64)
         for name in ("question", "answer"):
             column = samples.columns[name] if table else [getattr(s, name) for s in samples]
-            counted: dict[str, int] = {}  # each text encoded once (ImageNet asks one question)
             for start in range(0, len(samples), CHUNK):
                 part = column[start : start + CHUNK]
-                new = [t for t in dict.fromkeys(part) if t not in counted]
-                encoded = self.encode_batch(new) if self.encode_batch else map(self.encode, new)
-                counted.update(zip(new, map(len, encoded), strict=True))
+                counted: dict[str, int] = {}  # each text of the chunk encoded once
+                new = list(dict.fromkeys(part))  # ImageNet asks one question of every image
+                count = self.count_tokens or (lambda texts: [len(self.encode(t)) for t in texts])
+                counted.update(zip(new, count(new), strict=True))
                 texts[start : start + len(part)] += [counted[t] for t in part]
         return spans + texts + len(self.bos) + 1  # BOS, and the answer's EOS
 
@@ -172,13 +172,15 @@ class HostFormat:
         return image_mask(ids, self.modality_ids)
 
 
-def _batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[Sequence[int]]]:
-    """Texts -> their ids, as `tokenizer(texts, add_special_tokens=False)` gives them: a
-    fast tokenizer's own batch encoder, without transformers' per-text wrapping."""
+def _token_counter(tokenizer: Any) -> Callable[[list[str]], list[int]]:
+    """Texts -> how many ids `tokenizer(text, add_special_tokens=False)` gives each: a fast
+    tokenizer's own batch encoder, without transformers' per-text wrapping."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return lambda texts: [
+            len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ]
+    return lambda texts: [len(e) for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def token_source(model_path: str, size_or_processor: Any) -> str:
