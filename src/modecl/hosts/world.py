@@ -20,7 +20,6 @@ import multiprocessing
 import os
 import pickle
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -439,9 +438,28 @@ def in_child(function: Callable[[], Any]) -> Any:
     pickled: what it allocates on the way (the parsed JSON of every task file, millions of
     small objects at CoIN's size) leaves with the child instead of fragmenting this
     process's heap."""
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(1, mp_context=context) as child:
-        return child.submit(function).result()
+    context = multiprocessing.get_context("fork")  # the child runs `function` as it is here
+    receive, send = context.Pipe(duplex=False)
+
+    def run() -> None:
+        try:
+            send.send((True, function()))
+        except Exception as err:  # raised here, in this process
+            send.send((False, err))
+
+    child = context.Process(target=run, name="modecl-read")
+    child.start()
+    send.close()
+    try:
+        done, value = receive.recv()
+    except EOFError:  # it died before it could answer
+        done, value = False, None
+    child.join()
+    if value is None and not done:
+        raise RuntimeError(f"the process reading the inputs died (exit code {child.exitcode})")
+    if not done:
+        raise value
+    return value
 
 
 def checked_inputs(
