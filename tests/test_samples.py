@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from modecl.core.runner import content_digest
-from modecl.core.tasks import Packed, Sample, Samples
+from modecl.core.tasks import Packed, Prefixed, Sample, Samples
 
 FIELDS = [
     {"question": "what is it?", "answer": "a cat", "source": "t.jsonl:1"},
@@ -56,3 +56,10 @@ def test_the_manifest_hash_is_the_json_of_every_sample_fed_one_at_a_time():
     ]
     assert content_digest(as_tuples) == expected
     assert content_digest([]) == hashlib.sha256(b"[]").hexdigest()
+
+
+def test_sources_hold_each_file_once():
+    values = ["a/t.json: record 0", None, "a/t.json: record 1", "b.jsonl:3", "plain"]
+    sources = Prefixed(values)
+    assert list(sources) == values and sources[-2:] == values[-2:]
+    assert sources.prefixes == ["a/t.json:", "b.jsonl:", ""]

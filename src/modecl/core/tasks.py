@@ -45,7 +45,23 @@ def _json(value: Any) -> str:
     return "null" if value is None else json.dumps(value, ensure_ascii=False)
 
 
-class Packed(Sequence[Any]):
+class _Column(Sequence[Any]):
+    """A read-only column of a table: value i made when asked for (``_value``)."""
+
+    def _value(self, i: int) -> Any:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Any]: ...
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self._value(k) for k in range(len(self))[i]]
+        return self._value(range(len(self))[i])
+
+
+class Packed(_Column):
     """Values packed into one UTF-8 buffer: strings as they are, else (``json``) JSON (a
     tuple is read back as a tuple, None as None); a few bytes each beyond their text."""
 
@@ -53,7 +69,8 @@ class Packed(Sequence[Any]):
         self.json = json_values
         encode = _json if json_values else str
         parts = [encode(v).encode() for v in values]
-        self.ends = np.cumsum([0, *map(len, parts)], dtype=np.int64)
+        ends = np.cumsum([0, *map(len, parts)], dtype=np.int64)
+        self.ends = ends.astype(np.uint32) if ends[-1] < 2**32 else ends
         self.data = b"".join(parts)
 
     def __len__(self) -> int:
@@ -82,17 +99,32 @@ class Packed(Sequence[Any]):
         value = json.loads(text)
         return tuple(value) if isinstance(value, list) else value
 
-    @overload
-    def __getitem__(self, i: int) -> Any: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[Any]: ...
-    def __getitem__(self, i: int | slice) -> Any:
-        if isinstance(i, slice):
-            return [self._value(k) for k in range(len(self))[i]]
-        return self._value(range(len(self))[i])
+
+class Prefixed(_Column):
+    """Strings of a few shared prefixes, as sources ("file:line", "file: record N"): each
+    prefix, up to the last ``:``, held once, the rest packed; None kept as None."""
+
+    def __init__(self, values: Iterable[str | None]) -> None:
+        prefixes: dict[str, int] = {}
+        which, rests = [], []
+        for value in values:
+            head, mark, rest = ("", "", "") if value is None else value.rpartition(":")
+            which.append(-1 if value is None else prefixes.setdefault(head + mark, len(prefixes)))
+            rests.append(rest)
+        self.prefixes, self.which, self.rests = (
+            list(prefixes),
+            np.array(which, np.int32),
+            Packed(rests),
+        )
+
+    def __len__(self) -> int:
+        return len(self.which)
+
+    def _value(self, i: int) -> str | None:
+        return None if self.which[i] < 0 else self.prefixes[self.which[i]] + self.rests[i]
 
 
-def pack_fields(samples: Iterable[dict[str, Any]]) -> dict[str, Packed]:
+def pack_fields(samples: Iterable[dict[str, Any]]) -> dict[str, Sequence[Any]]:
     """Every field of :class:`Sample` but its codes, packed: the columns of a table of
     `samples` (each a dict by field name; those absent are None)."""
     names = [f.name for f in fields(Sample) if f.name != "codes"]
@@ -100,15 +132,16 @@ def pack_fields(samples: Iterable[dict[str, Any]]) -> dict[str, Packed]:
     for sample in samples:
         for name in names:
             values[name].append(sample.get(name))
-    return {n: Packed(v, json_values=n not in _TEXT_FIELDS) for n, v in values.items()}
+    columns: dict[str, Sequence[Any]] = {"source": Prefixed(values.pop("source"))}
+    return columns | {n: Packed(v, json_values=n not in _TEXT_FIELDS) for n, v in values.items()}
 
 
 class Samples(Sequence[Sample]):
     """A table of samples: ``codes[i]`` the codes of sample i (any sequence of 1-D arrays,
     such as rows of a token store), every other field of :class:`Sample` a packed column
-    (:class:`Packed`). Indexing makes a :class:`Sample`; a slice, a list of them."""
+    (:func:`pack_fields`). Indexing makes a :class:`Sample`; a slice, a list of them."""
 
-    def __init__(self, codes: Sequence[np.ndarray], columns: dict[str, Packed]) -> None:
+    def __init__(self, codes: Sequence[np.ndarray], columns: dict[str, Sequence[Any]]) -> None:
         self.codes, self.columns = codes, columns
         if any(len(c) != len(codes) for c in columns.values()):
             raise ValueError("every column of a sample table has one value per sample")

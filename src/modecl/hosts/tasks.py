@@ -418,7 +418,7 @@ class TaskTable:
 
     rule: str
     images: dict[str, Packed]
-    fields: dict[str, dict[str, Packed]]
+    fields: dict[str, dict[str, Sequence[Any]]]
 
     @classmethod
     def of(cls, rows: Sequence[Row], rule: str) -> TaskTable:
@@ -440,7 +440,7 @@ class TaskTable:
         return cls(rule, images, fields)
 
 
-def _image_field(sources: Packed) -> Callable[[int], str]:
+def _image_field(sources: Sequence[str]) -> Callable[[int], str]:
     """Sample i's "where" of a message about its image, from the samples' sources."""
     return lambda i: f"{sources[i]}: field 'image': "
 

@@ -235,6 +235,8 @@ class TokenStore(Mapping[str, np.ndarray]):
             found = segment.find_all(keys[todo])
             which[todo[found >= 0]] = k
             index[todo[found >= 0]] = found[found >= 0]
+        for segment in self.segments:  # the pages of the paths searched
+            segment.release()
         return Rows(self.segments, which, index), which >= 0
 
     def _find(self, path: object) -> tuple[Segment, int] | None:

@@ -631,8 +631,8 @@ def host_world(
 ) -> tuple[HostWorld, ImageTokenizer]:
     """The world of a loaded host and its checked inputs, and the image tokenizer that read
     them into the token store `token_cache` (read back first: nothing is tokenized twice).
-    `tables`: each task's checked samples as :func:`check_inputs` read them (else the files
-    are read again)."""
+    `tables`: each task's checked samples as :func:`check_inputs` read them, taken out as
+    the tasks are built (else the files are read again)."""
     fmt = HostFormat.from_model(model, tokenizer)
     vqgan = _vqgan(model, fmt, model_path, config)
     images = _image_reader(model, model_path, config, progress, token_cache)
@@ -640,7 +640,7 @@ def host_world(
     for file, name in zip(task_files, names, strict=True):
         rule, answers = config.scoring.get(name), config.answer_sets.get(name)
         if tables:
-            tasks.append(table_task(name, tables[name], images, answers))
+            tasks.append(table_task(name, tables.pop(name), images, answers))
         elif file.is_dir():
             tasks.append(load_coin_task(file, images, image_root, name, rule, answers))
         else:
