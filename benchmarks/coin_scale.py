@@ -345,10 +345,8 @@ def resident() -> dict[str, float]:
     return {k: int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")}
 
 
-def store_side(kind: str, folder: Path, paths: list[str], lookups: list[str]) -> dict[str, float]:
-    """Write `paths`' random codes into a store of `kind` at `folder`, open it, look up
-    `lookups` by path (a fresh process: its memory is the store's)."""
-    out: dict[str, float] = {}
+def store_write(kind: str, folder: Path, paths: list[str]) -> dict[str, float]:
+    """Write `paths`' random codes into a store of `kind` at `folder`."""
     start = time.perf_counter()
     if kind == "store":
         from modecl.hosts.token_cache import TokenStore
@@ -367,31 +365,33 @@ def store_side(kind: str, folder: Path, paths: list[str], lookups: list[str]) ->
         table.save_to_disk(str(folder / "table"))
         del table
         shutil.rmtree(folder / "cache")
-    out["write_s"] = time.perf_counter() - start
-    out["bytes_per_image"] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / len(
-        paths
-    )
-    before = resident()
-    start = time.perf_counter()
+    seconds = time.perf_counter() - start
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return {"write_s": seconds, "bytes_per_image": size / len(paths)}
+
+
+def store_read(kind: str, folder: Path, lookups: list[str]) -> dict[str, float]:
+    """Open the store of `kind` at `folder` and look up `lookups` by path, in a process
+    that did nothing else: the memory it gains is the store's."""
     if kind == "store":
         from modecl.hosts.token_cache import TokenStore
-
+    else:
+        from datasets import load_from_disk
+    before, start = resident(), time.perf_counter()
+    if kind == "store":
         store = TokenStore(folder)
 
         def find(path: str) -> np.ndarray:
             return store[path]
     else:
-        from datasets import load_from_disk
-
         table = load_from_disk(str(folder / "table")).with_format("numpy")
         row_of = {path: i for i, path in enumerate(table["path"])}  # a by-path index
 
         def find(path: str) -> np.ndarray:
             return table[row_of[path]]["codes"]
 
-    out["open_s"] = time.perf_counter() - start
-    opened = resident()
-    start = time.perf_counter()
+    out = {"open_s": time.perf_counter() - start}
+    opened, start = resident(), time.perf_counter()
     for path in lookups:
         find(path)
     out["lookup_us"] = (time.perf_counter() - start) / len(lookups) * 1e6
@@ -403,16 +403,21 @@ def store_side(kind: str, folder: Path, paths: list[str], lookups: list[str]) ->
 
 
 def stores_case(images: int, workdir: Path) -> dict[str, dict[str, float]]:
-    """The token store and an Arrow table (datasets), each measured in a fresh process."""
+    """The token store and an Arrow table (datasets): written in one process, opened and
+    read in another."""
     out = {}
     for kind in ("store", "datasets"):
         folder = workdir / f"{kind}{images}"
         shutil.rmtree(folder, ignore_errors=True)
-        command = [sys.executable, __file__, "--store-side", kind, str(folder), str(images)]
-        done = subprocess.run(command, env=_env(), capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"{kind} failed:\n{done.stderr[-4000:]}")
-        out[kind] = json.loads(done.stdout.splitlines()[-1])
+        out[kind] = {}
+        for phase in ("write", "read"):
+            command = [sys.executable, __file__, "--store-side", kind, phase, str(folder)]
+            done = subprocess.run(
+                [*command, str(images)], env=_env(), capture_output=True, text=True
+            )
+            if done.returncode:
+                raise SystemExit(f"{kind} failed:\n{done.stderr[-4000:]}")
+            out[kind] |= json.loads(done.stdout.splitlines()[-1])
         shutil.rmtree(folder, ignore_errors=True)
     return out
 
@@ -609,7 +614,7 @@ def main() -> None:
     parser.add_argument("--tokenize-images", type=int, default=1_000)
     parser.add_argument("--keep", type=Path, help="write the data here and keep it")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--store-side", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--store-side", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--tokenize-worker", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("argv", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -617,10 +622,13 @@ def main() -> None:
         worker(args.worker, args.argv)
         return
     if args.store_side is not None:
-        kind, folder, images = args.store_side
+        kind, phase, folder, images = args.store_side
         paths = [f"coin/ImageNet/train/{i:07d}.jpg" for i in range(int(images))]
-        lookups = random.Random(0).choices(paths, k=10_000)
-        print(json.dumps(store_side(kind, Path(folder), paths, lookups)))
+        if phase == "write":
+            print(json.dumps(store_write(kind, Path(folder), paths)))
+        else:
+            lookups = random.Random(0).choices(paths, k=10_000)
+            print(json.dumps(store_read(kind, Path(folder), lookups)))
         return
     if args.tokenize_worker is not None:
         tokenize_worker(*args.tokenize_worker)
