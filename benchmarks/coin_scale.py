@@ -26,6 +26,7 @@ VQ encoder at 1 and 2 processes. Run it on an otherwise idle machine for compara
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -633,6 +634,8 @@ def main() -> None:
     if args.tokenize_worker is not None:
         tokenize_worker(*args.tokenize_worker)
         return
+    if importlib.util.find_spec("datasets") is None:
+        raise SystemExit("the store comparison needs datasets: pip install 'modecl[bench]'")
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="modecl-coin-scale-"))
     try:
         cases = [scale_case(n, workdir, args.processes) for n in args.samples]
