@@ -189,3 +189,11 @@ def test_dry_run_prints_the_plan_without_loading_weights(inputs, tmp_path, capsy
 def test_dry_run_of_emu3_needs_its_tokens(inputs, tmp_path, capsys):
     assert main(dry_run_argv(inputs, "emu3", tmp_path / "out")) == 2
     assert "run once to tokenize the images" in capsys.readouterr().err
+
+
+def test_dry_run_refuses_more_processes_than_a_batch_has_samples(inputs, tmp_path, capsys):
+    argv = dry_run_argv(inputs, "chameleon", tmp_path / "out")
+    assert main([*argv, "--processes", "5"]) == 2  # batches of 4
+    assert "5 processes need a batch of at least 5 samples" in capsys.readouterr().err
+    assert main([*argv[:-1], "--processes", "2"]) == 2  # a run has its launch's processes
+    assert "--processes is for --dry-run" in capsys.readouterr().err

@@ -128,12 +128,12 @@ def dry_run(
         per_image = chameleon_codes(host, model_path, config.host.image_size)
     store = TokenStore(Path(out) / TOKEN_STORE)
     limit = getattr(host.get_text_config(), "max_position_embeddings", None)
-    train, ev = config.continual.train, config.eval
+    train = config.continual.train
     lines = [
         f"modecl train --dry-run: {len(inputs.task_files)} task files and folders, "
         f"{records:,} samples read and checked in {read:.1f} s",
         f"host: {fmt.vocab.family}, read from its config (no weights): "
-        f"{getattr(host.get_text_config(), 'vocab_size', '?'):,} ids, context {limit:,}; "
+        f"{getattr(host.get_text_config(), 'vocab_size', '?'):,} ids, context {limit}; "
         f"{len(store):,} images in the token store"
         + (f" ({per_image:,} codes for any other image, by the config)" if per_image else ""),
         f"run: {len(methods)} method(s) x {seeds} seed(s), {processes} process(es), global "
@@ -146,19 +146,7 @@ def dry_run(
     totals = np.zeros(6, dtype=np.int64)  # the columns, then the batch tokens
     for k, name in enumerate(inputs.names):
         tables = [_samples(inputs.tables[name], s, fmt, store, per_image) for s in SPLITS]
-        lengths = [fmt.lengths(table) for table in tables]
-        for table, counted in zip(tables, lengths, strict=True):
-            _check_context(table, counted, limit)
-        rng = np.random.default_rng(config.seed * 1000 + k)  # the first seed's, as train_task's
-        used = lengths[0]
-        if train.max_train_samples is not None:
-            used = used[rng.permutation(len(used))[: train.max_train_samples]]
-        per_epoch = steps_per_epoch(len(used), train.batch_size, processes)
-        order = epoch_order(rng, used, train.batch_size, train.group_by_length)
-        pad, batch_tokens = padding(used, order, train.batch_size, processes, per_epoch)
-        tests = len(tables[1]) if ev.max_test_samples is None else ev.max_test_samples
-        row = [len(used), min(tests, len(tables[1])), per_epoch * train.epochs]
-        row += [int(used.sum()) * train.epochs, pad, batch_tokens]
+        row = _plan(name, k, tables, fmt, config, processes, limit)
         totals += row
         lines.append(_line(name, row))
     lines.append(_line("total", totals.tolist()))
@@ -170,6 +158,44 @@ def dry_run(
         f"{runs * int(totals[3]):,} training tokens",
     ]
     return "\n".join(lines)
+
+
+def _plan(
+    name: str,
+    k: int,
+    tables: list[Samples],
+    fmt: HostFormat,
+    config: TrainConfig,
+    processes: int,
+    limit: int | None,
+) -> list[int]:
+    """Task `k`'s row: train and test samples, steps per process, training tokens, the
+    first epoch's padding and batch tokens (its order as the first seed's run draws it)."""
+    lengths = [fmt.lengths(table) for table in tables]
+    for table, counted in zip(tables, lengths, strict=True):
+        _check_context(table, counted, limit)
+    train = config.continual.train
+    rng = np.random.default_rng(config.seed * 1000 + k)  # as train_task's
+    used = lengths[0]
+    if train.max_train_samples is not None:
+        used = used[rng.permutation(len(used))[: train.max_train_samples]]
+    if processes > min(train.batch_size, len(used)):
+        raise ConfigError(
+            f"{processes} processes need a batch of at least {processes} samples "
+            f"(train.batch_size {train.batch_size}, {len(used)} samples in '{name}')"
+        )
+    per_epoch = steps_per_epoch(len(used), train.batch_size, processes)
+    order = epoch_order(rng, used, train.batch_size, train.group_by_length)
+    pad, batch_tokens = padding(used, order, train.batch_size, processes, per_epoch)
+    tests = min(len(tables[1]), config.eval.max_test_samples or len(tables[1]))
+    return [
+        len(used),
+        tests,
+        per_epoch * train.epochs,
+        int(used.sum()) * train.epochs,
+        pad,
+        batch_tokens,
+    ]
 
 
 def _check_context(samples: Samples, lengths: np.ndarray, limit: int | None) -> None:
