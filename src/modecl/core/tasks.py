@@ -36,7 +36,8 @@ class Sample:
     answers: tuple[str, ...] | None = None  # every annotator's answer (the vqa rule)
 
 
-# How each field of a Sample other than its codes is packed: text, or JSON (None, tuples).
+# How a field of a Sample other than its codes and source is packed: text, or JSON (None,
+# tuples); a source is :class:`Prefixed`.
 _TEXT_FIELDS = ("question", "answer")
 CHUNK = 4096  # values at a time where a column is turned into one array
 
