@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import string
 import sys
 from pathlib import Path
@@ -315,6 +316,15 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     }
 
 
+# DeepSpeed ZeRO-2 on CPU processes, chosen as `accelerate launch` chooses it (README,
+# "Scale-out"): the environment of a launch under it.
+ZERO2 = {
+    "ACCELERATE_USE_DEEPSPEED": "true",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+    "DS_ACCELERATOR": "cpu",
+}
+
+
 def deepspeed_accelerator(processes: int = 2, **plugin: object) -> SimpleNamespace:
     """What the training loop reads of an Accelerator under DeepSpeed: accelerate's own
     plugin (its config as `accelerate launch` builds it from ``plugin``'s options), the
@@ -327,6 +337,21 @@ def torchrun(processes: int = 2) -> list[str]:
     """The start of a command line that runs a script or module in `processes` processes."""
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     return [*run, "--nproc_per_node", str(processes)]
+
+
+def torchrun_node(node: int, port: int, nodes: int = 2) -> list[str]:
+    """The start of node `node`'s command line of a launch over `nodes` nodes of one process
+    each, here on one machine: the rendezvous at 127.0.0.1:`port`, node 0's."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes)]
+    run += ["--node_rank", str(node), "--nproc_per_node", "1"]
+    return [*run, "--master_addr", "127.0.0.1", "--master_port", str(port)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 # --- the tiny digits study ----------------------------------------------------------------

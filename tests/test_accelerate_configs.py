@@ -18,19 +18,20 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 
 @pytest.mark.parametrize(
-    ("name", "distributed_type", "processes"),
+    ("name", "distributed_type", "processes", "machines"),
     [
-        ("deepspeed_zero2", DistributedType.DEEPSPEED, 8),
-        ("ddp_1gpu", DistributedType.MULTI_GPU, 1),
-        ("ddp_8gpu", DistributedType.MULTI_GPU, 8),
+        ("deepspeed_zero2", DistributedType.DEEPSPEED, 8, 1),
+        ("deepspeed_zero2_2nodes", DistributedType.DEEPSPEED, 16, 2),
+        ("ddp_1gpu", DistributedType.MULTI_GPU, 1, 1),
+        ("ddp_8gpu", DistributedType.MULTI_GPU, 8, 1),
     ],
 )
-def test_config_loads_with_accelerate(name, distributed_type, processes):
+def test_config_loads_with_accelerate(name, distributed_type, processes, machines):
     config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
     assert isinstance(config, ClusterConfig)
     assert config.distributed_type == distributed_type
     assert config.num_processes == processes
-    assert config.num_machines == 1
+    assert config.num_machines == machines
     assert config.mixed_precision == "bf16"
     assert not config.use_cpu
     if distributed_type == DistributedType.DEEPSPEED:
@@ -41,15 +42,30 @@ def test_config_loads_with_accelerate(name, distributed_type, processes):
         assert config.deepspeed_config == {}
 
 
-def test_deepspeed_fields_are_launch_options():
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero2_2nodes"])
+def test_deepspeed_fields_are_launch_options(name):
     """`accelerate launch` copies each deepspeed_config key onto its own option of that name."""
-    config = load_config_from_file(str(CONFIGS / "deepspeed_zero2.yaml"))
+    config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
     options = {action.dest for action in launch_command_parser()._actions}
     assert set(config.deepspeed_config) <= options
 
 
+def test_the_two_node_config_leaves_each_nodes_rank_and_node_0s_address_to_its_launch():
+    """Each node's `accelerate launch` gives --machine_rank and --main_process_ip (the
+    config's comments say so); the rendezvous is static, DeepSpeed's launcher torch's own."""
+    config = load_config_from_file(str(CONFIGS / "deepspeed_zero2_2nodes.yaml"))
+    assert (config.machine_rank, config.main_process_ip, config.main_process_port) == (
+        0,
+        None,
+        29500,
+    )
+    assert config.rdzv_backend == "static"
+    assert config.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
+
+
 def test_every_shipped_config_is_tested():
-    assert {p.stem for p in CONFIGS.glob("*.yaml")} == {"deepspeed_zero2", "ddp_1gpu", "ddp_8gpu"}
+    shipped = {"deepspeed_zero2", "deepspeed_zero2_2nodes", "ddp_1gpu", "ddp_8gpu"}
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == shipped
     assert {p.name for p in CONFIGS.glob("*.json")} == {"zero2.json"}
 
 

@@ -138,12 +138,13 @@ def test_coin_folders_read_into_the_same_task_as_a_jsonl_file(coin):
     assert science.test[3].source == f"{coin['folders']['ScienceQA'] / 'test.json'}: record 3"
     # The same images and answers as write_tasks' JSONL shape task, through the same tokenizer.
     shape = load_image_task(coin["jsonl"][1], images)
-    for ours, theirs in zip(science.train + science.test, shape.train + shape.test, strict=True):
-        assert ours.codes == theirs.codes
+    both = zip([*science.train, *science.test], [*shape.train, *shape.test], strict=True)
+    for ours, theirs in both:
+        assert ours.codes.tolist() == theirs.codes.tolist()
         assert ours.answer == {"a": "A", "b": "B"}[theirs.answer]
     text = load_coin_task(coin["folders"]["TextVQA"], images, coin["images"], scoring="vqa")
     assert text.scoring == "vqa" and text.test[0].answers == tuple(annotators("green", 8))
-    assert all(s.options is None for s in text.train + text.test)
+    assert all(s.options is None for s in [*text.train, *text.test])
     assert load_coin_task(coin["folders"]["TextVQA"], images, coin["images"]).scoring == "exact"
 
 

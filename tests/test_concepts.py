@@ -119,7 +119,8 @@ def test_load_concepts_reads_prompts_images_and_the_first_image_tokens(tmp_path)
     assert [list(c.prompts) for c in concepts] == list(CONCEPTS.values())
     assert [p.name for p in concepts[0].images] == ["0.png", "1.png", "2.png", "3.PNG"]
     first = ImageTokenizer(model, 8)([(concepts[1].images[0], "")])[0]
-    assert concepts[1].codes == first and len(first) == 4 * 5  # 4 rows of 4 codes + row end
+    assert concepts[1].codes.tolist() == first.tolist()
+    assert len(first) == 4 * 5  # 4 rows of 4 codes + row end
     assert concepts[1].source == f"{path}:2"
     with pytest.raises(TaskFileError, match="no concepts"):
         check_concepts_file(write(tmp_path, ""))

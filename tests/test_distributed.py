@@ -1,5 +1,6 @@
 """Data-parallel training: two CPU processes (torchrun, gloo) against one process, under DDP
-and under DeepSpeed ZeRO-2 (chosen as `accelerate launch` chooses it, docs/scale-out.md)."""
+and under DeepSpeed ZeRO-2 (chosen as `accelerate launch` chooses it, docs/scale-out.md),
+and as two nodes of one process each (here on one machine)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,18 @@ from modecl.core.config import ConfigError
 from modecl.core.results import read_results
 from modecl.hosts.world import default_accelerator
 from tests.ddp_worker import train
-from tests.fixtures import ROOT, TRAIN_CONFIG, subprocess_env, torchrun, write_host, write_tasks
+from tests.fixtures import (
+    ROOT,
+    TRAIN_CONFIG,
+    ZERO2,
+    free_port,
+    subprocess_env,
+    torchrun,
+    torchrun_node,
+    write_host,
+    write_tasks,
+)
 
-ZERO2 = {
-    "ACCELERATE_USE_DEEPSPEED": "true",
-    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
-    "DS_ACCELERATOR": "cpu",
-}
 # engine: (its environment, accelerate's distributed type, the ZeRO stage)
 # The shipped DeepSpeed JSON, the paper's code's kind: its "auto" values (batch sizes,
 # clipping, accumulation, precision, the reduce bucket) filled in by accelerate and the loop.
@@ -35,11 +41,12 @@ ENGINES = {
     "ddp": (subprocess_env(), "MULTI_CPU", None),
     "zero2": (subprocess_env(**ZERO2), "DEEPSPEED", 2),
     "zero2-json": (subprocess_env(**ZERO2_JSON), "DEEPSPEED", 2),
+    "two-nodes": (subprocess_env(), "MULTI_CPU", None),  # torchrun --nnodes 2, DDP
 }
 # EWC: its Fisher is computed between tasks, outside the engine; CL-MoE merges its experts
 # there too; O-LoRA: per-task LoRAs; A-GEM edits the gradient: DDP only (refused by ZeRO-2)
 METHODS = ["mode", "ewc", "cl-moe", "o-lora", "a-gem"]
-LAUNCHED = {"ddp": METHODS, "zero2": [m for m in METHODS if m != "a-gem"]}
+LAUNCHED = {"ddp": METHODS, "zero2": [m for m in METHODS if m != "a-gem"], "two-nodes": METHODS}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +54,7 @@ def one_process() -> dict:
     return train(None)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero2-json"])
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, one_process, engine):
     env, distributed_type, stage = ENGINES[engine]
     command = [*torchrun(), str(ROOT / "tests/ddp_worker.py"), str(tmp_path)]
@@ -94,25 +101,34 @@ def one_run(tmp_path_factory) -> tuple[list[str], pathlib.Path]:
     return args, root / "one"
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def launched(engine: str, argv: list[str], logs: pathlib.Path) -> None:
+    """`argv` under two processes: one torchrun, or one per node (two nodes on one machine)."""
+    env = ENGINES[engine][0]
+    starts = [torchrun()]
+    if engine == "two-nodes":
+        port = free_port()
+        starts = [torchrun_node(node, port) for node in range(2)]
+    started = []
+    for k, start in enumerate(starts):
+        with (logs / f"node{k}.log").open("w") as log:
+            started.append(subprocess.Popen([*start, *argv], env=env, stderr=log))
+    for k, process in enumerate(started):
+        assert process.wait(timeout=280) == 0, (logs / f"node{k}.log").read_text()[-3000:]
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "two-nodes"])
 def test_modecl_train_under_torchrun_matches_one_process(tmp_path, one_run, engine):
-    """The CLI under two processes: sharded training and evaluation, the one-process results."""
+    """The CLI under two processes (two nodes of one): sharded training and evaluation, the
+    one-process results."""
     args, one_dir = one_run
-    env, distributed_type, stage = ENGINES[engine]
+    _, distributed_type, stage = ENGINES[engine]
     methods = LAUNCHED[engine]
     args = [
         *args[: args.index("--methods") + 1],
         ",".join(methods),
         *args[args.index("--kd-data") :],
     ]
-    done = subprocess.run(
-        [*torchrun(), "-m", "modecl.cli", *args, "--out", str(tmp_path / "two")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    launched(engine, ["-m", "modecl.cli", *args, "--out", str(tmp_path / "two")], tmp_path)
     one, two = (read_results(d / "results.json") for d in (one_dir, tmp_path / "two"))
     path = torch.backends.cpu.get_cpu_capability()
     assert one.manifest["launch"] == {

@@ -368,20 +368,25 @@ def test_answers_are_the_greedy_tokens_of_the_hosts_own_forward(family):
         assert fmt.is_image_code(torch.stack(free)).any()
 
 
+def ints(rows) -> list[tuple[int, ...]]:
+    """Token rows (views into a token store) as tuples of ints."""
+    return [tuple(row.tolist()) for row in rows]
+
+
 def test_image_tokenizer_batches_and_store(setup, tmp_path, monkeypatch):
     model = HOSTS["emu3"]()
     folder = setup["root"] / "data" / "images"
     files = [(folder / f"{i}.png", "") for i in [*range(12), 3]]  # one file twice
     small = ImageTokenizer(model, 8, batch_size=5, progress=False, folder=tmp_path / "tokens")
-    tokens = small(files)
+    tokens = ints(small(files))
     assert not (tmp_path / "tokens").exists()  # staged until every input passed its checks
     small.commit()
-    assert tokens == ImageTokenizer(model, 8, batch_size=16, progress=False)(files)
-    assert tokens[3] == tokens[12] and len(small.store) == 12 and small(files) == tokens
+    assert tokens == ints(ImageTokenizer(model, 8, batch_size=16, progress=False)(files))
+    assert tokens[3] == tokens[12] and len(small.store) == 12 and ints(small(files)) == tokens
     assert len(set(tokens)) > 1  # the images differ, and so do their tokens
     monkeypatch.setattr(ImageTokenizer, "_tokenize", None)  # nothing is tokenized again
     again = ImageTokenizer(model, 8, progress=False, folder=tmp_path / "tokens")
-    assert again(files) == tokens and dict(again.store.items()) == dict(small.store.items())
+    assert ints(again(files)) == tokens and len(again.store) == 12
     with pytest.raises(ConfigError, match="made by another host or image size"):
         ImageTokenizer(model, 16, progress=False, folder=tmp_path / "tokens")
 

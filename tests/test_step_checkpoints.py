@@ -1,6 +1,7 @@
 """Resume inside a task: a `modecl train` killed with SIGKILL in the middle of a task resumes
-from its last step checkpoint and ends with the results of a run never interrupted; a kill at
-any instruction of a step checkpoint's swap resumes from the newer or the older one."""
+from its last step checkpoint and ends with the results of a run never interrupted (in one
+process, and in two under DDP and under DeepSpeed ZeRO-2); a kill at any instruction of a
+step checkpoint's swap resumes from the newer or the older one."""
 
 from __future__ import annotations
 
@@ -26,9 +27,16 @@ from modecl.core.results import read_results
 from modecl.core.train import train_task
 from modecl.digits.model import build_model
 from tests.conftest import tiny_config
-from tests.fixtures import TRAIN_CONFIG, subprocess_env, torchrun, write_host, write_tasks
+from tests.fixtures import (
+    TRAIN_CONFIG,
+    ZERO2,
+    subprocess_env,
+    torchrun,
+    write_host,
+    write_tasks,
+)
 
-ENV = subprocess_env()
+ENGINES = {"ddp": subprocess_env(), "zero2": subprocess_env(**ZERO2)}
 # 20 epochs of 2 steps per task, a step checkpoint every 3 steps; no dropout (its masks
 # differ between processes).
 CONFIG = TRAIN_CONFIG.replace("epochs = 4", "epochs = 20\ncheckpoint_every = 3")
@@ -52,10 +60,10 @@ def launch(processes: int) -> list[str]:
     return [*torchrun(processes), "-m", "modecl.cli"]
 
 
-def run(processes: int, argv: list[str], out: Path) -> None:
+def run(processes: int, argv: list[str], out: Path, engine: str = "ddp") -> None:
     done = subprocess.run(
         [*launch(processes), *argv, "--out", str(out)],
-        env=ENV,
+        env=ENGINES[engine],
         capture_output=True,
         text=True,
         timeout=280,
@@ -63,11 +71,11 @@ def run(processes: int, argv: list[str], out: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def killed_mid_task(processes: int, argv: list[str], out: Path) -> None:
+def killed_mid_task(processes: int, argv: list[str], out: Path, engine: str = "ddp") -> None:
     """Start the run; SIGKILL every process of it once the first step checkpoint exists."""
     started = subprocess.Popen(
         [*launch(processes), *argv, "--out", str(out)],
-        env=ENV,
+        env=ENGINES[engine],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -84,20 +92,20 @@ def killed_mid_task(processes: int, argv: list[str], out: Path) -> None:
     assert not (out / "checkpoints" / "seed0" / "mode" / "stage1" / "stage.json").exists()
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize(("processes", "engine"), [(1, "ddp"), (2, "ddp"), (2, "zero2")])
 def test_a_run_killed_inside_a_task_resumes_to_the_uninterrupted_results(
-    inputs, tmp_path, processes
+    inputs, tmp_path, processes, engine
 ):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    run(processes, inputs, whole)
-    killed_mid_task(processes, inputs, resumed)
+    run(processes, inputs, whole, engine)
+    killed_mid_task(processes, inputs, resumed, engine)
     state = torch.load(resumed / STATE, weights_only=False)
     assert state["position"] % 3 == 0 and 0 < state["position"] < 40  # inside task 1's 40
     # Mark the logged first loss: a resume that uses the step checkpoint carries it over,
     # one that trains the task again from its start does not.
     state["log"]["loss"][0] = 123.0
     torch.save(state, resumed / STATE)
-    run(processes, inputs, resumed)
+    run(processes, inputs, resumed, engine)
     assert not list(resumed.rglob("*.steps"))  # removed once their stage was written
     a, b = (read_results(d / "results.json").mean.methods["mode"] for d in (whole, resumed))
     assert b.stages[0].losses["ce"][0] == 123.0

@@ -42,7 +42,7 @@ def test_example_file_loads_by_value(world):
     records = [json.loads(s) for s in EXAMPLE.read_text().splitlines()]
     index = np.array([r["image"] for r in records])
     codes = world.codebook.encode(world.pools.images[index])
-    samples = task.train + task.test
+    samples = [*task.train, *task.test]
     assert [s.index for s in samples] == index.tolist()
     assert [list(s.codes) for s in samples] == codes.tolist()
     labels = world.pools.labels[index]

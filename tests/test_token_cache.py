@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import multiprocessing
 import os
 import signal
@@ -28,6 +29,11 @@ def codes(n: int, seed: int = 0, high: int = 8192 + 4) -> dict[str, tuple[int, .
     }
 
 
+def held(store: TokenStore) -> dict[str, tuple[int, ...]]:
+    """What `store` holds, its codes (uint16 or uint32 views) as tuples of ints."""
+    return {path: tuple(codes.tolist()) for path, codes in store.items()}
+
+
 def leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if TEMP_MARK in p.name]
 
@@ -38,14 +44,15 @@ def test_codes_of_mixed_lengths_round_trip(tmp_path):
     assert len(store) == 0 and "data/img/000.png" not in store
     assert store.write(written.items()) == 40
     again = TokenStore(tmp_path / "tokens")
-    assert dict(again.items()) == written and len(again) == 40
+    assert held(again) == written and len(again) == 40
     assert sorted(again) == sorted(written)
     assert {len(v) for v in written.values()} == {16, 21, 26, 31, 36, 41, 46}
     for path in ("data/img/000.pn", "data/img/000.png2", "data/img/100.png", "x" * 300):
         assert path not in again  # a prefix, a longer path, another, one wider than any
         with pytest.raises(KeyError):
             again[path]
-    assert again["data/img/007.png"] == written["data/img/007.png"]
+    assert tuple(again["data/img/007.png"]) == written["data/img/007.png"]
+    assert again["data/img/007.png"].dtype == np.uint16  # a view of the codes as stored
 
 
 def test_uint16_when_every_id_fits_else_uint32(tmp_path, monkeypatch):
@@ -61,7 +68,7 @@ def test_uint16_when_every_id_fits_else_uint32(tmp_path, monkeypatch):
     store = TokenStore(tmp_path / "wide")
     store.write(wide.items())
     assert [s.data.dtype for s in store.segments] == [np.dtype("<u4")]
-    assert dict(TokenStore(tmp_path / "wide").items()) == wide
+    assert held(TokenStore(tmp_path / "wide")) == wide
 
 
 @pytest.mark.parametrize(
@@ -90,7 +97,7 @@ def test_appends_add_segments_and_stored_paths_are_refused(tmp_path):
     assert sorted(len(s) for s in store.segments) == [1, 3, 3]
     assert store.write(second.items()) == 12  # another task file, later
     assert len(store.segments) == 7
-    assert dict(TokenStore(tmp_path / "tokens").items()) == first | second
+    assert held(TokenStore(tmp_path / "tokens")) == first | second
     with pytest.raises(ValueError, match=r"data/img/002\.png: already in the token store"):
         store.write([("data/img/002.png", (5,))])
 
@@ -108,8 +115,8 @@ def test_opening_and_lookups_read_no_codes(tmp_path):
     store = TokenStore(tmp_path / "tokens")
     found = [store[f"{i}.png"] for i in range(0, 2048, 97)]
     assert rchar() - before < 64 * 1024  # the headers; codes come through the memory map
-    assert isinstance(store.segments[0].data, np.memmap)
-    assert found == [tuple(images[f"{i}.png"].tolist()) for i in range(0, 2048, 97)]
+    assert isinstance(store.segments[0].map, mmap.mmap)
+    assert [f.tolist() for f in found] == [images[f"{i}.png"].tolist() for i in range(0, 2048, 97)]
 
 
 def _killed_writer(folder: Path) -> None:
@@ -130,7 +137,7 @@ def test_a_killed_writer_leaves_the_store_intact_and_open_cleans_up(tmp_path):
     assert child.exitcode == -signal.SIGKILL
     assert len(leftovers(folder)) == 1
     store = TokenStore(folder)
-    assert dict(store.items()) == before and leftovers(folder) == []
+    assert held(store) == before and leftovers(folder) == []
 
 
 def test_open_leaves_a_live_writers_files_alone(tmp_path):
@@ -188,3 +195,18 @@ def test_the_store_honours_the_umask(tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
     assert set(modes.values()) == {0o640} and len(modes) == 2  # a segment and the lock
     assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+
+
+def test_rows_locate_many_paths_at_once_across_segments(tmp_path):
+    written = codes(30)
+    store = TokenStore(tmp_path / "tokens", segment_images=7)  # five segments
+    store.write(written.items())
+    paths = [*reversed(written), "absent.png", "data/img/003.png"]
+    rows, found = store.rows(paths)
+    assert found.tolist() == [True] * 30 + [False, True]
+    assert len(store.segments) == 5 and len(set(rows.which[found].tolist())) == 5
+    for i, path in enumerate(paths):
+        if found[i]:
+            assert tuple(rows[i].tolist()) == written[path]
+    assert rows.take([0, 31]).lengths().tolist() == [len(written[paths[0]]), 16 + 5 * 3]
+    assert store.rows([])[1].tolist() == []

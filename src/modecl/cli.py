@@ -151,6 +151,30 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ConfigError("give --method or --methods, not both")
     methods = parse_methods(args.methods) if args.methods is not None else [args.method or "mode"]
     config = load_toml(TrainConfig, args.config)
+    if args.dry_run:
+        from modecl.hosts.dry_run import dry_run
+
+        processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+        print(
+            dry_run(
+                args.model,
+                args.tasks,
+                methods,
+                args.out,
+                kd_data=args.kd_data,
+                image_root=args.image_root,
+                concepts=args.concepts,
+                config=config,
+                seeds=args.seeds,
+                config_files=[args.config] if args.config else [],
+                processes=processes,
+            )
+        )
+        return
+    if args.processes is not None:
+        raise ConfigError(
+            "--processes is for --dry-run: a run has the processes it is launched with"
+        )
     results = train_run(
         args.model,
         args.tasks,
@@ -311,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL concepts (prompts, reference image folder) to draw from after every task",
     )
     t.add_argument("--config", type=Path, help="TOML TrainConfig (default: built-in)")
+    t.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, then print per task the samples, steps, tokens and padding; "
+        "no weights are loaded, nothing is written",
+    )
+    t.add_argument(
+        "--processes",
+        type=_positive,
+        help="with --dry-run: the processes the run will have (default: this launch's)",
+    )
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="score a saved stage of a modecl train run, without training")
     e.add_argument("run", type=Path, help="the run's out dir")

@@ -196,6 +196,9 @@ class TrainSettings:
     checkpoint_every: Size = 0  # write a step checkpoint every N steps (0: at task ends only)
     # "bf16": the step's forward under torch.autocast(bfloat16); adapters stay float32
     mixed_precision: Literal["no", "bf16"] = "no"
+    # Batches of samples of similar length (runs of 50 batches of the shuffled order, each
+    # sorted by length): less padding where lengths vary (README, "Batching").
+    group_by_length: bool = False
 
 
 @dataclass

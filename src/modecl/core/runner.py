@@ -38,7 +38,7 @@ import resource
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ from modecl.core.results import (
     method_result,
     write_results,
 )
-from modecl.core.tasks import Task
+from modecl.core.tasks import Sample, Samples, Task
 from modecl.core.tracking import Tracking
 from modecl.core.train import PROGRESS, train_task, zero_stage
 from modecl.core.workers import HOST_STAGE, Unit, run_units
@@ -228,6 +228,19 @@ def check_run_key(out: Path, spec: RunSpec) -> None:
     )
 
 
+def content_digest(samples: Sequence[Sample]) -> str:
+    """SHA-256 of the samples' content, ``json.dumps([[codes, question, answer, options],
+    ...])``, fed one sample at a time: no copy of every sample's codes at once."""
+    digest = hashlib.sha256(b"[")
+    for i, s in enumerate(samples):
+        item = [np.asarray(s.codes).tolist(), s.question, s.answer, s.options]
+        digest.update((", " if i else "").encode() + json.dumps(item).encode())
+    digest.update(b"]")
+    if isinstance(samples, Samples):
+        samples.release()
+    return digest.hexdigest()
+
+
 PACKAGES = ("modecl", "torch", "transformers", "accelerate", "numpy", "diffusers", "deepspeed")
 
 
@@ -241,8 +254,7 @@ def manifest(tasks: list[Task], accelerator: Accelerator | None = None) -> dict[
     for task in tasks:
         splits[task.name] = {}
         for split, samples in (("train", task.train), ("test", task.test)):
-            content = [[list(s.codes), s.question, s.answer, s.options] for s in samples]
-            digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+            digest = content_digest(samples)
             splits[task.name][split] = {"samples": len(samples), "sha256": digest}
     versions = {}
     for name in PACKAGES:

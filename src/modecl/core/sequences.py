@@ -12,6 +12,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from modecl.core.tasks import Sample
@@ -30,7 +31,7 @@ class DrawPair:
     """An image-generation pair: text prompt -> image codes (distillation stream, NLL)."""
 
     prompt: str
-    codes: tuple[int, ...]
+    codes: Sequence[int] | np.ndarray
 
 
 class Format(Protocol):
@@ -65,6 +66,15 @@ def understand(fmt: Format, sample: Sample) -> Example:
     """An understand sample as a training example: labels on the answer only."""
     prompt, answer = fmt.prompt(sample), fmt.answer_ids(sample.answer)
     return Example(prompt + answer, [IGNORE] * len(prompt) + answer)
+
+
+def example_lengths(fmt: Format, samples: Sequence[Sample]) -> np.ndarray:
+    """The token count of each sample's understand example: the format's own count where
+    it has one (``fmt.lengths(samples)``, in bulk), else each example built."""
+    count = getattr(fmt, "lengths", None)
+    if count is not None:
+        return np.asarray(count(samples), dtype=np.int64)
+    return np.array([len(understand(fmt, s).input_ids) for s in samples], dtype=np.int64)
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -44,7 +44,15 @@ from modecl.core.config import ConfigError, ContinualSettings, TrainSettings
 from modecl.core.conflict import ConflictMonitor
 from modecl.core.files import atomic_dir
 from modecl.core.methods.base import LossFn, Method
-from modecl.core.sequences import IGNORE, DrawPair, Format, collate, next_token_loss, understand
+from modecl.core.sequences import (
+    IGNORE,
+    DrawPair,
+    Format,
+    collate,
+    example_lengths,
+    next_token_loss,
+    understand,
+)
 from modecl.core.tasks import Sample, Task
 
 Batch = dict[str, torch.Tensor]
@@ -210,6 +218,48 @@ def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainSettings) -> torch.
     return torch.optim.SGD(params, lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay)
 
 
+GROUP_BATCHES = 50  # batches per run sorted by length (train.group_by_length)
+
+
+def epoch_order(
+    rng: np.random.Generator, lengths: np.ndarray, batch_size: int, grouped: bool
+) -> np.ndarray:
+    """One epoch's order of the samples, whose example lengths are `lengths`: a permutation
+    drawn from `rng`; `grouped`, each run of ``GROUP_BATCHES`` batches of it sorted by
+    length, longest first (as transformers' length-grouped sampler), so that a batch holds
+    samples of similar length. The same in every process (the same `rng`); only the
+    permutation is drawn from `rng`, grouped or not."""
+    order = rng.permutation(len(lengths))
+    if grouped:
+        span = batch_size * GROUP_BATCHES
+        for start in range(0, len(order), span):
+            run = order[start : start + span]
+            order[start : start + span] = run[np.argsort(-lengths[run], kind="stable")]
+    return order
+
+
+def steps_per_epoch(samples: int, batch_size: int, processes: int) -> int:
+    """Optimizer steps in an epoch of `samples`: a last batch with fewer samples than
+    processes is dropped (every process needs one)."""
+    return samples // batch_size + (samples % batch_size >= processes)
+
+
+def padding(
+    lengths: np.ndarray, order: np.ndarray, batch_size: int, processes: int, steps: int
+) -> tuple[int, int]:
+    """(padding tokens, batch tokens) of the first `steps` batches of `order`: each
+    process pads its share of a batch, ``batch[rank::processes]``, to its longest."""
+    pad = total = 0
+    for step in range(steps):
+        batch = lengths[order[step * batch_size : (step + 1) * batch_size]]
+        for rank in range(processes):
+            share = batch[rank::processes]
+            if len(share):
+                total += int(share.max()) * len(share)
+                pad += int(share.max()) * len(share) - int(share.sum())
+    return pad, total
+
+
 def train_task(
     model: nn.Module,
     fmt: Format,
@@ -256,9 +306,10 @@ def train_task(
             f"(train.batch_size {cfg.batch_size}, {len(samples)} samples in '{task.name}')"
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    # Every process needs a sample in every batch: a last batch smaller than that is dropped.
-    steps_per_epoch = len(samples) // cfg.batch_size + (len(samples) % cfg.batch_size >= world)
-    total = steps_per_epoch * cfg.epochs
+    per_epoch = steps_per_epoch(len(samples), cfg.batch_size, world)
+    total = per_epoch * cfg.epochs
+    # Lengths only order the samples where batches are grouped by length.
+    lengths = example_lengths(fmt, samples) if cfg.group_by_length else np.zeros(len(samples))
     optim = make_optimizer(params, cfg)
     schedule = cosine_schedule(optim, int(cfg.warmup_fraction * total), total)
     step_loss: nn.Module = StepLoss(model, fmt, method)
@@ -282,11 +333,11 @@ def train_task(
     # the bar closes however the loop ends (an interrupt's line then comes after its last).
     with training_task(model, index), bar:
         bar.update(first)
-        first_epoch, first_step = divmod(first, steps_per_epoch)
+        first_epoch, first_step = divmod(first, per_epoch)
         for epoch in range(first_epoch, cfg.epochs):
             if order is None or epoch > first_epoch or first_step == 0:  # else resumed mid-epoch
-                order = rng.permutation(len(samples))
-            for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
+                order = epoch_order(rng, lengths, cfg.batch_size, cfg.group_by_length)
+            for step in range(first_step if epoch == first_epoch else 0, per_epoch):
                 picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 batch = understand_batch(
                     fmt, method.mix([samples[i] for i in picked], rng)[rank::world], model.device
@@ -298,7 +349,7 @@ def train_task(
                     normalizer = accelerator.reduce(tokens, "sum") / world
                 with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
                     loss, ce, terms = step_loss(batch, inputs, normalizer)
-                n = epoch * steps_per_epoch + step
+                n = epoch * per_epoch + step
                 watched = monitor is not None and monitor.due(n)
                 if watched:
                     monitor.before(model, ce, lr=optim.param_groups[0]["lr"])

@@ -72,14 +72,14 @@ class DigitsWorld:
         """("draw a <digit>", real image codes) pairs: the distillation stream."""
         codes = self.codebook.encode(self.pools.images[index])
         return [
-            DrawPair(DRAW_PROMPT.format(DIGIT_WORDS[y]), tuple(int(x) for x in c))
+            DrawPair(DRAW_PROMPT.format(DIGIT_WORDS[y]), c)
             for c, y in zip(codes, self.pools.labels[index], strict=True)
         ]
 
     def captions(self, index: np.ndarray) -> list[Sample]:
         codes = self.codebook.encode(self.pools.images[index])
         return [
-            Sample(tuple(int(x) for x in c), CAPTION_QUESTION, DIGIT_WORDS[y], int(y), int(i))
+            Sample(c, CAPTION_QUESTION, DIGIT_WORDS[y], int(y), int(i))
             for i, c, y in zip(index, codes, self.pools.labels[index], strict=True)
         ]
 

@@ -72,7 +72,7 @@ def _parse_record(
 
 def _image_codes(
     image: object, world: DigitsWorld, folder: Path, where: str
-) -> tuple[tuple[int, ...], int | None]:
+) -> tuple[np.ndarray, int | None]:
     """An ``image`` field -> (its codes, its digits index when it is one)."""
     # bool is an int subclass in Python, but true/false is never a meant index or code.
     if isinstance(image, int) and not isinstance(image, bool):
@@ -91,13 +91,13 @@ def _image_codes(
         ]
         if bad:
             raise TaskFileError(f"{where}code {bad[0]!r} is not an int in 0..{size - 1}")
-        return tuple(image), None
+        return np.asarray(image, dtype=np.int64), None
     else:
         raise TaskFileError(
             f"{where}expected a digits index, an image path or a list of codes, got {image!r}"
         )
     codes = world.codebook.encode(pixels[None])[0]
-    return tuple(int(c) for c in codes), image if isinstance(image, int) else None
+    return codes, image if isinstance(image, int) else None
 
 
 def _read_image(file: Path, where: str) -> np.ndarray:

@@ -108,7 +108,7 @@ def task_samples(
     for i, img, c, label in zip(index, images, codes, pools.labels[index], strict=True):
         answer = rule.answer(img, int(label), margin)
         if answer is not None:
-            out.append(Sample(tuple(int(x) for x in c), rule.question, answer, int(label), int(i)))
+            out.append(Sample(c, rule.question, answer, int(label), int(i)))
     return out
 
 

@@ -164,12 +164,19 @@ def _object(record: Any, where: str) -> dict:
     return record
 
 
-def _image(record: dict, root: Path, where: str) -> Path:
-    """A record's image file, under the image root."""
+def _image(record: dict, root: Path, inside: str, where: str) -> Path:
+    """A record's image file, under the image root; `inside`: the root's absolute path and
+    a separator, the start of every path under it ("." and ".." resolved, not links)."""
     name = _text(record, "image", where)
-    if not _absolute(root / name).is_relative_to(_absolute(root)):
+    full = os.path.abspath(os.path.join(inside, name))
+    if not full.startswith(inside) and full != os.path.dirname(inside):
         raise TaskFileError(f"{where}field 'image': {name!r} leaves the image root {root}")
     return root / name
+
+
+def _inside(root: Path) -> str:
+    """The start of every absolute path under `root` (`_image`)."""
+    return os.path.join(_absolute(root), "")
 
 
 def _unique_id(record: dict, key: str, seen: dict[str, int], i: int, where: str) -> None:
@@ -186,12 +193,12 @@ def _unique_id(record: dict, key: str, seen: dict[str, int], i: int, where: str)
 
 
 def _train_rows(path: Path, root: Path) -> list[Row]:
-    rows, ids = [], {}
+    rows, ids, inside = [], {}, _inside(root)
     for i, record in enumerate(_records(path)):
         where = f"{path}: record {i}: "
         record = _object(record, where)
         _unique_id(record, "id", ids, i, where)
-        image = _image(record, root, where)
+        image = _image(record, root, inside, where)
         turns = _turns(record, where)
         for k in range(1, len(turns), 2):
             at = where if len(turns) == 2 else f"{path}: record {i} turn {k}: "
@@ -203,12 +210,12 @@ def _train_rows(path: Path, root: Path) -> list[Row]:
 
 
 def _test_rows(path: Path, root: Path) -> list[Row]:
-    rows, ids = [], {}
+    rows, ids, inside = [], {}, _inside(root)
     for i, record in enumerate(_records(path)):
         where = f"{path}: record {i}: "
         record = _object(record, where)
         _unique_id(record, "question_id", ids, i, where)
-        image = _image(record, root, where)
+        image = _image(record, root, inside, where)
         question = _question(_text(record, "text", where), f"{where}field 'text': ")
         answer = _text(record, "answer", where)
         answers = record.get("answers")
@@ -237,14 +244,16 @@ def check_coin_folder(
     name: str | None = None,
     scoring: str | None = None,
     tokenized: Collection[str] = (),
-) -> None:
+) -> tuple[list[Row], str]:
     """Every check of :func:`load_coin_task` that needs no model: records, fields, the
     rule's needs, splits, image files present unless already ``tokenized`` (to run before
-    a host loads)."""
+    a host loads); the checked rows and the task's rule."""
     folder = Path(folder)
     rows = coin_rows(folder, image_root)
-    check_rows(folder, rows, scoring or paper_rule(name or folder_name(folder)))
+    rule = scoring or paper_rule(name or folder_name(folder))
+    check_rows(folder, rows, rule)
     check_images(rows, tokenized)
+    return rows, rule
 
 
 def load_coin_task(

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from modecl.core.tasks import TaskFileError, read_jsonl
 from modecl.hosts.tasks import ImageTokenizer
 
@@ -36,7 +38,7 @@ class Concept:
     name: str
     prompts: tuple[str, ...]
     images: tuple[Path, ...]
-    codes: tuple[int, ...]
+    codes: np.ndarray
     source: str  # "file:line", for messages
 
 
@@ -88,6 +90,6 @@ def load_concepts(path: str | Path, images: ImageTokenizer) -> list[Concept]:
     rows = _rows(Path(path))
     codes = images([(files[0], f"{where}field 'images': ") for where, _, _, files in rows])
     return [
-        Concept(name, prompts, files, tuple(first), where.rstrip(": "))
+        Concept(name, prompts, files, first, where.rstrip(": "))
         for (where, name, prompts, files), first in zip(rows, codes, strict=True)
     ]

@@ -57,6 +57,7 @@ __all__ = [
     "image_vocabulary",
     "load_image",
     "save_png",
+    "span_length",
     "understand_prompt",
 ]
 
@@ -100,6 +101,11 @@ def _layout(vocab: ImageVocabulary, grid: tuple[int, int]) -> list[int | None]:
     if vocab.family == "emu3":
         return [*([None] * width + [vocab.row_end]) * height, vocab.frame_end, vocab.end]
     return [None] * (height * width) + [vocab.end]
+
+
+def span_length(vocab: ImageVocabulary, grid: tuple[int, int], encode: Encode) -> int:
+    """The number of tokens of an image span of `grid` (h, w) codes, markers included."""
+    return len(_head(vocab, grid, encode)) + len(_layout(vocab, grid))
 
 
 def _head(vocab: ImageVocabulary, grid: tuple[int, int], encode: Encode) -> list[int]:
@@ -164,7 +170,7 @@ def load_image(path: str | Path, size_or_processor: int | tuple[int, int] | Any)
 def image_grid(vocab: ImageVocabulary, body: Sequence[int]) -> tuple[int, int]:
     """The (h, w) code grid of one row of `image_tokens` (Chameleon's records no shape: 1 x n)."""
     if vocab.family == "emu3":
-        height = list(body).count(vocab.row_end)
+        height = int(np.count_nonzero(np.asarray(body) == vocab.row_end))
         return height, len(body) // max(height, 1) - 1
     return 1, len(body)
 
@@ -173,6 +179,7 @@ def image_span(
     vocab: ImageVocabulary, body: Sequence[int], encode: Encode
 ) -> tuple[list[int], list[int]]:
     """The image span of one row of `image_tokens`, as (head before the first code, rest)."""
+    body = body.tolist() if isinstance(body, np.ndarray) else list(body)
     grid = image_grid(vocab, body)
     rest = [*body, *_layout(vocab, grid)[len(body) :]]  # the closing markers
     _check_span(vocab, torch.tensor(rest), grid)

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import reprlib
+import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -36,27 +38,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
 from modecl.core.modality import HOST_FAMILIES, image_mask, image_token_ids
 from modecl.core.scoring import RULES, score
 from modecl.core.sequences import IGNORE, DrawPair, Example
-from modecl.core.tasks import Sample, Task, TaskFileError, read_jsonl
+from modecl.core.tasks import (
+    Packed,
+    Sample,
+    Samples,
+    Task,
+    TaskFileError,
+    pack_fields,
+    read_jsonl,
+)
 from modecl.hosts.host import (
     ImageVocabulary,
     bos_ids,
+    image_grid,
     image_span,
     image_tokens,
     image_vocabulary,
     load_image,
+    span_length,
 )
-from modecl.hosts.token_cache import TokenStore
+from modecl.hosts.token_cache import SEGMENT_IMAGES, Rows, TokenStore
 
-__all__ = ["HostFormat", "ImageTokenizer", "Pairs", "load_image_task", "load_pairs"]
+CHUNK = 4096  # texts encoded at once when counting tokens
+
+__all__ = ["HostFormat", "ImageTokenizer", "Pairs", "load_image_task", "load_pairs", "token_source"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,7 @@ class HostFormat:
     pad_id: int
     encode: Callable[[str], Sequence[int]]
     decode_text: Callable[[Sequence[int]], str]
+    count_tokens: Callable[[list[str]], list[int]] | None = None  # texts -> ids each
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer: Any) -> HostFormat:
@@ -93,7 +109,31 @@ class HostFormat:
             pad_id=int(eos if pad is None else pad),
             encode=lambda s: tokenizer(s, add_special_tokens=False)["input_ids"],
             decode_text=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            count_tokens=_token_counter(tokenizer),
         )
+
+    def lengths(self, samples: Sequence[Sample]) -> np.ndarray:
+        """The token count of each sample's understand example (prompt and answer), counted
+        without building it: a Chameleon span from the number of codes (a table's codes'
+        ``lengths()``, such as a token store's index: no codes touched), the texts encoded
+        in batches."""
+        table = isinstance(samples, Samples) and hasattr(samples.codes, "lengths")
+        if table and self.vocab.family != "emu3":
+            spans = samples.codes.lengths() + span_length(self.vocab, (1, 0), self.encode)
+        else:
+            grids = (image_grid(self.vocab, s.codes) for s in samples)
+            spans = np.array([span_length(self.vocab, g, self.encode) for g in grids], dtype=int)
+        texts = np.zeros(len(samples), dtype=np.int64)
+        for name in ("question", "answer"):
+            column = samples.columns[name] if table else [getattr(s, name) for s in samples]
+            for start in range(0, len(samples), CHUNK):
+                part = column[start : start + CHUNK]
+                counted: dict[str, int] = {}  # each text of the chunk encoded once
+                new = list(dict.fromkeys(part))  # ImageNet asks one question of every image
+                count = self.count_tokens or (lambda texts: [len(self.encode(t)) for t in texts])
+                counted.update(zip(new, count(new), strict=True))
+                texts[start : start + len(part)] += [counted[t] for t in part]
+        return spans + texts + len(self.bos) + 1  # BOS, and the answer's EOS
 
     def prompt(self, sample: Sample) -> list[int]:
         head, rest = image_span(self.vocab, sample.codes, self.encode)
@@ -132,6 +172,25 @@ class HostFormat:
         return image_mask(ids, self.modality_ids)
 
 
+def _token_counter(tokenizer: Any) -> Callable[[list[str]], list[int]]:
+    """Texts -> how many ids `tokenizer(text, add_special_tokens=False)` gives each: a fast
+    tokenizer's own batch encoder, without transformers' per-text wrapping."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return lambda texts: [
+            len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ]
+    return lambda texts: [len(e) for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def token_source(model_path: str, size_or_processor: Any) -> str:
+    """The digest that marks a token store's codes as this host's at this image sizing
+    (:mod:`~modecl.hosts.token_cache`): the checkpoint's path and the size or processor."""
+    size = size_or_processor
+    sizing = size.to_json_string() if hasattr(size, "to_json_string") else json.dumps(size)
+    return hashlib.sha256(json.dumps([model_path, sizing]).encode()).hexdigest()
+
+
 @dataclass
 class ImageTokenizer:
     """Image files -> the host's image tokens, each file tokenized once.
@@ -140,12 +199,14 @@ class ImageTokenizer:
     image processor (a real checkpoint's `AutoImageProcessor`). The tokens live in the
     memory-mapped :class:`~modecl.hosts.token_cache.TokenStore` at `folder` (a run's
     ``image_tokens/``, kept across runs), which refuses tokens of another host or image
-    sizing. Tokens of new files wait in a temporary store (``$TMPDIR``) until
-    :meth:`commit` moves them into `folder`: a run commits once every input passed its
-    checks, so a refused input leaves nothing in the out dir. Without `folder`, they stay in
-    the temporary store. New files are read and tokenized `batch_size` at a time: under
-    several processes (accelerate) each tokenizes its share, all gather every batch, the
-    main process keeps them in the temporary store and the others in memory.
+    sizing; a call returns them as views into it (:class:`~modecl.hosts.token_cache.Rows`).
+    Tokens of new files wait in a staging store in ``$TMPDIR`` (one per process, named by
+    `folder` and the host) until :meth:`commit` moves them into `folder`: a run commits
+    once every input passed its checks, so a refused input leaves nothing in the out dir,
+    and a killed tokenization resumes from the staged segments (``segment_images`` images
+    each) without tokenizing them again. Without `folder`, they stay in a temporary store.
+    New files are read and tokenized `batch_size` at a time: under several processes
+    (accelerate) each tokenizes its share, and every process stages every round's tokens.
     """
 
     model: nn.Module
@@ -153,58 +214,77 @@ class ImageTokenizer:
     batch_size: int = 16
     progress: bool = True
     folder: Path | None = None
+    segment_images: int = SEGMENT_IMAGES
     store: TokenStore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        size = self.size_or_processor
-        sizing = size.to_json_string() if hasattr(size, "to_json_string") else json.dumps(size)
-        settings = json.dumps([getattr(self.model, "name_or_path", ""), sizing]).encode()
-        self._source = hashlib.sha256(settings).hexdigest()
-        self._temporary = tempfile.TemporaryDirectory(prefix="modecl-tokens-")
-        self.staged = TokenStore(Path(self._temporary.name), source=self._source)
-        self.store = self.staged
+        self._source = token_source(getattr(self.model, "name_or_path", ""), self.size_or_processor)
+        self.store = TokenStore(self.folder or self._temporary(), source=self._source)
+        self.staged = self.store
         if self.folder is not None:
-            self.store = TokenStore(self.folder, source=self._source)
-        self._kept: dict[str, tuple[int, ...]] = {}  # a process other than the main one's
+            self.staged = TokenStore(self._staging(), self._source, self.segment_images)
 
-    def _codes(self, path: str) -> tuple[int, ...] | None:
-        for store in (self.store, self.staged):
-            if path in store:
-                return store[path]
-        return self._kept.get(path)
+    def _temporary(self) -> Path:
+        self._tmp = tempfile.TemporaryDirectory(prefix="modecl-tokens-")
+        return Path(self._tmp.name)
 
-    def __call__(self, files: Sequence[tuple[Path, str]]) -> list[tuple[int, ...]]:
+    def _staging(self) -> Path:
+        """This process's staging store: the same folder for the same out dir and host."""
+        key = hashlib.sha256(json.dumps([os.path.abspath(self.folder), self._source]).encode())
+        name = f"modecl-tokens-{key.hexdigest()[:16]}-{PartialState().process_index}"
+        return Path(tempfile.gettempdir()) / name
+
+    def rows(self, names: Sequence[str]) -> tuple[Rows, np.ndarray]:
+        """The codes of `names` in the store or the staging store, and a mask of those found."""
+        rows, found = self.store.rows(names)
+        if self.staged is self.store or found.all():
+            return rows, found
+        more, also = self.staged.rows(names)
+        offset = len(rows.segments)
+        which = np.where(found, rows.which, more.which + offset)
+        index = np.where(found, rows.index, more.index)
+        return Rows([*rows.segments, *more.segments], which, index), found | also
+
+    def __call__(self, files: Sequence[tuple[Path, str]]) -> Rows:
         """Tokens of each `(file, where)`; `where` prefixes the error of a bad file."""
-        todo = {}
-        for file, where in files:  # every file checked before any work
-            if str(file) not in todo and self._codes(str(file)) is None:
-                if not file.is_file():
-                    raise TaskFileError(f"{where}image file not found: {file}")
-                todo[str(file)] = where
+        return self.rows_of([str(file) for file, _ in files], lambda i: files[i][1])
+
+    def rows_of(self, names: Sequence[str], where: Callable[[int], str]) -> Rows:
+        """Tokens of each file of `names` (paths, or packed: :class:`Packed`); `where(i)`
+        prefixes the error of a bad file `names[i]`."""
+        _, found = self.rows(names)
+        todo: dict[str, str] = {}
+        for i in np.flatnonzero(~found):
+            todo.setdefault(names[i], where(i))
+        state, have = PartialState(), set()
+        if state.num_processes > 1:  # after a kill, processes may have staged unequal parts
+            holder = [todo]
+            broadcast_object_list(holder, from_process=int(np.argmax(gather_object([len(todo)]))))
+            todo = holder[0]
+            have = {n for n, ok in zip(todo, self.rows(list(todo))[1], strict=True) if ok}
+        for name, where in todo.items():  # every file checked before any work
+            if not Path(name).is_file():
+                raise TaskFileError(f"{where}image file not found: {name}")
         if todo:
-            state = PartialState()
             tokens = self._tokenized(todo, state)
-            if self.folder is not None and not state.is_main_process:
-                self._kept.update((name, tuple(codes)) for name, codes in tokens)
-            else:
-                self.staged.write(tokens)
-        return [self._codes(str(file)) for file, _ in files]
+            self.staged.write((n, c) for n, c in tokens if n not in have)
+        return self.rows(names)[0]
 
     def commit(self) -> None:
         """Move the tokens read so far into the store at `folder` (every process calls it)."""
-        if self.folder is None:
+        if self.staged is self.store:
             return
         state = PartialState()
         if state.is_main_process:
             self.store.take_segments(self.staged.folder)
-            self.staged = TokenStore(self.staged.folder, source=self._source)
         state.wait_for_everyone()
+        shutil.rmtree(self.staged.folder, ignore_errors=True)  # rows read stay mapped
+        self.staged = TokenStore(self.staged.folder, self._source, self.segment_images)
         self.store.refresh()
-        self._kept.clear()
 
     def _tokenized(
         self, todo: dict[str, str], state: PartialState
-    ) -> Iterator[tuple[str, list[int]]]:
+    ) -> Iterator[tuple[str, np.ndarray]]:
         """`(file, tokens)` of every file of `todo`: in each round, every process tokenizes
         one batch of its share, and all gather the round's batches."""
         share = list(todo)[state.process_index :: state.num_processes]
@@ -222,7 +302,7 @@ class ImageTokenizer:
                     yield from part.items()
                 bar.update(len(names))
 
-    def _tokenize(self, names: list[str], where: dict[str, str]) -> dict[str, list[int]]:
+    def _tokenize(self, names: list[str], where: dict[str, str]) -> dict[str, np.ndarray]:
         pixels = {}
         for name in names:
             try:
@@ -235,7 +315,7 @@ class ImageTokenizer:
         out = {}
         for group in by_shape.values():
             tokens = image_tokens(self.model, torch.cat([pixels[n] for n in group]))
-            out |= dict(zip(group, tokens.tolist(), strict=True))
+            out |= dict(zip(group, tokens.cpu().numpy(), strict=True))
         return out
 
 
@@ -314,12 +394,66 @@ def check_rows(path: Path, rows: Sequence[Row], rule: str) -> None:
             raise TaskFileError(f"{path}: no {split} samples")
 
 
+def stored(names: Sequence[str], tokenized: Collection[str]) -> np.ndarray:
+    """Which of `names` are in `tokenized` (a token store: looked up all at once)."""
+    if isinstance(tokenized, TokenStore):
+        return tokenized.rows(names)[1]
+    return np.array([name in tokenized for name in names], dtype=bool)
+
+
 def check_images(rows: Sequence[Row], tokenized: Collection[str] = ()) -> None:
     """Every row's image file is present, unless its tokens are (to run before a host
     loads: a resumed run reads the tokens back, not the images)."""
-    for row in rows:
-        if str(row.image) not in tokenized and not row.image.is_file():
+    known = stored([str(row.image) for row in rows], tokenized)
+    for row, ok in zip(rows, known, strict=True):
+        if not ok and not row.image.is_file():
             raise TaskFileError(f"{row.where}field 'image': image file not found: {row.image}")
+
+
+@dataclass(frozen=True)
+class TaskTable:
+    """A task's checked samples, their images not tokenized yet, packed (a few buffers, no
+    Python object per sample): per split, the image files' paths and the samples' other
+    fields (:func:`~modecl.core.tasks.pack_fields`; `source` says where each was read)."""
+
+    rule: str
+    images: dict[str, Packed]
+    fields: dict[str, dict[str, Sequence[Any]]]
+
+    @classmethod
+    def of(cls, rows: Sequence[Row], rule: str) -> TaskTable:
+        """The table of checked `rows` (:func:`check_rows`) under `rule`."""
+        images, fields = {}, {}
+        for split in ("train", "test"):
+            mine = [row for row in rows if row.split == split]
+            images[split] = Packed(str(row.image) for row in mine)
+            fields[split] = pack_fields(
+                {
+                    "question": row.question,
+                    "answer": row.answer,
+                    "options": row.options,
+                    "source": row.where.rstrip(": "),
+                    "answers": row.answers,
+                }
+                for row in mine
+            )
+        return cls(rule, images, fields)
+
+
+def _image_field(sources: Sequence[str]) -> Callable[[int], str]:
+    """Sample i's "where" of a message about its image, from the samples' sources."""
+    return lambda i: f"{sources[i]}: field 'image': "
+
+
+def table_task(
+    name: str, table: TaskTable, images: ImageTokenizer, answers: Sequence[str] | None = None
+) -> Task:
+    """The task of a checked `table`, its images tokenized by `images`."""
+    splits = {}
+    for split in ("train", "test"):
+        codes = images.rows_of(table.images[split], _image_field(table.fields[split]["source"]))
+        splits[split] = Samples(codes, table.fields[split])
+    return Task(name, tuple(answers or ()), splits["train"], splits["test"], scoring=table.rule)
 
 
 def rows_task(
@@ -330,19 +464,7 @@ def rows_task(
     answers: Sequence[str] | None = None,
 ) -> Task:
     """The task of checked `rows` (:func:`check_rows`), their images tokenized by `images`."""
-    codes = images([(row.image, f"{row.where}field 'image': ") for row in rows])
-    splits: dict[str, list[Sample]] = {"train": [], "test": []}
-    for row, image in zip(rows, codes, strict=True):
-        sample = Sample(
-            image,
-            row.question,
-            row.answer,
-            options=row.options,
-            source=row.where.rstrip(": "),
-            answers=row.answers,
-        )
-        splits[row.split].append(sample)
-    return Task(name, tuple(answers or ()), splits["train"], splits["test"], scoring=rule)
+    return table_task(name, TaskTable.of(rows, rule), images, answers)
 
 
 def load_image_task(
@@ -362,10 +484,13 @@ def load_image_task(
 
 def check_task_file(
     path: Path, scoring: str | None = None, tokenized: Collection[str] = ()
-) -> None:
+) -> tuple[list[Row], str]:
     """Every check of :func:`load_image_task` that needs no model: fields, rules, splits,
-    image files present unless already ``tokenized`` (to run before a host loads)."""
-    check_images(_task_rows(Path(path), scoring)[0], tokenized)
+    image files present unless already ``tokenized`` (to run before a host loads); the
+    checked rows and the task's rule."""
+    rows, rule = _task_rows(Path(path), scoring)
+    check_images(rows, tokenized)
+    return rows, rule
 
 
 def _task_rows(path: Path, scoring: str | None) -> tuple[list[Row], str]:

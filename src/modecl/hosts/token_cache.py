@@ -11,8 +11,10 @@ each written once and never changed::
                  codes (int64, uint32), each 64-byte aligned
     header       JSON: dtype, counts, path width, section offsets, `source`
 
-Every process maps the segments with ``np.memmap``: opening reads the headers only; a lookup
-binary-searches the paths and copies one image's codes out of the shared page cache.
+Every process maps the segments (``mmap``): opening reads the headers only; a lookup
+binary-searches the paths and returns a view of one image's codes in the shared page cache
+(as stored: uint16 or uint32, never copied into Python ints). :meth:`TokenStore.rows`
+locates many paths at once, as :class:`Rows`: a sequence of such views.
 
 Writing (:meth:`TokenStore.write`) adds new segments, one per ``segment_images`` images, so
 appending images later (another task file) never rewrites a segment, and a kill loses at
@@ -35,6 +37,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import mmap
 import os
 import shutil
 import uuid
@@ -48,8 +51,9 @@ import numpy as np
 
 from modecl.core.config import ConfigError
 from modecl.core.files import atomic_path, remove_leftovers
+from modecl.core.tasks import Packed
 
-__all__ = ["TOKEN_STORE", "TokenStore"]
+__all__ = ["TOKEN_STORE", "Rows", "TokenStore"]
 
 TOKEN_STORE = "image_tokens"  # the store's folder in a run's out dir
 MAGIC = b"MDCLTOK1"
@@ -73,7 +77,8 @@ class Segment:
                     raise ValueError("no segment header")
                 f.seek(int.from_bytes(head[8:], "little"))
                 header = json.loads(f.read())
-            buffer = np.memmap(path, dtype=np.uint8, mode="r")
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            buffer = np.frombuffer(self.map, dtype=np.uint8)
             n, width = header["images"], header["width"]
 
             def section(name: str, dtype: str, count: int) -> np.ndarray:
@@ -99,12 +104,57 @@ class Segment:
         i = int(np.searchsorted(self.keys, key))
         return i if i < len(self.keys) and self.keys[i] == key else -1
 
-    def codes(self, i: int) -> tuple[int, ...]:
+    def find_all(self, keys: np.ndarray) -> np.ndarray:
+        """The index of each path of `keys` (a bytes array), -1 where absent."""
+        if not len(self.keys) or not len(keys):
+            return np.full(len(keys), -1)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[at] == keys, at, -1)
+
+    def release(self) -> None:
+        """Unmap the pages read so far from this process (they stay in the page cache):
+        after a scan of every image, the process holds no more than before it."""
+        self.map.madvise(mmap.MADV_DONTNEED)
+
+    def codes(self, i: int) -> np.ndarray:
+        """Image `i`'s codes: a read-only view into the mapped file."""
         start = int(self.starts[i])
-        return tuple(self.data[start : start + int(self.lengths[i])].tolist())
+        return self.data[start : start + int(self.lengths[i])]
 
 
-class TokenStore(Mapping[str, tuple[int, ...]]):
+class Rows(Sequence[np.ndarray]):
+    """The codes of images located in a store's segments: row i is image ``index[i]`` of
+    ``segments[which[i]]``, a view made when asked for (14 bytes a row held)."""
+
+    def __init__(self, segments: Sequence[Segment], which: np.ndarray, index: np.ndarray) -> None:
+        self.segments, self.which, self.index = list(segments), which, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        return self.segments[self.which[i]].codes(int(self.index[i]))
+
+    def take(self, positions: Sequence[int] | np.ndarray) -> Rows:
+        """The rows at `positions`, in their order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return Rows(self.segments, self.which[positions], self.index[positions])
+
+    def release(self) -> None:
+        """Unmap the pages of the segments read so far (:meth:`Segment.release`)."""
+        for segment in self.segments:
+            segment.release()
+
+    def lengths(self) -> np.ndarray:
+        """The number of codes of every row, read from the index (no codes touched)."""
+        out = np.zeros(len(self), dtype=np.int64)
+        for k, segment in enumerate(self.segments):
+            mine = self.which == k
+            out[mine] = segment.lengths[self.index[mine]]
+        return out
+
+
+class TokenStore(Mapping[str, np.ndarray]):
     """The segments of `folder`: image path -> its codes (empty while the folder is absent).
 
     `source`: refuse segments written with another (module doc). `segment_images`: images
@@ -169,6 +219,26 @@ class TokenStore(Mapping[str, tuple[int, ...]]):
                     path.unlink()
         self.refresh()
 
+    def rows(self, paths: Sequence[str]) -> tuple[Rows, np.ndarray]:
+        """Every path's codes as :class:`Rows`, and a mask of the paths found (a row of a
+        path not found is not to be read). `paths` may be packed (:class:`Packed`)."""
+        if isinstance(paths, Packed):
+            keys = paths.fixed_width()
+        else:
+            keys = np.array([os.fsencode(p) for p in paths] or [b""])[: len(paths)]
+        which = np.full(len(paths), -1, dtype=np.int32)
+        index = np.zeros(len(paths), dtype=np.int64)
+        for k, segment in enumerate(self.segments):
+            todo = np.flatnonzero(which < 0)
+            if not len(todo):
+                break
+            found = segment.find_all(keys[todo])
+            which[todo[found >= 0]] = k
+            index[todo[found >= 0]] = found[found >= 0]
+        for segment in self.segments:  # the pages of the paths searched
+            segment.release()
+        return Rows(self.segments, which, index), which >= 0
+
     def _find(self, path: object) -> tuple[Segment, int] | None:
         if isinstance(path, str):
             key = os.fsencode(path)
@@ -180,7 +250,7 @@ class TokenStore(Mapping[str, tuple[int, ...]]):
     def __contains__(self, path: object) -> bool:
         return self._find(path) is not None
 
-    def __getitem__(self, path: str) -> tuple[int, ...]:
+    def __getitem__(self, path: str) -> np.ndarray:
         found = self._find(path)
         if found is None:
             raise KeyError(path)

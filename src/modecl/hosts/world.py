@@ -14,10 +14,13 @@ concepts' against every concept's reference images. The out dir is the runner's
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import multiprocessing
 import os
 import pickle
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,7 @@ from modecl.core.methods import get_method
 from modecl.core.methods.distillation import check_pairs
 from modecl.core.results import Results
 from modecl.core.runner import RunSpec, check_methods, check_run_key, run
-from modecl.core.sequences import DrawPair, left_padded
+from modecl.core.sequences import DrawPair, example_lengths, left_padded
 from modecl.core.tasks import Task, TaskFileError
 from modecl.core.tracking import check_trackers
 from modecl.core.train import check_engine
@@ -51,11 +54,13 @@ from modecl.hosts.tasks import (
     HostFormat,
     ImageTokenizer,
     Pairs,
+    TaskTable,
     check_pairs_file,
     check_task_file,
     load_image_task,
     load_pairs,
     read_token_cache,
+    table_task,
 )
 from modecl.hosts.token_cache import TOKEN_STORE
 from modecl.hosts.vqgan import load_vqgan
@@ -334,12 +339,14 @@ def check_context(
     if limit is None:
         return
     for task in tasks:
-        for sample in [*task.train, *task.test]:
-            length = len(fmt.prompt(sample)) + len(fmt.answer_ids(sample.answer))
-            if length > limit:
+        for samples in (task.train, task.test):
+            lengths = example_lengths(fmt, samples)
+            over = np.flatnonzero(lengths > limit)
+            if len(over):
+                sample = samples[int(over[0])]
                 raise ConfigError(
                     f"{sample.source or task.name}: the image, question and answer take "
-                    f"{length} tokens, more than the host's context of {limit} "
+                    f"{lengths[over[0]]} tokens, more than the host's context of {limit} "
                     "(max_position_embeddings)"
                 )
     for i, pair in enumerate([*pairs.train, *pairs.test] if pairs else []):
@@ -371,9 +378,11 @@ def check_inputs(
     config: TrainConfig,
     tokenized: Collection[str] = (),
     concepts: Path | None = None,
+    read: dict[str, TaskTable] | None = None,
 ) -> list[str]:
     """Every check that needs no model, before minutes of loading it; the task names.
-    Images whose tokens are ``tokenized`` (a resumed run's) need not be present."""
+    Images whose tokens are ``tokenized`` (a resumed run's) need not be present. `read`, if
+    given, receives each task's checked samples (:class:`TaskTable`) by its name."""
     folders = [f for f in task_files if f.is_dir()]  # CoIN task folders
     files = [*(f for f in task_files if f not in folders), kd_data, concepts, config.host.vqgan]
     for file in files:
@@ -393,9 +402,11 @@ def check_inputs(
         raise ConfigError(f"task names (the files' stems, the folders' names) repeat: {names}")
     for file, name in zip(task_files, names, strict=True):
         if file in folders:
-            check_coin_folder(file, image_root, name, config.scoring.get(name), tokenized)
+            rows = check_coin_folder(file, image_root, name, config.scoring.get(name), tokenized)
         else:
-            check_task_file(file, config.scoring.get(name), tokenized)
+            rows = check_task_file(file, config.scoring.get(name), tokenized)
+        if read is not None:
+            read[name] = TaskTable.of(*rows)
     if kd_data is not None:
         check_pairs_file(kd_data, tokenized)
     if concepts is not None:
@@ -407,7 +418,51 @@ def check_inputs(
     return names
 
 
-def train_run(
+@dataclass
+class Inputs:
+    """A `modecl train` run's inputs, past every check that needs no model: its files, the
+    task names, the run's spec and, where asked for, each task's checked samples by name."""
+
+    task_files: list[Path]
+    names: list[str]
+    kd_data: Path | None
+    image_root: Path | None
+    concepts: Path | None
+    spec: RunSpec
+    distilling: list[str]
+    tables: dict[str, TaskTable]
+
+
+def in_child(function: Callable[[], Any]) -> Any:
+    """``function()`` in a forked child process, its result or its exception sent back
+    pickled: what it allocates on the way (the parsed JSON of every task file, millions of
+    small objects at CoIN's size) leaves with the child instead of fragmenting this
+    process's heap."""
+    context = multiprocessing.get_context("fork")  # the child runs `function` as it is here
+    receive, send = context.Pipe(duplex=False)
+
+    def run() -> None:
+        try:
+            send.send((True, function()))
+        except Exception as err:  # raised here, in this process
+            send.send((False, err))
+
+    child = context.Process(target=run, name="modecl-read")
+    child.start()
+    send.close()
+    try:
+        done, value = receive.recv()
+    except EOFError:  # it died before it could answer
+        done, value = False, None
+    child.join()
+    if value is None and not done:
+        raise RuntimeError(f"the process reading the inputs died (exit code {child.exitcode})")
+    if not done:
+        raise value
+    return value
+
+
+def checked_inputs(
     model_path: str,
     task_files: Sequence[str | Path],
     methods: list[str] | str,
@@ -416,19 +471,31 @@ def train_run(
     kd_data: Path | None = None,
     image_root: Path | None = None,
     concepts: Path | None = None,
-    config: TrainConfig | None = None,
+    config: TrainConfig,
     seeds: int = 1,
-    progress: bool = True,
-    accelerator: Accelerator | None = None,
     config_files: Sequence[Path] = (),
-) -> Results:
-    """Train every method of `methods` through `task_files` (JSONL task files or CoIN task
-    folders, whose image paths start at `image_root`, default each folder's parent) on the
-    host at `model_path`, over `seeds` seeds from `config.seed` on; writes the out dir and
-    returns results.json. `concepts` is a concepts file (:mod:`modecl.hosts.concepts`) to
-    draw from after every task. `config_files` (the TOML it came from) are hashed into the
-    run key with the input files."""
-    config = config or TrainConfig()
+    tables: bool | None = False,
+) -> Inputs:
+    """Every check of :func:`train_run` before the host loads (arguments as there), the
+    out dir's run key included; with `tables`, each task's checked samples are kept, read
+    in a child process (:func:`in_child`; None: in this one)."""
+    if tables:
+        return in_child(
+            functools.partial(
+                checked_inputs,
+                model_path,
+                task_files,
+                methods,
+                out,
+                kd_data=kd_data,
+                image_root=image_root,
+                concepts=concepts,
+                config=config,
+                seeds=seeds,
+                config_files=config_files,
+                tables=None,
+            )
+        )
     methods = [methods] if isinstance(methods, str) else list(methods)
     check_methods(methods, config.continual)
     if seeds < 1:
@@ -440,7 +507,9 @@ def train_run(
     image_root = None if image_root is None else Path(image_root)
     concepts = None if concepts is None else Path(concepts)
     tokenized = read_token_cache(Path(out) / TOKEN_STORE)  # a resume needs no images
-    names = check_inputs(task_files, kd_data, image_root, config, tokenized, concepts)
+    kept: dict[str, TaskTable] = {}
+    keep = kept if tables is None else None
+    names = check_inputs(task_files, kd_data, image_root, config, tokenized, concepts, keep)
     check_trackers(config.tracking.log_with)
     distilling = [m for m in methods if get_method(m).needs_pairs]
     if distilling and kd_data is None:
@@ -469,8 +538,53 @@ def train_run(
         ],
         tracking=list(config.tracking.log_with),
     )
+    check_run_key(Path(out), spec)
+    return Inputs(task_files, names, kd_data, image_root, concepts, spec, distilling, kept)
+
+
+def train_run(
+    model_path: str,
+    task_files: Sequence[str | Path],
+    methods: list[str] | str,
+    out: Path,
+    *,
+    kd_data: Path | None = None,
+    image_root: Path | None = None,
+    concepts: Path | None = None,
+    config: TrainConfig | None = None,
+    seeds: int = 1,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+    config_files: Sequence[Path] = (),
+) -> Results:
+    """Train every method of `methods` through `task_files` (JSONL task files or CoIN task
+    folders, whose image paths start at `image_root`, default each folder's parent) on the
+    host at `model_path`, over `seeds` seeds from `config.seed` on; writes the out dir and
+    returns results.json. `concepts` is a concepts file (:mod:`modecl.hosts.concepts`) to
+    draw from after every task. `config_files` (the TOML it came from) are hashed into the
+    run key with the input files."""
+    config = config or TrainConfig()
+    checked = checked_inputs(
+        model_path,
+        task_files,
+        methods,
+        out,
+        kd_data=kd_data,
+        image_root=image_root,
+        concepts=concepts,
+        config=config,
+        seeds=seeds,
+        config_files=config_files,
+        tables=True,  # read once: the tasks are built from them
+    )
+    task_files, names, spec, distilling = (
+        checked.task_files,
+        checked.names,
+        checked.spec,
+        checked.distilling,
+    )
+    kd_data, image_root, concepts = checked.kd_data, checked.image_root, checked.concepts
     out = Path(out)
-    check_run_key(out, spec)
     accelerator = accelerator or default_accelerator()
     # before minutes of loading the host
     check_engine(accelerator, config.continual, methods=[get_method(m) for m in methods])
@@ -488,6 +602,7 @@ def train_run(
         out / TOKEN_STORE,
         progress and main,
         concepts,
+        checked.tables,
     )
     if distilling:
         batch, tests = config.continual.distill.batch_size, len(world.pairs.test)
@@ -513,16 +628,21 @@ def host_world(
     token_cache: Path,
     progress: bool,
     concepts: Path | None = None,
+    tables: dict[str, TaskTable] | None = None,
 ) -> tuple[HostWorld, ImageTokenizer]:
     """The world of a loaded host and its checked inputs, and the image tokenizer that read
-    them into the token store `token_cache` (read back first: nothing is tokenized twice)."""
+    them into the token store `token_cache` (read back first: nothing is tokenized twice).
+    `tables`: each task's checked samples as :func:`check_inputs` read them, taken out as
+    the tasks are built (else the files are read again)."""
     fmt = HostFormat.from_model(model, tokenizer)
     vqgan = _vqgan(model, fmt, model_path, config)
     images = _image_reader(model, model_path, config, progress, token_cache)
     tasks = []
     for file, name in zip(task_files, names, strict=True):
         rule, answers = config.scoring.get(name), config.answer_sets.get(name)
-        if file.is_dir():
+        if tables:
+            tasks.append(table_task(name, tables.pop(name), images, answers))
+        elif file.is_dir():
             tasks.append(load_coin_task(file, images, image_root, name, rule, answers))
         else:
             tasks.append(load_image_task(file, images, name, rule, answers))

@@ -48,7 +48,8 @@ class Rehearsal(Method):
         fmt: Format | None = None,
     ) -> None:
         rng = np.random.default_rng(seed)
-        self.seen[task.name] = [task.train[i] for i in rng.permutation(len(task.train))]
+        order = rng.permutation(len(task.train))[: self.memory_size()]  # all it can use
+        self.seen[task.name] = [task.train[i] for i in order]
         self.refill()
 
     def state_dict(self) -> dict:
