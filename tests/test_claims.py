@@ -71,6 +71,11 @@ def check(name: str, replicate: SeedResult) -> bool | None:
             rep(mode=method(generation=0.9), seq_lora=method(generation=0.4)),
             True,
         ),
+        ("cl-moe-forgets-less", rep(cl_moe=method(0.3), seq_lora=method(0.4)), True),
+        ("mode-forgets-less-than-cl-moe", rep(mode=method(0.3), cl_moe=method(0.2)), False),
+        ("o-lora-forgets-less", rep(o_lora=method(0.39), seq_lora=method(0.4)), True),
+        ("a-gem-forgets-less", rep(a_gem=method(0.41), seq_lora=method(0.4)), False),
+        ("a-gem-forgets-less", rep(a_gem=method(0.41)), None),  # seq-lora not run
         ("mode-forgets-less", rep(mode=method(0.3), seq_lora=method(0.4)), True),
         ("mode-forgets-less", rep(mode=method(0.4), seq_lora=method(0.4)), False),
         (

@@ -243,6 +243,26 @@ CLAIMS = (
         forgets_less("mode-text-lora", "mode-split", slack=0.03),
     ),
     Claim(
+        "cl-moe-forgets-less",
+        "cl-moe forgets less than seq-lora (the CL-MoE paper's and the MoDE paper's table)",
+        forgets_less("cl-moe", "seq-lora"),
+    ),
+    Claim(
+        "mode-forgets-less-than-cl-moe",
+        "mode forgets less than cl-moe (the MoDE paper's table)",
+        forgets_less("mode", "cl-moe"),
+    ),
+    Claim(
+        "o-lora-forgets-less",
+        "o-lora forgets less than seq-lora",
+        forgets_less("o-lora", "seq-lora"),
+    ),
+    Claim(
+        "a-gem-forgets-less",
+        "a-gem forgets less than seq-lora",
+        forgets_less("a-gem", "seq-lora"),
+    ),
+    Claim(
         "conflict-is-not-the-driver",
         "the gradient cosine stays below 0.05 while the real-update prediction correlates "
         "above 0.9 with the measured change",
