@@ -19,11 +19,16 @@ from tests.conftest import tiny_config
 from tests.fixtures import toml
 
 
+def ungated(**overrides: object) -> DigitsConfig:
+    """The tiny host config with its gate at 0 (the tiny host passes no real gate)."""
+    return tiny_config(gate={"captioning": 0.0, "generation": 0.0}, **overrides)
+
+
 @pytest.fixture
 def shipped_root(tmp_path, cache, monkeypatch):
     """A shipped host of the tiny config, seed 0, in its own folder, made as
     `benchmarks/ship_hosts.py` makes one; the package's hosts set aside."""
-    config = tiny_config()
+    config = ungated()
     host = load_or_pretrain(config, cache, progress=False, use_shipped=False)
     root = tmp_path / "hosts"
     scores = dict(zip(("captioning", "generation"), host.gate_scores(), strict=True))
@@ -42,7 +47,7 @@ def test_a_matching_config_loads_the_shipped_host_without_training(
     shipped_root, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(modecl.digits.pretrain, "train_host", no_training)
-    host = load_or_pretrain(tiny_config(), tmp_path / "empty-cache", progress=False)
+    host = load_or_pretrain(ungated(), tmp_path / "empty-cache", progress=False)
     assert host.log["source"] == "shipped" and host.folder == shipped_root / "seed0"
     assert not (tmp_path / "empty-cache").exists()
     weights = load_file(shipped_root / "seed0" / "model" / "model.safetensors")
@@ -50,7 +55,7 @@ def test_a_matching_config_loads_the_shipped_host_without_training(
     assert all((weights[k] == state[k]).all() for k in weights)
     identity = host.identity()
     assert identity["shipped"] and identity["seed"] == 0
-    assert identity["config_hash"] == cache_key(tiny_config())
+    assert identity["config_hash"] == cache_key(ungated())
     manifest = json.loads((shipped_root / "seed0" / "manifest.json").read_text())
     assert identity["weights_sha256"] == manifest["files"]["model/model.safetensors"]
     assert identity["kernel_path"] == manifest["kernel_path"] is not None
@@ -58,9 +63,19 @@ def test_a_matching_config_loads_the_shipped_host_without_training(
 
 
 def test_a_changed_config_pre_trains_as_before(shipped_root, tmp_path):
-    host = load_or_pretrain(tiny_config(seed=1), tmp_path / "cache", progress=False)
+    host = load_or_pretrain(ungated(seed=1), tmp_path / "cache", progress=False)
     assert host.log["source"] == "trained" and not host.identity()["shipped"]
     assert host.folder.parent == tmp_path / "cache"
+
+
+def test_a_changed_gate_is_another_host(shipped_root, tmp_path, monkeypatch):
+    """Checkpoints are ranked by their margin to the gate, so the gate keys the host: a
+    shipped host selected under one gate is not taken for another (it was, and a re-created
+    host then differed from it)."""
+    other = tiny_config(gate={"captioning": 0.5, "generation": 0.0})
+    assert cache_key(other) != cache_key(ungated())
+    host = load_or_pretrain(other, tmp_path / "cache", progress=False)
+    assert host.log["source"] == "trained"
 
 
 @pytest.mark.parametrize("damage", ["changed", "missing"])
@@ -73,12 +88,12 @@ def test_a_damaged_shipped_host_is_refused_naming_the_file(shipped_root, tmp_pat
     else:
         file.unlink()
     with pytest.raises(shipped.ShippedHostError, match=r"seed0: codebook\.npy .*reinstall"):
-        load_or_pretrain(tiny_config(), tmp_path / "cache", progress=False)
+        load_or_pretrain(ungated(), tmp_path / "cache", progress=False)
 
 
 def test_pretrain_re_creates_a_shipped_host_and_says_it_matches(shipped_root, tmp_path, capsys):
     config = tmp_path / "host.toml"
-    config.write_text(toml(to_dict(tiny_config()) | {"gate": {"captioning": 0, "generation": 0}}))
+    config.write_text(toml(to_dict(ungated())))
     assert main(["pretrain", "--config", str(config), "--cache", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "pre-trained in" in out  # re-created, not loaded
@@ -97,7 +112,7 @@ def test_pretrain_says_how_a_re_created_host_differs(shipped_root, tmp_path, cap
     )
     (folder / "manifest.json").write_text(json.dumps(manifest))
     config = tmp_path / "host.toml"
-    config.write_text(toml(to_dict(tiny_config()) | {"gate": {"captioning": 0, "generation": 0}}))
+    config.write_text(toml(to_dict(ungated())))
     assert main(["pretrain", "--config", str(config), "--cache", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert f"differs from the shipped host {folder}: largest weight difference 0.25" in out

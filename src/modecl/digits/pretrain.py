@@ -58,9 +58,10 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(config: DigitsConfig) -> str:
-    """Hash of what shapes the pre-trained host: the config (not gate or sampling), the
-    world's texts (vocabulary words, questions, templates, statements) and FORMAT_VERSION."""
-    settings = {k: v for k, v in to_dict(config).items() if k not in ("gate", "generation")}
+    """Hash of what shapes the pre-trained host: the config (not its sampling settings; the
+    gate too, since checkpoints are ranked by their margin to it), the world's texts
+    (vocabulary words, questions, templates, statements) and FORMAT_VERSION."""
+    settings = {k: v for k, v in to_dict(config).items() if k != "generation"}
     texts = {
         "words": tasks.words(),
         "specials": list(SPECIALS),
