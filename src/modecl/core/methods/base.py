@@ -5,9 +5,10 @@ what it changes. Each step's loss is the task CE plus the method's named loss te
 (:meth:`Method.loss_terms`: distillation, EWC's penalty, O-LoRA's orthogonality); a method
 may then edit the step's gradient (:meth:`Method.edit_gradients`: A-GEM's projection).
 The task in training is known to the adapters (``routing_context(model).task``, set by the
-loop); the sequence's length to :meth:`Method.adapter_config`. A method's settings live in its own
-module (e.g. ``ReplaySettings`` in ``replay.py``); ``ContinualSettings`` gathers them.
-Adding a method: one module defining ``METHOD``, and one line in the registry.
+loop); the sequence's length to :meth:`Method.adapter_config`. A method's settings are a
+section of ``ContinualSettings`` (:mod:`modecl.core.config`, e.g. ``ReplaySettings``), which
+imports no method. Adding a method: one module defining ``METHOD``, and one line in the
+registry.
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from modecl.core.adapters import TASK_KINDS, AdapterConfig
+from modecl.core.config import ContinualSettings
 from modecl.core.sequences import DrawPair, Format
 from modecl.core.tasks import Sample, Task
-
-if TYPE_CHECKING:  # config.py gathers the methods' settings
-    from modecl.core.config import ContinualSettings
 
 # (model, samples) -> mean task loss over those samples, with the graph (for Fisher estimates)
 LossFn = Callable[[torch.nn.Module, Sequence[Sample]], torch.Tensor]

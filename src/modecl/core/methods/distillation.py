@@ -10,30 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from modecl.core.adapters import lm_logits, pass_kind
-from modecl.core.distill import AverageOver, kd_mask, topk_kl
+from modecl.core.config import ContinualSettings, DistillSettings
+from modecl.core.distill import kd_mask, topk_kl
 from modecl.core.methods.base import Method
 from modecl.core.sequences import DrawPair, Format, collate
-from modecl.core.values import Count, NonNegative, Positive
-
-if TYPE_CHECKING:
-    from modecl.core.config import ContinualSettings
-
-
-@dataclass
-class DistillSettings:
-    weight: NonNegative = 0.3  # lambda
-    temperature: Positive = 2.0
-    top_k: Count = 256
-    average_over: AverageOver = "image"  # "attended", or "all" (the paper's code)
-    batch_size: Count = 16  # image-generation pairs beside each task batch
-    chunk_size: Count = 1024
 
 
 def teacher_logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
