@@ -135,7 +135,8 @@ def test_train_config_tables_are_checked(tmp_path):
 
 def test_split_expert_rank_is_checked_at_load():
     data = {"continual": {"adapter": {"rank": 6, "num_experts": 4, "expert_rank": "split"}}}
-    with pytest.raises(ConfigError, match=r"continual\.adapter: expert_rank 'split' needs rank"):
+    message = r"continual\.adapter: expert_rank 'split' gives each of num_experts 4 experts"
+    with pytest.raises(ConfigError, match=message):
         from_dict(RunConfig, data)
 
 

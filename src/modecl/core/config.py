@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+from modecl.core.adapters import AdapterSettings
 from modecl.core.distill import AverageOver
 from modecl.core.files import read_text
 from modecl.core.values import (
+    ConfigError,
     Count,
     Fraction,
     NonEmpty,
@@ -28,11 +30,6 @@ from modecl.core.values import (
     Range,
     Size,
 )
-
-
-class ConfigError(ValueError):
-    """A configuration file or value is invalid."""
-
 
 T = TypeVar("T")
 
@@ -146,29 +143,6 @@ def load_toml(cls: type[T], path: str | Path | None) -> T:
         return from_dict(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-
-
-@dataclass
-class AdapterSettings:
-    """LoRA hyper-parameters shared by every method (the paper's defaults)."""
-
-    rank: Count = 8
-    alpha: Positive = 16.0
-    dropout: Probability = 0.05
-    num_experts: Count = 4
-    target_modules: Annotated[list[str], NonEmpty()] = field(
-        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"]
-    )
-    # "full": every expert rank `rank` (the paper's code); "split": rank / num_experts per
-    # expert of a routed branch (T-MoE, moe-lora), one LoRA's parameters (CoIN's MoELoRA)
-    expert_rank: Literal["full", "split"] = "full"
-
-    def __post_init__(self) -> None:
-        if self.expert_rank == "split" and self.rank % self.num_experts:
-            raise ConfigError(
-                f"expert_rank 'split' needs rank ({self.rank}) divisible by num_experts "
-                f"({self.num_experts})"
-            )
 
 
 @dataclass

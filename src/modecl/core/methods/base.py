@@ -58,18 +58,11 @@ class Method:
     def adapter_config(self, settings: ContinualSettings, tasks: int = 1) -> AdapterConfig:
         """The adapters for a sequence of ``tasks`` tasks (kinds with per-task adapters are
         sized by it; the others take 1, so that their saved adapters fit any sequence)."""
-        a = settings.adapter
-        config = AdapterConfig(
-            tasks=tasks if self.kind in TASK_KINDS else 1,
-            kind=self.kind,
-            rank=a.rank,
-            alpha=a.alpha,
-            dropout=a.dropout,
-            num_experts=a.num_experts,
-            target_modules=tuple(a.target_modules),
-            routing=self.policy,
+        shared, tasks = settings.adapter, tasks if self.kind in TASK_KINDS else 1
+        config = AdapterConfig.of(
+            shared, kind=self.kind, routing=self.policy, tasks=tasks, expert_rank="full"
         )
-        rank = self.expert_rank or (a.expert_rank if config.routed else "full")
+        rank = self.expert_rank or (shared.expert_rank if config.routed else "full")
         return dataclasses.replace(config, expert_rank=rank)
 
     def configure(self, settings: ContinualSettings, pairs: Sequence[DrawPair] = ()) -> None:
