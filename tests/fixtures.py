@@ -54,6 +54,7 @@ from transformers import (
 
 from modecl.core.adapters import AdapterConfig, adapter_layers, attach_adapters
 from modecl.core.config import from_dict
+from modecl.core.processes import Processes
 from modecl.digits.config import RunConfig
 from tests.conftest import TINY
 
@@ -331,6 +332,12 @@ def deepspeed_accelerator(processes: int = 2, **plugin: object) -> SimpleNamespa
     number of processes and this one's index."""
     state = SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin(**plugin))
     return SimpleNamespace(state=state, num_processes=processes, process_index=0)
+
+
+def processes_at(rank: int, count: int) -> Processes:
+    """Process `rank` of `count`, as the run's :class:`Processes` tells it (what of an
+    Accelerator they read), without starting any."""
+    return Processes(SimpleNamespace(process_index=rank, num_processes=count))
 
 
 def torchrun(processes: int = 2) -> list[str]:

@@ -18,7 +18,7 @@ from modecl.core.runner import check_methods
 from modecl.core.train import check_engine
 from modecl.digits.model import build_model
 from tests.conftest import tiny_config
-from tests.fixtures import adapted, batch, deepspeed_accelerator
+from tests.fixtures import adapted, batch, deepspeed_accelerator, processes_at
 
 # --- O-LoRA -------------------------------------------------------------------------------
 
@@ -117,7 +117,7 @@ def test_a_gem_memory_and_reference_batches(world):
     method = get_method("a-gem")
     settings = from_dict(ContinualSettings, {"a_gem": {"memory_size": 6, "batch_size": 4}})
     method.configure(settings)
-    assert method.step_inputs(np.random.default_rng(5), 0, 2) == []  # an empty memory
+    assert method.step_inputs(np.random.default_rng(5), processes_at(0, 2)) == []  # none yet
     first, second = world.tasks(["parity", "comparison"])
     method.after_task(None, first, None, seed=0)
     method.after_task(None, second, None, seed=1)
@@ -127,7 +127,7 @@ def test_a_gem_memory_and_reference_batches(world):
         second.train[0].question,
     }
     # every process draws the same whole reference batch
-    draws = [method.step_inputs(np.random.default_rng(5), rank, 2) for rank in (0, 1)]
+    draws = [method.step_inputs(np.random.default_rng(5), processes_at(r, 2)) for r in (0, 1)]
     assert draws[0] == draws[1] and len(draws[0]) == 4
 
 

@@ -51,9 +51,16 @@ def test_loaded_samples_hold_views_of_the_token_store_not_tuples(inputs, tmp_pat
     config = load_toml(TrainConfig, inputs["root"] / "train.toml")
     names = [f.stem for f in inputs["files"]]
     world, images = host_world(
-        model, tokenizer, path, config, inputs["files"], names, inputs["pairs"], None,
-        tmp_path / TOKEN_STORE, False,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        model_path=path,
+        config=config,
+        task_files=inputs["files"],
+        names=names,
+        token_cache=tmp_path / TOKEN_STORE,
+        kd_data=inputs["pairs"],
+        progress=False,
+    )
     images.commit()
     for task in world.tasks():
         assert isinstance(task.train, Samples) and isinstance(task.test, Samples)
@@ -175,7 +182,14 @@ def test_dry_run_prints_the_plan_without_loading_weights(inputs, tmp_path, capsy
     config = load_toml(TrainConfig, inputs["root"] / "train.toml")
     names = [f.stem for f in inputs["files"]]
     world, _ = host_world(
-        model, tokenizer, path, config, inputs["files"], names, None, None, tmp_path / "t", False
+        model,
+        tokenizer,
+        model_path=path,
+        config=config,
+        task_files=inputs["files"],
+        names=names,
+        token_cache=tmp_path / "t",
+        progress=False,
     )
     rows = dict(re.findall(r"^\| (\w+) \| (.*) \|$", printed, re.MULTILINE))
     for task in world.tasks():

@@ -17,6 +17,7 @@ from modecl.core.config import ConfigError, ContinualSettings, from_dict
 from modecl.core.conflict import ConflictMonitor
 from modecl.core.methods import METHOD_NAMES, get_method
 from modecl.core.methods.distillation import distill_loss
+from modecl.core.processes import Processes
 from modecl.core.sequences import IGNORE, DrawPair, collate, next_token_loss
 from modecl.core.tasks import Task
 from modecl.core.train import check_engine, cosine_schedule, train_task, understand_loss
@@ -273,7 +274,7 @@ def test_the_conflict_monitor_is_refused_under_deepspeed_even_in_one_process(
             SETTINGS,
             progress=False,
             monitor=monitor,
-            accelerator=deepspeed_accelerator(1, zero_stage=2),
+            processes=Processes(deepspeed_accelerator(1, zero_stage=2)),
         )
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 

@@ -143,9 +143,8 @@ def parse_methods(text: str) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> None:
     # Imported here: the digits commands need neither accelerate's nor the hosts' machinery.
-    from accelerate import PartialState
-
-    from modecl.hosts.world import train_run
+    from modecl.core.processes import Processes
+    from modecl.hosts.world import default_accelerator, train_run
 
     if args.method and args.methods:
         raise ConfigError("give --method or --methods, not both")
@@ -175,6 +174,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ConfigError(
             "--processes is for --dry-run: a run has the processes it is launched with"
         )
+    processes = Processes(default_accelerator())
     results = train_run(
         args.model,
         args.tasks,
@@ -185,9 +185,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         concepts=args.concepts,
         config=config,
         seeds=args.seeds,
+        processes=processes,
         config_files=[args.config] if args.config else [],
     )
-    if PartialState().is_main_process:  # the one process that wrote the results
+    if processes.main:  # the one process that wrote the results
         report = write_report(args.out)
         print(f"results in {args.out / 'results.json'}, report {report}")
         print("\n".join(headline_rows(results)))
@@ -195,10 +196,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-
+    from modecl.core.processes import Processes
     from modecl.hosts.stage_eval import eval_stage
+    from modecl.hosts.world import default_accelerator
 
+    processes = Processes(default_accelerator())
     result = eval_stage(
         args.run,
         args.tasks,
@@ -209,8 +211,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         method=args.method,
         stage=args.stage,
         out_file=args.out,
+        processes=processes,
     )
-    if PartialState().is_main_process:
+    if processes.main:
         where = f"seed {result['seed']}, {result['method']}, stage {result['stage']}"
         print(f"{args.run} ({where}):")
         print("| task | accuracy | constrained |\n|---|---|---|")

@@ -45,8 +45,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from modecl.core.adapters import (
@@ -77,6 +75,7 @@ from modecl.core.files import (
 )
 from modecl.core.methods import METHOD_NAMES, get_method
 from modecl.core.methods.base import Method
+from modecl.core.processes import ONE_PROCESS, Processes
 from modecl.core.results import (
     SCHEMA,
     Results,
@@ -88,11 +87,9 @@ from modecl.core.results import (
 )
 from modecl.core.tasks import Sample, Samples, Task
 from modecl.core.tracking import Tracking
-from modecl.core.train import PROGRESS, train_task, zero_stage
+from modecl.core.train import PROGRESS, train_task
 from modecl.core.workers import HOST_STAGE, Unit, run_units
 from modecl.core.world import World
-
-Gather = Callable[[list[Any]], list[Any]]
 
 
 @dataclass(frozen=True)
@@ -244,7 +241,7 @@ def content_digest(samples: Sequence[Sample]) -> str:
 PACKAGES = ("modecl", "torch", "transformers", "accelerate", "numpy", "diffusers", "deepspeed")
 
 
-def manifest(tasks: list[Task], accelerator: Accelerator | None = None) -> dict[str, Any]:
+def manifest(tasks: list[Task], processes: Processes = ONE_PROCESS) -> dict[str, Any]:
     """Per task and split: the number of samples and a SHA-256 of their content (image
     codes, question, answer, options); the versions of the packages that shaped them; the
     launch: processes, accelerate's distributed type, the ZeRO stage under DeepSpeed, and
@@ -262,10 +259,11 @@ def manifest(tasks: list[Task], accelerator: Accelerator | None = None) -> dict[
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
+    accelerator = processes.accelerator
     launch = {
-        "processes": accelerator.num_processes if accelerator else 1,
+        "processes": processes.count,
         "distributed_type": accelerator.distributed_type.value if accelerator else "NO",
-        "zero_stage": zero_stage(accelerator),
+        "zero_stage": processes.zero_stage,
         "cpu_kernel_path": torch.backends.cpu.get_cpu_capability(),
     }
     return {"tasks": splits, "packages": versions, "launch": launch}
@@ -317,23 +315,6 @@ def resumable(
         yield k, task, stage_dir, None
 
 
-class Processes:
-    """This process's place among the run's processes, and the collective calls."""
-
-    def __init__(self, accelerator: Accelerator | None) -> None:
-        self.accelerator = accelerator
-        self.rank = accelerator.process_index if accelerator else 0
-        self.count = accelerator.num_processes if accelerator else 1
-        self.main = self.rank == 0
-
-    def gather(self, items: list[Any]) -> list[Any]:
-        return gather_object(items) if self.count > 1 else items
-
-    def barrier(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-
-
 def _sharded(items: list[Any], compute: Callable[[list[Any]], list[Any]], p: Processes) -> list:
     """``compute`` over ``items``, each process taking its share; every result, in order."""
     mine = list(range(p.rank, len(items), p.count))
@@ -378,10 +359,9 @@ def measure(
     if has_adapters(model) and any(layer.router for layer in adapter_layers(model).values()):
         routing = {}
         for task in tasks:
-            mine = task.test[p.rank :: p.count]
-            parts = p.gather([router_use(model, fmt, mine, how.batch_size)])
+            parts = p.gather([router_use(model, fmt, p.share(task.test), how.batch_size)])
             routing[task.name] = router_summary(parts)
-    measured = world.measure(model, seed, images, p.rank, p.count, p.gather)
+    measured = world.measure(model, seed, images, p)
     fields = {"task_accuracy": exact, "constrained_task_accuracy": constrained}
     fields["routing"] = routing
     return fields | {"measures": measured.measures}, answers, measured.pictures
@@ -424,7 +404,7 @@ def _run_method(
     attach_adapters(model, method.adapter_config(settings, len(tasks)))
     watch = settings.monitor
     monitor, probe = None, world.probe_pairs(watch.probe_size) if watch.enabled else []
-    if probe and p.count == 1 and zero_stage(p.accelerator) is None:
+    if probe and p.count == 1 and p.zero_stage is None:
         monitor = ConflictMonitor(world.format, probe, watch.every)
     elif probe and p.main:
         message = "the conflict monitor runs in one process without DeepSpeed only: skipped"
@@ -526,7 +506,7 @@ def _train_stage(
         progress=progress,
         desc=f"{method.name} {k + 1}/{len(tasks)} {task.name}",
         monitor=monitor,
-        accelerator=p.accelerator,
+        processes=p,
         on_step=None if track is None else track.step,
         checkpoint=stage_dir.with_name(f"{stage_dir.name}.steps"),
         index=k,
@@ -571,9 +551,9 @@ def _run_unit(spec: RunSpec, out: Path, worlds: Worlds, unit: Unit, tick: Callab
     rep, name = unit
     world = worlds[rep.host]
     if name == HOST_STAGE:
-        _pretrained(world, world.tasks(), rep, out, Processes(None))
+        _pretrained(world, world.tasks(), rep, out, ONE_PROCESS)
         return
-    _run_method(name, world, world.tasks(), spec, rep, out, Processes(None), tick, False)
+    _run_method(name, world, world.tasks(), spec, rep, out, ONE_PROCESS, tick, False)
 
 
 def run(
@@ -581,7 +561,7 @@ def run(
     spec: RunSpec,
     out: Path,
     *,
-    accelerator: Accelerator | None = None,
+    processes: Processes = ONE_PROCESS,
     progress: bool = True,
     describe: dict[str, Any] | None = None,
     jobs: int = 1,
@@ -601,8 +581,7 @@ def run(
     worlds = worlds if isinstance(worlds, Mapping) else {None: worlds}
     if set(worlds) != set(spec.hosts or [None]):
         raise ValueError(f"worlds for hosts {sorted(worlds, key=str)}, the run has {spec.hosts}")
-    out = Path(out)
-    p = Processes(accelerator)
+    out, p = Path(out), processes
     if jobs > 1 and (make_worlds is None or p.count > 1 or spec.tracking):
         raise ConfigError(
             f"jobs {jobs}: worker processes need worlds that can be rebuilt in each, one "
@@ -665,7 +644,7 @@ def run(
         per_seed=per_seed,
         mean=mean,
         std=std,
-        manifest=manifest(tasks, accelerator),
+        manifest=manifest(tasks, p),
     )
     if p.main:
         with atomic_path(out / "samples.npz") as tmp, tmp.open("wb") as file:

@@ -14,11 +14,12 @@ is, and the adapters know the task in training (``training_task``). An
 optional :class:`~modecl.core.conflict.ConflictMonitor` watches every k-th step (gradient
 conflict between the CE and the image loss) without changing it.
 
-Data parallel: given an `accelerate.Accelerator` (DDP, DeepSpeed ZeRO-2), one step's loss is
-computed by a module that the engine wraps; every rank draws the same global batch (same
-seed) and takes its share, ``batch[rank::world]``. The CE is summed over the rank's answer
-tokens and divided by the global batch's token count / world, so the gradient the engine
-averages is exactly that of the global batch on one process.
+Data parallel: given the run's :class:`~modecl.core.processes.Processes` of an
+`accelerate.Accelerator` (DDP, DeepSpeed ZeRO-2), one step's loss is computed by a module
+that the engine wraps; every process draws the same global batch (same seed) and takes its
+share, ``batch[rank::count]``. The CE is summed over the process's answer tokens and divided
+by the global batch's token count / the process count, so the gradient the engine averages
+is exactly that of the global batch on one process.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
@@ -44,6 +44,7 @@ from modecl.core.config import ConfigError, ContinualSettings, TrainSettings
 from modecl.core.conflict import ConflictMonitor
 from modecl.core.files import atomic_dir
 from modecl.core.methods.base import LossFn, Method
+from modecl.core.processes import ONE_PROCESS, Processes, zero_stage
 from modecl.core.sequences import (
     IGNORE,
     DrawPair,
@@ -118,14 +119,6 @@ class StepLoss(nn.Module):
             total = total + weight * loss
             terms[name] = loss
         return total, ce, terms
-
-
-def zero_stage(accelerator: Accelerator | None) -> int | None:
-    """The ZeRO stage of the accelerator's DeepSpeed config; None without DeepSpeed."""
-    plugin = None if accelerator is None else accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return None
-    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def check_engine(
@@ -238,22 +231,23 @@ def epoch_order(
     return order
 
 
-def steps_per_epoch(samples: int, batch_size: int, processes: int) -> int:
+def steps_per_epoch(samples: int, batch_size: int, process_count: int) -> int:
     """Optimizer steps in an epoch of `samples`: a last batch with fewer samples than
     processes is dropped (every process needs one)."""
-    return samples // batch_size + (samples % batch_size >= processes)
+    return samples // batch_size + (samples % batch_size >= process_count)
 
 
 def padding(
-    lengths: np.ndarray, order: np.ndarray, batch_size: int, processes: int, steps: int
+    lengths: np.ndarray, order: np.ndarray, batch_size: int, process_count: int, steps: int
 ) -> tuple[int, int]:
-    """(padding tokens, batch tokens) of the first `steps` batches of `order`: each
-    process pads its share of a batch, ``batch[rank::processes]``, to its longest."""
+    """(padding tokens, batch tokens) of the first `steps` batches of `order`: each of
+    `process_count` processes pads its share of a batch, ``batch[rank::process_count]``,
+    to its longest."""
     pad = total = 0
     for step in range(steps):
         batch = lengths[order[step * batch_size : (step + 1) * batch_size]]
-        for rank in range(processes):
-            share = batch[rank::processes]
+        for rank in range(process_count):
+            share = batch[rank::process_count]
             if len(share):
                 total += int(share.max()) * len(share)
                 pad += int(share.max()) * len(share) - int(share.sum())
@@ -272,7 +266,7 @@ def train_task(
     progress: bool = True,
     desc: str = "",
     monitor: ConflictMonitor | None = None,
-    accelerator: Accelerator | None = None,
+    processes: Processes = ONE_PROCESS,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     checkpoint: Path | None = None,
     index: int = 0,
@@ -285,9 +279,9 @@ def train_task(
     (experiment tracking). With a ``checkpoint`` folder and ``train.checkpoint_every`` N > 0,
     the state after every N-th step is written there (atomically; the previous one is kept
     until the new one is complete), and a call that finds one resumes after that step with
-    the same result as a run never interrupted (:class:`StepCheckpoint`). With an
-    ``accelerator``, each of its processes calls this with the same arguments (module doc);
-    the logged losses are those of the global batch.
+    the same result as a run never interrupted (:class:`StepCheckpoint`). Under several
+    ``processes``, each calls this with the same arguments (module doc); the logged losses
+    are those of the global batch.
     """
     cfg = settings.train
     rng = np.random.default_rng(seed)
@@ -296,17 +290,17 @@ def train_task(
     if cfg.max_train_samples is not None:
         samples = [samples[i] for i in rng.permutation(len(samples))[: cfg.max_train_samples]]
     method.configure(settings, draw_pairs)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    if monitor is not None and (world > 1 or zero_stage(accelerator) is not None):
+    accelerator, count = processes.accelerator, processes.count
+    if monitor is not None and (count > 1 or processes.zero_stage is not None):
         # Its own backward passes would set off DeepSpeed's gradient hooks.
         raise ValueError("the conflict monitor runs in a single process without DeepSpeed only")
-    if world > min(cfg.batch_size, len(samples)):
+    if count > min(cfg.batch_size, len(samples)):
         raise ValueError(
-            f"{world} processes need a batch of at least {world} samples "
+            f"{count} processes need a batch of at least {count} samples "
             f"(train.batch_size {cfg.batch_size}, {len(samples)} samples in '{task.name}')"
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    per_epoch = steps_per_epoch(len(samples), cfg.batch_size, world)
+    per_epoch = steps_per_epoch(len(samples), cfg.batch_size, count)
     total = per_epoch * cfg.epochs
     # Lengths only order the samples where batches are grouped by length.
     lengths = example_lengths(fmt, samples) if cfg.group_by_length else np.zeros(len(samples))
@@ -320,7 +314,7 @@ def train_task(
     bf16 = cfg.mixed_precision == "bf16"  # autocast: matmuls in bfloat16, adapters float32
     saver = None
     if checkpoint is not None and cfg.checkpoint_every > 0:
-        saver = StepCheckpoint(checkpoint, model, optim, schedule, rng, accelerator)
+        saver = StepCheckpoint(checkpoint, model, optim, schedule, rng, processes)
     first, order = 0, None
     if saver is not None and saver.exists():
         first, order, log = saver.load()
@@ -328,7 +322,9 @@ def train_task(
     start = time.perf_counter()
     model.train()
     loss_fn: LossFn = lambda m, s: understand_loss(m, fmt, s)  # noqa: E731
-    bar = tqdm(total=total, desc=desc or task.name, disable=not progress or rank > 0, leave=False)
+    bar = tqdm(
+        total=total, desc=desc or task.name, disable=not progress or not processes.main, leave=False
+    )
     # The adapters know the task in training (o-lora freezes earlier LoRAs), after it too;
     # the bar closes however the loop ends (an interrupt's line then comes after its last).
     with training_task(model, index), bar:
@@ -339,14 +335,13 @@ def train_task(
                 order = epoch_order(rng, lengths, cfg.batch_size, cfg.group_by_length)
             for step in range(first_step if epoch == first_epoch else 0, per_epoch):
                 picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                batch = understand_batch(
-                    fmt, method.mix([samples[i] for i in picked], rng)[rank::world], model.device
-                )
-                inputs = method.step_inputs(rng, rank, world)
+                mine = processes.share(method.mix([samples[i] for i in picked], rng))
+                batch = understand_batch(fmt, mine, model.device)
+                inputs = method.step_inputs(rng, processes)
                 normalizer = None
-                if world > 1:
+                if count > 1:
                     tokens = (batch["labels"][:, 1:] != IGNORE).sum()
-                    normalizer = accelerator.reduce(tokens, "sum") / world
+                    normalizer = accelerator.reduce(tokens, "sum") / count
                 with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
                     loss, ce, terms = step_loss(batch, inputs, normalizer)
                 n = epoch * per_epoch + step
@@ -371,7 +366,7 @@ def train_task(
                 if watched:
                     log["conflict"].append({"step": n, **monitor.after(model)})
                 schedule.step()
-                if world > 1:
+                if count > 1:
                     ce = accelerator.reduce(ce.detach(), "mean")
                     terms = {k: accelerator.reduce(v.detach(), "mean") for k, v in terms.items()}
                 log["loss"].append(ce.item())
@@ -409,25 +404,20 @@ class StepCheckpoint:
         optim: torch.optim.Optimizer,
         schedule: Any,
         rng: np.random.Generator,
-        accelerator: Accelerator | None,
+        processes: Processes,
     ) -> None:
         self.folder, self.model, self.optim, self.schedule = folder, model, optim, schedule
-        self.rng, self.accelerator = rng, accelerator
+        self.rng, self.processes = rng, processes
 
     def exists(self) -> bool:
         return (self.folder / "state.pt").exists()
 
-    def _rank(self) -> int:
-        return self.accelerator.process_index if self.accelerator else 0
-
     def save(self, position: int, order: np.ndarray, log: dict[str, Any]) -> None:
-        torch_rng = [torch.get_rng_state()]
+        torch_rng = self.processes.gather([torch.get_rng_state()])
         optimizer = self.optim.state_dict()
-        if self.accelerator is not None and self.accelerator.num_processes > 1:
-            torch_rng = gather_object(torch_rng)
-            if zero_stage(self.accelerator):  # every process holds its own part
-                optimizer = gather_object([optimizer])
-        if self._rank() == 0:
+        if self.processes.count > 1 and self.processes.zero_stage:  # each holds its own part
+            optimizer = self.processes.gather([optimizer])
+        if self.processes.main:
             state = {
                 "position": position,
                 "order": order,
@@ -444,8 +434,7 @@ class StepCheckpoint:
             }
             with atomic_dir(self.folder) as tmp, (tmp / "state.pt").open("wb") as file:
                 torch.save(state, file)  # to a file: a full disk raises OSError, not torch's
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+        self.processes.barrier()
 
     def load(self) -> tuple[int, np.ndarray, dict[str, Any]]:
         """Put the saved state back; returns (the next step, the epoch's order, the log)."""
@@ -458,5 +447,5 @@ class StepCheckpoint:
         self.optim.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"][self._rank()])
+        torch.set_rng_state(state["torch_rng"][self.processes.rank])
         return state["position"], state["order"], state["log"]

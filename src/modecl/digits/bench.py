@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from modecl.core.config import ConfigError, to_dict
+from modecl.core.processes import Processes
 from modecl.core.results import Results
 from modecl.core.runner import RunSpec, check_methods, check_run_key, run
 from modecl.core.sequences import DrawPair
@@ -106,9 +107,7 @@ class DigitsBench:
     def probe_pairs(self, size: int) -> Sequence[DrawPair]:
         return self.digits.draw_pairs(self.digits.pools.test[:size])
 
-    def measure(
-        self, model: nn.Module, seed: int, images: Path, rank: int, processes: int, gather: Any
-    ) -> Measured:
+    def measure(self, model: nn.Module, seed: int, images: Path, processes: Processes) -> Measured:
         ev, digits = self.config.eval, self.digits
         codes, labels = digits.draw_digits(model, ev.samples_per_digit, seed)
         grid = codes.reshape(10, ev.samples_per_digit, -1)[:, : ev.grid_per_digit]

@@ -18,7 +18,8 @@ from modecl.core.adapters import attach_adapters, load_adapters
 from modecl.core.config import ConfigError, from_dict
 from modecl.core.files import finite, read_text, write_atomic
 from modecl.core.methods import get_method
-from modecl.core.runner import Processes, measure, pick_entry
+from modecl.core.processes import Processes
+from modecl.core.runner import measure, pick_entry
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.tasks import (
     read_token_cache,
@@ -41,9 +42,11 @@ def eval_stage(
     stage: int | None = None,
     out_file: Path | None = None,
     progress: bool = True,
+    processes: Processes | None = None,
 ) -> dict[str, Any]:
     """Measure one finished stage of the run in ``run_dir`` (default: the first seed's
-    last method's last stage) on ``task_files`` (default: the run's); returns what it wrote."""
+    last method's last stage) on ``task_files`` (default: the run's), in ``processes``
+    (default: this launch's); returns what it wrote."""
     run_dir = Path(run_dir)
     key = json.loads(read_text(run_dir / "run.json", ConfigError))
     if key.get("front") != "train":
@@ -73,20 +76,21 @@ def eval_stage(
     concepts = None if concepts is None else Path(concepts)
     tokenized = read_token_cache(cache)
     names = check_inputs(files, pairs_file, image_root, config, tokenized, concepts)
-    accelerator = default_accelerator()
-    model, tokenizer = load_host(inputs["model"], config.host.dtype, accelerator.device)
+    processes = processes or Processes(default_accelerator())
+    model, tokenizer = load_host(inputs["model"], config.host.dtype, processes.accelerator.device)
     world, tokens = host_world(
         model,
         tokenizer,
-        inputs["model"],
-        config,
-        files,
-        names,
-        pairs_file,
-        image_root,
-        cache,
-        progress and accelerator.is_main_process,
-        concepts,
+        model_path=inputs["model"],
+        config=config,
+        task_files=files,
+        names=names,
+        token_cache=cache,
+        kd_data=pairs_file,
+        image_root=image_root,
+        concepts=concepts,
+        processes=processes,
+        progress=progress and processes.main,
     )
     tokens.commit()
     # Sized for the run's sequence (per-task adapters), whatever tasks are scored now.
@@ -97,7 +101,7 @@ def eval_stage(
     seed_value = int(seed_dir.name.removeprefix("seed"))
     images = run_dir / "eval" / "images" / f"{seed_dir.name}-{method}-{stage_name}"
     fields, answers, _ = measure(
-        world, model, world.tasks(), seed_value * 1000 + number, images, Processes(accelerator)
+        world, model, world.tasks(), seed_value * 1000 + number, images, processes
     )
     result = {
         "run": str(run_dir),
@@ -112,6 +116,6 @@ def eval_stage(
         "answers": answers,
     }
     target = out_file or run_dir / "eval" / f"{seed_dir.name}-{method}-{stage_name}.json"
-    if accelerator.is_main_process:
+    if processes.main:
         write_atomic(Path(target), json.dumps(finite(result), indent=1, allow_nan=False))
     return result | {"file": str(target)}

@@ -38,6 +38,7 @@ from modecl.core.evaluate import image_nll_terms
 from modecl.core.files import read_image
 from modecl.core.methods import get_method
 from modecl.core.methods.distillation import check_pairs
+from modecl.core.processes import ONE_PROCESS, Processes
 from modecl.core.results import Results
 from modecl.core.runner import RunSpec, check_methods, check_run_key, run
 from modecl.core.sequences import DrawPair, example_lengths, left_padded
@@ -108,7 +109,12 @@ def load_host(path: str, dtype: str, device: torch.device) -> tuple[nn.Module, A
 
 
 def _image_reader(
-    model: nn.Module, path: str, config: TrainConfig, progress: bool, folder: Path
+    model: nn.Module,
+    path: str,
+    config: TrainConfig,
+    progress: bool,
+    folder: Path,
+    processes: Processes,
 ) -> ImageTokenizer:
     size = config.host.image_size
     if size is None:
@@ -118,7 +124,8 @@ def _image_reader(
             raise ConfigError(
                 f"no image processor at {path} ({err}); set host.image_size to resize instead"
             ) from None
-    return ImageTokenizer(model, size, config.host.tokenize_batch_size, progress, folder)
+    batch = config.host.tokenize_batch_size
+    return ImageTokenizer(model, size, batch, progress, folder, processes=processes)
 
 
 def _vqgan(model: nn.Module, fmt: HostFormat, path: str, config: TrainConfig) -> VQModel | None:
@@ -230,19 +237,16 @@ class HostWorld:
     def probe_pairs(self, size: int) -> Sequence[DrawPair]:
         return self.pairs.test[:size] if self.pairs else []
 
-    def measure(
-        self, model: nn.Module, seed: int, images: Path, rank: int, processes: int, gather: Any
-    ) -> Measured:
+    def measure(self, model: nn.Module, seed: int, images: Path, processes: Processes) -> Measured:
         """Image-token NLL of the test pairs (shared out); drawings of the test pairs and the
         concepts, decoded and scored (main process)."""
         pairs, ev = self.pairs, self.config.eval
         measures: dict[str, Any] = {}
         if pairs is not None and pairs.test:
-            terms = gather(
-                [image_nll_terms(model, self.format, pairs.test[rank::processes], ev.batch_size)]
-            )
+            mine = processes.share(pairs.test)
+            terms = processes.gather([image_nll_terms(model, self.format, mine, ev.batch_size)])
             measures["image_nll"] = sum(t for t, _ in terms) / max(sum(n for _, n in terms), 1)
-        if rank > 0:
+        if not processes.main:
             return Measured(measures)
         pixels = None
         if pairs is not None and pairs.test:
@@ -554,7 +558,7 @@ def train_run(
     config: TrainConfig | None = None,
     seeds: int = 1,
     progress: bool = True,
-    accelerator: Accelerator | None = None,
+    processes: Processes | None = None,
     config_files: Sequence[Path] = (),
 ) -> Results:
     """Train every method of `methods` through `task_files` (JSONL task files or CoIN task
@@ -562,7 +566,8 @@ def train_run(
     host at `model_path`, over `seeds` seeds from `config.seed` on; writes the out dir and
     returns results.json. `concepts` is a concepts file (:mod:`modecl.hosts.concepts`) to
     draw from after every task. `config_files` (the TOML it came from) are hashed into the
-    run key with the input files."""
+    run key with the input files. `processes`: the run's (default: this launch's,
+    :func:`default_accelerator`)."""
     config = config or TrainConfig()
     checked = checked_inputs(
         model_path,
@@ -585,24 +590,25 @@ def train_run(
     )
     kd_data, image_root, concepts = checked.kd_data, checked.image_root, checked.concepts
     out = Path(out)
-    accelerator = accelerator or default_accelerator()
+    processes = processes or Processes(default_accelerator())
+    accelerator = processes.accelerator
     # before minutes of loading the host
     check_engine(accelerator, config.continual, methods=[get_method(m) for m in methods])
-    main = accelerator.is_main_process
     model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
     world, images = host_world(
         model,
         tokenizer,
-        model_path,
-        config,
-        task_files,
-        names,
-        kd_data,
-        image_root,
-        out / TOKEN_STORE,
-        progress and main,
-        concepts,
-        checked.tables,
+        model_path=model_path,
+        config=config,
+        task_files=task_files,
+        names=names,
+        token_cache=out / TOKEN_STORE,
+        kd_data=kd_data,
+        image_root=image_root,
+        concepts=concepts,
+        tables=checked.tables,
+        processes=processes,
+        progress=progress and processes.main,
     )
     if distilling:
         batch, tests = config.continual.distill.batch_size, len(world.pairs.test)
@@ -613,22 +619,24 @@ def train_run(
     if config.host.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     images.commit()  # every input passed its checks: its tokens join the out dir
-    return run(world, spec, out, accelerator=accelerator, progress=progress)
+    return run(world, spec, out, processes=processes, progress=progress)
 
 
 def host_world(
     model: nn.Module,
     tokenizer: Any,
+    *,
     model_path: str,
     config: TrainConfig,
     task_files: list[Path],
     names: list[str],
-    kd_data: Path | None,
-    image_root: Path | None,
     token_cache: Path,
-    progress: bool,
+    kd_data: Path | None = None,
+    image_root: Path | None = None,
     concepts: Path | None = None,
     tables: dict[str, TaskTable] | None = None,
+    processes: Processes = ONE_PROCESS,
+    progress: bool = True,
 ) -> tuple[HostWorld, ImageTokenizer]:
     """The world of a loaded host and its checked inputs, and the image tokenizer that read
     them into the token store `token_cache` (read back first: nothing is tokenized twice).
@@ -636,7 +644,7 @@ def host_world(
     the tasks are built (else the files are read again)."""
     fmt = HostFormat.from_model(model, tokenizer)
     vqgan = _vqgan(model, fmt, model_path, config)
-    images = _image_reader(model, model_path, config, progress, token_cache)
+    images = _image_reader(model, model_path, config, progress, token_cache, processes)
     tasks = []
     for file, name in zip(task_files, names, strict=True):
         rule, answers = config.scoring.get(name), config.answer_sets.get(name)

@@ -25,6 +25,7 @@ import torch
 from modecl.core.config import AGEMSettings, ContinualSettings
 from modecl.core.methods.base import LossFn
 from modecl.core.methods.replay import Rehearsal
+from modecl.core.processes import Processes
 from modecl.core.sequences import DrawPair
 from modecl.core.tasks import Sample
 
@@ -53,7 +54,7 @@ class AGEM(Rehearsal):
         self.settings = settings.a_gem
         self.refill()
 
-    def step_inputs(self, rng: np.random.Generator, rank: int, world: int) -> list[Sample]:
+    def step_inputs(self, rng: np.random.Generator, processes: Processes) -> list[Sample]:
         """The reference batch, the same in every process (not cut to a share)."""
         if not self.memory:
             return []

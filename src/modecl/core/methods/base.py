@@ -23,6 +23,7 @@ import torch
 
 from modecl.core.adapters import TASK_KINDS, AdapterConfig
 from modecl.core.config import ContinualSettings
+from modecl.core.processes import Processes
 from modecl.core.sequences import DrawPair, Format
 from modecl.core.tasks import Sample, Task
 
@@ -75,9 +76,10 @@ class Method:
         """The samples actually trained on for one task batch (replay adds old ones)."""
         return batch
 
-    def step_inputs(self, rng: np.random.Generator, rank: int, world: int) -> Any:
+    def step_inputs(self, rng: np.random.Generator, processes: Processes) -> Any:
         """What this step's loss terms need beyond the task batch, drawn from ``rng`` on
-        every process alike and cut to this process's share (distillation's pairs)."""
+        every one of the ``processes`` alike and cut to this process's share
+        (distillation's pairs)."""
         return None
 
     def loss_terms(

@@ -19,6 +19,7 @@ from modecl.core.adapters import lm_logits, pass_kind
 from modecl.core.config import ContinualSettings, DistillSettings
 from modecl.core.distill import kd_mask, topk_kl
 from modecl.core.methods.base import Method
+from modecl.core.processes import Processes
 from modecl.core.sequences import DrawPair, Format, collate
 
 
@@ -72,9 +73,9 @@ class Distilling(Method):
         self.settings, self.pairs = settings.distill, pairs
         check_pairs(self.name, len(pairs), settings.distill.batch_size)
 
-    def step_inputs(self, rng: np.random.Generator, rank: int, world: int) -> list[DrawPair]:
+    def step_inputs(self, rng: np.random.Generator, processes: Processes) -> list[DrawPair]:
         pick = rng.choice(len(self.pairs), self.settings.batch_size, replace=False)
-        return [self.pairs[i] for i in pick[rank::world]]
+        return [self.pairs[i] for i in processes.share(pick)]
 
     def loss_terms(
         self, model: nn.Module, fmt: Format, inputs: list[DrawPair]
