@@ -61,6 +61,7 @@ def main() -> None:
         model = copy.deepcopy(host.model)
         torch.manual_seed(0)
         attach_adapters(model, method.adapter_config(settings))
+        method.configure(settings, draw_pairs)
         monitor = None if every is None else ConflictMonitor(world.format, probe, every)
         return train_task(
             model,
@@ -68,7 +69,6 @@ def main() -> None:
             method,
             task,
             settings,
-            draw_pairs=draw_pairs,
             progress=False,
             monitor=monitor,
         )

@@ -103,17 +103,9 @@ def test_the_monitor_does_not_change_training(world, task, monitor):
     pairs = world.draw_pairs(world.pools.train[:20])
     trained = []
     for watch in (None, monitor):
-        model = adapted(world, "mode", config)
-        log = train_task(
-            model,
-            world.format,
-            get_method("mode"),
-            task,
-            config,
-            draw_pairs=pairs,
-            progress=False,
-            monitor=watch,
-        )
+        model, method = adapted(world, "mode", config), get_method("mode")
+        method.configure(config, pairs)
+        log = train_task(model, world.format, method, task, config, progress=False, monitor=watch)
         assert len(log["conflict"]) == (0 if watch is None else 3)
         trained.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
     assert all(torch.equal(a, b) for a, b in zip(*trained, strict=True))

@@ -29,8 +29,8 @@ from modecl.hosts.tasks import (
     ImageTokenizer,
     load_image_task,
     load_pairs,
-    read_token_cache,
 )
+from modecl.hosts.token_cache import TokenStore
 from modecl.hosts.world import load_host
 from tests.fixtures import (
     HOSTS,
@@ -159,7 +159,7 @@ def test_a_run_killed_between_stages_resumes_to_the_same_results(
     # As if killed in seed 1's seq-lora second task: that stage and the results are missing.
     shutil.rmtree(out / "checkpoints" / "seed1" / "seq-lora" / "stage2")
     (out / "results.json").unlink()
-    assert len(read_token_cache(out / "image_tokens")) == 12  # every image once
+    assert len(TokenStore(out / "image_tokens")) == 12  # every image once
     if family == "chameleon":  # (Emu3's CLIP scoring reads the real test images)
         shutil.rmtree(setup["root"] / "data" / "images")
     try:  # the resumed run reads the images' tokens back, not the images

@@ -118,6 +118,7 @@ def test_kd_is_zero_at_init_and_the_teacher_is_the_host_without_a_copy(world, pa
 def test_every_method_trains_two_tasks_end_to_end(world, two_tasks, pairs, name):
     model = fresh_model(world)
     method = get_method(name)
+    method.configure(SETTINGS, pairs)
     attach_adapters(model, method.adapter_config(SETTINGS, len(two_tasks)))
     host = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -128,7 +129,6 @@ def test_every_method_trains_two_tasks_end_to_end(world, two_tasks, pairs, name)
             method,
             task,
             SETTINGS,
-            draw_pairs=pairs,
             seed=k,
             progress=False,
             index=k,

@@ -29,7 +29,7 @@ from modecl.core.tasks import TaskFileError
 from modecl.core.train import PROGRESS
 from modecl.core.workers import UnitFailed, threads_per_worker
 from modecl.digits import shipped
-from modecl.digits.bench import bench_jobs, run_benchmark, validate
+from modecl.digits.bench import bench_jobs, run_benchmark
 from modecl.digits.bench import quick as quick_config
 from modecl.digits.config import DigitsConfig, RunConfig
 from modecl.digits.pretrain import GateError, cache_key, check_gate, load_or_pretrain
@@ -119,7 +119,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
         for note in notes:
             print(note)
     out = args.out or Path("runs/digits-quick" if args.quick else "runs/digits")
-    validate(config)
     results = run_benchmark(
         config,
         out,

@@ -1,10 +1,13 @@
 """The one runner: (host, seed) x methods x tasks, each stage written atomically, resumable.
 
 `modecl bench` (the digits world) and `modecl train` (a transformers host with task files)
-are two front doors to :func:`run`. A run repeats every method over its replicates: each
-seed on each host (:class:`Replicate`; one host, the world's, unless the front door gives
-several, as `modecl bench --hosts` does). Layout of an out dir (``<R>`` a replicate's
-folder: ``seed<S>``, or ``host<H>-seed<S>`` in a run over several hosts)::
+are two front doors to :func:`run`. Each runs its pre-flight before it loads a host: the
+runner's checks of the run (:func:`preflight`, once) and its own of its inputs; :func:`run`
+takes the :class:`CheckedRun` and checks nothing again. A run repeats every method over
+its replicates: each seed on each host (:class:`Replicate`; one host, the world's, unless
+the front door gives several, as `modecl bench --hosts` does). Layout of an out dir
+(``<R>`` a replicate's folder: ``seed<S>``, or ``host<H>-seed<S>`` in a run over several
+hosts)::
 
     run.json                  what the run was started with (a resume must match it)
     results.json              every number (:mod:`modecl.core.results`, ``modecl.results/2``)
@@ -56,7 +59,7 @@ from modecl.core.adapters import (
     save_adapters,
 )
 from modecl.core.config import ConfigError, ContinualSettings
-from modecl.core.conflict import ConflictMonitor, summarize_conflict
+from modecl.core.conflict import ConflictMonitor, can_monitor, summarize_conflict
 from modecl.core.evaluate import (
     answer,
     answer_set,
@@ -86,8 +89,8 @@ from modecl.core.results import (
     write_results,
 )
 from modecl.core.tasks import Sample, Samples, Task
-from modecl.core.tracking import Tracking
-from modecl.core.train import PROGRESS, train_task
+from modecl.core.tracking import Tracking, check_trackers
+from modecl.core.train import PROGRESS, check_engine, train_task
 from modecl.core.workers import HOST_STAGE, Unit, run_units
 from modecl.core.world import World
 
@@ -176,11 +179,16 @@ def pick_entry(folder: Path, pattern: str, wanted: str | None, what: str) -> str
 
 
 def file_hash(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in blocks."""
+    """SHA-256 of a file's bytes, read in blocks; a ConfigError where there is no file."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
+    try:
+        with Path(path).open("rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a file") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(f"{path}: file not found") from None
     return digest.hexdigest()
 
 
@@ -223,6 +231,47 @@ def check_run_key(out: Path, spec: RunSpec) -> None:
     raise ConfigError(
         f"{out} holds a run started with other settings ({saved}); use another --out or delete it"
     )
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    """A run past its pre-flight (:func:`preflight`): what :func:`run` takes."""
+
+    spec: RunSpec
+    out: Path
+    processes: Processes
+    jobs: int
+
+
+def preflight(
+    spec: RunSpec, out: Path, processes: Processes = ONE_PROCESS, *, jobs: int = 1
+) -> CheckedRun:
+    """Every check of a run that needs no world, each once, before any work; writes nothing.
+
+    The methods (known, their adapters buildable from the settings), the experiment
+    trackers, the engine (a DeepSpeed config the training loop can follow, its "auto"
+    values filled in), the worker processes, and the out dir (writable, holding no run of
+    other settings or inputs). A front door calls it before it loads a host, beside its own
+    checks of its inputs.
+
+    Args:
+        spec: what the run does.
+        out: its out dir.
+        processes: the run's processes.
+        jobs: worker processes for its units (:mod:`modecl.core.workers`).
+    """
+    check_methods(spec.methods, spec.continual)
+    check_trackers(spec.tracking)
+    check_engine(processes.accelerator, spec.continual, [get_method(m) for m in spec.methods])
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
+    if jobs > 1 and (processes.count > 1 or spec.tracking):
+        raise ConfigError(
+            f"jobs {jobs}: worker processes need one launched process and no experiment "
+            "tracking (which logs from one process); use jobs 1"
+        )
+    check_run_key(out, spec)
+    return CheckedRun(spec, Path(out), processes, jobs)
 
 
 def content_digest(samples: Sequence[Sample]) -> str:
@@ -404,7 +453,7 @@ def _run_method(
     attach_adapters(model, method.adapter_config(settings, len(tasks)))
     watch = settings.monitor
     monitor, probe = None, world.probe_pairs(watch.probe_size) if watch.enabled else []
-    if probe and p.count == 1 and p.zero_stage is None:
+    if probe and can_monitor(p):
         monitor = ConflictMonitor(world.format, probe, watch.every)
     elif probe and p.main:
         message = "the conflict monitor runs in one process without DeepSpeed only: skipped"
@@ -501,7 +550,6 @@ def _train_stage(
         method,
         task,
         spec.continual,
-        draw_pairs=world.distill_pairs(),
         seed=seed * 1000 + k,
         progress=progress,
         desc=f"{method.name} {k + 1}/{len(tasks)} {task.name}",
@@ -558,37 +606,34 @@ def _run_unit(spec: RunSpec, out: Path, worlds: Worlds, unit: Unit, tick: Callab
 
 def run(
     worlds: World | Worlds,
-    spec: RunSpec,
-    out: Path,
+    checked: CheckedRun,
     *,
-    processes: Processes = ONE_PROCESS,
     progress: bool = True,
     describe: dict[str, Any] | None = None,
-    jobs: int = 1,
     make_worlds: Callable[[], Worlds] | None = None,
 ) -> Results:
-    """Every method and replicate through the tasks; writes run.json (now that the worlds
-    loaded), every stage, results.json, conflict.jsonl and samples.npz.
+    """Every method and replicate of a run past its pre-flight through the tasks; writes
+    run.json (now that the worlds loaded), every stage, results.json, conflict.jsonl and
+    samples.npz.
 
-    ``worlds``: one world, or (for ``spec.hosts``) each host's world by its label; they share
-    the task sequence. With ``jobs`` > 1, the (replicate, method) units run in that many
-    worker processes (:mod:`modecl.core.workers`: forked with ``worlds``, or spawned and
-    building their own with ``make_worlds``, picklable), as do the host's stages of every
-    replicate; the results are then read back from the stage files, the same as one
-    process's.
+    Args:
+        worlds: one world, or (for ``spec.hosts``) each host's world by its label; they
+            share the task sequence.
+        checked: the run, from :func:`preflight`.
+        progress: show progress bars.
+        describe: the world's facts for results.json (default: the first world's).
+        make_worlds: with ``checked.jobs`` > 1, the (replicate, method) units run in that
+            many worker processes (:mod:`modecl.core.workers`: forked with ``worlds``, or
+            spawned and building their own with ``make_worlds``, picklable), as do the
+            host's stages of every replicate; the results are then read back from the
+            stage files, the same as one process's.
     """
-    check_methods(spec.methods, spec.continual)
+    spec, out, p, jobs = checked.spec, checked.out, checked.processes, checked.jobs
     worlds = worlds if isinstance(worlds, Mapping) else {None: worlds}
     if set(worlds) != set(spec.hosts or [None]):
         raise ValueError(f"worlds for hosts {sorted(worlds, key=str)}, the run has {spec.hosts}")
-    out, p = Path(out), processes
-    if jobs > 1 and (make_worlds is None or p.count > 1 or spec.tracking):
-        raise ConfigError(
-            f"jobs {jobs}: worker processes need worlds that can be rebuilt in each, one "
-            "launched process and no experiment tracking (which logs from one process); "
-            "use jobs 1"
-        )
-    check_run_key(out, spec)
+    if jobs > 1 and make_worlds is None:
+        raise ValueError(f"jobs {jobs}: worker processes need make_worlds")
     PROGRESS.task = None  # in no task yet
     p.barrier()  # every process checked before the main one writes
     if p.main:

@@ -41,13 +41,12 @@ from tqdm.auto import tqdm
 
 from modecl.core.adapters import lm_logits, pass_kind, training_task
 from modecl.core.config import ConfigError, ContinualSettings, TrainSettings
-from modecl.core.conflict import ConflictMonitor
+from modecl.core.conflict import ConflictMonitor, can_monitor
 from modecl.core.files import atomic_dir
 from modecl.core.methods.base import LossFn, Method
 from modecl.core.processes import ONE_PROCESS, Processes, zero_stage
 from modecl.core.sequences import (
     IGNORE,
-    DrawPair,
     Format,
     collate,
     example_lengths,
@@ -122,13 +121,11 @@ class StepLoss(nn.Module):
 
 
 def check_engine(
-    accelerator: Accelerator | None,
-    settings: ContinualSettings,
-    model: nn.Module | None = None,
-    methods: Sequence[Method] = (),
+    accelerator: Accelerator | None, settings: ContinualSettings, methods: Sequence[Method] = ()
 ) -> None:
-    """Refuse, before any training, a DeepSpeed config that the loop cannot follow, and fill
-    in what the loop decides where the config leaves it to us ("auto" or absent).
+    """Refuse, before any work (a run's pre-flight), a DeepSpeed config that the loop cannot
+    follow, and fill in what the loop decides where the config leaves it to us ("auto" or
+    absent).
 
     DeepSpeed clips, steps and zeroes the gradients inside ``accelerator.backward``, at its
     config's ``gradient_clipping``: that is ``train.grad_clip``. The loop takes one optimizer
@@ -138,12 +135,10 @@ def check_engine(
     themselves and is refused, as is stage 0 (plain data parallel: DDP does it). The
     per-process batch DeepSpeed sizes its engine by (usually read from a DataLoader) is
     the global batch's share; an ``optimizer`` or ``scheduler`` section is refused (the
-    loop builds its own from the settings). Given the ``model``, an "auto" ZeRO reduce
-    bucket is sized as accelerate sizes it, hidden size squared, the hidden size read from
-    the input embeddings (accelerate reads ``model.config.hidden_size``: the loss module it
-    wraps has no config, and Emu3 keeps it in its text config). A method that edits the
-    step's gradient (A-GEM) is refused: DeepSpeed clips and steps inside its backward, and
-    ZeRO-2 holds each process's partition of the gradient only.
+    loop builds its own from the settings). A method that edits the step's gradient
+    (A-GEM) is refused: DeepSpeed clips and steps inside its backward, and ZeRO-2 holds
+    each process's partition of the gradient only. The reduce bucket waits for the model
+    (:func:`size_reduce_bucket`).
     """
     stage = zero_stage(accelerator)
     if stage is None:
@@ -183,8 +178,17 @@ def check_engine(
         )
     if config.get(_MICRO, "auto") == "auto":
         config[_MICRO] = -(-cfg.batch_size // accelerator.num_processes)
-    zero = config.get("zero_optimization", {})
-    if model is not None and zero.get("reduce_bucket_size") == "auto":
+
+
+def size_reduce_bucket(accelerator: Accelerator | None, model: nn.Module) -> None:
+    """Size an "auto" ZeRO reduce bucket as accelerate sizes it, hidden size squared, the
+    hidden size read from ``model``'s input embeddings (accelerate reads
+    ``model.config.hidden_size``: the loss module it wraps has no config, and Emu3 keeps it
+    in its text config). Not a check: :func:`check_engine` passed before."""
+    if zero_stage(accelerator) is None:
+        return
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    if zero.get("reduce_bucket_size") == "auto":
         zero["reduce_bucket_size"] = model.get_input_embeddings().embedding_dim ** 2
 
 
@@ -261,7 +265,6 @@ def train_task(
     task: Task,
     settings: ContinualSettings,
     *,
-    draw_pairs: Sequence[DrawPair] = (),
     seed: int = 0,
     progress: bool = True,
     desc: str = "",
@@ -272,7 +275,8 @@ def train_task(
     index: int = 0,
 ) -> dict:
     """Train the adapters of ``model`` on ``task``, task ``index`` of the sequence, with
-    ``method``; returns a small log.
+    ``method`` (configured: :meth:`~modecl.core.methods.base.Method.configure`); returns a
+    small log.
 
     With a ``monitor``, ``log["conflict"]`` holds its figures of each monitored step;
     ``on_step(step, values)`` receives each step's losses, learning rate and gradient norm
@@ -281,7 +285,9 @@ def train_task(
     until the new one is complete), and a call that finds one resumes after that step with
     the same result as a run never interrupted (:class:`StepCheckpoint`). Under several
     ``processes``, each calls this with the same arguments (module doc); the logged losses
-    are those of the global batch.
+    are those of the global batch. Under DeepSpeed, :func:`check_engine` has passed (the
+    run's pre-flight); the conflict monitor is for one process without DeepSpeed
+    (:func:`~modecl.core.conflict.can_monitor`).
     """
     cfg = settings.train
     rng = np.random.default_rng(seed)
@@ -289,10 +295,8 @@ def train_task(
     samples = task.train
     if cfg.max_train_samples is not None:
         samples = [samples[i] for i in rng.permutation(len(samples))[: cfg.max_train_samples]]
-    method.configure(settings, draw_pairs)
     accelerator, count = processes.accelerator, processes.count
-    if monitor is not None and (count > 1 or processes.zero_stage is not None):
-        # Its own backward passes would set off DeepSpeed's gradient hooks.
+    if monitor is not None and not can_monitor(processes):
         raise ValueError("the conflict monitor runs in a single process without DeepSpeed only")
     if count > min(cfg.batch_size, len(samples)):
         raise ValueError(
@@ -308,7 +312,7 @@ def train_task(
     schedule = cosine_schedule(optim, int(cfg.warmup_fraction * total), total)
     step_loss: nn.Module = StepLoss(model, fmt, method)
     if accelerator is not None:
-        check_engine(accelerator, settings, model, [method])
+        size_reduce_bucket(accelerator, model)
         step_loss, optim = accelerator.prepare(step_loss, optim)
     log: dict[str, Any] = {"loss": [], "terms": {}, "conflict": []}
     bf16 = cfg.mixed_precision == "bf16"  # autocast: matmuls in bfloat16, adapters float32

@@ -20,15 +20,17 @@ from typing import Any
 from torch import nn
 
 from modecl.core.config import ConfigError, to_dict
+from modecl.core.methods import get_method
+from modecl.core.methods.distillation import check_pairs
 from modecl.core.processes import Processes
 from modecl.core.results import Results
-from modecl.core.runner import RunSpec, check_methods, check_run_key, run
+from modecl.core.runner import CheckedRun, RunSpec, preflight, run
 from modecl.core.sequences import DrawPair
 from modecl.core.tasks import Task
-from modecl.core.tracking import check_trackers
 from modecl.core.workers import default_jobs
 from modecl.core.world import Answering, Measured
 from modecl.digits.config import DigitsConfig, RunConfig
+from modecl.digits.data import load_pools
 from modecl.digits.format import DigitsFormat
 from modecl.digits.pretrain import GateError, PretrainedHost, check_gate, load_or_pretrain
 from modecl.digits.tasks import TASK_RULES
@@ -62,8 +64,8 @@ def quick(config: RunConfig, given: Collection[str] = ()) -> tuple[RunConfig, li
 
 
 def validate(config: RunConfig) -> None:
-    """Stop before any work on an unknown or repeated method or task, or an empty list."""
-    check_methods(config.methods, config.continual)
+    """Stop before any work on an unknown or repeated task, an empty list of them, or fewer
+    than one seed or host (the methods are the runner's to check: :func:`bench_preflight`)."""
     unknown = [t for t in config.tasks if t not in TASK_RULES]
     if unknown:
         raise ConfigError(f"unknown task(s) {unknown}; built-in tasks: {', '.join(TASK_RULES)}")
@@ -160,6 +162,23 @@ def bench_spec(config: RunConfig, quick_run: bool, files: list[Path]) -> RunSpec
     )
 
 
+def bench_preflight(
+    config: RunConfig, out: Path, quick_run: bool, config_file: Path | None, jobs: int
+) -> CheckedRun:
+    """`modecl bench`'s pre-flight: every check of a run, each once, before a host loads;
+    writes nothing. The config's tasks, seeds and hosts (:func:`validate`), the runner's
+    checks (:func:`modecl.core.runner.preflight`: methods, trackers, workers, the out dir)
+    and the distillation stream (the train pool's pairs fill a batch)."""
+    validate(config)
+    spec = bench_spec(config, quick_run, [Path(config_file)] if config_file else [])
+    checked = preflight(spec, out, jobs=jobs)
+    distilling = [m for m in config.methods if get_method(m).needs_pairs]
+    if distilling:
+        pairs = len(load_pools(config.host.data).train)  # the stream: the train pool's pairs
+        check_pairs(distilling[0], pairs, config.continual.distill.batch_size)
+    return checked
+
+
 # A worker's resident memory is about 0.5 GiB (torch, the host, a method's adapters).
 WORKER_MB = 1024
 
@@ -200,12 +219,7 @@ def run_benchmark(
     ``jobs``: worker processes for the (replicate, method) units (:func:`bench_jobs`
     chooses a default).
     """
-    validate(config)
-    if jobs < 1:
-        raise ConfigError(f"jobs must be at least 1, got {jobs}")
-    check_trackers(config.tracking.log_with)
-    spec = bench_spec(config, quick, [Path(config_file)] if config_file else [])
-    check_run_key(out, spec)
+    checked = bench_preflight(config, out, quick, config_file, jobs)
     worlds = {}
     for seed in host_seeds(config):
         host = load_or_pretrain(host_config(config, seed), cache_dir, progress)
@@ -215,4 +229,4 @@ def run_benchmark(
             raise GateError(f"host seed {seed}: {err}") from None
         worlds[_label(config, seed)] = DigitsBench(host, config)
     make_worlds = partial(bench_worlds, config, cache_dir)
-    return run(worlds, spec, Path(out), progress=progress, jobs=jobs, make_worlds=make_worlds)
+    return run(worlds, checked, progress=progress, make_worlds=make_worlds)

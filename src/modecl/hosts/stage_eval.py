@@ -21,10 +21,7 @@ from modecl.core.methods import get_method
 from modecl.core.processes import Processes
 from modecl.core.runner import measure, pick_entry
 from modecl.hosts.config import TrainConfig
-from modecl.hosts.tasks import (
-    read_token_cache,
-)
-from modecl.hosts.token_cache import TOKEN_STORE
+from modecl.hosts.token_cache import TOKEN_STORE, TokenStore
 from modecl.hosts.world import check_inputs, default_accelerator, host_world, load_host
 
 __all__ = ["eval_stage"]
@@ -74,7 +71,7 @@ def eval_stage(
     if concepts is None and task_files is None:
         concepts = inputs.get("concepts")
     concepts = None if concepts is None else Path(concepts)
-    tokenized = read_token_cache(cache)
+    tokenized = TokenStore(cache)  # ``path in`` it: a lookup in its index
     names = check_inputs(files, pairs_file, image_root, config, tokenized, concepts)
     processes = processes or Processes(default_accelerator())
     model, tokenizer = load_host(inputs["model"], config.host.dtype, processes.accelerator.device)

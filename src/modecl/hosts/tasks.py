@@ -315,12 +315,6 @@ class ImageTokenizer:
         return out
 
 
-def read_token_cache(folder: Path) -> TokenStore:
-    """Which image files an `ImageTokenizer` stored in `folder` (``path in`` it is a lookup
-    in the memory-mapped index; nothing is loaded), converting a JSON cache of old."""
-    return TokenStore(folder)
-
-
 def _split(record: dict, where: str, default: str | None = None) -> str:
     split = record.get("split", default)
     if split not in ("train", "test"):
@@ -545,11 +539,15 @@ def load_pairs(path: str | Path, images: ImageTokenizer) -> Pairs:
     return Pairs(out["train"], out["test"], out["files"])
 
 
-def check_pairs_file(path: Path, tokenized: Collection[str] = ()) -> None:
-    """Every check of :func:`load_pairs` that needs no model (to run before a host loads)."""
-    for where, file, *_ in _pair_rows(Path(path)):
+def check_pairs_file(path: Path, tokenized: Collection[str] = ()) -> dict[str, int]:
+    """Every check of :func:`load_pairs` that needs no model (to run before a host loads);
+    the number of pairs of each split."""
+    counts = {"train": 0, "test": 0}
+    for where, file, split, _ in _pair_rows(Path(path)):
         if str(file) not in tokenized and not file.is_file():
             raise TaskFileError(f"{where}field 'image': image file not found: {file}")
+        counts[split] += 1
+    return counts
 
 
 def _pair_rows(path: Path) -> list[tuple[str, Path, str, str]]:

@@ -40,11 +40,9 @@ from modecl.core.methods import get_method
 from modecl.core.methods.distillation import check_pairs
 from modecl.core.processes import ONE_PROCESS, Processes
 from modecl.core.results import Results
-from modecl.core.runner import RunSpec, check_methods, check_run_key, run
+from modecl.core.runner import CheckedRun, RunSpec, preflight, run
 from modecl.core.sequences import DrawPair, example_lengths, left_padded
 from modecl.core.tasks import Task, TaskFileError
-from modecl.core.tracking import check_trackers
-from modecl.core.train import check_engine
 from modecl.core.world import Answering, Measured
 from modecl.hosts.clip import Clip, ClipUnavailable, References, load_clip
 from modecl.hosts.coin import COIN_FILES, check_coin_folder, folder_name, load_coin_task
@@ -60,10 +58,9 @@ from modecl.hosts.tasks import (
     check_task_file,
     load_image_task,
     load_pairs,
-    read_token_cache,
     table_task,
 )
-from modecl.hosts.token_cache import TOKEN_STORE
+from modecl.hosts.token_cache import TOKEN_STORE, TokenStore
 from modecl.hosts.vqgan import load_vqgan
 
 
@@ -90,12 +87,11 @@ def default_accelerator() -> Accelerator:
 
 
 def load_host(path: str, dtype: str, device: torch.device) -> tuple[nn.Module, Any]:
-    """The model (eval mode, on `device`) and tokenizer of a local directory or hub id."""
+    """The model (eval mode, on `device`) and tokenizer of a local directory or hub id;
+    ``dtype`` one of :class:`~modecl.hosts.config.HostSettings`' (checked with the config)."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype not in dtypes:
-        raise ConfigError(f"host.dtype: {dtype!r} is not one of auto, {', '.join(dtypes)}")
     if Path(path).is_file():
         raise ConfigError(
             f"--model {path}: is a file; expected a checkpoint folder (save_pretrained) or a hub id"
@@ -383,10 +379,13 @@ def check_inputs(
     tokenized: Collection[str] = (),
     concepts: Path | None = None,
     read: dict[str, TaskTable] | None = None,
+    distilling: Sequence[str] = (),
 ) -> list[str]:
-    """Every check that needs no model, before minutes of loading it; the task names.
-    Images whose tokens are ``tokenized`` (a resumed run's) need not be present. `read`, if
-    given, receives each task's checked samples (:class:`TaskTable`) by its name."""
+    """Every check of the input files that needs no model, before minutes of loading it;
+    the task names. Images whose tokens are ``tokenized`` (a resumed run's) need not be
+    present. `read`, if given, receives each task's checked samples (:class:`TaskTable`)
+    by its name. `distilling`: the run's methods that distil, whose stream the pairs file's
+    train pairs must fill."""
     folders = [f for f in task_files if f.is_dir()]  # CoIN task folders
     files = [*(f for f in task_files if f not in folders), kd_data, concepts, config.host.vqgan]
     for file in files:
@@ -411,8 +410,16 @@ def check_inputs(
             rows = check_task_file(file, config.scoring.get(name), tokenized)
         if read is not None:
             read[name] = TaskTable.of(*rows)
+    if distilling and kd_data is None:
+        raise ConfigError(f"method(s) {list(distilling)} distil: give --kd-data with train pairs")
     if kd_data is not None:
-        check_pairs_file(kd_data, tokenized)
+        pairs = check_pairs_file(kd_data, tokenized)
+        if distilling:
+            batch = config.continual.distill.batch_size
+            try:
+                check_pairs(distilling[0], pairs["train"], batch, pairs["test"])
+            except ConfigError as err:
+                raise ConfigError(f"{kd_data}: {err}") from None
     if concepts is not None:
         check_concepts_file(concepts)
     for key in ("scoring", "answer_sets"):
@@ -424,16 +431,16 @@ def check_inputs(
 
 @dataclass
 class Inputs:
-    """A `modecl train` run's inputs, past every check that needs no model: its files, the
-    task names, the run's spec and, where asked for, each task's checked samples by name."""
+    """A `modecl train` run past its pre-flight (:func:`train_preflight`): the checked run,
+    its input files, the task names and, where asked for, each task's checked samples by
+    name."""
 
+    checked: CheckedRun
     task_files: list[Path]
     names: list[str]
     kd_data: Path | None
     image_root: Path | None
     concepts: Path | None
-    spec: RunSpec
-    distilling: list[str]
     tables: dict[str, TaskTable]
 
 
@@ -466,7 +473,7 @@ def in_child(function: Callable[[], Any]) -> Any:
     return value
 
 
-def checked_inputs(
+def train_preflight(
     model_path: str,
     task_files: Sequence[str | Path],
     methods: list[str] | str,
@@ -478,30 +485,15 @@ def checked_inputs(
     config: TrainConfig,
     seeds: int = 1,
     config_files: Sequence[Path] = (),
-    tables: bool | None = False,
+    processes: Processes = ONE_PROCESS,
+    tables: bool = False,
 ) -> Inputs:
-    """Every check of :func:`train_run` before the host loads (arguments as there), the
-    out dir's run key included; with `tables`, each task's checked samples are kept, read
-    in a child process (:func:`in_child`; None: in this one)."""
-    if tables:
-        return in_child(
-            functools.partial(
-                checked_inputs,
-                model_path,
-                task_files,
-                methods,
-                out,
-                kd_data=kd_data,
-                image_root=image_root,
-                concepts=concepts,
-                config=config,
-                seeds=seeds,
-                config_files=config_files,
-                tables=None,
-            )
-        )
+    """`modecl train`'s pre-flight: every check of :func:`train_run` before the host loads
+    (arguments as there), each once; writes nothing. The runner's checks
+    (:func:`modecl.core.runner.preflight`: methods, trackers, engine, the out dir), then the
+    input files (:func:`check_inputs`); with `tables`, each task's checked samples are kept,
+    read in a child process (:func:`in_child`)."""
     methods = [methods] if isinstance(methods, str) else list(methods)
-    check_methods(methods, config.continual)
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     if not task_files:
@@ -510,14 +502,6 @@ def checked_inputs(
     kd_data = None if kd_data is None else Path(kd_data)
     image_root = None if image_root is None else Path(image_root)
     concepts = None if concepts is None else Path(concepts)
-    tokenized = read_token_cache(Path(out) / TOKEN_STORE)  # a resume needs no images
-    kept: dict[str, TaskTable] = {}
-    keep = kept if tables is None else None
-    names = check_inputs(task_files, kd_data, image_root, config, tokenized, concepts, keep)
-    check_trackers(config.tracking.log_with)
-    distilling = [m for m in methods if get_method(m).needs_pairs]
-    if distilling and kd_data is None:
-        raise ConfigError(f"method(s) {distilling} distil: give --kd-data with train pairs")
     inputs = {
         "model": str(model_path),
         "tasks": [str(f) for f in task_files],
@@ -542,8 +526,32 @@ def checked_inputs(
         ],
         tracking=list(config.tracking.log_with),
     )
-    check_run_key(Path(out), spec)
-    return Inputs(task_files, names, kd_data, image_root, concepts, spec, distilling, kept)
+    checked = preflight(spec, out, processes)
+    distilling = [m for m in methods if get_method(m).needs_pairs]
+    read_files = functools.partial(
+        _read_inputs, task_files, kd_data, image_root, concepts, config, Path(out), distilling
+    )
+    names, kept = in_child(read_files) if tables else read_files()
+    return Inputs(checked, task_files, names, kd_data, image_root, concepts, kept)
+
+
+def _read_inputs(
+    task_files: list[Path],
+    kd_data: Path | None,
+    image_root: Path | None,
+    concepts: Path | None,
+    config: TrainConfig,
+    out: Path,
+    distilling: list[str],
+) -> tuple[list[str], dict[str, TaskTable]]:
+    """:func:`check_inputs` of a run's files, its task names and checked samples; images
+    the out dir's token store holds need not be present (a resume)."""
+    kept: dict[str, TaskTable] = {}
+    tokenized = TokenStore(out / TOKEN_STORE)  # ``path in`` it: a lookup in its index
+    names = check_inputs(
+        task_files, kd_data, image_root, config, tokenized, concepts, kept, distilling
+    )
+    return names, kept
 
 
 def train_run(
@@ -569,7 +577,9 @@ def train_run(
     run key with the input files. `processes`: the run's (default: this launch's,
     :func:`default_accelerator`)."""
     config = config or TrainConfig()
-    checked = checked_inputs(
+    if processes is None:
+        processes = Processes(default_accelerator())
+    inputs = train_preflight(
         model_path,
         task_files,
         methods,
@@ -580,46 +590,29 @@ def train_run(
         config=config,
         seeds=seeds,
         config_files=config_files,
+        processes=processes,
         tables=True,  # read once: the tasks are built from them
     )
-    task_files, names, spec, distilling = (
-        checked.task_files,
-        checked.names,
-        checked.spec,
-        checked.distilling,
-    )
-    kd_data, image_root, concepts = checked.kd_data, checked.image_root, checked.concepts
-    out = Path(out)
-    processes = processes or Processes(default_accelerator())
-    accelerator = processes.accelerator
-    # before minutes of loading the host
-    check_engine(accelerator, config.continual, methods=[get_method(m) for m in methods])
-    model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
+    model, tokenizer = load_host(model_path, config.host.dtype, processes.accelerator.device)
     world, images = host_world(
         model,
         tokenizer,
         model_path=model_path,
         config=config,
-        task_files=task_files,
-        names=names,
-        token_cache=out / TOKEN_STORE,
-        kd_data=kd_data,
-        image_root=image_root,
-        concepts=concepts,
-        tables=checked.tables,
+        task_files=inputs.task_files,
+        names=inputs.names,
+        token_cache=Path(out) / TOKEN_STORE,
+        kd_data=inputs.kd_data,
+        image_root=inputs.image_root,
+        concepts=inputs.concepts,
+        tables=inputs.tables,
         processes=processes,
         progress=progress and processes.main,
     )
-    if distilling:
-        batch, tests = config.continual.distill.batch_size, len(world.pairs.test)
-        try:
-            check_pairs(distilling[0], len(world.pairs.train), batch, tests)
-        except ValueError as err:
-            raise ConfigError(f"{kd_data}: {err}") from None
     if config.host.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     images.commit()  # every input passed its checks: its tokens join the out dir
-    return run(world, spec, out, processes=processes, progress=progress)
+    return run(world, inputs.checked, progress=progress)
 
 
 def host_world(

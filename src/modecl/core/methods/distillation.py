@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from modecl.core.adapters import lm_logits, pass_kind
-from modecl.core.config import ContinualSettings, DistillSettings
+from modecl.core.config import ConfigError, ContinualSettings, DistillSettings
 from modecl.core.distill import kd_mask, topk_kl
 from modecl.core.methods.base import Method
 from modecl.core.processes import Processes
@@ -70,8 +70,7 @@ class Distilling(Method):
         return True
 
     def configure(self, settings: ContinualSettings, pairs: Sequence[DrawPair] = ()) -> None:
-        self.settings, self.pairs = settings.distill, pairs
-        check_pairs(self.name, len(pairs), settings.distill.batch_size)
+        self.settings, self.pairs = settings.distill, pairs  # enough: a front door's check_pairs
 
     def step_inputs(self, rng: np.random.Generator, processes: Processes) -> list[DrawPair]:
         pick = rng.choice(len(self.pairs), self.settings.batch_size, replace=False)
@@ -84,17 +83,18 @@ class Distilling(Method):
 
 
 def check_pairs(method: str, available: int, batch_size: int, tests: int = 0) -> None:
-    """Raise ValueError unless ``available`` train pairs fill a distillation batch of
-    ``batch_size``; ``tests``: the test pairs given beside them, named in the message."""
+    """Refuse (a ConfigError, in a front door's pre-flight) ``available`` train pairs that
+    do not fill a distillation batch of ``batch_size``; ``tests``: the test pairs given
+    beside them, named in the message."""
     if available == 0 and tests:
-        raise ValueError(
+        raise ConfigError(
             f"method '{method}' distils from train pairs, but all {tests} pairs given are "
             'split "test" (they only evaluate image generation): give pairs of split "train"'
         )
     if available == 0:
-        raise ValueError(f"method '{method}' distils but no image-generation pairs were given")
+        raise ConfigError(f"method '{method}' distils but no image-generation pairs were given")
     if available < batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"method '{method}' distils {batch_size} pairs per step "
             f"(continual.distill.batch_size) but only {available} training pairs were given: "
             "give more pairs or lower continual.distill.batch_size"
