@@ -124,7 +124,7 @@ def test_length_grouped_batches_pad_less_and_draw_the_same_permutation():
     assert pads[0][0] / pads[0][1] > 0.05 and pads[1][0] / pads[1][1] < 0.005
 
 
-def test_length_grouped_training_resumes_from_a_step_checkpoint(world, tmp_path):
+def test_length_grouped_training_resumes_from_a_step_checkpoint(digits, tmp_path):
     settings = from_dict(
         ContinualSettings,
         {
@@ -133,12 +133,12 @@ def test_length_grouped_training_resumes_from_a_step_checkpoint(world, tmp_path)
         },
     )
     settings.train.checkpoint_every, settings.train.group_by_length = 3, True
-    task = world.tasks(["parity"])[0]
+    task = digits.tasks(["parity"])[0]
     longer = [replace(s, question=s.question + " yes" * (i % 4)) for i, s in enumerate(task.train)]
     task = replace(task, train=longer)
 
     def trained(folder, kill_at=None):
-        model = build_model(world.vocab, tiny_config().model, seed=0)
+        model = build_model(digits.vocab, tiny_config().model, seed=0)
         method = get_method("seq-lora")
         attach_adapters(model, method.adapter_config(settings))
 
@@ -147,7 +147,7 @@ def test_length_grouped_training_resumes_from_a_step_checkpoint(world, tmp_path)
                 raise Killed
 
         train_task(
-            model, world.format, method, task, settings, progress=False, checkpoint=folder,
+            model, digits.format, method, task, settings, progress=False, checkpoint=folder,
             on_step=step,
         )  # fmt: skip
         return adapter_state_dict(model)

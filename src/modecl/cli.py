@@ -42,13 +42,13 @@ def _host_summary(config: DigitsConfig, cache_dir: Path | None, use_shipped: boo
     """Pre-train (or load) the digits host, measure it on the test pool, apply the gate."""
     start = time.perf_counter()
     host = load_or_pretrain(config, cache_dir, use_shipped=use_shipped)
-    world = host.world
+    digits = host.digits
     captioning, generation = host.gate_scores()
     summary = {
-        "judge": world.judge_report(),
+        "judge": digits.judge_report(),
         "captioning_accuracy": captioning,
         "generation_accuracy": generation,
-        "image_nll": world.image_nll(host.model, world.pools.test),
+        "image_nll": digits.image_nll(host.model, digits.pools.test),
         "host_log": host.log,
         "seconds": time.perf_counter() - start,
     }

@@ -121,7 +121,7 @@ class RunSpec:
     record."""
 
     methods: list[str]
-    seeds: list[int]
+    seed_list: list[int]  # the run seeds (configs and the command line give their count)
     continual: ContinualSettings
     front: str  # "bench" or "train"
     config: dict[str, Any]  # the front door's whole configuration, as recorded
@@ -134,7 +134,7 @@ class RunSpec:
     @property
     def replicates(self) -> list[Replicate]:
         """Every (host, seed), host by host."""
-        return [Replicate(h, s) for h in self.hosts or [None] for s in self.seeds]
+        return [Replicate(h, s) for h in self.hosts or [None] for s in self.seed_list]
 
 
 def check_methods(methods: list[str], continual: ContinualSettings | None = None) -> None:
@@ -438,6 +438,7 @@ def _run_method(
     tasks: list[Task],
     spec: RunSpec,
     rep: Replicate,
+    *,
     out: Path,
     p: Processes,
     tick: Callable[[str], None],
@@ -472,13 +473,13 @@ def _run_method(
                     method,
                     tasks,
                     k,
-                    spec,
-                    rep.seed,
-                    stage_dir,
-                    monitor,
-                    p,
-                    progress,
-                    track,
+                    spec=spec,
+                    seed=rep.seed,
+                    stage_dir=stage_dir,
+                    monitor=monitor,
+                    p=p,
+                    progress=progress,
+                    track=track,
                 )
                 PROGRESS.task = None  # written: nothing of it is lost now
                 saved = json.loads((stage_dir / "stage.json").read_text())
@@ -534,6 +535,7 @@ def _train_stage(
     method: Method,
     tasks: list[Task],
     k: int,
+    *,
     spec: RunSpec,
     seed: int,
     stage_dir: Path,
@@ -542,7 +544,8 @@ def _train_stage(
     progress: bool,
     track: _StageTracking | None = None,
 ) -> None:
-    """Train task ``k``, measure every task, write the stage (main process)."""
+    """Train task ``k`` of ``tasks`` with ``method`` on ``model`` (the host of ``world``,
+    adapted), measure every task, write the stage into ``stage_dir`` (main process)."""
     task, start = tasks[k], time.perf_counter()
     log = train_task(
         model,
@@ -601,7 +604,9 @@ def _run_unit(spec: RunSpec, out: Path, worlds: Worlds, unit: Unit, tick: Callab
     if name == HOST_STAGE:
         _pretrained(world, world.tasks(), rep, out, ONE_PROCESS)
         return
-    _run_method(name, world, world.tasks(), spec, rep, out, ONE_PROCESS, tick, False)
+    _run_method(
+        name, world, world.tasks(), spec, rep, out=out, p=ONE_PROCESS, tick=tick, progress=False
+    )
 
 
 def run(
@@ -663,7 +668,16 @@ def run(
             methods = {}
             for name in spec.methods:
                 stages, grids, steps = _run_method(
-                    name, world, tasks, spec, rep, out, p, tick, progress, tracker
+                    name,
+                    world,
+                    tasks,
+                    spec,
+                    rep,
+                    out=out,
+                    p=p,
+                    tick=tick,
+                    progress=progress,
+                    tracker=tracker,
                 )
                 methods[name] = method_result(stages, pretrained)
                 series += steps
@@ -681,7 +695,7 @@ def run(
         quick=spec.quick,
         tasks=[t.name for t in tasks],
         scoring={t.name: t.scoring for t in tasks},
-        seeds=list(spec.seeds),
+        seeds=list(spec.seed_list),
         hosts=spec.hosts,
         config=spec.config,
         inputs=spec.inputs,

@@ -84,7 +84,7 @@ class DigitsBench:
 
     def __init__(self, host: PretrainedHost, config: RunConfig) -> None:
         self._host, self.config = host, config
-        self.digits = host.world
+        self.digits = host.digits
         self.format: DigitsFormat = self.digits.format
 
     @property
@@ -150,7 +150,7 @@ def host_config(config: RunConfig, seed: int) -> DigitsConfig:
 def bench_spec(config: RunConfig, quick_run: bool, files: list[Path]) -> RunSpec:
     return RunSpec(
         methods=list(config.methods),
-        seeds=list(range(config.seeds)),
+        seed_list=list(range(config.seeds)),
         hosts=host_seeds(config) if config.hosts > 1 else None,
         continual=config.continual,
         front="bench",
@@ -224,7 +224,7 @@ def run_benchmark(
     for seed in host_seeds(config):
         host = load_or_pretrain(host_config(config, seed), cache_dir, progress)
         try:
-            check_gate(host.world.config, *host.gate_scores())
+            check_gate(host.digits.config, *host.gate_scores())
         except GateError as err:
             raise GateError(f"host seed {seed}: {err}") from None
         worlds[_label(config, seed)] = DigitsBench(host, config)

@@ -514,7 +514,7 @@ def train_preflight(
     read = [p for f in task_files for p in ([f / n for n in COIN_FILES] if f.is_dir() else [f])]
     spec = RunSpec(
         methods=methods,
-        seeds=[config.seed + i for i in range(seeds)],
+        seed_list=[config.seed + i for i in range(seeds)],
         continual=config.continual,
         front="train",
         config=to_dict(config),
