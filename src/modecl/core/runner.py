@@ -64,9 +64,9 @@ from modecl.core.evaluate import (
     answer,
     answer_set,
     constrained_choices,
-    credit,
     router_summary,
     router_use,
+    scored_accuracy,
 )
 from modecl.core.files import (
     atomic_dir,
@@ -389,8 +389,7 @@ def measure(
             p,
         )
         answers[task.name] = given
-        credits = [credit(task, s, a) for a, s in zip(given, task.test, strict=True)]
-        exact.append(float(np.mean(credits)) if credits else float("nan"))
+        exact.append(scored_accuracy(task, given))
         sets = [answer_set(task, s) for s in task.test]
         if any(s is None for s in sets) or not sets:
             constrained.append(None)
@@ -402,8 +401,7 @@ def measure(
             ),
             p,
         )
-        credits = [credit(task, s, c) for c, s in zip(picks, task.test, strict=True)]
-        constrained.append(float(np.mean(credits)))
+        constrained.append(scored_accuracy(task, picks))
     routing = None
     if has_adapters(model) and any(layer.router for layer in adapter_layers(model).values()):
         routing = {}

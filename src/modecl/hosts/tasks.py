@@ -70,7 +70,23 @@ from modecl.hosts.token_cache import SEGMENT_IMAGES, Rows, TokenStore
 
 CHUNK = 4096  # texts encoded at once when counting tokens
 
-__all__ = ["HostFormat", "ImageTokenizer", "Pairs", "load_image_task", "load_pairs", "token_source"]
+__all__ = [
+    "HostFormat",
+    "ImageTokenizer",
+    "Pairs",
+    "Row",
+    "TaskTable",
+    "check_images",
+    "check_pairs_file",
+    "check_rows",
+    "check_task_file",
+    "load_image_task",
+    "load_pairs",
+    "rows_task",
+    "table_task",
+    "text_list",
+    "token_source",
+]
 
 
 @dataclass(frozen=True)
