@@ -23,7 +23,7 @@ from modecl.digits.model import build_model
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.tasks import ImageTokenizer
 from modecl.hosts.token_cache import TOKEN_STORE
-from modecl.hosts.world import host_world, load_host
+from modecl.hosts.world import InputFiles, host_world, load_host
 from tests.conftest import tiny_config
 from tests.fixtures import HOSTS, TRAIN_CONFIG, write_host, write_tasks
 
@@ -45,22 +45,24 @@ def mapped(codes: np.ndarray) -> bool:
     return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
 
 
-def test_loaded_samples_hold_views_of_the_token_store_not_tuples(inputs, tmp_path):
+def chameleon_world(inputs, token_cache, pairs=None):
+    """The tiny Chameleon's world of the task files (and ``pairs``), and its image reader."""
     path = str(inputs["hosts"]["chameleon"])
     model, tokenizer = load_host(path, "float32", torch.device("cpu"))
-    config = load_toml(TrainConfig, inputs["root"] / "train.toml")
-    names = [f.stem for f in inputs["files"]]
-    world, images = host_world(
+    return host_world(
         model,
         tokenizer,
         model_path=path,
-        config=config,
-        task_files=inputs["files"],
-        names=names,
-        token_cache=tmp_path / TOKEN_STORE,
-        kd_data=inputs["pairs"],
+        config=load_toml(TrainConfig, inputs["root"] / "train.toml"),
+        files=InputFiles.of(inputs["files"], pairs),
+        names=[f.stem for f in inputs["files"]],
+        token_cache=token_cache,
         progress=False,
     )
+
+
+def test_loaded_samples_hold_views_of_the_token_store_not_tuples(inputs, tmp_path):
+    world, images = chameleon_world(inputs, tmp_path / TOKEN_STORE, inputs["pairs"])
     images.commit()
     for task in world.tasks():
         assert isinstance(task.train, Samples) and isinstance(task.test, Samples)
@@ -177,20 +179,7 @@ def test_dry_run_prints_the_plan_without_loading_weights(inputs, tmp_path, capsy
     assert not out.exists()  # nothing written
     monkeypatch.undo()
     # The same tokens as the tasks the run loads (4 epochs of 8 samples, batches of 4).
-    path = str(inputs["hosts"]["chameleon"])
-    model, tokenizer = load_host(path, "float32", torch.device("cpu"))
-    config = load_toml(TrainConfig, inputs["root"] / "train.toml")
-    names = [f.stem for f in inputs["files"]]
-    world, _ = host_world(
-        model,
-        tokenizer,
-        model_path=path,
-        config=config,
-        task_files=inputs["files"],
-        names=names,
-        token_cache=tmp_path / "t",
-        progress=False,
-    )
+    world, _ = chameleon_world(inputs, tmp_path / "t")
     rows = dict(re.findall(r"^\| (\w+) \| (.*) \|$", printed, re.MULTILINE))
     for task in world.tasks():
         tokens = sum(len(understand(world.format, s).input_ids) for s in task.train) * 4

@@ -149,44 +149,27 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ConfigError("give --method or --methods, not both")
     methods = parse_methods(args.methods) if args.methods is not None else [args.method or "mode"]
     config = load_toml(TrainConfig, args.config)
+    where = (args.model, args.tasks, methods, args.out)
+    given = {
+        "kd_data": args.kd_data,
+        "image_root": args.image_root,
+        "concepts": args.concepts,
+        "config": config,
+        "seeds": args.seeds,
+        "config_files": [args.config] if args.config else [],
+    }
     if args.dry_run:
         from modecl.hosts.dry_run import dry_run
 
-        processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
-        print(
-            dry_run(
-                args.model,
-                args.tasks,
-                methods,
-                args.out,
-                kd_data=args.kd_data,
-                image_root=args.image_root,
-                concepts=args.concepts,
-                config=config,
-                seeds=args.seeds,
-                config_files=[args.config] if args.config else [],
-                processes=processes,
-            )
-        )
+        count = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+        print(dry_run(*where, processes=count, **given))
         return
     if args.processes is not None:
         raise ConfigError(
             "--processes is for --dry-run: a run has the processes it is launched with"
         )
     processes = Processes(default_accelerator())
-    results = train_run(
-        args.model,
-        args.tasks,
-        methods,
-        args.out,
-        kd_data=args.kd_data,
-        image_root=args.image_root,
-        concepts=args.concepts,
-        config=config,
-        seeds=args.seeds,
-        processes=processes,
-        config_files=[args.config] if args.config else [],
-    )
+    results = train_run(*where, processes=processes, **given)
     if processes.main:  # the one process that wrote the results
         report = write_report(args.out)
         print(f"results in {args.out / 'results.json'}, report {report}")

@@ -130,7 +130,7 @@ def dry_run(
     limit = getattr(host.get_text_config(), "max_position_embeddings", None)
     train = config.continual.train
     lines = [
-        f"modecl train --dry-run: {len(inputs.task_files)} task files and folders, "
+        f"modecl train --dry-run: {len(inputs.files.tasks)} task files and folders, "
         f"{records:,} samples read and checked in {read:.1f} s",
         f"host: {fmt.vocab.family}, read from its config (no weights): "
         f"{getattr(host.get_text_config(), 'vocab_size', '?'):,} ids, context {limit}; "

@@ -22,7 +22,13 @@ from modecl.core.processes import Processes
 from modecl.core.runner import measure, pick_entry
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.token_cache import TOKEN_STORE, TokenStore
-from modecl.hosts.world import check_inputs, default_accelerator, host_world, load_host
+from modecl.hosts.world import (
+    InputFiles,
+    check_inputs,
+    default_accelerator,
+    host_world,
+    load_host,
+)
 
 __all__ = ["eval_stage"]
 
@@ -62,17 +68,15 @@ def eval_stage(
     stage_dir = method_dir / stage_name
     if not (stage_dir / "stage.json").exists():
         raise ConfigError(f"{stage_dir}: not a finished stage")
-    files = [Path(f) for f in (task_files or inputs["tasks"])]
-    pairs_file = kd_data if kd_data is not None else inputs.get("kd_data")
-    pairs_file = None if pairs_file is None else Path(pairs_file)
-    image_root = inputs.get("image_root") if task_files is None else image_root
-    image_root = None if image_root is None else Path(image_root)
+    files = InputFiles.of(
+        task_files or inputs["tasks"],
+        kd_data if kd_data is not None else inputs.get("kd_data"),
+        inputs.get("image_root") if task_files is None else image_root,
+        inputs.get("concepts") if concepts is None and task_files is None else concepts,
+    )
     cache = run_dir / TOKEN_STORE  # the run's images are not tokenized again
-    if concepts is None and task_files is None:
-        concepts = inputs.get("concepts")
-    concepts = None if concepts is None else Path(concepts)
     tokenized = TokenStore(cache)  # ``path in`` it: a lookup in its index
-    names = check_inputs(files, pairs_file, image_root, config, tokenized, concepts)
+    names = check_inputs(files, config, tokenized)
     processes = processes or Processes(default_accelerator())
     model, tokenizer = load_host(inputs["model"], config.host.dtype, processes.accelerator.device)
     world, tokens = host_world(
@@ -80,12 +84,9 @@ def eval_stage(
         tokenizer,
         model_path=inputs["model"],
         config=config,
-        task_files=files,
+        files=files,
         names=names,
         token_cache=cache,
-        kd_data=pairs_file,
-        image_root=image_root,
-        concepts=concepts,
         processes=processes,
         progress=progress and processes.main,
     )
@@ -106,9 +107,9 @@ def eval_stage(
         "method": method,
         "stage": number,
         "tasks": names,
-        "task_files": [str(f) for f in files],
-        "kd_data": None if pairs_file is None else str(pairs_file),
-        "concepts": None if concepts is None else str(concepts),
+        "task_files": [str(f) for f in files.tasks],
+        "kd_data": None if files.kd_data is None else str(files.kd_data),
+        "concepts": None if files.concepts is None else str(files.concepts),
         **fields,
         "answers": answers,
     }

@@ -371,13 +371,36 @@ def _task_name(path: Path) -> str:
     return folder_name(path) if path.is_dir() else path.stem
 
 
+@dataclass(frozen=True)
+class InputFiles:
+    """What a `modecl train` run reads beside the host: its task files and CoIN task
+    folders (``tasks``), the image-generation pairs (``kd_data``), the root of the CoIN
+    folders' image paths and the concepts file."""
+
+    tasks: list[Path]
+    kd_data: Path | None = None
+    image_root: Path | None = None
+    concepts: Path | None = None
+
+    @classmethod
+    def of(
+        cls,
+        tasks: Sequence[str | Path],
+        kd_data: str | Path | None = None,
+        image_root: str | Path | None = None,
+        concepts: str | Path | None = None,
+    ) -> InputFiles:
+        """The files as paths (given as strings or paths; None: not given)."""
+        kd_data, image_root, concepts = (
+            None if f is None else Path(f) for f in (kd_data, image_root, concepts)
+        )
+        return cls([Path(f) for f in tasks], kd_data, image_root, concepts)
+
+
 def check_inputs(
-    task_files: list[Path],
-    kd_data: Path | None,
-    image_root: Path | None,
+    files: InputFiles,
     config: TrainConfig,
     tokenized: Collection[str] = (),
-    concepts: Path | None = None,
     read: dict[str, TaskTable] | None = None,
     distilling: Sequence[str] = (),
 ) -> list[str]:
@@ -386,9 +409,11 @@ def check_inputs(
     present. `read`, if given, receives each task's checked samples (:class:`TaskTable`)
     by its name. `distilling`: the run's methods that distil, whose stream the pairs file's
     train pairs must fill."""
+    task_files, kd_data, image_root = files.tasks, files.kd_data, files.image_root
+    concepts = files.concepts
     folders = [f for f in task_files if f.is_dir()]  # CoIN task folders
-    files = [*(f for f in task_files if f not in folders), kd_data, concepts, config.host.vqgan]
-    for file in files:
+    singles = [*(f for f in task_files if f not in folders), kd_data, concepts, config.host.vqgan]
+    for file in singles:
         if file is None:
             continue
         if Path(file).is_dir():
@@ -436,11 +461,8 @@ class Inputs:
     name."""
 
     checked: CheckedRun
-    task_files: list[Path]
+    files: InputFiles
     names: list[str]
-    kd_data: Path | None
-    image_root: Path | None
-    concepts: Path | None
     tables: dict[str, TaskTable]
 
 
@@ -498,20 +520,17 @@ def train_preflight(
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     if not task_files:
         raise ConfigError("a run needs at least one task file or folder")
-    task_files = [Path(f) for f in task_files]
-    kd_data = None if kd_data is None else Path(kd_data)
-    image_root = None if image_root is None else Path(image_root)
-    concepts = None if concepts is None else Path(concepts)
+    files = InputFiles.of(task_files, kd_data, image_root, concepts)
     inputs = {
         "model": str(model_path),
-        "tasks": [str(f) for f in task_files],
-        "kd_data": None if kd_data is None else str(kd_data),
+        "tasks": [str(f) for f in files.tasks],
+        "kd_data": None if files.kd_data is None else str(files.kd_data),
     }
-    if image_root is not None:  # absent otherwise: out dirs of earlier versions still resume
-        inputs["image_root"] = str(image_root)
-    if concepts is not None:  # likewise
-        inputs["concepts"] = str(concepts)
-    read = [p for f in task_files for p in ([f / n for n in COIN_FILES] if f.is_dir() else [f])]
+    if files.image_root is not None:  # absent otherwise: earlier versions' out dirs resume
+        inputs["image_root"] = str(files.image_root)
+    if files.concepts is not None:  # likewise
+        inputs["concepts"] = str(files.concepts)
+    read = [p for f in files.tasks for p in ([f / n for n in COIN_FILES] if f.is_dir() else [f])]
     spec = RunSpec(
         methods=methods,
         seed_list=[config.seed + i for i in range(seeds)],
@@ -521,36 +540,26 @@ def train_preflight(
         inputs=inputs,
         files=[
             *read,
-            *(f for f in (kd_data, concepts) if f),
+            *(f for f in (files.kd_data, files.concepts) if f),
             *(Path(f) for f in config_files),
         ],
         tracking=list(config.tracking.log_with),
     )
     checked = preflight(spec, out, processes)
     distilling = [m for m in methods if get_method(m).needs_pairs]
-    read_files = functools.partial(
-        _read_inputs, task_files, kd_data, image_root, concepts, config, Path(out), distilling
-    )
+    read_files = functools.partial(_read_inputs, files, config, Path(out), distilling)
     names, kept = in_child(read_files) if tables else read_files()
-    return Inputs(checked, task_files, names, kd_data, image_root, concepts, kept)
+    return Inputs(checked, files, names, kept)
 
 
 def _read_inputs(
-    task_files: list[Path],
-    kd_data: Path | None,
-    image_root: Path | None,
-    concepts: Path | None,
-    config: TrainConfig,
-    out: Path,
-    distilling: list[str],
+    files: InputFiles, config: TrainConfig, out: Path, distilling: list[str]
 ) -> tuple[list[str], dict[str, TaskTable]]:
     """:func:`check_inputs` of a run's files, its task names and checked samples; images
     the out dir's token store holds need not be present (a resume)."""
     kept: dict[str, TaskTable] = {}
     tokenized = TokenStore(out / TOKEN_STORE)  # ``path in`` it: a lookup in its index
-    names = check_inputs(
-        task_files, kd_data, image_root, config, tokenized, concepts, kept, distilling
-    )
+    names = check_inputs(files, config, tokenized, kept, distilling)
     return names, kept
 
 
@@ -599,12 +608,9 @@ def train_run(
         tokenizer,
         model_path=model_path,
         config=config,
-        task_files=inputs.task_files,
+        files=inputs.files,
         names=inputs.names,
         token_cache=Path(out) / TOKEN_STORE,
-        kd_data=inputs.kd_data,
-        image_root=inputs.image_root,
-        concepts=inputs.concepts,
         tables=inputs.tables,
         processes=processes,
         progress=progress and processes.main,
@@ -621,12 +627,9 @@ def host_world(
     *,
     model_path: str,
     config: TrainConfig,
-    task_files: list[Path],
+    files: InputFiles,
     names: list[str],
     token_cache: Path,
-    kd_data: Path | None = None,
-    image_root: Path | None = None,
-    concepts: Path | None = None,
     tables: dict[str, TaskTable] | None = None,
     processes: Processes = ONE_PROCESS,
     progress: bool = True,
@@ -635,11 +638,12 @@ def host_world(
     them into the token store `token_cache` (read back first: nothing is tokenized twice).
     `tables`: each task's checked samples as :func:`check_inputs` read them, taken out as
     the tasks are built (else the files are read again)."""
+    kd_data, image_root, concepts = files.kd_data, files.image_root, files.concepts
     fmt = HostFormat.from_model(model, tokenizer)
     vqgan = _vqgan(model, fmt, model_path, config)
     images = _image_reader(model, model_path, config, progress, token_cache, processes)
     tasks = []
-    for file, name in zip(task_files, names, strict=True):
+    for file, name in zip(files.tasks, names, strict=True):
         rule, answers = config.scoring.get(name), config.answer_sets.get(name)
         if tables:
             tasks.append(table_task(name, tables.pop(name), images, answers))
