@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     base = load_toml(RunConfig, args.config)
     host = load_or_pretrain(base.host)
-    tasks = host.world.tasks(base.tasks)
+    tasks = host.digits.tasks(base.tasks)
     print(
         "optimizer    lr      epochs batch | "
         + " ".join(f"{t.name[:10]:>10}" for t in tasks)
@@ -68,8 +68,8 @@ def main() -> None:
         attach_adapters(model, method.adapter_config(config))
         start, row = time.perf_counter(), []
         for k, task in enumerate(tasks):
-            train_task(model, host.world.format, method, task, config, seed=k, progress=False)
-            row.append(exact_accuracy(model, host.world.format, task.test))
+            train_task(model, host.digits.format, method, task, config, seed=k, progress=False)
+            row.append(exact_accuracy(model, host.digits.format, task.test))
         cells = " ".join(f"{a:>10.3f}" for a in row)
         print(
             f"{optimizer:<12} {lr:<7g} {epochs:>6} {batch:>5} | {cells} | {min(row):.3f} "

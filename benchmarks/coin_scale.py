@@ -267,7 +267,7 @@ def worker(out: Path, argv: list[str]) -> None:
 
     original_train = runner.train_task
     runner.train_task = train_task
-    timed(world, "checked_inputs", "check_seconds")
+    timed(world, "train_preflight", "check_seconds")
     timed(runner, "measure", "measure_seconds", measured)
     timed(runner, "manifest", "manifest_seconds")
     timed(train.StepCheckpoint, "save", "checkpoint_seconds", saved)

@@ -50,10 +50,10 @@ def main() -> None:
     settings = config.continual
     settings.train.max_train_samples, settings.train.epochs = args.samples, args.epochs
     host = load_or_pretrain(config.host, progress=False)
-    world = host.world
-    task = world.tasks(config.tasks[:1])[0]
-    draw_pairs = world.draw_pairs(world.pools.train)
-    probe = world.draw_pairs(world.pools.test[: settings.monitor.probe_size])
+    digits = host.digits
+    task = digits.tasks(config.tasks[:1])[0]
+    draw_pairs = digits.draw_pairs(digits.pools.train)
+    probe = digits.draw_pairs(digits.pools.test[: settings.monitor.probe_size])
     variants = {"off": None, f"every {args.every}": args.every, "every 1": 1}
 
     def train(name: str, every: int | None) -> dict:
@@ -61,14 +61,14 @@ def main() -> None:
         model = copy.deepcopy(host.model)
         torch.manual_seed(0)
         attach_adapters(model, method.adapter_config(settings))
-        monitor = None if every is None else ConflictMonitor(world.format, probe, every)
+        method.configure(settings, draw_pairs)
+        monitor = None if every is None else ConflictMonitor(digits.format, probe, every)
         return train_task(
             model,
-            world.format,
+            digits.format,
             method,
             task,
             settings,
-            draw_pairs=draw_pairs,
             progress=False,
             monitor=monitor,
         )

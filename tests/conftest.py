@@ -1,4 +1,4 @@
-"""Shared tiny fixtures: one digit world and a tiny pre-trained host, built once per session."""
+"""Shared tiny fixtures: the digits study and a tiny pre-trained host, built once per session."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from modecl.core.config import from_dict
 from modecl.digits.config import DigitsConfig
-from modecl.digits.host import DigitsWorld
+from modecl.digits.host import Digits
 
 TINY = {
     "codebook": {"codes": 16},
@@ -28,8 +28,8 @@ def tiny_config(**overrides: object) -> DigitsConfig:
 
 
 @pytest.fixture(scope="session")
-def world() -> DigitsWorld:
-    return DigitsWorld.build(tiny_config())
+def digits() -> Digits:
+    return Digits.build(tiny_config())
 
 
 @pytest.fixture(scope="session")

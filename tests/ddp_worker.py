@@ -20,9 +20,10 @@ import torch
 from modecl.core.adapters import adapter_state_dict, attach_adapters
 from modecl.core.config import ContinualSettings, from_dict
 from modecl.core.methods import get_method
+from modecl.core.processes import Processes, zero_stage
 from modecl.core.sequences import DrawPair
 from modecl.core.tasks import Sample, Task
-from modecl.core.train import train_task, zero_stage
+from modecl.core.train import check_engine, train_task
 from modecl.hosts.tasks import HostFormat
 from tests.fixtures import CODES, tiny_chameleon, tokenizer
 
@@ -54,6 +55,7 @@ def train(accelerator, method_name: str = "mode", checkpoint: Path | None = None
     resume from the one there."""
     model = tiny_chameleon()
     method = get_method(method_name)
+    check_engine(accelerator, SETTINGS, [method])  # the run's pre-flight
     torch.manual_seed(0)
     attach_adapters(model, method.adapter_config(SETTINGS))
     fmt = HostFormat.from_model(model, tokenizer())
@@ -62,6 +64,7 @@ def train(accelerator, method_name: str = "mode", checkpoint: Path | None = None
     samples = [Sample(c, "what color is it ?", ANSWERS[i % 6]) for i, c in enumerate(images)]
     pairs = [DrawPair("draw red", c) for c in images]
     task = Task("colors", tuple(ANSWERS), samples, samples[:2])
+    method.configure(SETTINGS, pairs)
     init = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     norms: list[float] = []
     log = train_task(
@@ -70,10 +73,9 @@ def train(accelerator, method_name: str = "mode", checkpoint: Path | None = None
         method,
         task,
         SETTINGS,
-        draw_pairs=pairs,
         seed=3,
         progress=False,
-        accelerator=accelerator,
+        processes=Processes(accelerator),
         on_step=lambda step, values: norms.append(values["grad_norm"]),
         checkpoint=checkpoint,
     )
@@ -92,7 +94,7 @@ if __name__ == "__main__":
     resumed = train(accelerator, *sys.argv[2:3], checkpoint=out / "steps")
     result |= {
         "resumed": {"loss": resumed["loss"], "adapters": resumed["adapters"]},
-        "world": accelerator.num_processes,
+        "processes": accelerator.num_processes,
         "backend": str(accelerator.state.backend),
         "engine": accelerator.distributed_type.value,
         "zero_stage": zero_stage(accelerator),

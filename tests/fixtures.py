@@ -52,8 +52,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from modecl.core.adapters import AdapterConfig, adapter_layers, attach_adapters
+from modecl.core.adapters import AdapterConfig, adapter_layers, attach_adapters, lm_logits
 from modecl.core.config import from_dict
+from modecl.core.generation import Constraint
+from modecl.core.processes import Processes
 from modecl.digits.config import RunConfig
 from tests.conftest import TINY
 
@@ -177,6 +179,48 @@ def adapted(host: str, std: float = 0.3, **config) -> nn.Module:
     return model
 
 
+# --- decoding, the reference --------------------------------------------------------------
+
+
+def ids_mask(ids: list[int], vocab: int = VOCAB_SIZE) -> torch.Tensor:
+    """``[vocab]``: True at ``ids``."""
+    return torch.zeros(vocab, dtype=torch.bool).index_fill(0, torch.tensor(ids), True)
+
+
+def allowed_mask(
+    allowed: Constraint | None, step: int, so_far: torch.Tensor, vocab: int = VOCAB_SIZE
+) -> torch.Tensor:
+    """``[rows, vocab]``: True where a generated token at ``step`` may go."""
+    if callable(allowed):
+        allowed = allowed(step, so_far)
+    if allowed is None:
+        return torch.ones(len(so_far), vocab, dtype=torch.bool)
+    allowed = torch.as_tensor(allowed)
+    mask = allowed if allowed.dtype == torch.bool else ids_mask(allowed.tolist(), vocab)
+    return mask.expand(len(so_far), vocab)
+
+
+def greedy_without_cache(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    layout: list[int | None],
+    allowed: Constraint | None = None,
+) -> torch.Tensor:
+    """The reference decoding: the whole sequence recomputed for every token (no cache);
+    where ``layout`` holds a token it is forced, elsewhere the argmax over the allowed."""
+    sequence = prompt
+    for step, forced in enumerate(layout):
+        if forced is None:
+            logits = lm_logits(model, input_ids=sequence, use_cache=False)[:, -1]
+            so_far = sequence[:, prompt.shape[1] :]
+            mask = allowed_mask(allowed, step, so_far, logits.shape[-1])
+            token = logits.masked_fill(~mask, float("-inf")).argmax(-1)
+        else:
+            token = torch.full((len(prompt),), forced)
+        sequence = torch.cat([sequence, token[:, None]], dim=1)
+    return sequence[:, prompt.shape[1] :]
+
+
 # --- checkpoints and task files on disk ---------------------------------------------------
 
 # Text ids 3..: the words of the tasks below ("4 * 4" is Emu3's size text of a 4x4 image).
@@ -255,6 +299,32 @@ def write_tasks(folder: Path) -> tuple[list[Path], Path]:
     return files, folder / "pairs.jsonl"
 
 
+def write_jsonl(path: Path, *rows: dict | str) -> Path:
+    """``rows`` as a JSONL file, one a line (a string is written as it is: a broken line)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def train_inputs(root: Path) -> dict:
+    """Under ``root``: the task and pairs files (:func:`write_tasks`), a tiny CLIP and a
+    `modecl train` config that scores drawings with it."""
+    files, pairs = write_tasks(root / "data")
+    clip = write_tiny_clip(root / "clip")
+    config = root / "train.toml"
+    config.write_text(TRAIN_CONFIG.replace("[eval]", f'[eval]\nclip_model = "{clip}"'))
+    return {"root": root, "files": files, "pairs": pairs, "clip": clip, "config": config}
+
+
+def train_command(inputs: dict, host: Path, methods: str, out: Path, *extra: str) -> int:
+    """`modecl train` of ``methods`` on ``host`` with :func:`train_inputs`' files and config
+    into ``out``; its exit code."""
+    from modecl.cli import main  # here: the fixtures' other users need no command line
+
+    argv = ["train", "--model", str(host), "--tasks", *map(str, inputs["files"])]
+    argv += ["--methods", methods, "--out", str(out), "--kd-data", str(inputs["pairs"])]
+    return main([*argv, "--config", str(inputs["config"]), *extra])
+
+
 def write_concepts(folder: Path) -> Path:
     """A concepts file: "red" and "blue", two prompts each, three reference PNGs each (drawn
     as `write_tasks` draws its images)."""
@@ -331,6 +401,12 @@ def deepspeed_accelerator(processes: int = 2, **plugin: object) -> SimpleNamespa
     number of processes and this one's index."""
     state = SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin(**plugin))
     return SimpleNamespace(state=state, num_processes=processes, process_index=0)
+
+
+def processes_at(rank: int, count: int) -> Processes:
+    """Process `rank` of `count`, as the run's :class:`Processes` tells it (what of an
+    Accelerator they read), without starting any."""
+    return Processes(SimpleNamespace(process_index=rank, num_processes=count))
 
 
 def torchrun(processes: int = 2) -> list[str]:

@@ -10,7 +10,7 @@ from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DistributedType
 
 from modecl.core.config import load_toml
-from modecl.core.train import check_engine
+from modecl.core.train import check_engine, size_reduce_bucket
 from modecl.hosts.config import TrainConfig
 from tests.fixtures import deepspeed_accelerator, tiny_chameleon
 
@@ -89,7 +89,8 @@ def test_the_deepspeed_json_takes_its_auto_values_from_the_paper_schedule_and_th
     accelerator = deepspeed_accelerator(8, hf_ds_config=str(CONFIGS / "zero2.json"))
     settings = load_toml(TrainConfig, CONFIGS.parent / "train-anole.toml")
     model = tiny_chameleon()
-    check_engine(accelerator, settings.continual, model)
+    check_engine(accelerator, settings.continual)
+    size_reduce_bucket(accelerator, model)
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     assert config["zero_optimization"]["stage"] == 2
     assert config["gradient_clipping"] == 10.0

@@ -617,10 +617,19 @@ def test_routing_policies_need_a_kind_that_splits_modality(kind, routing, accept
         AdapterConfig(kind=kind, routing=routing)
 
 
+@torch.no_grad()
 def test_plain_lora_needs_no_image_tokens():
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=8, **SIZES, **HEADS))
+    """Given embeddings only (no ids, so no modality), plain LoRA adapts every token as it
+    would given the ids: its one shared branch reads no image mask."""
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8, **SIZES, **HEADS)).eval()
     attach_adapters(model, AdapterConfig(kind="lora"))
-    model(inputs_embeds=torch.randn(1, 3, SIZES["hidden_size"]))
+    randomize(model)
+    ids = torch.tensor([[1, 5, 2, 7]])
+    embeds = model.get_input_embeddings()(ids)
+    by_embeds = model(inputs_embeds=embeds).logits
+    assert torch.allclose(by_embeds, model(input_ids=ids).logits, atol=1e-6)
+    with adapters_off(model):
+        assert not torch.allclose(by_embeds, model(inputs_embeds=embeds).logits, atol=1e-3)
 
 
 @pytest.mark.parametrize("host", [*ADAPTER_HOSTS, "emu3"])

@@ -3,7 +3,6 @@ by CLIP on the tiny hosts (`tests.fixtures.write_concepts`, `write_tiny_clip`)."
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
@@ -19,11 +18,11 @@ from modecl.hosts.concepts import check_concepts_file, load_concepts
 from modecl.hosts.tasks import ImageTokenizer, load_pairs
 from tests.fixtures import (
     HOSTS,
-    TRAIN_CONFIG,
+    train_command,
+    train_inputs,
     write_concepts,
     write_host,
-    write_tasks,
-    write_tiny_clip,
+    write_jsonl,
 )
 
 CONCEPTS = {"red": ["draw red", "red circle"], "blue": ["draw blue", "blue square"]}
@@ -31,38 +30,22 @@ CONCEPTS = {"red": ["draw red", "red circle"], "blue": ["draw blue", "blue squar
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("concepts")
-    files, pairs = write_tasks(root / "data")
-    clip = write_tiny_clip(root / "clip")
-    config = root / "train.toml"
-    config.write_text(TRAIN_CONFIG.replace("[eval]", f'[eval]\nclip_model = "{clip}"'))
-    return {
-        "root": root,
-        "files": files,
-        "pairs": pairs,
-        "concepts": write_concepts(root / "data"),
-        "clip": clip,
-        "config": config,
-    }
+    inputs = train_inputs(tmp_path_factory.mktemp("concepts"))
+    return inputs | {"concepts": write_concepts(inputs["root"] / "data")}
 
 
 def train(setup, family, out, *extra):
     host = setup["root"] / family
     if not host.exists():
         write_host(family, host)
-    argv = ["train", "--model", str(host), "--tasks", *map(str, setup["files"])]
-    argv += ["--methods", "seq-lora", "--out", str(out), "--kd-data", str(setup["pairs"])]
-    argv += ["--concepts", str(setup["concepts"]), "--config", str(setup["config"])]
-    return main([*argv, *extra])
+    return train_command(setup, host, "seq-lora", out, "--concepts", str(setup["concepts"]), *extra)
 
 
 # --- the concepts file --------------------------------------------------------------------
 
 
 def write(tmp_path, *rows):
-    path = tmp_path / "concepts.jsonl"
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path / "concepts.jsonl", *rows)
 
 
 GOOD = {"concept": "red", "prompts": ["draw red"], "images": "concepts/red"}

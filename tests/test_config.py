@@ -10,8 +10,8 @@ import pytest
 from modecl.cli import main
 from modecl.core.config import ConfigError, from_dict, load_toml, to_dict
 from modecl.core.methods import METHOD_NAMES, get_method
+from modecl.core.runner import check_methods
 from modecl.digits import data, pretrain, tasks
-from modecl.digits.bench import validate
 from modecl.digits.config import DigitsConfig, RunConfig
 from modecl.digits.pretrain import cache_key
 from modecl.digits.tasks import TaskRule
@@ -135,7 +135,8 @@ def test_train_config_tables_are_checked(tmp_path):
 
 def test_split_expert_rank_is_checked_at_load():
     data = {"continual": {"adapter": {"rank": 6, "num_experts": 4, "expert_rank": "split"}}}
-    with pytest.raises(ConfigError, match=r"continual\.adapter: expert_rank 'split' needs rank"):
+    message = r"continual\.adapter: expert_rank 'split' gives each of num_experts 4 experts"
+    with pytest.raises(ConfigError, match=message):
         from_dict(RunConfig, data)
 
 
@@ -151,15 +152,15 @@ def test_a_split_method_takes_its_own_expert_rank_and_is_checked_before_any_work
     with pytest.raises(
         ConfigError, match=r"method mode-split: expert_rank 'split'.*rank 6 is not divisible"
     ):
-        validate(from_dict(RunConfig, data))
+        check_methods(data["methods"], from_dict(RunConfig, data).continual)
     data["methods"] = ["seq-lora", "mode"]
-    validate(from_dict(RunConfig, data))  # the full-rank methods build at rank 6
+    check_methods(data["methods"], from_dict(RunConfig, data).continual)  # full rank 6 builds
 
 
 def test_a_global_split_divides_the_routed_methods_only():
     data = {"methods": ["seq-lora", "mode"], "continual": {"adapter": {"expert_rank": "split"}}}
     config = from_dict(RunConfig, data)
-    validate(config)  # seq-lora beside mode: a run of mixed kinds
+    check_methods(config.methods, config.continual)  # seq-lora beside mode: mixed kinds
     ranks = {m: get_method(m).adapter_config(config.continual).expert_rank for m in METHOD_NAMES}
     assert {m for m, r in ranks.items() if r == "split"} == {
         "moe-lora",

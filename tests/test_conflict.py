@@ -26,18 +26,18 @@ def settings(dropout: float = 0.0, **train: float) -> ContinualSettings:
 
 
 @pytest.fixture(scope="module")
-def task(world):
-    return world.tasks(["parity"])[0]
+def task(digits):
+    return digits.tasks(["parity"])[0]
 
 
 @pytest.fixture(scope="module")
-def monitor(world):
-    return ConflictMonitor(world.format, world.draw_pairs(world.pools.test[:16]), every=1)
+def monitor(digits):
+    return ConflictMonitor(digits.format, digits.draw_pairs(digits.pools.test[:16]), every=1)
 
 
-def adapted(world, method: str, config: ContinualSettings | None = None) -> torch.nn.Module:
+def adapted(digits, method: str, config: ContinualSettings | None = None) -> torch.nn.Module:
     """A tiny host with ``method``'s adapters, B != 0 so that every path carries gradient."""
-    model = build_model(world.vocab, tiny_config().model, seed=0)
+    model = build_model(digits.vocab, tiny_config().model, seed=0)
     torch.manual_seed(0)
     attach_adapters(model, get_method(method).adapter_config(config or settings()))
     with torch.no_grad():
@@ -55,11 +55,11 @@ def adapted(world, method: str, config: ContinualSettings | None = None) -> torc
         ("o-lora", {"shared"}),  # every task's LoRA: only the one in training moves
     ],
 )
-def test_sgd_step_prediction_matches_measured_change(world, task, monitor, method, groups):
-    model = adapted(world, method)
+def test_sgd_step_prediction_matches_measured_change(digits, task, monitor, method, groups):
+    model = adapted(digits, method)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = 1e-3
-    loss = understand_loss(model, world.format, task.train[:8])
+    loss = understand_loss(model, digits.format, task.train[:8])
     monitor.before(model, loss, lr)
     loss.backward()
     torch.optim.SGD(params, lr=lr).step()
@@ -79,11 +79,11 @@ def test_sgd_step_prediction_matches_measured_change(world, task, monitor, metho
     ) == pytest.approx(step["predicted_image_loss_change"], rel=1e-9)
 
 
-def test_adamw_prediction_uses_the_real_update(world, task, monitor):
+def test_adamw_prediction_uses_the_real_update(digits, task, monitor):
     config = settings(lr=1e-4, warmup_fraction=0.0)
-    model = adapted(world, "seq-lora", config)
+    model = adapted(digits, "seq-lora", config)
     log = train_task(
-        model, world.format, get_method("seq-lora"), task, config, progress=False, monitor=monitor
+        model, digits.format, get_method("seq-lora"), task, config, progress=False, monitor=monitor
     )
     assert [s["step"] for s in log["conflict"]] == [0, 1, 2]
     for step in log["conflict"]:
@@ -98,22 +98,14 @@ def test_adamw_prediction_uses_the_real_update(world, task, monitor):
     assert set(log["conflict"][0]["by_group"]) == {"shared"}
 
 
-def test_the_monitor_does_not_change_training(world, task, monitor):
+def test_the_monitor_does_not_change_training(digits, task, monitor):
     config = settings(dropout=0.1, warmup_fraction=0.5)  # mode: dropout and distillation on
-    pairs = world.draw_pairs(world.pools.train[:20])
+    pairs = digits.draw_pairs(digits.pools.train[:20])
     trained = []
     for watch in (None, monitor):
-        model = adapted(world, "mode", config)
-        log = train_task(
-            model,
-            world.format,
-            get_method("mode"),
-            task,
-            config,
-            draw_pairs=pairs,
-            progress=False,
-            monitor=watch,
-        )
+        model, method = adapted(digits, "mode", config), get_method("mode")
+        method.configure(config, pairs)
+        log = train_task(model, digits.format, method, task, config, progress=False, monitor=watch)
         assert len(log["conflict"]) == (0 if watch is None else 3)
         trained.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
     assert all(torch.equal(a, b) for a, b in zip(*trained, strict=True))
@@ -121,11 +113,11 @@ def test_the_monitor_does_not_change_training(world, task, monitor):
 
 @pytest.mark.parametrize(("method", "reaches_image"), [("mode-sample", False), ("mode", True)])
 def test_text_loss_reaches_the_image_branch_only_under_token_routing(
-    world, task, monitor, method, reaches_image
+    digits, task, monitor, method, reaches_image
 ):
-    model = adapted(world, method)
+    model = adapted(digits, method)
     batch = task.train[:8]  # understanding samples: each holds an image span
-    loss = understand_loss(model, world.format, batch)
+    loss = understand_loss(model, digits.format, batch)
     monitor.before(model, loss, 1e-3)
     loss.backward()
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
@@ -188,14 +180,14 @@ def test_an_unknown_optimizer_is_refused_at_load(tmp_path):
         load_toml(ContinualSettings, file)
 
 
-def test_under_plain_sgd_the_papers_formula_is_the_real_update_prediction(world, task, monitor):
+def test_under_plain_sgd_the_papers_formula_is_the_real_update_prediction(digits, task, monitor):
     """seq-lora (the CE alone), plain SGD, no clipping: Δθ = -lr ∇L_T, so the SGD formula
     equals the first-order prediction with the real update at every step, and the splits
     by layer and by module add up to it."""
     config = settings(lr=0.05, warmup_fraction=0.0, optimizer="sgd", grad_clip=1e9)
-    model = adapted(world, "seq-lora", config)
+    model = adapted(digits, "seq-lora", config)
     log = train_task(
-        model, world.format, get_method("seq-lora"), task, config, progress=False, monitor=monitor
+        model, digits.format, get_method("seq-lora"), task, config, progress=False, monitor=monitor
     )
     assert len(log["conflict"]) == 3
     for step in log["conflict"]:

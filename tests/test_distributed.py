@@ -61,7 +61,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, one_p
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    assert [(r["world"], r["backend"]) for r in ranks] == [(2, "gloo")] * 2
+    assert [(r["processes"], r["backend"]) for r in ranks] == [(2, "gloo")] * 2
     assert [(r["engine"], r["zero_stage"]) for r in ranks] == [(distributed_type, stage)] * 2
     # Every process ends with the same adapters (the engine averaged the same gradients;
     # ZeRO-2 gathered every process's updated partition).

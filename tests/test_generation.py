@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from modecl.core.adapters import lm_logits
 from modecl.core.generation import Constraint, generate
-from tests.fixtures import ADAPTER_HOSTS, CODES, EOS_ID, TEXT_IDS, VOCAB_SIZE, adapted, batch
+from tests.fixtures import (
+    ADAPTER_HOSTS,
+    CODES,
+    EOS_ID,
+    TEXT_IDS,
+    VOCAB_SIZE,
+    adapted,
+    allowed_mask,
+    batch,
+    greedy_without_cache,
+    ids_mask,
+)
 
 VOCAB, EOS, ROWS = VOCAB_SIZE, EOS_ID, 3
 # CODES: the Chameleon's IMGIMG codes, which its own forward masks. Forced markers: its
 # `<image>`, `<eoss>` (end of image) and `<racm3:break>` (begin of image), image tokens all.
 MARKER, END, BEGIN = 56, 57, 58
-
-
-def ids_mask(ids: list[int]) -> torch.Tensor:
-    return torch.zeros(VOCAB, dtype=torch.bool).index_fill(0, torch.tensor(ids), True)
 
 
 def alternate(step: int, so_far: torch.Tensor) -> torch.Tensor:
@@ -44,33 +49,6 @@ CASES: dict[str, tuple[int | list[int | None], Constraint | None]] = {
     "per step": ([None, None, MARKER, None, None, END], alternate),
     "per row": (6, no_repeat),
 }
-
-
-def allowed_mask(allowed: Constraint | None, step: int, so_far: torch.Tensor) -> torch.Tensor:
-    """``[rows, VOCAB]``: True where a generated token at ``step`` may go."""
-    if callable(allowed):
-        allowed = allowed(step, so_far)
-    if allowed is None:
-        return torch.ones(len(so_far), VOCAB, dtype=torch.bool)
-    allowed = torch.as_tensor(allowed)
-    mask = allowed if allowed.dtype == torch.bool else ids_mask(allowed.tolist())
-    return mask.expand(len(so_far), VOCAB)
-
-
-def greedy_without_cache(
-    model: nn.Module, prompt: torch.Tensor, layout: list[int | None], allowed: Constraint | None
-) -> torch.Tensor:
-    """The reference: the whole sequence recomputed for every token, argmax over the allowed."""
-    sequence = prompt
-    for step, forced in enumerate(layout):
-        if forced is None:
-            logits = lm_logits(model, input_ids=sequence, use_cache=False)[:, -1]
-            mask = allowed_mask(allowed, step, sequence[:, prompt.shape[1] :])
-            token = logits.masked_fill(~mask, float("-inf")).argmax(-1)
-        else:
-            token = torch.full((len(prompt),), forced)
-        sequence = torch.cat([sequence, token[:, None]], dim=1)
-    return sequence[:, prompt.shape[1] :]
 
 
 @pytest.mark.parametrize("case", CASES)

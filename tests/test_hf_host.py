@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 from transformers import ChameleonImageProcessorPil
 
 from modecl.core.adapters import (
@@ -42,6 +41,7 @@ from tests.fixtures import (
     ROW_END,
     WRAPPER,
     encode,
+    greedy_without_cache,
     pixels,
     randomize,
     tiny_llama,
@@ -139,19 +139,6 @@ def test_understand_prompt_marks_exactly_the_image_span(host):
         understand_prompt(model, torch.tensor([5, *body[1:].tolist()]), "what?", encode)
 
 
-def greedy_without_cache(model: nn.Module, prompt: torch.Tensor, host: str) -> torch.Tensor:
-    """The reference: the whole sequence recomputed for every token, no cache."""
-    sequence = prompt
-    for marker in span_layout(host):
-        if marker is None:
-            logits = lm_logits(model, input_ids=sequence, use_cache=False)[:, -1, CODES]
-            token = torch.tensor(CODES)[logits.argmax(-1)]
-        else:
-            token = torch.full((len(prompt),), marker)
-        sequence = torch.cat([sequence, token[:, None]], dim=1)
-    return sequence[:, prompt.shape[1] :]
-
-
 @pytest.mark.parametrize("host", IMAGE_HOSTS)
 def test_draw_image_tokens_emits_codes_and_closes_the_span(host):
     model = HOSTS[host]()
@@ -165,7 +152,7 @@ def test_draw_image_tokens_emits_codes_and_closes_the_span(host):
     assert len(sampled[:, :-2].unique()) > 1
     greedy = draw_image_tokens(model, prompt, GRID, temperature=0)
     assert_span(host, greedy)
-    assert torch.equal(greedy, greedy_without_cache(model, prompt, host))
+    assert torch.equal(greedy, greedy_without_cache(model, prompt, span_layout(host), CODES))
 
 
 @pytest.mark.parametrize("host", IMAGE_HOSTS)

@@ -29,38 +29,32 @@ from modecl.hosts.tasks import (
     ImageTokenizer,
     load_image_task,
     load_pairs,
-    read_token_cache,
 )
+from modecl.hosts.token_cache import TokenStore
 from modecl.hosts.world import load_host
 from tests.fixtures import (
     HOSTS,
     IMAGE_HOSTS,
-    TRAIN_CONFIG,
     pixels,
     tokenizer,
+    train_command,
+    train_inputs,
     write_host,
+    write_jsonl,
     write_tasks,
-    write_tiny_clip,
 )
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Both hosts, the task and pairs files, a tiny CLIP, and a config using it."""
-    root = tmp_path_factory.mktemp("hf")
-    hosts = {family: write_host(family, root / family) for family in IMAGE_HOSTS}
-    files, pairs = write_tasks(root / "data")
-    clip = write_tiny_clip(root / "clip")
-    config = root / "train.toml"
-    config.write_text(TRAIN_CONFIG.replace("[eval]", f'[eval]\nclip_model = "{clip}"'))
-    return {"root": root, "hosts": hosts, "files": files, "pairs": pairs, "config": config}
+    inputs = train_inputs(tmp_path_factory.mktemp("hf"))
+    hosts = {family: write_host(family, inputs["root"] / family) for family in IMAGE_HOSTS}
+    return inputs | {"hosts": hosts}
 
 
 def train(setup, family, methods, out, *extra):
-    argv = ["train", "--model", str(setup["hosts"][family]), "--tasks"]
-    argv += [str(f) for f in setup["files"]]
-    argv += ["--methods", methods, "--out", str(out), "--kd-data", str(setup["pairs"])]
-    return main([*argv, "--config", str(setup["config"]), *extra])
+    return train_command(setup, setup["hosts"][family], methods, out, *extra)
 
 
 def reloaded(setup, family, method, adapters):
@@ -159,7 +153,7 @@ def test_a_run_killed_between_stages_resumes_to_the_same_results(
     # As if killed in seed 1's seq-lora second task: that stage and the results are missing.
     shutil.rmtree(out / "checkpoints" / "seed1" / "seq-lora" / "stage2")
     (out / "results.json").unlink()
-    assert len(read_token_cache(out / "image_tokens")) == 12  # every image once
+    assert len(TokenStore(out / "image_tokens")) == 12  # every image once
     if family == "chameleon":  # (Emu3's CLIP scoring reads the real test images)
         shutil.rmtree(setup["root"] / "data" / "images")
     try:  # the resumed run reads the images' tokens back, not the images
@@ -263,9 +257,7 @@ def write(tmp_path, *rows):
     (tmp_path / "images").mkdir(exist_ok=True)
     Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "images" / "ok.png")
     (tmp_path / "images" / "bad.png").write_bytes(b"not a PNG")
-    path = tmp_path / "task.jsonl"
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path / "task.jsonl", *rows)
 
 
 GOOD = {"image": "images/ok.png", "question": "what color is it ?", "answer": "red"}

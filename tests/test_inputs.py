@@ -36,7 +36,7 @@ from modecl.core.tasks import TaskFileError, read_jsonl
 from modecl.core.train import StepLoss
 from modecl.digits.config import RunConfig
 from modecl.hosts.config import TrainConfig
-from modecl.hosts.tasks import read_token_cache
+from modecl.hosts.token_cache import TokenStore
 from tests.fixtures import HOSTS, TRAIN_CONFIG, tokenizer, write_host, write_tasks
 
 
@@ -624,7 +624,7 @@ def test_emu3_with_images_of_five_shapes_trains_and_draws_every_pair(tmp_path):
     out = tmp_path / "out"
     argv = ["train", "--model", str(host), "--tasks", *map(str, files), "--kd-data", str(pairs)]
     assert main([*argv, "--methods", "mode", "--config", str(config), "--out", str(out)]) == 0
-    shapes = {tuple(codes.tolist()) for codes in read_token_cache(out / "image_tokens").values()}
+    shapes = {tuple(codes.tolist()) for codes in TokenStore(out / "image_tokens").values()}
     assert len({len(s) for s in shapes}) >= 4  # spans of different lengths
     results = read_results(out / "results.json")
     for stage in [results.mean.pretrained, *results.mean.methods["mode"].stages]:

@@ -18,7 +18,7 @@ from modecl.core.runner import check_methods
 from modecl.core.train import check_engine
 from modecl.digits.model import build_model
 from tests.conftest import tiny_config
-from tests.fixtures import adapted, batch, deepspeed_accelerator
+from tests.fixtures import adapted, batch, deepspeed_accelerator, processes_at
 
 # --- O-LoRA -------------------------------------------------------------------------------
 
@@ -113,12 +113,12 @@ def test_a_gem_edits_the_gradient_in_place_against_the_memorys():
     assert method.edit_gradients(None, [first, second], [], loss_fn) == {}  # no memory yet
 
 
-def test_a_gem_memory_and_reference_batches(world):
+def test_a_gem_memory_and_reference_batches(digits):
     method = get_method("a-gem")
     settings = from_dict(ContinualSettings, {"a_gem": {"memory_size": 6, "batch_size": 4}})
     method.configure(settings)
-    assert method.step_inputs(np.random.default_rng(5), 0, 2) == []  # an empty memory
-    first, second = world.tasks(["parity", "comparison"])
+    assert method.step_inputs(np.random.default_rng(5), processes_at(0, 2)) == []  # none yet
+    first, second = digits.tasks(["parity", "comparison"])
     method.after_task(None, first, None, seed=0)
     method.after_task(None, second, None, seed=1)
     assert len(method.memory) == 6
@@ -127,11 +127,11 @@ def test_a_gem_memory_and_reference_batches(world):
         second.train[0].question,
     }
     # every process draws the same whole reference batch
-    draws = [method.step_inputs(np.random.default_rng(5), rank, 2) for rank in (0, 1)]
+    draws = [method.step_inputs(np.random.default_rng(5), processes_at(r, 2)) for r in (0, 1)]
     assert draws[0] == draws[1] and len(draws[0]) == 4
 
 
-def test_a_gem_is_refused_under_deepspeed_before_any_work(world):
+def test_a_gem_is_refused_under_deepspeed_before_any_work(digits):
     settings = from_dict(ContinualSettings, {"train": {"max_train_samples": 8, "batch_size": 4}})
     accelerator = deepspeed_accelerator(2, zero_stage=2)
     with pytest.raises(
@@ -159,7 +159,7 @@ def test_cl_moe_momentum_weights_by_the_experts_roles():
     torch.testing.assert_close(lam, torch.tensor([0.3, 0.7, 0.7, 0.7]))
 
 
-def test_cl_moe_after_a_task_fills_its_gate_and_prototype_and_merges_by_momentum(world):
+def test_cl_moe_after_a_task_fills_its_gate_and_prototype_and_merges_by_momentum(digits):
     """Task 1 ends: G^T(1) from the instance router's top-k counts, R_1 the mean prompt
     embedding, and every expert theta = lam theta_0 + (1 - lam) phi_1 by its role."""
     settings = from_dict(
@@ -168,9 +168,9 @@ def test_cl_moe_after_a_task_fills_its_gate_and_prototype_and_merges_by_momentum
     )
     method = get_method("cl-moe")
     method.configure(settings)
-    model = build_model(world.vocab, tiny_config().model, seed=0)
+    model = build_model(digits.vocab, tiny_config().model, seed=0)
     attach_adapters(model, method.adapter_config(settings, tasks=2))
-    task = world.tasks(["parity"])[0]
+    task = digits.tasks(["parity"])[0]
     layers = adapter_layers(model)
     g = torch.Generator().manual_seed(0)
     for layer in layers.values():
@@ -189,7 +189,7 @@ def test_cl_moe_after_a_task_fills_its_gate_and_prototype_and_merges_by_momentum
     }
     model.eval()
     with training_task(model, 1):
-        method.after_task(model, task, None, seed=0, fmt=world.format)
+        method.after_task(model, task, None, seed=0, fmt=digits.format)
     routing = routing_context(model)
     assert routing.prototypes[1].abs().sum() > 0 and routing.prototypes[0].abs().sum() == 0
     for name, layer in layers.items():

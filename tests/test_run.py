@@ -17,7 +17,7 @@ from modecl.core.report import write_report
 from modecl.core.results import comparable, read_results
 from modecl.digits.bench import host_config, run_benchmark
 from modecl.digits.config import RunConfig
-from modecl.digits.host import DigitsWorld
+from modecl.digits.host import Digits
 from modecl.digits.pretrain import GateError, cache_key, load_or_pretrain
 from tests.fixtures import BENCH_METHODS as METHODS
 from tests.fixtures import BENCH_TASKS as TASKS
@@ -283,13 +283,13 @@ def test_the_bench_gate_draws_as_many_images_per_digit_as_the_config_says(
     config.host.gate.captioning = 1.1  # stop right after the gate
     load_or_pretrain(config.host, cache, progress=False)  # its validation draws too
     counts = []
-    draw = DigitsWorld.draw_digits
+    draw = Digits.draw_digits
 
     def counting(self, model, per_digit, seed):
         counts.append(per_digit)
         return draw(self, model, per_digit, seed)
 
-    monkeypatch.setattr(DigitsWorld, "draw_digits", counting)
+    monkeypatch.setattr(Digits, "draw_digits", counting)
     with pytest.raises(GateError):
         run_benchmark(config, tmp_path, cache_dir=cache, progress=False)
     assert counts == [3]

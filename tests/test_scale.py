@@ -23,7 +23,7 @@ from modecl.digits.model import build_model
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.tasks import ImageTokenizer
 from modecl.hosts.token_cache import TOKEN_STORE
-from modecl.hosts.world import host_world, load_host
+from modecl.hosts.world import InputFiles, host_world, load_host
 from tests.conftest import tiny_config
 from tests.fixtures import HOSTS, TRAIN_CONFIG, write_host, write_tasks
 
@@ -45,15 +45,24 @@ def mapped(codes: np.ndarray) -> bool:
     return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
 
 
-def test_loaded_samples_hold_views_of_the_token_store_not_tuples(inputs, tmp_path):
+def chameleon_world(inputs, token_cache, pairs=None):
+    """The tiny Chameleon's world of the task files (and ``pairs``), and its image reader."""
     path = str(inputs["hosts"]["chameleon"])
     model, tokenizer = load_host(path, "float32", torch.device("cpu"))
-    config = load_toml(TrainConfig, inputs["root"] / "train.toml")
-    names = [f.stem for f in inputs["files"]]
-    world, images = host_world(
-        model, tokenizer, path, config, inputs["files"], names, inputs["pairs"], None,
-        tmp_path / TOKEN_STORE, False,
-    )  # fmt: skip
+    return host_world(
+        model,
+        tokenizer,
+        model_path=path,
+        config=load_toml(TrainConfig, inputs["root"] / "train.toml"),
+        files=InputFiles.of(inputs["files"], pairs),
+        names=[f.stem for f in inputs["files"]],
+        token_cache=token_cache,
+        progress=False,
+    )
+
+
+def test_loaded_samples_hold_views_of_the_token_store_not_tuples(inputs, tmp_path):
+    world, images = chameleon_world(inputs, tmp_path / TOKEN_STORE, inputs["pairs"])
     images.commit()
     for task in world.tasks():
         assert isinstance(task.train, Samples) and isinstance(task.test, Samples)
@@ -117,7 +126,7 @@ def test_length_grouped_batches_pad_less_and_draw_the_same_permutation():
     assert pads[0][0] / pads[0][1] > 0.05 and pads[1][0] / pads[1][1] < 0.005
 
 
-def test_length_grouped_training_resumes_from_a_step_checkpoint(world, tmp_path):
+def test_length_grouped_training_resumes_from_a_step_checkpoint(digits, tmp_path):
     settings = from_dict(
         ContinualSettings,
         {
@@ -126,12 +135,12 @@ def test_length_grouped_training_resumes_from_a_step_checkpoint(world, tmp_path)
         },
     )
     settings.train.checkpoint_every, settings.train.group_by_length = 3, True
-    task = world.tasks(["parity"])[0]
+    task = digits.tasks(["parity"])[0]
     longer = [replace(s, question=s.question + " yes" * (i % 4)) for i, s in enumerate(task.train)]
     task = replace(task, train=longer)
 
     def trained(folder, kill_at=None):
-        model = build_model(world.vocab, tiny_config().model, seed=0)
+        model = build_model(digits.vocab, tiny_config().model, seed=0)
         method = get_method("seq-lora")
         attach_adapters(model, method.adapter_config(settings))
 
@@ -140,7 +149,7 @@ def test_length_grouped_training_resumes_from_a_step_checkpoint(world, tmp_path)
                 raise Killed
 
         train_task(
-            model, world.format, method, task, settings, progress=False, checkpoint=folder,
+            model, digits.format, method, task, settings, progress=False, checkpoint=folder,
             on_step=step,
         )  # fmt: skip
         return adapter_state_dict(model)
@@ -170,13 +179,7 @@ def test_dry_run_prints_the_plan_without_loading_weights(inputs, tmp_path, capsy
     assert not out.exists()  # nothing written
     monkeypatch.undo()
     # The same tokens as the tasks the run loads (4 epochs of 8 samples, batches of 4).
-    path = str(inputs["hosts"]["chameleon"])
-    model, tokenizer = load_host(path, "float32", torch.device("cpu"))
-    config = load_toml(TrainConfig, inputs["root"] / "train.toml")
-    names = [f.stem for f in inputs["files"]]
-    world, _ = host_world(
-        model, tokenizer, path, config, inputs["files"], names, None, None, tmp_path / "t", False
-    )
+    world, _ = chameleon_world(inputs, tmp_path / "t")
     rows = dict(re.findall(r"^\| (\w+) \| (.*) \|$", printed, re.MULTILINE))
     for task in world.tasks():
         tokens = sum(len(understand(world.format, s).input_ids) for s in task.train) * 4

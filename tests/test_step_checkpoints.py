@@ -140,16 +140,16 @@ SWAP = from_dict(
 )
 
 
-def train_parity(world, folder: Path) -> list[int]:
+def train_parity(digits, folder: Path) -> list[int]:
     """seq-lora on parity with step checkpoints in ``folder``; the steps it trained."""
-    model = build_model(world.vocab, tiny_config().model, seed=0)
+    model = build_model(digits.vocab, tiny_config().model, seed=0)
     method = get_method("seq-lora")
     attach_adapters(model, method.adapter_config(SWAP))
     steps: list[int] = []
-    task = world.tasks(["parity"])[0]
+    task = digits.tasks(["parity"])[0]
     train_task(
         model,
-        world.format,
+        digits.format,
         method,
         task,
         SWAP,
@@ -165,7 +165,7 @@ def train_parity(world, folder: Path) -> list[int]:
     [("renaming the old aside", 3), ("renaming the new in", 3), ("deleting the old", 6)],
 )
 def test_a_kill_inside_the_swap_resumes_from_a_step_checkpoint(
-    world, tmp_path, monkeypatch, at, resumed_from
+    digits, tmp_path, monkeypatch, at, resumed_from
 ):
     folder = tmp_path / "stage1.steps"
     replace, rmtree = os.replace, shutil.rmtree
@@ -188,8 +188,8 @@ def test_a_kill_inside_the_swap_resumes_from_a_step_checkpoint(
     monkeypatch.setattr(os, "replace", killed_replace)
     monkeypatch.setattr(shutil, "rmtree", killed_rmtree)
     with pytest.raises(Killed):
-        train_parity(world, folder)
+        train_parity(digits, folder)
     monkeypatch.undo()
     remove_leftovers(tmp_path)  # as a resumed run does first
-    assert train_parity(world, folder) == list(range(resumed_from, 8))
+    assert train_parity(digits, folder) == list(range(resumed_from, 8))
     assert [p.name for p in tmp_path.iterdir()] == ["stage1.steps"]

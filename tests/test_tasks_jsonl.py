@@ -34,37 +34,37 @@ def write_png(path: Path, pixels: np.ndarray, scale: int = 1) -> None:
     img.resize((8 * scale, 8 * scale), Image.Resampling.NEAREST).save(path)
 
 
-def test_example_file_loads_by_value(world):
-    task = load_task_file(EXAMPLE, world)
+def test_example_file_loads_by_value(digits):
+    task = load_task_file(EXAMPLE, digits)
     assert task.name == "example-parity-jsonl"
     assert (len(task.train), len(task.test)) == (12, 8)
     assert task.answers == ("even", "odd")
     records = [json.loads(s) for s in EXAMPLE.read_text().splitlines()]
     index = np.array([r["image"] for r in records])
-    codes = world.codebook.encode(world.pools.images[index])
+    codes = digits.codebook.encode(digits.pools.images[index])
     samples = [*task.train, *task.test]
     assert [s.index for s in samples] == index.tolist()
     assert [list(s.codes) for s in samples] == codes.tolist()
-    labels = world.pools.labels[index]
+    labels = digits.pools.labels[index]
     assert [s.answer for s in samples] == ["odd" if y % 2 else "even" for y in labels]
-    assert set(index[:12]) <= set(world.pools.train) and set(index[12:]) <= set(world.pools.test)
+    assert set(index[:12]) <= set(digits.pools.train) and set(index[12:]) <= set(digits.pools.test)
     assert all(s.question == Q and s.label is None for s in samples)
 
 
-def test_png_paths_and_code_lists_match_the_index(world, tmp_path):
+def test_png_paths_and_code_lists_match_the_index(digits, tmp_path):
     index = [3, 10, 42]
     (tmp_path / "img").mkdir()
     for i in index:
-        write_png(tmp_path / "img" / f"{i}.png", world.pools.images[i])
-        write_png(tmp_path / "img" / f"{i}-32.png", world.pools.images[i], scale=4)
-    codes = world.codebook.encode(world.pools.images[index]).tolist()
+        write_png(tmp_path / "img" / f"{i}.png", digits.pools.images[i])
+        write_png(tmp_path / "img" / f"{i}-32.png", digits.pools.images[i], scale=4)
+    codes = digits.codebook.encode(digits.pools.images[index]).tolist()
     lines = [line(image=i) for i in index]
     lines += [line(image=f"img/{i}.png") for i in index]  # relative to the JSONL's folder
     lines += [line(image=f"img/{i}-32.png") for i in index]
     lines += ["", "  "]  # blank lines are skipped
     lines += [line(image=c, split="test", answer="  EVEN ", question="Is this  digit EVEN or odd")
               for c in codes]  # fmt: skip
-    task = load_task_file(write(tmp_path, lines), world, name="mine")
+    task = load_task_file(write(tmp_path, lines), digits, name="mine")
     assert task.name == "mine" and task.answers == ("even", "odd")
     assert [list(s.codes) for s in task.train] == codes * 3
     assert [s.index for s in task.train] == [*index, *[None] * 6]
@@ -72,13 +72,13 @@ def test_png_paths_and_code_lists_match_the_index(world, tmp_path):
     assert {(s.question, s.answer, s.index) for s in task.test} == {(Q, "even", None)}
 
 
-def test_png_is_read_as_bright_ink_on_dark(world, tmp_path):
-    pixels = world.pools.images[7]
+def test_png_is_read_as_bright_ink_on_dark(digits, tmp_path):
+    pixels = digits.pools.images[7]
     write_png(tmp_path / "inverted.png", 16 - pixels)
     path = write(tmp_path, [line(image="inverted.png"), line(split="test")])
-    got = load_task_file(path, world).train[0].codes
-    assert list(got) == world.codebook.encode((16 - pixels)[None])[0].tolist()
-    assert list(got) != world.codebook.encode(pixels[None])[0].tolist()
+    got = load_task_file(path, digits).train[0].codes
+    assert list(got) == digits.codebook.encode((16 - pixels)[None])[0].tolist()
+    assert list(got) != digits.codebook.encode(pixels[None])[0].tolist()
 
 
 BAD_LINES = [
@@ -106,24 +106,24 @@ BAD_LINES = [
 
 
 @pytest.mark.parametrize(("bad", "fragment"), BAD_LINES)
-def test_a_bad_line_names_file_line_and_field(world, tmp_path, bad, fragment):
+def test_a_bad_line_names_file_line_and_field(digits, tmp_path, bad, fragment):
     (tmp_path / "junk.png").write_bytes(b"not a png")
     path = write(tmp_path, [line(), "", line(split="test"), bad])
     with pytest.raises(TaskFileError) as err:
-        load_task_file(path, world)
+        load_task_file(path, digits)
     assert str(err.value).startswith(f"{path}:4: ")
     assert fragment in str(err.value)
 
 
-def test_unknown_word_error_tells_how_to_list_the_words(world, tmp_path):
+def test_unknown_word_error_tells_how_to_list_the_words(digits, tmp_path):
     path = write(tmp_path, [line(question="is this digit even or odd colour"), line(split="test")])
-    with pytest.raises(TaskFileError, match=r"'colour'.*pre-trained on \(listed by world.vocab"):
-        load_task_file(path, world)
+    with pytest.raises(TaskFileError, match=r"'colour'.*pre-trained on \(listed by digits.vocab"):
+        load_task_file(path, digits)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_a_file_without_a_split_is_an_error(world, tmp_path, split):
+def test_a_file_without_a_split_is_an_error(digits, tmp_path, split):
     other = "test" if split == "train" else "train"
     path = write(tmp_path, [line(split=other)])
     with pytest.raises(TaskFileError, match=rf"^{re.escape(str(path))}: no {split} samples$"):
-        load_task_file(path, world)
+        load_task_file(path, digits)

@@ -16,7 +16,6 @@ import pytest
 from modecl.core.config import ConfigError
 from modecl.core.files import TEMP_MARK
 from modecl.hosts import token_cache
-from modecl.hosts.tasks import read_token_cache
 from modecl.hosts.token_cache import TokenStore
 
 
@@ -155,7 +154,7 @@ def test_open_leaves_a_live_writers_files_alone(tmp_path):
 def test_the_json_cache_of_earlier_versions_is_converted(tmp_path):
     old = {k: list(v) for k, v in codes(9).items()}
     (tmp_path / "image_tokens.json").write_text(json.dumps(old))
-    tokenized = read_token_cache(tmp_path / "image_tokens")
+    tokenized = TokenStore(tmp_path / "image_tokens")
     assert not (tmp_path / "image_tokens.json").exists()
     assert [s.path.name for s in tokenized.segments] == ["json.tokens"]
     assert {k: list(v) for k, v in tokenized.items()} == old
@@ -167,7 +166,7 @@ def test_the_json_cache_of_earlier_versions_is_converted(tmp_path):
 def test_a_broken_json_cache_is_refused_naming_it(tmp_path, text):
     (tmp_path / "image_tokens.json").write_text(text)
     with pytest.raises(ConfigError, match=r"image_tokens.json: not an image-token cache"):
-        read_token_cache(tmp_path / "image_tokens")
+        TokenStore(tmp_path / "image_tokens")
 
 
 def test_codes_of_other_settings_are_refused(tmp_path):

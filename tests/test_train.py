@@ -17,6 +17,7 @@ from modecl.core.config import ConfigError, ContinualSettings, from_dict
 from modecl.core.conflict import ConflictMonitor
 from modecl.core.methods import METHOD_NAMES, get_method
 from modecl.core.methods.distillation import distill_loss
+from modecl.core.processes import Processes
 from modecl.core.sequences import IGNORE, DrawPair, collate, next_token_loss
 from modecl.core.tasks import Task
 from modecl.core.train import check_engine, cosine_schedule, train_task, understand_loss
@@ -39,15 +40,15 @@ SETTINGS = from_dict(
 
 
 @pytest.fixture(scope="module")
-def two_tasks(world):
-    tasks = world.tasks(["parity", "comparison"])
+def two_tasks(digits):
+    tasks = digits.tasks(["parity", "comparison"])
     return [Task(t.name, t.answers, t.train[:24], t.test[:8]) for t in tasks]
 
 
 @pytest.fixture(scope="module")
-def pairs(world):
-    codes = world.codebook.encode(world.pools.images[world.pools.train[:20]])
-    labels = world.pools.labels[world.pools.train[:20]]
+def pairs(digits):
+    codes = digits.codebook.encode(digits.pools.images[digits.pools.train[:20]])
+    labels = digits.pools.labels[digits.pools.train[:20]]
     return [
         DrawPair(
             DRAW_PROMPT.format(
@@ -59,12 +60,12 @@ def pairs(world):
     ]
 
 
-def fresh_model(world, seed=0):
-    return build_model(world.vocab, tiny_config().model, seed=seed)
+def fresh_model(digits, seed=0):
+    return build_model(digits.vocab, tiny_config().model, seed=seed)
 
 
-def test_loss_covers_only_tokens_after_the_separator(world, two_tasks):
-    vocab = world.vocab
+def test_loss_covers_only_tokens_after_the_separator(digits, two_tasks):
+    vocab = digits.vocab
     s = two_tasks[0].train[0]
     ex = understand_example(vocab, s.codes, s.question, s.answer)
     sep = ex.input_ids.index(vocab.sep_id)
@@ -83,15 +84,15 @@ def test_loss_covers_only_tokens_after_the_separator(world, two_tasks):
     assert not torch.allclose(next_token_loss(changed, batch["labels"]), expected)
 
 
-def test_kd_is_zero_at_init_and_the_teacher_is_the_host_without_a_copy(world, pairs):
-    model = fresh_model(world)
+def test_kd_is_zero_at_init_and_the_teacher_is_the_host_without_a_copy(digits, pairs):
+    model = fresh_model(digits)
     ids = torch.tensor(
         [
             [
-                world.vocab.bos_id,
-                *world.vocab.encode_words("draw a one"),
-                world.vocab.sep_id,
-                world.vocab.boi_id,
+                digits.vocab.bos_id,
+                *digits.vocab.encode_words("draw a one"),
+                digits.vocab.sep_id,
+                digits.vocab.boi_id,
             ]
         ]
     )
@@ -107,27 +108,27 @@ def test_kd_is_zero_at_init_and_the_teacher_is_the_host_without_a_copy(world, pa
     with pass_kind(model, "teacher"):
         assert torch.equal(model(input_ids=ids).logits, host_logits)
     assert not torch.equal(model(input_ids=ids).logits, host_logits)
-    fresh = fresh_model(world)
+    fresh = fresh_model(digits)
     attach_adapters(fresh, get_method("mode").adapter_config(SETTINGS))
-    assert distill_loss(fresh, world.format, pairs[:4], SETTINGS.distill).item() == 0.0
-    assert distill_loss(model, world.format, pairs[:4], SETTINGS.distill).item() > 0.0
+    assert distill_loss(fresh, digits.format, pairs[:4], SETTINGS.distill).item() == 0.0
+    assert distill_loss(model, digits.format, pairs[:4], SETTINGS.distill).item() > 0.0
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_every_method_trains_two_tasks_end_to_end(world, two_tasks, pairs, name):
-    model = fresh_model(world)
+def test_every_method_trains_two_tasks_end_to_end(digits, two_tasks, pairs, name):
+    model = fresh_model(digits)
     method = get_method(name)
+    method.configure(SETTINGS, pairs)
     attach_adapters(model, method.adapter_config(SETTINGS, len(two_tasks)))
     host = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for k, task in enumerate(two_tasks):
         log = train_task(
             model,
-            world.format,
+            digits.format,
             method,
             task,
             SETTINGS,
-            draw_pairs=pairs,
             seed=k,
             progress=False,
             index=k,
@@ -148,22 +149,22 @@ def test_unknown_method_lists_the_valid_ones():
         get_method("mode2")
 
 
-def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance(world, two_tasks):
-    model = fresh_model(world)
+def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance(digits, two_tasks):
+    model = fresh_model(digits)
     method = get_method("ewc")
     method.configure(SETTINGS)
     attach_adapters(model, method.adapter_config(SETTINGS))
 
     def penalty(model):
-        loss, weight = method.loss_terms(model, world.format, None)["ewc"]
+        loss, weight = method.loss_terms(model, digits.format, None)["ewc"]
         return weight * loss
 
-    assert method.loss_terms(model, world.format, None) == {}
+    assert method.loss_terms(model, digits.format, None) == {}
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.1)
-    method.after_task(model, two_tasks[0], lambda m, s: understand_loss(m, world.format, s), 0)
+    method.after_task(model, two_tasks[0], lambda m, s: understand_loss(m, digits.format, s), 0)
     assert penalty(model).item() == 0.0
     trained = [p for p in model.parameters() if p.requires_grad]
     values = []
@@ -178,7 +179,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance(world, two_ta
     assert 0 < values[0] < values[1] < values[2]
 
 
-def test_replay_batches_contain_old_tasks_samples(world, two_tasks):
+def test_replay_batches_contain_old_tasks_samples(digits, two_tasks):
     method = get_method("replay")
     method.configure(SETTINGS)
     rng = np.random.default_rng(0)
@@ -197,20 +198,20 @@ def test_replay_batches_contain_old_tasks_samples(world, two_tasks):
     }
 
 
-def test_the_distillation_teacher_is_the_host_without_dropout(world, pairs):
+def test_the_distillation_teacher_is_the_host_without_dropout(digits, pairs):
     """A host with attention dropout (Emu3's text config has 0.1) trains in train mode; the
     teacher's logits must still be the deterministic host's, and the mode is kept."""
-    model = fresh_model(world)
+    model = fresh_model(digits)
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.5
     attach_adapters(model, get_method("mode").adapter_config(SETTINGS))
-    batch = collate([world.format.draw_example(p) for p in pairs[:4]], world.format.pad_id)
+    batch = collate([digits.format.draw_example(p) for p in pairs[:4]], digits.format.pad_id)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     seen = []
     hook = model.lm_head.register_forward_hook(lambda m, i, out: seen.append(out.detach()))
     model.train()
     torch.manual_seed(0)
-    distill_loss(model, world.format, pairs[:4], SETTINGS.distill)
+    distill_loss(model, digits.format, pairs[:4], SETTINGS.distill)
     hook.remove()
     assert model.training
     model.eval()
@@ -257,23 +258,23 @@ def test_a_deepspeed_config_the_loop_cannot_follow_is_refused(plugin, message):
 
 
 def test_the_conflict_monitor_is_refused_under_deepspeed_even_in_one_process(
-    world, two_tasks, pairs
+    digits, two_tasks, pairs
 ):
     """Its own backward passes set off DeepSpeed's gradient hooks (a ZeRO-2 run of one
     process failed so): refused before any step."""
-    model = fresh_model(world)
+    model = fresh_model(digits)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    monitor = ConflictMonitor(world.format, pairs[:2], every=1)
+    monitor = ConflictMonitor(digits.format, pairs[:2], every=1)
     with pytest.raises(ValueError, match="single process without DeepSpeed only"):
         train_task(
             model,
-            world.format,
+            digits.format,
             get_method("seq-lora"),
             two_tasks[0],
             SETTINGS,
             progress=False,
             monitor=monitor,
-            accelerator=deepspeed_accelerator(1, zero_stage=2),
+            processes=Processes(deepspeed_accelerator(1, zero_stage=2)),
         )
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 

@@ -29,7 +29,7 @@ from modecl.core.tasks import TaskFileError
 from modecl.core.train import PROGRESS
 from modecl.core.workers import UnitFailed, threads_per_worker
 from modecl.digits import shipped
-from modecl.digits.bench import bench_jobs, run_benchmark, validate
+from modecl.digits.bench import bench_jobs, run_benchmark
 from modecl.digits.bench import quick as quick_config
 from modecl.digits.config import DigitsConfig, RunConfig
 from modecl.digits.pretrain import GateError, cache_key, check_gate, load_or_pretrain
@@ -42,13 +42,13 @@ def _host_summary(config: DigitsConfig, cache_dir: Path | None, use_shipped: boo
     """Pre-train (or load) the digits host, measure it on the test pool, apply the gate."""
     start = time.perf_counter()
     host = load_or_pretrain(config, cache_dir, use_shipped=use_shipped)
-    world = host.world
+    digits = host.digits
     captioning, generation = host.gate_scores()
     summary = {
-        "judge": world.judge_report(),
+        "judge": digits.judge_report(),
         "captioning_accuracy": captioning,
         "generation_accuracy": generation,
-        "image_nll": world.image_nll(host.model, world.pools.test),
+        "image_nll": digits.image_nll(host.model, digits.pools.test),
         "host_log": host.log,
         "seconds": time.perf_counter() - start,
     }
@@ -119,7 +119,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
         for note in notes:
             print(note)
     out = args.out or Path("runs/digits-quick" if args.quick else "runs/digits")
-    validate(config)
     results = run_benchmark(
         config,
         out,
@@ -143,51 +142,35 @@ def parse_methods(text: str) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> None:
     # Imported here: the digits commands need neither accelerate's nor the hosts' machinery.
-    from accelerate import PartialState
-
-    from modecl.hosts.world import train_run
+    from modecl.core.processes import Processes
+    from modecl.hosts.world import default_accelerator, train_run
 
     if args.method and args.methods:
         raise ConfigError("give --method or --methods, not both")
     methods = parse_methods(args.methods) if args.methods is not None else [args.method or "mode"]
     config = load_toml(TrainConfig, args.config)
+    where = (args.model, args.tasks, methods, args.out)
+    given = {
+        "kd_data": args.kd_data,
+        "image_root": args.image_root,
+        "concepts": args.concepts,
+        "config": config,
+        "seeds": args.seeds,
+        "config_files": [args.config] if args.config else [],
+    }
     if args.dry_run:
         from modecl.hosts.dry_run import dry_run
 
-        processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
-        print(
-            dry_run(
-                args.model,
-                args.tasks,
-                methods,
-                args.out,
-                kd_data=args.kd_data,
-                image_root=args.image_root,
-                concepts=args.concepts,
-                config=config,
-                seeds=args.seeds,
-                config_files=[args.config] if args.config else [],
-                processes=processes,
-            )
-        )
+        count = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+        print(dry_run(*where, processes=count, **given))
         return
     if args.processes is not None:
         raise ConfigError(
             "--processes is for --dry-run: a run has the processes it is launched with"
         )
-    results = train_run(
-        args.model,
-        args.tasks,
-        methods,
-        args.out,
-        kd_data=args.kd_data,
-        image_root=args.image_root,
-        concepts=args.concepts,
-        config=config,
-        seeds=args.seeds,
-        config_files=[args.config] if args.config else [],
-    )
-    if PartialState().is_main_process:  # the one process that wrote the results
+    processes = Processes(default_accelerator())
+    results = train_run(*where, processes=processes, **given)
+    if processes.main:  # the one process that wrote the results
         report = write_report(args.out)
         print(f"results in {args.out / 'results.json'}, report {report}")
         print("\n".join(headline_rows(results)))
@@ -195,10 +178,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-
+    from modecl.core.processes import Processes
     from modecl.hosts.stage_eval import eval_stage
+    from modecl.hosts.world import default_accelerator
 
+    processes = Processes(default_accelerator())
     result = eval_stage(
         args.run,
         args.tasks,
@@ -209,8 +193,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         method=args.method,
         stage=args.stage,
         out_file=args.out,
+        processes=processes,
     )
-    if PartialState().is_main_process:
+    if processes.main:
         where = f"seed {result['seed']}, {result['method']}, stage {result['stage']}"
         print(f"{args.run} ({where}):")
         print("| task | accuracy | constrained |\n|---|---|---|")

@@ -78,9 +78,10 @@ one-branch kind (lora, moe-lora) takes `token` only, and any other policy is ref
 
 Public API::
 
-    AdapterConfig(kind="mode", rank=8, alpha=16.0, dropout=0.05, num_experts=4,
-                  target_modules=("gate_proj", "up_proj", "down_proj"), routing="token",
-                  tasks=1, task_gate=0.5)
+    AdapterSettings(rank=8, alpha=16.0, dropout=0.05, num_experts=4,
+                    target_modules=["gate_proj", "up_proj", "down_proj"], expert_rank="full")
+    AdapterConfig(kind="mode", routing="token", tasks=1, task_gate=0.5, **shared settings)
+    AdapterConfig.of(settings, kind="mode", ...)   # a run's AdapterSettings, a method's choices
     attach_adapters(model, config=AdapterConfig(), image_token_ids=None) -> model
     detach_adapters(model) -> model;  has_adapters(model) -> bool
     with pass_kind(model, "understand" | "draw" | "teacher" | "student"): ...
@@ -112,9 +113,9 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from modecl.core import modality
+from modecl.core.values import ConfigError, Count, NonEmpty, Positive, Probability
 
 __all__ = [
     "KINDS",
@@ -131,6 +133,7 @@ __all__ = [
     "TASK_KINDS",
     "AdapterConfig",
     "AdapterLinear",
+    "AdapterSettings",
     "RoutingContext",
     "RoutingState",
     "adapter_layers",
@@ -157,7 +160,7 @@ __all__ = [
 KINDS = ("mode", "lora", "moe-lora", "mode-text-lora", "o-lora", "cl-moe")
 TASK_KINDS = ("o-lora", "cl-moe")  # sized by the sequence, reading the task in training
 POLICIES = ("token", "task", "sample")
-EXPERT_RANKS = ("full", "split")
+ExpertRank = Literal["full", "split"]
 PASS_KINDS = ("understand", "draw", "teacher", "student")
 
 _ATTACHMENT = "_modecl_adapters"
@@ -166,21 +169,63 @@ _CONFIG_FILE = "adapter_config.json"
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
-    """Which adapter configuration, its LoRA hyper-parameters, targets and routing policy."""
+class AdapterSettings:
+    """LoRA hyper-parameters shared by every method (the paper's defaults): a run's
+    ``[continual.adapter]``, and the part of every :class:`AdapterConfig` that a method
+    does not choose."""
+
+    rank: Count = 8
+    alpha: Positive = 16.0
+    dropout: Probability = 0.05
+    num_experts: Count = 4
+    target_modules: Annotated[list[str], NonEmpty()] = field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"]
+    )
+    # "full": every expert rank `rank` (the paper's code); "split": rank / num_experts per
+    # expert of a routed branch (T-MoE, moe-lora), one LoRA's parameters (CoIN's MoELoRA)
+    expert_rank: ExpertRank = "full"
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ConfigError(f"rank must be positive, got {self.rank}")
+        if self.num_experts < 1:
+            raise ConfigError(f"num_experts must be at least 1, got {self.num_experts}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.expert_rank not in get_args(ExpertRank):
+            raise ConfigError(
+                f"unknown expert_rank {self.expert_rank!r}; expected one of {get_args(ExpertRank)}"
+            )
+        if self.expert_rank == "split" and self.rank % self.num_experts:
+            raise ConfigError(
+                f"expert_rank 'split' gives each of num_experts {self.num_experts} experts "
+                f"rank / num_experts, but rank {self.rank} is not divisible by it"
+            )
+
+
+@dataclass(frozen=True)
+class AdapterConfig(AdapterSettings):
+    """A method's adapters: the shared :class:`AdapterSettings`, the adapter ``kind``, its
+    routing policy and what per-task adapters are sized by."""
 
     kind: str = "mode"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    num_experts: int = 4
+    # A tuple: the config is hashable and compares equal to its JSON round trip.
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     routing: str = "token"
-    expert_rank: str = "full"  # "split": rank / num_experts per expert of a routed branch
     tasks: int = 1  # the sequence's length: o-lora's LoRAs, cl-moe's task gates (else 1)
     task_gate: float = 0.5  # cl-moe: the task-level gate's share w of each expert's weight
 
+    @classmethod
+    def of(cls, settings: AdapterSettings, **choices: Any) -> AdapterConfig:
+        """A method's adapters: ``settings`` (a run's shared hyper-parameters) with the
+        method's ``choices`` (``kind``, ``routing``, ``tasks``, ...; any shared field too)."""
+        shared = {f.name: getattr(settings, f.name) for f in fields(AdapterSettings)}
+        return cls(**(shared | choices))
+
     def __post_init__(self) -> None:
+        # JSON gives lists back; a tuple keeps the config hashable and comparable.
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        super().__post_init__()
         if self.kind not in KINDS:
             raise ValueError(f"unknown adapter kind {self.kind!r}; expected one of {KINDS}")
         if self.routing not in POLICIES:
@@ -191,34 +236,17 @@ class AdapterConfig:
                 f"routing: {self.routing!r} is only for kinds that split modality {splitting}; "
                 f"kind {self.kind!r} has one branch, so routing must be 'token'"
             )
-        if self.rank <= 0:
-            raise ValueError(f"rank must be positive, got {self.rank}")
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be at least 1, got {self.num_experts}")
         if self.tasks < 1:
             raise ValueError(f"tasks must be at least 1, got {self.tasks}")
         if self.tasks > 1 and not self.uses_tasks:
             raise ValueError(f"kind {self.kind!r} has no per-task adapters: tasks must be 1")
         if not 0.0 <= self.task_gate <= 1.0:
             raise ValueError(f"task_gate must be in [0, 1], got {self.task_gate}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.expert_rank not in EXPERT_RANKS:
-            raise ValueError(
-                f"unknown expert_rank {self.expert_rank!r}; expected one of {EXPERT_RANKS}"
-            )
         if self.expert_rank == "split" and not self.routed:
             raise ValueError(
                 f"expert_rank 'split' divides the rank among the experts of a routed branch; "
                 f"kind {self.kind!r} with num_experts {self.num_experts} has none: use 'full'"
             )
-        if self.expert_rank == "split" and self.rank % self.num_experts:
-            raise ValueError(
-                f"expert_rank 'split' gives each of num_experts {self.num_experts} experts "
-                f"rank / num_experts, but rank {self.rank} is not divisible by it"
-            )
-        # JSON gives lists back; a tuple keeps the config hashable and comparable.
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     @property
     def branches(self) -> tuple[tuple[str, int], ...]:

@@ -16,14 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+from modecl.core.adapters import AdapterSettings
+from modecl.core.distill import AverageOver
 from modecl.core.files import read_text
-from modecl.core.methods.a_gem import AGEMSettings
-from modecl.core.methods.cl_moe import CLMoESettings
-from modecl.core.methods.distillation import DistillSettings
-from modecl.core.methods.ewc import EWCSettings
-from modecl.core.methods.o_lora import OLoRASettings
-from modecl.core.methods.replay import ReplaySettings
 from modecl.core.values import (
+    ConfigError,
     Count,
     Fraction,
     NonEmpty,
@@ -33,11 +30,6 @@ from modecl.core.values import (
     Range,
     Size,
 )
-
-
-class ConfigError(ValueError):
-    """A configuration file or value is invalid."""
-
 
 T = TypeVar("T")
 
@@ -154,29 +146,6 @@ def load_toml(cls: type[T], path: str | Path | None) -> T:
 
 
 @dataclass
-class AdapterSettings:
-    """LoRA hyper-parameters shared by every method (the paper's defaults)."""
-
-    rank: Count = 8
-    alpha: Positive = 16.0
-    dropout: Probability = 0.05
-    num_experts: Count = 4
-    target_modules: Annotated[list[str], NonEmpty()] = field(
-        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"]
-    )
-    # "full": every expert rank `rank` (the paper's code); "split": rank / num_experts per
-    # expert of a routed branch (T-MoE, moe-lora), one LoRA's parameters (CoIN's MoELoRA)
-    expert_rank: Literal["full", "split"] = "full"
-
-    def __post_init__(self) -> None:
-        if self.expert_rank == "split" and self.rank % self.num_experts:
-            raise ConfigError(
-                f"expert_rank 'split' needs rank ({self.rank}) divisible by num_experts "
-                f"({self.num_experts})"
-            )
-
-
-@dataclass
 class TrainSettings:
     """One training recipe for every method: never tuned per method."""
 
@@ -199,6 +168,63 @@ class TrainSettings:
     # Batches of samples of similar length (runs of 50 batches of the shuffled order, each
     # sorted by length): less padding where lengths vary (README, "Batching").
     group_by_length: bool = False
+
+
+@dataclass
+class DistillSettings:
+    """Distillation from the frozen host (:mod:`modecl.core.methods.distillation`)."""
+
+    weight: NonNegative = 0.3  # lambda
+    temperature: Positive = 2.0
+    top_k: Count = 256
+    average_over: AverageOver = "image"  # "attended", or "all" (the paper's code)
+    batch_size: Count = 16  # image-generation pairs beside each task batch
+    chunk_size: Count = 1024
+
+
+@dataclass
+class ReplaySettings:
+    """Experience replay (:mod:`modecl.core.methods.replay`)."""
+
+    buffer_size: Size = 100  # samples kept over all earlier tasks, equal share per task
+    per_batch: Size = 8  # buffer samples mixed into each task batch
+
+
+@dataclass
+class EWCSettings:
+    """EWC's penalty and Fisher estimate (:mod:`modecl.core.methods.ewc`)."""
+
+    weight: NonNegative = 1000.0
+    fisher_batches: Count = 16
+    fisher_batch_size: Count = 8
+
+
+@dataclass
+class CLMoESettings:
+    """CL-MoE's task-level router and momentum merge (:mod:`modecl.core.methods.cl_moe`)."""
+
+    task_gate: Fraction = 0.5  # w: the task-level router's share (the paper's 1 - beta)
+    top_k: Count = 2  # experts each token counts for the task-level router
+    task_experts: Count = 2  # E_t: the most counted experts of a task
+    momentum: Fraction = 0.7  # the share of theta_{t-1} kept in experts a task still uses
+    samples: Count = 64  # training samples of a task counted and averaged (prototype)
+    batch_size: Count = 16
+
+
+@dataclass
+class OLoRASettings:
+    """O-LoRA's loss weights (:mod:`modecl.core.methods.o_lora`)."""
+
+    orthogonal_weight: NonNegative = 0.5  # lambda_1
+    l2_weight: NonNegative = 0.0  # lambda_2
+
+
+@dataclass
+class AGEMSettings:
+    """A-GEM's episodic memory (:mod:`modecl.core.methods.a_gem`)."""
+
+    memory_size: Size = 100  # samples kept over all earlier tasks, equal share per task
+    batch_size: Count = 8  # memory samples of each step's reference gradient
 
 
 @dataclass

@@ -54,6 +54,7 @@ import torch
 
 from modecl.core.adapters import adapter_layers
 from modecl.core.evaluate import image_code_nll
+from modecl.core.processes import Processes
 from modecl.core.sequences import DrawPair, Format, collate
 
 Pieces = list[tuple[torch.nn.Parameter, tuple[slice, ...]]]
@@ -89,6 +90,12 @@ def _dot(a: dict, b: dict, pieces: Pieces) -> float:
 
 def _cosine(ab: float, aa: float, bb: float) -> float | None:
     return ab / (aa * bb) ** 0.5 if aa > 0 and bb > 0 else None
+
+
+def can_monitor(processes: Processes) -> bool:
+    """Whether the monitor can watch a run of ``processes``: in one process without
+    DeepSpeed only (its own backward passes would set off DeepSpeed's gradient hooks)."""
+    return processes.count == 1 and processes.zero_stage is None
 
 
 class ConflictMonitor:

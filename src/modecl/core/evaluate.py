@@ -38,13 +38,15 @@ __all__ = [
     "answer",
     "answer_log_likelihoods",
     "answer_set",
-    "constrained_accuracy",
     "constrained_choices",
     "credit",
     "exact_accuracy",
     "image_code_nll",
     "image_nll",
     "image_nll_terms",
+    "pass_if_adapted",
+    "router_summary",
+    "router_use",
     "scored_accuracy",
 ]
 
@@ -186,22 +188,6 @@ def constrained_choices(
         for i, best in zip(index, scores.argmax(-1).tolist(), strict=True):
             picks[i] = candidates[best]
     return picks
-
-
-def constrained_accuracy(
-    model: torch.nn.Module,
-    fmt: Format,
-    task: Task,
-    samples: Sequence[Sample],
-    batch_size: int = 256,
-) -> float | None:
-    """Accuracy when each answer is restricted to its answer set (:func:`answer_set`) and
-    picked by likelihood, scored by ``task.scoring``; None when a sample has no closed set."""
-    sets = [answer_set(task, s) for s in samples]
-    if not samples or any(s is None for s in sets):
-        return None if samples else float("nan")
-    picks = constrained_choices(model, fmt, samples, sets, batch_size)
-    return float(np.mean([credit(task, s, p) for p, s in zip(picks, samples, strict=True)]))
 
 
 @torch.no_grad()

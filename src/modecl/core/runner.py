@@ -1,10 +1,13 @@
 """The one runner: (host, seed) x methods x tasks, each stage written atomically, resumable.
 
 `modecl bench` (the digits world) and `modecl train` (a transformers host with task files)
-are two front doors to :func:`run`. A run repeats every method over its replicates: each
-seed on each host (:class:`Replicate`; one host, the world's, unless the front door gives
-several, as `modecl bench --hosts` does). Layout of an out dir (``<R>`` a replicate's
-folder: ``seed<S>``, or ``host<H>-seed<S>`` in a run over several hosts)::
+are two front doors to :func:`run`. Each runs its pre-flight before it loads a host: the
+runner's checks of the run (:func:`preflight`, once) and its own of its inputs; :func:`run`
+takes the :class:`CheckedRun` and checks nothing again. A run repeats every method over
+its replicates: each seed on each host (:class:`Replicate`; one host, the world's, unless
+the front door gives several, as `modecl bench --hosts` does). Layout of an out dir
+(``<R>`` a replicate's folder: ``seed<S>``, or ``host<H>-seed<S>`` in a run over several
+hosts)::
 
     run.json                  what the run was started with (a resume must match it)
     results.json              every number (:mod:`modecl.core.results`, ``modecl.results/2``)
@@ -45,8 +48,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from modecl.core.adapters import (
@@ -58,14 +59,14 @@ from modecl.core.adapters import (
     save_adapters,
 )
 from modecl.core.config import ConfigError, ContinualSettings
-from modecl.core.conflict import ConflictMonitor, summarize_conflict
+from modecl.core.conflict import ConflictMonitor, can_monitor, summarize_conflict
 from modecl.core.evaluate import (
     answer,
     answer_set,
     constrained_choices,
-    credit,
     router_summary,
     router_use,
+    scored_accuracy,
 )
 from modecl.core.files import (
     atomic_dir,
@@ -77,6 +78,7 @@ from modecl.core.files import (
 )
 from modecl.core.methods import METHOD_NAMES, get_method
 from modecl.core.methods.base import Method
+from modecl.core.processes import ONE_PROCESS, Processes
 from modecl.core.results import (
     SCHEMA,
     Results,
@@ -87,12 +89,10 @@ from modecl.core.results import (
     write_results,
 )
 from modecl.core.tasks import Sample, Samples, Task
-from modecl.core.tracking import Tracking
-from modecl.core.train import PROGRESS, train_task, zero_stage
+from modecl.core.tracking import Tracking, check_trackers
+from modecl.core.train import PROGRESS, check_engine, train_task
 from modecl.core.workers import HOST_STAGE, Unit, run_units
 from modecl.core.world import World
-
-Gather = Callable[[list[Any]], list[Any]]
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class RunSpec:
     record."""
 
     methods: list[str]
-    seeds: list[int]
+    seed_list: list[int]  # the run seeds (configs and the command line give their count)
     continual: ContinualSettings
     front: str  # "bench" or "train"
     config: dict[str, Any]  # the front door's whole configuration, as recorded
@@ -134,7 +134,7 @@ class RunSpec:
     @property
     def replicates(self) -> list[Replicate]:
         """Every (host, seed), host by host."""
-        return [Replicate(h, s) for h in self.hosts or [None] for s in self.seeds]
+        return [Replicate(h, s) for h in self.hosts or [None] for s in self.seed_list]
 
 
 def check_methods(methods: list[str], continual: ContinualSettings | None = None) -> None:
@@ -179,11 +179,16 @@ def pick_entry(folder: Path, pattern: str, wanted: str | None, what: str) -> str
 
 
 def file_hash(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in blocks."""
+    """SHA-256 of a file's bytes, read in blocks; a ConfigError where there is no file."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
+    try:
+        with Path(path).open("rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a file") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(f"{path}: file not found") from None
     return digest.hexdigest()
 
 
@@ -228,6 +233,47 @@ def check_run_key(out: Path, spec: RunSpec) -> None:
     )
 
 
+@dataclass(frozen=True)
+class CheckedRun:
+    """A run past its pre-flight (:func:`preflight`): what :func:`run` takes."""
+
+    spec: RunSpec
+    out: Path
+    processes: Processes
+    jobs: int
+
+
+def preflight(
+    spec: RunSpec, out: Path, processes: Processes = ONE_PROCESS, *, jobs: int = 1
+) -> CheckedRun:
+    """Every check of a run that needs no world, each once, before any work; writes nothing.
+
+    The methods (known, their adapters buildable from the settings), the experiment
+    trackers, the engine (a DeepSpeed config the training loop can follow, its "auto"
+    values filled in), the worker processes, and the out dir (writable, holding no run of
+    other settings or inputs). A front door calls it before it loads a host, beside its own
+    checks of its inputs.
+
+    Args:
+        spec: what the run does.
+        out: its out dir.
+        processes: the run's processes.
+        jobs: worker processes for its units (:mod:`modecl.core.workers`).
+    """
+    check_methods(spec.methods, spec.continual)
+    check_trackers(spec.tracking)
+    check_engine(processes.accelerator, spec.continual, [get_method(m) for m in spec.methods])
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
+    if jobs > 1 and (processes.count > 1 or spec.tracking):
+        raise ConfigError(
+            f"jobs {jobs}: worker processes need one launched process and no experiment "
+            "tracking (which logs from one process); use jobs 1"
+        )
+    check_run_key(out, spec)
+    return CheckedRun(spec, Path(out), processes, jobs)
+
+
 def content_digest(samples: Sequence[Sample]) -> str:
     """SHA-256 of the samples' content, ``json.dumps([[codes, question, answer, options],
     ...])``, fed one sample at a time: no copy of every sample's codes at once."""
@@ -244,7 +290,7 @@ def content_digest(samples: Sequence[Sample]) -> str:
 PACKAGES = ("modecl", "torch", "transformers", "accelerate", "numpy", "diffusers", "deepspeed")
 
 
-def manifest(tasks: list[Task], accelerator: Accelerator | None = None) -> dict[str, Any]:
+def manifest(tasks: list[Task], processes: Processes = ONE_PROCESS) -> dict[str, Any]:
     """Per task and split: the number of samples and a SHA-256 of their content (image
     codes, question, answer, options); the versions of the packages that shaped them; the
     launch: processes, accelerate's distributed type, the ZeRO stage under DeepSpeed, and
@@ -262,10 +308,11 @@ def manifest(tasks: list[Task], accelerator: Accelerator | None = None) -> dict[
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
+    accelerator = processes.accelerator
     launch = {
-        "processes": accelerator.num_processes if accelerator else 1,
+        "processes": processes.count,
         "distributed_type": accelerator.distributed_type.value if accelerator else "NO",
-        "zero_stage": zero_stage(accelerator),
+        "zero_stage": processes.zero_stage,
         "cpu_kernel_path": torch.backends.cpu.get_cpu_capability(),
     }
     return {"tasks": splits, "packages": versions, "launch": launch}
@@ -317,23 +364,6 @@ def resumable(
         yield k, task, stage_dir, None
 
 
-class Processes:
-    """This process's place among the run's processes, and the collective calls."""
-
-    def __init__(self, accelerator: Accelerator | None) -> None:
-        self.accelerator = accelerator
-        self.rank = accelerator.process_index if accelerator else 0
-        self.count = accelerator.num_processes if accelerator else 1
-        self.main = self.rank == 0
-
-    def gather(self, items: list[Any]) -> list[Any]:
-        return gather_object(items) if self.count > 1 else items
-
-    def barrier(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-
-
 def _sharded(items: list[Any], compute: Callable[[list[Any]], list[Any]], p: Processes) -> list:
     """``compute`` over ``items``, each process taking its share; every result, in order."""
     mine = list(range(p.rank, len(items), p.count))
@@ -359,8 +389,7 @@ def measure(
             p,
         )
         answers[task.name] = given
-        credits = [credit(task, s, a) for a, s in zip(given, task.test, strict=True)]
-        exact.append(float(np.mean(credits)) if credits else float("nan"))
+        exact.append(scored_accuracy(task, given))
         sets = [answer_set(task, s) for s in task.test]
         if any(s is None for s in sets) or not sets:
             constrained.append(None)
@@ -372,16 +401,14 @@ def measure(
             ),
             p,
         )
-        credits = [credit(task, s, c) for c, s in zip(picks, task.test, strict=True)]
-        constrained.append(float(np.mean(credits)))
+        constrained.append(scored_accuracy(task, picks))
     routing = None
     if has_adapters(model) and any(layer.router for layer in adapter_layers(model).values()):
         routing = {}
         for task in tasks:
-            mine = task.test[p.rank :: p.count]
-            parts = p.gather([router_use(model, fmt, mine, how.batch_size)])
+            parts = p.gather([router_use(model, fmt, p.share(task.test), how.batch_size)])
             routing[task.name] = router_summary(parts)
-    measured = world.measure(model, seed, images, p.rank, p.count, p.gather)
+    measured = world.measure(model, seed, images, p)
     fields = {"task_accuracy": exact, "constrained_task_accuracy": constrained}
     fields["routing"] = routing
     return fields | {"measures": measured.measures}, answers, measured.pictures
@@ -409,6 +436,7 @@ def _run_method(
     tasks: list[Task],
     spec: RunSpec,
     rep: Replicate,
+    *,
     out: Path,
     p: Processes,
     tick: Callable[[str], None],
@@ -424,7 +452,7 @@ def _run_method(
     attach_adapters(model, method.adapter_config(settings, len(tasks)))
     watch = settings.monitor
     monitor, probe = None, world.probe_pairs(watch.probe_size) if watch.enabled else []
-    if probe and p.count == 1 and zero_stage(p.accelerator) is None:
+    if probe and can_monitor(p):
         monitor = ConflictMonitor(world.format, probe, watch.every)
     elif probe and p.main:
         message = "the conflict monitor runs in one process without DeepSpeed only: skipped"
@@ -443,13 +471,13 @@ def _run_method(
                     method,
                     tasks,
                     k,
-                    spec,
-                    rep.seed,
-                    stage_dir,
-                    monitor,
-                    p,
-                    progress,
-                    track,
+                    spec=spec,
+                    seed=rep.seed,
+                    stage_dir=stage_dir,
+                    monitor=monitor,
+                    p=p,
+                    progress=progress,
+                    track=track,
                 )
                 PROGRESS.task = None  # written: nothing of it is lost now
                 saved = json.loads((stage_dir / "stage.json").read_text())
@@ -505,6 +533,7 @@ def _train_stage(
     method: Method,
     tasks: list[Task],
     k: int,
+    *,
     spec: RunSpec,
     seed: int,
     stage_dir: Path,
@@ -513,7 +542,8 @@ def _train_stage(
     progress: bool,
     track: _StageTracking | None = None,
 ) -> None:
-    """Train task ``k``, measure every task, write the stage (main process)."""
+    """Train task ``k`` of ``tasks`` with ``method`` on ``model`` (the host of ``world``,
+    adapted), measure every task, write the stage into ``stage_dir`` (main process)."""
     task, start = tasks[k], time.perf_counter()
     log = train_task(
         model,
@@ -521,12 +551,11 @@ def _train_stage(
         method,
         task,
         spec.continual,
-        draw_pairs=world.distill_pairs(),
         seed=seed * 1000 + k,
         progress=progress,
         desc=f"{method.name} {k + 1}/{len(tasks)} {task.name}",
         monitor=monitor,
-        accelerator=p.accelerator,
+        processes=p,
         on_step=None if track is None else track.step,
         checkpoint=stage_dir.with_name(f"{stage_dir.name}.steps"),
         index=k,
@@ -571,45 +600,43 @@ def _run_unit(spec: RunSpec, out: Path, worlds: Worlds, unit: Unit, tick: Callab
     rep, name = unit
     world = worlds[rep.host]
     if name == HOST_STAGE:
-        _pretrained(world, world.tasks(), rep, out, Processes(None))
+        _pretrained(world, world.tasks(), rep, out, ONE_PROCESS)
         return
-    _run_method(name, world, world.tasks(), spec, rep, out, Processes(None), tick, False)
+    _run_method(
+        name, world, world.tasks(), spec, rep, out=out, p=ONE_PROCESS, tick=tick, progress=False
+    )
 
 
 def run(
     worlds: World | Worlds,
-    spec: RunSpec,
-    out: Path,
+    checked: CheckedRun,
     *,
-    accelerator: Accelerator | None = None,
     progress: bool = True,
     describe: dict[str, Any] | None = None,
-    jobs: int = 1,
     make_worlds: Callable[[], Worlds] | None = None,
 ) -> Results:
-    """Every method and replicate through the tasks; writes run.json (now that the worlds
-    loaded), every stage, results.json, conflict.jsonl and samples.npz.
+    """Every method and replicate of a run past its pre-flight through the tasks; writes
+    run.json (now that the worlds loaded), every stage, results.json, conflict.jsonl and
+    samples.npz.
 
-    ``worlds``: one world, or (for ``spec.hosts``) each host's world by its label; they share
-    the task sequence. With ``jobs`` > 1, the (replicate, method) units run in that many
-    worker processes (:mod:`modecl.core.workers`: forked with ``worlds``, or spawned and
-    building their own with ``make_worlds``, picklable), as do the host's stages of every
-    replicate; the results are then read back from the stage files, the same as one
-    process's.
+    Args:
+        worlds: one world, or (for ``spec.hosts``) each host's world by its label; they
+            share the task sequence.
+        checked: the run, from :func:`preflight`.
+        progress: show progress bars.
+        describe: the world's facts for results.json (default: the first world's).
+        make_worlds: with ``checked.jobs`` > 1, the (replicate, method) units run in that
+            many worker processes (:mod:`modecl.core.workers`: forked with ``worlds``, or
+            spawned and building their own with ``make_worlds``, picklable), as do the
+            host's stages of every replicate; the results are then read back from the
+            stage files, the same as one process's.
     """
-    check_methods(spec.methods, spec.continual)
+    spec, out, p, jobs = checked.spec, checked.out, checked.processes, checked.jobs
     worlds = worlds if isinstance(worlds, Mapping) else {None: worlds}
     if set(worlds) != set(spec.hosts or [None]):
         raise ValueError(f"worlds for hosts {sorted(worlds, key=str)}, the run has {spec.hosts}")
-    out = Path(out)
-    p = Processes(accelerator)
-    if jobs > 1 and (make_worlds is None or p.count > 1 or spec.tracking):
-        raise ConfigError(
-            f"jobs {jobs}: worker processes need worlds that can be rebuilt in each, one "
-            "launched process and no experiment tracking (which logs from one process); "
-            "use jobs 1"
-        )
-    check_run_key(out, spec)
+    if jobs > 1 and make_worlds is None:
+        raise ValueError(f"jobs {jobs}: worker processes need make_worlds")
     PROGRESS.task = None  # in no task yet
     p.barrier()  # every process checked before the main one writes
     if p.main:
@@ -639,7 +666,16 @@ def run(
             methods = {}
             for name in spec.methods:
                 stages, grids, steps = _run_method(
-                    name, world, tasks, spec, rep, out, p, tick, progress, tracker
+                    name,
+                    world,
+                    tasks,
+                    spec,
+                    rep,
+                    out=out,
+                    p=p,
+                    tick=tick,
+                    progress=progress,
+                    tracker=tracker,
                 )
                 methods[name] = method_result(stages, pretrained)
                 series += steps
@@ -657,7 +693,7 @@ def run(
         quick=spec.quick,
         tasks=[t.name for t in tasks],
         scoring={t.name: t.scoring for t in tasks},
-        seeds=list(spec.seeds),
+        seeds=list(spec.seed_list),
         hosts=spec.hosts,
         config=spec.config,
         inputs=spec.inputs,
@@ -665,7 +701,7 @@ def run(
         per_seed=per_seed,
         mean=mean,
         std=std,
-        manifest=manifest(tasks, accelerator),
+        manifest=manifest(tasks, p),
     )
     if p.main:
         with atomic_path(out / "samples.npz") as tmp, tmp.open("wb") as file:

@@ -37,10 +37,12 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Sequence
+from typing import Literal, get_args
 
-__all__ = ["PAPER_RULES", "RULES", "normalize", "paper_rule", "score", "vqa_normalize"]
+__all__ = ["PAPER_RULES", "RULES", "Rule", "normalize", "paper_rule", "score", "vqa_normalize"]
 
-RULES = ("exact", "choice", "contains", "vqa", "vqa-raw", "substring")
+Rule = Literal["exact", "choice", "contains", "vqa", "vqa-raw", "substring"]
+RULES: tuple[str, ...] = get_args(Rule)
 
 # The paper's rules for CoIN's tasks, by the task's lower-cased name; any other is `exact`.
 PAPER_RULES = {"scienceqa": "choice", "imagenet": "contains"}

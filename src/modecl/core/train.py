@@ -14,11 +14,12 @@ is, and the adapters know the task in training (``training_task``). An
 optional :class:`~modecl.core.conflict.ConflictMonitor` watches every k-th step (gradient
 conflict between the CE and the image loss) without changing it.
 
-Data parallel: given an `accelerate.Accelerator` (DDP, DeepSpeed ZeRO-2), one step's loss is
-computed by a module that the engine wraps; every rank draws the same global batch (same
-seed) and takes its share, ``batch[rank::world]``. The CE is summed over the rank's answer
-tokens and divided by the global batch's token count / world, so the gradient the engine
-averages is exactly that of the global batch on one process.
+Data parallel: given the run's :class:`~modecl.core.processes.Processes` of an
+`accelerate.Accelerator` (DDP, DeepSpeed ZeRO-2), one step's loss is computed by a module
+that the engine wraps; every process draws the same global batch (same seed) and takes its
+share, ``batch[rank::count]``. The CE is summed over the process's answer tokens and divided
+by the global batch's token count / the process count, so the gradient the engine averages
+is exactly that of the global batch on one process.
 """
 
 from __future__ import annotations
@@ -34,19 +35,18 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from modecl.core.adapters import lm_logits, pass_kind, training_task
 from modecl.core.config import ConfigError, ContinualSettings, TrainSettings
-from modecl.core.conflict import ConflictMonitor
+from modecl.core.conflict import ConflictMonitor, can_monitor
 from modecl.core.files import atomic_dir
 from modecl.core.methods.base import LossFn, Method
+from modecl.core.processes import ONE_PROCESS, Processes, zero_stage
 from modecl.core.sequences import (
     IGNORE,
-    DrawPair,
     Format,
     collate,
     example_lengths,
@@ -120,22 +120,12 @@ class StepLoss(nn.Module):
         return total, ce, terms
 
 
-def zero_stage(accelerator: Accelerator | None) -> int | None:
-    """The ZeRO stage of the accelerator's DeepSpeed config; None without DeepSpeed."""
-    plugin = None if accelerator is None else accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return None
-    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
-
-
 def check_engine(
-    accelerator: Accelerator | None,
-    settings: ContinualSettings,
-    model: nn.Module | None = None,
-    methods: Sequence[Method] = (),
+    accelerator: Accelerator | None, settings: ContinualSettings, methods: Sequence[Method] = ()
 ) -> None:
-    """Refuse, before any training, a DeepSpeed config that the loop cannot follow, and fill
-    in what the loop decides where the config leaves it to us ("auto" or absent).
+    """Refuse, before any work (a run's pre-flight), a DeepSpeed config that the loop cannot
+    follow, and fill in what the loop decides where the config leaves it to us ("auto" or
+    absent).
 
     DeepSpeed clips, steps and zeroes the gradients inside ``accelerator.backward``, at its
     config's ``gradient_clipping``: that is ``train.grad_clip``. The loop takes one optimizer
@@ -145,12 +135,10 @@ def check_engine(
     themselves and is refused, as is stage 0 (plain data parallel: DDP does it). The
     per-process batch DeepSpeed sizes its engine by (usually read from a DataLoader) is
     the global batch's share; an ``optimizer`` or ``scheduler`` section is refused (the
-    loop builds its own from the settings). Given the ``model``, an "auto" ZeRO reduce
-    bucket is sized as accelerate sizes it, hidden size squared, the hidden size read from
-    the input embeddings (accelerate reads ``model.config.hidden_size``: the loss module it
-    wraps has no config, and Emu3 keeps it in its text config). A method that edits the
-    step's gradient (A-GEM) is refused: DeepSpeed clips and steps inside its backward, and
-    ZeRO-2 holds each process's partition of the gradient only.
+    loop builds its own from the settings). A method that edits the step's gradient
+    (A-GEM) is refused: DeepSpeed clips and steps inside its backward, and ZeRO-2 holds
+    each process's partition of the gradient only. The reduce bucket waits for the model
+    (:func:`size_reduce_bucket`).
     """
     stage = zero_stage(accelerator)
     if stage is None:
@@ -190,8 +178,17 @@ def check_engine(
         )
     if config.get(_MICRO, "auto") == "auto":
         config[_MICRO] = -(-cfg.batch_size // accelerator.num_processes)
-    zero = config.get("zero_optimization", {})
-    if model is not None and zero.get("reduce_bucket_size") == "auto":
+
+
+def size_reduce_bucket(accelerator: Accelerator | None, model: nn.Module) -> None:
+    """Size an "auto" ZeRO reduce bucket as accelerate sizes it, hidden size squared, the
+    hidden size read from ``model``'s input embeddings (accelerate reads
+    ``model.config.hidden_size``: the loss module it wraps has no config, and Emu3 keeps it
+    in its text config). Not a check: :func:`check_engine` passed before."""
+    if zero_stage(accelerator) is None:
+        return
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    if zero.get("reduce_bucket_size") == "auto":
         zero["reduce_bucket_size"] = model.get_input_embeddings().embedding_dim ** 2
 
 
@@ -238,22 +235,23 @@ def epoch_order(
     return order
 
 
-def steps_per_epoch(samples: int, batch_size: int, processes: int) -> int:
+def steps_per_epoch(samples: int, batch_size: int, process_count: int) -> int:
     """Optimizer steps in an epoch of `samples`: a last batch with fewer samples than
     processes is dropped (every process needs one)."""
-    return samples // batch_size + (samples % batch_size >= processes)
+    return samples // batch_size + (samples % batch_size >= process_count)
 
 
 def padding(
-    lengths: np.ndarray, order: np.ndarray, batch_size: int, processes: int, steps: int
+    lengths: np.ndarray, order: np.ndarray, batch_size: int, process_count: int, steps: int
 ) -> tuple[int, int]:
-    """(padding tokens, batch tokens) of the first `steps` batches of `order`: each
-    process pads its share of a batch, ``batch[rank::processes]``, to its longest."""
+    """(padding tokens, batch tokens) of the first `steps` batches of `order`: each of
+    `process_count` processes pads its share of a batch, ``batch[rank::process_count]``,
+    to its longest."""
     pad = total = 0
     for step in range(steps):
         batch = lengths[order[step * batch_size : (step + 1) * batch_size]]
-        for rank in range(processes):
-            share = batch[rank::processes]
+        for rank in range(process_count):
+            share = batch[rank::process_count]
             if len(share):
                 total += int(share.max()) * len(share)
                 pad += int(share.max()) * len(share) - int(share.sum())
@@ -267,27 +265,29 @@ def train_task(
     task: Task,
     settings: ContinualSettings,
     *,
-    draw_pairs: Sequence[DrawPair] = (),
     seed: int = 0,
     progress: bool = True,
     desc: str = "",
     monitor: ConflictMonitor | None = None,
-    accelerator: Accelerator | None = None,
+    processes: Processes = ONE_PROCESS,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     checkpoint: Path | None = None,
     index: int = 0,
 ) -> dict:
     """Train the adapters of ``model`` on ``task``, task ``index`` of the sequence, with
-    ``method``; returns a small log.
+    ``method`` (configured: :meth:`~modecl.core.methods.base.Method.configure`); returns a
+    small log.
 
     With a ``monitor``, ``log["conflict"]`` holds its figures of each monitored step;
     ``on_step(step, values)`` receives each step's losses, learning rate and gradient norm
     (experiment tracking). With a ``checkpoint`` folder and ``train.checkpoint_every`` N > 0,
     the state after every N-th step is written there (atomically; the previous one is kept
     until the new one is complete), and a call that finds one resumes after that step with
-    the same result as a run never interrupted (:class:`StepCheckpoint`). With an
-    ``accelerator``, each of its processes calls this with the same arguments (module doc);
-    the logged losses are those of the global batch.
+    the same result as a run never interrupted (:class:`StepCheckpoint`). Under several
+    ``processes``, each calls this with the same arguments (module doc); the logged losses
+    are those of the global batch. Under DeepSpeed, :func:`check_engine` has passed (the
+    run's pre-flight); the conflict monitor is for one process without DeepSpeed
+    (:func:`~modecl.core.conflict.can_monitor`).
     """
     cfg = settings.train
     rng = np.random.default_rng(seed)
@@ -295,18 +295,16 @@ def train_task(
     samples = task.train
     if cfg.max_train_samples is not None:
         samples = [samples[i] for i in rng.permutation(len(samples))[: cfg.max_train_samples]]
-    method.configure(settings, draw_pairs)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    if monitor is not None and (world > 1 or zero_stage(accelerator) is not None):
-        # Its own backward passes would set off DeepSpeed's gradient hooks.
+    accelerator, count = processes.accelerator, processes.count
+    if monitor is not None and not can_monitor(processes):
         raise ValueError("the conflict monitor runs in a single process without DeepSpeed only")
-    if world > min(cfg.batch_size, len(samples)):
+    if count > min(cfg.batch_size, len(samples)):
         raise ValueError(
-            f"{world} processes need a batch of at least {world} samples "
+            f"{count} processes need a batch of at least {count} samples "
             f"(train.batch_size {cfg.batch_size}, {len(samples)} samples in '{task.name}')"
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    per_epoch = steps_per_epoch(len(samples), cfg.batch_size, world)
+    per_epoch = steps_per_epoch(len(samples), cfg.batch_size, count)
     total = per_epoch * cfg.epochs
     # Lengths only order the samples where batches are grouped by length.
     lengths = example_lengths(fmt, samples) if cfg.group_by_length else np.zeros(len(samples))
@@ -314,13 +312,13 @@ def train_task(
     schedule = cosine_schedule(optim, int(cfg.warmup_fraction * total), total)
     step_loss: nn.Module = StepLoss(model, fmt, method)
     if accelerator is not None:
-        check_engine(accelerator, settings, model, [method])
+        size_reduce_bucket(accelerator, model)
         step_loss, optim = accelerator.prepare(step_loss, optim)
     log: dict[str, Any] = {"loss": [], "terms": {}, "conflict": []}
     bf16 = cfg.mixed_precision == "bf16"  # autocast: matmuls in bfloat16, adapters float32
     saver = None
     if checkpoint is not None and cfg.checkpoint_every > 0:
-        saver = StepCheckpoint(checkpoint, model, optim, schedule, rng, accelerator)
+        saver = StepCheckpoint(checkpoint, model, optim, schedule, rng, processes)
     first, order = 0, None
     if saver is not None and saver.exists():
         first, order, log = saver.load()
@@ -328,7 +326,9 @@ def train_task(
     start = time.perf_counter()
     model.train()
     loss_fn: LossFn = lambda m, s: understand_loss(m, fmt, s)  # noqa: E731
-    bar = tqdm(total=total, desc=desc or task.name, disable=not progress or rank > 0, leave=False)
+    bar = tqdm(
+        total=total, desc=desc or task.name, disable=not progress or not processes.main, leave=False
+    )
     # The adapters know the task in training (o-lora freezes earlier LoRAs), after it too;
     # the bar closes however the loop ends (an interrupt's line then comes after its last).
     with training_task(model, index), bar:
@@ -339,14 +339,13 @@ def train_task(
                 order = epoch_order(rng, lengths, cfg.batch_size, cfg.group_by_length)
             for step in range(first_step if epoch == first_epoch else 0, per_epoch):
                 picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                batch = understand_batch(
-                    fmt, method.mix([samples[i] for i in picked], rng)[rank::world], model.device
-                )
-                inputs = method.step_inputs(rng, rank, world)
+                mine = processes.share(method.mix([samples[i] for i in picked], rng))
+                batch = understand_batch(fmt, mine, model.device)
+                inputs = method.step_inputs(rng, processes)
                 normalizer = None
-                if world > 1:
+                if count > 1:
                     tokens = (batch["labels"][:, 1:] != IGNORE).sum()
-                    normalizer = accelerator.reduce(tokens, "sum") / world
+                    normalizer = accelerator.reduce(tokens, "sum") / count
                 with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
                     loss, ce, terms = step_loss(batch, inputs, normalizer)
                 n = epoch * per_epoch + step
@@ -371,7 +370,7 @@ def train_task(
                 if watched:
                     log["conflict"].append({"step": n, **monitor.after(model)})
                 schedule.step()
-                if world > 1:
+                if count > 1:
                     ce = accelerator.reduce(ce.detach(), "mean")
                     terms = {k: accelerator.reduce(v.detach(), "mean") for k, v in terms.items()}
                 log["loss"].append(ce.item())
@@ -409,25 +408,20 @@ class StepCheckpoint:
         optim: torch.optim.Optimizer,
         schedule: Any,
         rng: np.random.Generator,
-        accelerator: Accelerator | None,
+        processes: Processes,
     ) -> None:
         self.folder, self.model, self.optim, self.schedule = folder, model, optim, schedule
-        self.rng, self.accelerator = rng, accelerator
+        self.rng, self.processes = rng, processes
 
     def exists(self) -> bool:
         return (self.folder / "state.pt").exists()
 
-    def _rank(self) -> int:
-        return self.accelerator.process_index if self.accelerator else 0
-
     def save(self, position: int, order: np.ndarray, log: dict[str, Any]) -> None:
-        torch_rng = [torch.get_rng_state()]
+        torch_rng = self.processes.gather([torch.get_rng_state()])
         optimizer = self.optim.state_dict()
-        if self.accelerator is not None and self.accelerator.num_processes > 1:
-            torch_rng = gather_object(torch_rng)
-            if zero_stage(self.accelerator):  # every process holds its own part
-                optimizer = gather_object([optimizer])
-        if self._rank() == 0:
+        if self.processes.count > 1 and self.processes.zero_stage:  # each holds its own part
+            optimizer = self.processes.gather([optimizer])
+        if self.processes.main:
             state = {
                 "position": position,
                 "order": order,
@@ -444,8 +438,7 @@ class StepCheckpoint:
             }
             with atomic_dir(self.folder) as tmp, (tmp / "state.pt").open("wb") as file:
                 torch.save(state, file)  # to a file: a full disk raises OSError, not torch's
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+        self.processes.barrier()
 
     def load(self) -> tuple[int, np.ndarray, dict[str, Any]]:
         """Put the saved state back; returns (the next step, the epoch's order, the log)."""
@@ -458,5 +451,5 @@ class StepCheckpoint:
         self.optim.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"][self._rank()])
+        torch.set_rng_state(state["torch_rng"][self.processes.rank])
         return state["position"], state["order"], state["log"]

@@ -1,4 +1,5 @@
-"""Value ranges for configuration fields, checked when a config loads (:mod:`.config`).
+"""Value ranges for configuration fields, checked when a config loads (:mod:`.config`), and
+the error a bad configuration raises.
 
 A field annotated ``Annotated[int, Range(low=1)]`` (or one of the aliases below) refuses a
 value outside its range with a message naming the key, the value and what is allowed::
@@ -11,6 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Annotated
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 from torch import nn
 
+from modecl.core.processes import Processes
 from modecl.core.sequences import DrawPair, Format
 from modecl.core.tasks import Task
 
@@ -55,13 +56,11 @@ class World(Protocol):
     def probe_pairs(self, size: int) -> Sequence[DrawPair]:
         """Held-out image-generation pairs for the gradient-conflict monitor (may be empty)."""
 
-    def measure(
-        self, model: nn.Module, seed: int, images: Path, rank: int, processes: int, gather: Any
-    ) -> Measured:
-        """The world's own measures of ``model`` (generation, captioning, ...). Every process
-        calls it; ``gather`` is `accelerate.utils.gather_object` (a share's list of results
-        -> every share's); the main process's return value is the complete one. Drawn
-        images may be written under ``images``."""
+    def measure(self, model: nn.Module, seed: int, images: Path, processes: Processes) -> Measured:
+        """The world's own measures of ``model`` (generation, captioning, ...). Every one of
+        the run's ``processes`` calls it (each may take its share and gather); the main
+        process's return value is the complete one. Drawn images may be written under
+        ``images``."""
 
     def describe(self) -> dict[str, Any]:
         """Facts of the world for results.json (judge, host model)."""

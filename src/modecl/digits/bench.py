@@ -20,14 +20,17 @@ from typing import Any
 from torch import nn
 
 from modecl.core.config import ConfigError, to_dict
+from modecl.core.methods import get_method
+from modecl.core.methods.distillation import check_pairs
+from modecl.core.processes import Processes
 from modecl.core.results import Results
-from modecl.core.runner import RunSpec, check_methods, check_run_key, run
+from modecl.core.runner import CheckedRun, RunSpec, preflight, run
 from modecl.core.sequences import DrawPair
 from modecl.core.tasks import Task
-from modecl.core.tracking import check_trackers
 from modecl.core.workers import default_jobs
 from modecl.core.world import Answering, Measured
 from modecl.digits.config import DigitsConfig, RunConfig
+from modecl.digits.data import load_pools
 from modecl.digits.format import DigitsFormat
 from modecl.digits.pretrain import GateError, PretrainedHost, check_gate, load_or_pretrain
 from modecl.digits.tasks import TASK_RULES
@@ -61,8 +64,8 @@ def quick(config: RunConfig, given: Collection[str] = ()) -> tuple[RunConfig, li
 
 
 def validate(config: RunConfig) -> None:
-    """Stop before any work on an unknown or repeated method or task, or an empty list."""
-    check_methods(config.methods, config.continual)
+    """Stop before any work on an unknown or repeated task, an empty list of them, or fewer
+    than one seed or host (the methods are the runner's to check: :func:`bench_preflight`)."""
     unknown = [t for t in config.tasks if t not in TASK_RULES]
     if unknown:
         raise ConfigError(f"unknown task(s) {unknown}; built-in tasks: {', '.join(TASK_RULES)}")
@@ -81,7 +84,7 @@ class DigitsBench:
 
     def __init__(self, host: PretrainedHost, config: RunConfig) -> None:
         self._host, self.config = host, config
-        self.digits = host.world
+        self.digits = host.digits
         self.format: DigitsFormat = self.digits.format
 
     @property
@@ -106,9 +109,7 @@ class DigitsBench:
     def probe_pairs(self, size: int) -> Sequence[DrawPair]:
         return self.digits.draw_pairs(self.digits.pools.test[:size])
 
-    def measure(
-        self, model: nn.Module, seed: int, images: Path, rank: int, processes: int, gather: Any
-    ) -> Measured:
+    def measure(self, model: nn.Module, seed: int, images: Path, processes: Processes) -> Measured:
         ev, digits = self.config.eval, self.digits
         codes, labels = digits.draw_digits(model, ev.samples_per_digit, seed)
         grid = codes.reshape(10, ev.samples_per_digit, -1)[:, : ev.grid_per_digit]
@@ -149,7 +150,7 @@ def host_config(config: RunConfig, seed: int) -> DigitsConfig:
 def bench_spec(config: RunConfig, quick_run: bool, files: list[Path]) -> RunSpec:
     return RunSpec(
         methods=list(config.methods),
-        seeds=list(range(config.seeds)),
+        seed_list=list(range(config.seeds)),
         hosts=host_seeds(config) if config.hosts > 1 else None,
         continual=config.continual,
         front="bench",
@@ -159,6 +160,23 @@ def bench_spec(config: RunConfig, quick_run: bool, files: list[Path]) -> RunSpec
         files=files,
         tracking=list(config.tracking.log_with),
     )
+
+
+def bench_preflight(
+    config: RunConfig, out: Path, quick_run: bool, config_file: Path | None, jobs: int
+) -> CheckedRun:
+    """`modecl bench`'s pre-flight: every check of a run, each once, before a host loads;
+    writes nothing. The config's tasks, seeds and hosts (:func:`validate`), the runner's
+    checks (:func:`modecl.core.runner.preflight`: methods, trackers, workers, the out dir)
+    and the distillation stream (the train pool's pairs fill a batch)."""
+    validate(config)
+    spec = bench_spec(config, quick_run, [Path(config_file)] if config_file else [])
+    checked = preflight(spec, out, jobs=jobs)
+    distilling = [m for m in config.methods if get_method(m).needs_pairs]
+    if distilling:
+        pairs = len(load_pools(config.host.data).train)  # the stream: the train pool's pairs
+        check_pairs(distilling[0], pairs, config.continual.distill.batch_size)
+    return checked
 
 
 # A worker's resident memory is about 0.5 GiB (torch, the host, a method's adapters).
@@ -201,19 +219,14 @@ def run_benchmark(
     ``jobs``: worker processes for the (replicate, method) units (:func:`bench_jobs`
     chooses a default).
     """
-    validate(config)
-    if jobs < 1:
-        raise ConfigError(f"jobs must be at least 1, got {jobs}")
-    check_trackers(config.tracking.log_with)
-    spec = bench_spec(config, quick, [Path(config_file)] if config_file else [])
-    check_run_key(out, spec)
+    checked = bench_preflight(config, out, quick, config_file, jobs)
     worlds = {}
     for seed in host_seeds(config):
         host = load_or_pretrain(host_config(config, seed), cache_dir, progress)
         try:
-            check_gate(host.world.config, *host.gate_scores())
+            check_gate(host.digits.config, *host.gate_scores())
         except GateError as err:
             raise GateError(f"host seed {seed}: {err}") from None
         worlds[_label(config, seed)] = DigitsBench(host, config)
     make_worlds = partial(bench_worlds, config, cache_dir)
-    return run(worlds, spec, Path(out), progress=progress, jobs=jobs, make_worlds=make_worlds)
+    return run(worlds, checked, progress=progress, make_worlds=make_worlds)

@@ -1,4 +1,5 @@
-"""The digit world in one object: pools, codebook, vocabulary, judge and their measures."""
+"""The digits study in one object (not a world: no host model): pools, codebook,
+vocabulary, judge and their measures."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from modecl.digits.vocab import Vocabulary
 
 
 @dataclass
-class DigitsWorld:
+class Digits:
     """Everything but the model weights; built deterministically from a config."""
 
     config: DigitsConfig
@@ -34,7 +35,7 @@ class DigitsWorld:
     vocab: Vocabulary
 
     @classmethod
-    def build(cls, config: DigitsConfig, codebook: Codebook | None = None) -> DigitsWorld:
+    def build(cls, config: DigitsConfig, codebook: Codebook | None = None) -> Digits:
         pools = load_pools(config.data)
         if codebook is None:
             codebook = Codebook.fit(

@@ -1,4 +1,4 @@
-"""The tiny UMGM: a ``transformers.LlamaForCausalLM`` over the digit world's vocabulary.
+"""The tiny UMGM: a ``transformers.LlamaForCausalLM`` over the digits' vocabulary.
 
 Like Chameleon it is early-fusion: one token stream, one vocabulary holding words and
 image codes, and Llama MLPs with the ``gate_proj``/``up_proj``/``down_proj`` modules

@@ -11,7 +11,7 @@ Four streams, mixed and shuffled every epoch (all from the pre-training pool):
   the base model follows every question format with partial skill.
 
 Checkpoint selection uses the validation part of the pre-training pool, never the test
-pool. The result is cached under :func:`cache_key` (the config, the world's texts and
+pool. The result is cached under :func:`cache_key` (the config, the digits' texts and
 FORMAT_VERSION): a second run loads in seconds. The default hosts of seeds 0, 1 and 2
 ship with the package (:mod:`modecl.digits.shipped`) and are taken before the cache.
 """
@@ -40,11 +40,11 @@ from modecl.digits import data, shipped, tasks
 from modecl.digits.codebook import Codebook
 from modecl.digits.config import DigitsConfig, PretrainConfig
 from modecl.digits.format import draw_example, text_example, understand_example
-from modecl.digits.host import DigitsWorld
+from modecl.digits.host import Digits
 from modecl.digits.model import build_model
 from modecl.digits.vocab import SPECIALS
 
-# Bump when code changes what pre-training learns beyond the config and the world's texts
+# Bump when code changes what pre-training learns beyond the config and the digits' texts
 # (the streams, the token format, the model): it retires every cached host.
 FORMAT_VERSION = 1
 
@@ -59,7 +59,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(config: DigitsConfig) -> str:
     """Hash of what shapes the pre-trained host: the config (not its sampling settings; the
-    gate too, since checkpoints are ranked by their margin to it), the world's texts
+    gate too, since checkpoints are ranked by their margin to it), the digits' texts
     (vocabulary words, questions, templates, statements) and FORMAT_VERSION."""
     settings = {k: v for k, v in to_dict(config).items() if k != "generation"}
     texts = {
@@ -86,13 +86,13 @@ def augment(images: np.ndarray, rng: np.random.Generator, shift_prob: float, noi
     return np.clip(out, 0.0, 16.0)
 
 
-def epoch_examples(world: DigitsWorld, rng: np.random.Generator, preview) -> list[Example]:
-    cfg, pools, vocab = world.config.pretrain, world.pools, world.vocab
+def epoch_examples(digits: Digits, rng: np.random.Generator, preview) -> list[Example]:
+    cfg, pools, vocab = digits.config.pretrain, digits.pools, digits.vocab
     index = pools.pretrain
     labels = pools.labels[index]
-    clean = world.codebook.encode(pools.images[index])
+    clean = digits.codebook.encode(pools.images[index])
     copies = np.concatenate([pools.images[index]] * cfg.caption_copies)
-    noisy = world.codebook.encode(augment(copies, rng, cfg.shift_prob, cfg.noise_std))
+    noisy = digits.codebook.encode(augment(copies, rng, cfg.shift_prob, cfg.noise_std))
     examples = [
         draw_example(vocab, tasks.DRAW_PROMPT.format(data.DIGIT_WORDS[y]), c)
         for c, y in zip(clean, labels, strict=True)
@@ -118,30 +118,30 @@ def preview_count(cfg: PretrainConfig, preview: list) -> int:
 
 
 def skill_scores(
-    world: DigitsWorld, model: torch.nn.Module, pool: np.ndarray, per_digit: int, seed: int
+    digits: Digits, model: torch.nn.Module, pool: np.ndarray, per_digit: int, seed: int
 ) -> tuple[float, float]:
     """(captioning accuracy on ``pool``, generation accuracy of ``per_digit`` drawings per
     digit, sampled with ``seed``)."""
-    captioning = world.captioning_accuracy(model, pool)
-    codes, labels = world.draw_digits(model, per_digit, seed)
-    return captioning, world.generation_accuracy(codes, labels)
+    captioning = digits.captioning_accuracy(model, pool)
+    codes, labels = digits.draw_digits(model, per_digit, seed)
+    return captioning, digits.generation_accuracy(codes, labels)
 
 
-def validation_scores(world: DigitsWorld, model: torch.nn.Module, seed: int) -> tuple[float, float]:
+def validation_scores(digits: Digits, model: torch.nn.Module, seed: int) -> tuple[float, float]:
     """(captioning, generation) accuracy on the validation part of the pre-training pool."""
-    return skill_scores(world, model, world.pools.pretrain_val, 10, seed)
+    return skill_scores(digits, model, digits.pools.pretrain_val, 10, seed)
 
 
-def train_host(world: DigitsWorld, progress: bool = True) -> tuple[LlamaForCausalLM, dict]:
+def train_host(digits: Digits, progress: bool = True) -> tuple[LlamaForCausalLM, dict]:
     """Pre-train from random init; returns the validation-selected model and a log."""
-    cfg, gate, seed = world.config.pretrain, world.config.gate, world.config.seed
-    model = build_model(world.vocab, world.config.model, seed)
+    cfg, gate, seed = digits.config.pretrain, digits.config.gate, digits.config.seed
+    model = build_model(digits.vocab, digits.config.model, seed)
     rng = np.random.default_rng(seed)
     preview = tasks.preview_samples(
-        world.pools, world.codebook, cfg.preview_digits, world.config.spatial_margin
+        digits.pools, digits.codebook, cfg.preview_digits, digits.config.spatial_margin
     )
     epoch_size = (
-        (1 + cfg.caption_copies) * len(world.pools.pretrain)
+        (1 + cfg.caption_copies) * len(digits.pools.pretrain)
         + len(tasks.statements())
         + preview_count(cfg, preview)
     )
@@ -157,10 +157,10 @@ def train_host(world: DigitsWorld, progress: bool = True) -> tuple[LlamaForCausa
     bar = tqdm(range(cfg.epochs), desc="pre-training", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
-        examples = epoch_examples(world, rng, preview)
+        examples = epoch_examples(digits, rng, preview)
         losses = []
         for start in range(0, len(examples), cfg.batch_size):
-            batch = collate(examples[start : start + cfg.batch_size], world.vocab.pad_id)
+            batch = collate(examples[start : start + cfg.batch_size], digits.vocab.pad_id)
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
@@ -178,7 +178,7 @@ def train_host(world: DigitsWorld, progress: bool = True) -> tuple[LlamaForCausa
         if epoch + 1 >= cfg.eval_from_epoch and (
             (epoch + 1 - cfg.eval_from_epoch) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
         ):
-            captioning, generation = validation_scores(world, ema.module, seed)
+            captioning, generation = validation_scores(digits, ema.module, seed)
             entry |= {"val_captioning": captioning, "val_generation": generation}
             # The margin to the nearer gate ranks checkpoints: both skills must hold.
             score = min(captioning - gate.captioning, generation - gate.generation)
@@ -193,7 +193,7 @@ def train_host(world: DigitsWorld, progress: bool = True) -> tuple[LlamaForCausa
 
 @dataclass
 class PretrainedHost:
-    world: DigitsWorld
+    digits: Digits
     model: LlamaForCausalLM
     # selected epoch, per-epoch history, seconds, kernel path, source: "shipped", "cache"
     # or "trained"
@@ -205,8 +205,8 @@ class PretrainedHost:
         CPU kernel path it was pre-trained under, its weights' SHA-256 and whether it is a
         shipped host (else pre-trained on this machine, now or earlier)."""
         return {
-            "seed": self.world.config.seed,
-            "config_hash": cache_key(self.world.config),
+            "seed": self.digits.config.seed,
+            "config_hash": cache_key(self.digits.config),
             "kernel_path": self.log.get("kernel_path"),
             "weights_sha256": shipped.sha256(self.folder / "model" / "model.safetensors"),
             "shipped": self.log["source"] == "shipped",
@@ -216,18 +216,18 @@ class PretrainedHost:
         """What the gate judges (:func:`check_gate`): captioning accuracy on the test pool,
         and the generation accuracy of ``generation.samples_per_digit`` drawings per digit
         (sampled with the host's seed)."""
-        world, config = self.world, self.world.config
+        digits, config = self.digits, self.digits.config
         per_digit = config.generation.samples_per_digit
-        return skill_scores(world, self.model, world.pools.test, per_digit, config.seed)
+        return skill_scores(digits, self.model, digits.pools.test, per_digit, config.seed)
 
 
 def _load(config: DigitsConfig, folder: Path, source: str) -> PretrainedHost:
     start = time.perf_counter()
-    world = DigitsWorld.build(config, Codebook.load(folder / "codebook.npy"))
+    digits = Digits.build(config, Codebook.load(folder / "codebook.npy"))
     model = LlamaForCausalLM.from_pretrained(folder / "model").eval()
     log = json.loads((folder / "log.json").read_text())
     log |= {"cached": True, "source": source, "load_seconds": time.perf_counter() - start}
-    return PretrainedHost(world, model, log, folder)
+    return PretrainedHost(digits, model, log, folder)
 
 
 def load_or_pretrain(
@@ -255,8 +255,8 @@ def load_or_pretrain(
     if (folder / "log.json").exists():
         return _load(config, folder, "cache")
     start = time.perf_counter()
-    world = DigitsWorld.build(config)
-    model, log = train_host(world, progress)
+    digits = Digits.build(config)
+    model, log = train_host(digits, progress)
     log |= {
         "seconds": time.perf_counter() - start,
         "kernel_path": torch.backends.cpu.get_cpu_capability(),
@@ -265,11 +265,11 @@ def load_or_pretrain(
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(folder.parent)  # of a pre-training that was killed while saving
     with atomic_dir(folder) as tmp:  # a half-written folder from a crash is replaced whole
-        world.codebook.save(tmp / "codebook.npy")
-        world.vocab.save(tmp / "vocab.json")
+        digits.codebook.save(tmp / "codebook.npy")
+        digits.vocab.save(tmp / "vocab.json")
         model.save_pretrained(tmp / "model")
         (tmp / "log.json").write_text(json.dumps(log, indent=1))
-    return PretrainedHost(world, model, log | {"cached": False, "source": "trained"}, folder)
+    return PretrainedHost(digits, model, log | {"cached": False, "source": "trained"}, folder)
 
 
 def check_gate(config: DigitsConfig, captioning: float, generation: float) -> None:

@@ -11,37 +11,37 @@ from PIL import Image
 from modecl.core.files import read_image
 from modecl.core.tasks import Sample, Task, TaskFileError, read_jsonl
 from modecl.digits.codebook import TOKENS_PER_IMAGE
-from modecl.digits.host import DigitsWorld
+from modecl.digits.host import Digits
 
 _SPLITS = ("train", "test")
 _FIELDS = ("image", "question", "answer", "split")
 
 
-def load_task_file(path: str | Path, world: DigitsWorld, name: str | None = None) -> Task:
+def load_task_file(path: str | Path, digits: Digits, name: str | None = None) -> Task:
     """Read a user task from a JSONL file: one sample per line, blank lines skipped.
 
     Each line is an object with exactly the fields ``image``, ``question``, ``answer`` and
     ``split`` (``"train"`` or ``"test"``). ``image`` is one of:
 
-    - an int: an index into the digits images (``world.pools.images``);
+    - an int: an index into the digits images (``digits.pools.images``);
     - a string: an image file, relative to the JSONL file's folder, read with Pillow as
       grayscale with ink bright on dark (as in the digits), box-resized to 8x8 and scaled
       so that 255 -> 16 (a 32x32 bitmap becomes ink counts per 4x4 block, as the digits
       were made);
     - a list of ints: the image's codes, ``TOKENS_PER_IMAGE`` of them, each below
-      ``world.codebook.size``.
+      ``digits.codebook.size``.
 
     The vocabulary is never extended: it is fixed by the pre-trained host, and a new word
     would have an untrained embedding that no adapter can train, so a word outside
-    ``world.vocab.words`` is an error. Reading is all-or-nothing: any bad line raises
+    ``digits.vocab.words`` is an error. Reading is all-or-nothing: any bad line raises
     :class:`TaskFileError` and no task is returned. The task is named ``name`` or the
     file's stem; its answer set is the sorted distinct answers of the file.
     """
     path = Path(path)
-    known = set(world.vocab.words)
+    known = set(digits.vocab.words)
     splits: dict[str, list[Sample]] = {s: [] for s in _SPLITS}
     for where, record in read_jsonl(path, _FIELDS, text=("question", "answer", "split")):
-        split, sample = _parse_record(record, world, known, path, where)
+        split, sample = _parse_record(record, digits, known, path, where)
         splits[split].append(sample)
     for split, samples in splits.items():
         if not samples:
@@ -51,7 +51,7 @@ def load_task_file(path: str | Path, world: DigitsWorld, name: str | None = None
 
 
 def _parse_record(
-    record: dict, world: DigitsWorld, known: set[str], path: Path, where: str
+    record: dict, digits: Digits, known: set[str], path: Path, where: str
 ) -> tuple[str, Sample]:
     text = {key: " ".join(record[key].lower().split()) for key in ("question", "answer", "split")}
     if text["split"] not in _SPLITS:
@@ -64,26 +64,26 @@ def _parse_record(
             raise TaskFileError(
                 f"{where}field '{key}': word '{unknown[0]}' is not in the host model's "
                 "vocabulary; use only words the host was pre-trained on "
-                f"(listed by world.vocab.words, {len(known)} words)"
+                f"(listed by digits.vocab.words, {len(known)} words)"
             )
-    codes, index = _image_codes(record["image"], world, path.parent, f"{where}field 'image': ")
+    codes, index = _image_codes(record["image"], digits, path.parent, f"{where}field 'image': ")
     return text["split"], Sample(codes, text["question"], text["answer"], index=index)
 
 
 def _image_codes(
-    image: object, world: DigitsWorld, folder: Path, where: str
+    image: object, digits: Digits, folder: Path, where: str
 ) -> tuple[np.ndarray, int | None]:
     """An ``image`` field -> (its codes, its digits index when it is one)."""
     # bool is an int subclass in Python, but true/false is never a meant index or code.
     if isinstance(image, int) and not isinstance(image, bool):
-        count = len(world.pools.images)
+        count = len(digits.pools.images)
         if not 0 <= image < count:
             raise TaskFileError(f"{where}index {image} is out of range 0..{count - 1}")
-        pixels = world.pools.images[image]
+        pixels = digits.pools.images[image]
     elif isinstance(image, str):
         pixels = _read_image(folder / image, where)
     elif isinstance(image, list):
-        size = world.codebook.size
+        size = digits.codebook.size
         if len(image) != TOKENS_PER_IMAGE:
             raise TaskFileError(f"{where}expected {TOKENS_PER_IMAGE} codes, got {len(image)}")
         bad = [
@@ -96,7 +96,7 @@ def _image_codes(
         raise TaskFileError(
             f"{where}expected a digits index, an image path or a list of codes, got {image!r}"
         )
-    codes = world.codebook.encode(pixels[None])[0]
+    codes = digits.codebook.encode(pixels[None])[0]
     return codes, image if isinstance(image, int) else None
 
 

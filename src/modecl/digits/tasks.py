@@ -1,4 +1,4 @@
-"""The digit world's language and its five built-in continual tasks.
+"""The digits' language and its five built-in continual tasks.
 
 Each task is one question about a digit image with a short text answer derived from the
 label or from the pixels. Train samples come from the continual-train pool, test samples
@@ -69,7 +69,7 @@ DEFAULT_SEQUENCE = tuple(TASK_RULES)
 
 
 def statements() -> list[str]:
-    """The text-only pre-training stream: plain facts that use every word of the world."""
+    """The text-only pre-training stream: plain facts that use every word of the digits."""
     lines = ["the top half has more ink", "the bottom half has more ink"]
     for d, w in enumerate(DIGIT_WORDS):
         even = d % 2 == 0
@@ -88,7 +88,7 @@ def statements() -> list[str]:
 
 
 def words() -> list[str]:
-    """Every word the built-in world uses, in a fixed order."""
+    """Every word the built-in digits use, in a fixed order."""
     texts = [*statements(), CAPTION_QUESTION, DRAW_PROMPT.format("")]
     for rule in TASK_RULES.values():
         texts += [rule.question, *rule.answers]

@@ -6,10 +6,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from modecl.core.config import ContinualSettings, TrackingSettings
+from modecl.core.scoring import Rule
 from modecl.core.values import Count, NonEmpty, NonNegative, Seed, Size
-
-# modecl.core.scoring.RULES
-Rule = Literal["exact", "choice", "contains", "vqa", "vqa-raw", "substring"]
 
 
 @dataclass

@@ -27,7 +27,7 @@ from modecl.core.train import epoch_order, padding, steps_per_epoch
 from modecl.hosts.config import TrainConfig
 from modecl.hosts.tasks import HostFormat, TaskTable
 from modecl.hosts.token_cache import TOKEN_STORE, TokenStore
-from modecl.hosts.world import checked_inputs
+from modecl.hosts.world import train_preflight
 
 __all__ = ["dry_run"]
 
@@ -101,7 +101,7 @@ def dry_run(
     do under `processes` processes (module doc); raises as the run would on bad input."""
     config = config or TrainConfig()
     start = time.perf_counter()
-    inputs = checked_inputs(
+    inputs = train_preflight(
         model_path,
         task_files,
         methods,
@@ -130,7 +130,7 @@ def dry_run(
     limit = getattr(host.get_text_config(), "max_position_embeddings", None)
     train = config.continual.train
     lines = [
-        f"modecl train --dry-run: {len(inputs.task_files)} task files and folders, "
+        f"modecl train --dry-run: {len(inputs.files.tasks)} task files and folders, "
         f"{records:,} samples read and checked in {read:.1f} s",
         f"host: {fmt.vocab.family}, read from its config (no weights): "
         f"{getattr(host.get_text_config(), 'vocab_size', '?'):,} ids, context {limit}; "

@@ -18,13 +18,17 @@ from modecl.core.adapters import attach_adapters, load_adapters
 from modecl.core.config import ConfigError, from_dict
 from modecl.core.files import finite, read_text, write_atomic
 from modecl.core.methods import get_method
-from modecl.core.runner import Processes, measure, pick_entry
+from modecl.core.processes import Processes
+from modecl.core.runner import measure, pick_entry
 from modecl.hosts.config import TrainConfig
-from modecl.hosts.tasks import (
-    read_token_cache,
+from modecl.hosts.token_cache import TOKEN_STORE, TokenStore
+from modecl.hosts.world import (
+    InputFiles,
+    check_inputs,
+    default_accelerator,
+    host_world,
+    load_host,
 )
-from modecl.hosts.token_cache import TOKEN_STORE
-from modecl.hosts.world import check_inputs, default_accelerator, host_world, load_host
 
 __all__ = ["eval_stage"]
 
@@ -41,9 +45,11 @@ def eval_stage(
     stage: int | None = None,
     out_file: Path | None = None,
     progress: bool = True,
+    processes: Processes | None = None,
 ) -> dict[str, Any]:
     """Measure one finished stage of the run in ``run_dir`` (default: the first seed's
-    last method's last stage) on ``task_files`` (default: the run's); returns what it wrote."""
+    last method's last stage) on ``task_files`` (default: the run's), in ``processes``
+    (default: this launch's); returns what it wrote."""
     run_dir = Path(run_dir)
     key = json.loads(read_text(run_dir / "run.json", ConfigError))
     if key.get("front") != "train":
@@ -62,31 +68,27 @@ def eval_stage(
     stage_dir = method_dir / stage_name
     if not (stage_dir / "stage.json").exists():
         raise ConfigError(f"{stage_dir}: not a finished stage")
-    files = [Path(f) for f in (task_files or inputs["tasks"])]
-    pairs_file = kd_data if kd_data is not None else inputs.get("kd_data")
-    pairs_file = None if pairs_file is None else Path(pairs_file)
-    image_root = inputs.get("image_root") if task_files is None else image_root
-    image_root = None if image_root is None else Path(image_root)
+    files = InputFiles.of(
+        task_files or inputs["tasks"],
+        kd_data if kd_data is not None else inputs.get("kd_data"),
+        inputs.get("image_root") if task_files is None else image_root,
+        inputs.get("concepts") if concepts is None and task_files is None else concepts,
+    )
     cache = run_dir / TOKEN_STORE  # the run's images are not tokenized again
-    if concepts is None and task_files is None:
-        concepts = inputs.get("concepts")
-    concepts = None if concepts is None else Path(concepts)
-    tokenized = read_token_cache(cache)
-    names = check_inputs(files, pairs_file, image_root, config, tokenized, concepts)
-    accelerator = default_accelerator()
-    model, tokenizer = load_host(inputs["model"], config.host.dtype, accelerator.device)
+    tokenized = TokenStore(cache)  # ``path in`` it: a lookup in its index
+    names = check_inputs(files, config, tokenized)
+    processes = processes or Processes(default_accelerator())
+    model, tokenizer = load_host(inputs["model"], config.host.dtype, processes.accelerator.device)
     world, tokens = host_world(
         model,
         tokenizer,
-        inputs["model"],
-        config,
-        files,
-        names,
-        pairs_file,
-        image_root,
-        cache,
-        progress and accelerator.is_main_process,
-        concepts,
+        model_path=inputs["model"],
+        config=config,
+        files=files,
+        names=names,
+        token_cache=cache,
+        processes=processes,
+        progress=progress and processes.main,
     )
     tokens.commit()
     # Sized for the run's sequence (per-task adapters), whatever tasks are scored now.
@@ -97,7 +99,7 @@ def eval_stage(
     seed_value = int(seed_dir.name.removeprefix("seed"))
     images = run_dir / "eval" / "images" / f"{seed_dir.name}-{method}-{stage_name}"
     fields, answers, _ = measure(
-        world, model, world.tasks(), seed_value * 1000 + number, images, Processes(accelerator)
+        world, model, world.tasks(), seed_value * 1000 + number, images, processes
     )
     result = {
         "run": str(run_dir),
@@ -105,13 +107,13 @@ def eval_stage(
         "method": method,
         "stage": number,
         "tasks": names,
-        "task_files": [str(f) for f in files],
-        "kd_data": None if pairs_file is None else str(pairs_file),
-        "concepts": None if concepts is None else str(concepts),
+        "task_files": [str(f) for f in files.tasks],
+        "kd_data": None if files.kd_data is None else str(files.kd_data),
+        "concepts": None if files.concepts is None else str(files.concepts),
         **fields,
         "answers": answers,
     }
     target = out_file or run_dir / "eval" / f"{seed_dir.name}-{method}-{stage_name}.json"
-    if accelerator.is_main_process:
+    if processes.main:
         write_atomic(Path(target), json.dumps(finite(result), indent=1, allow_nan=False))
     return result | {"file": str(target)}

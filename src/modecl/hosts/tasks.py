@@ -40,12 +40,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
 from modecl.core.modality import HOST_FAMILIES, image_mask, image_token_ids
+from modecl.core.processes import ONE_PROCESS, Processes
 from modecl.core.scoring import RULES, score
 from modecl.core.sequences import IGNORE, DrawPair, Example
 from modecl.core.tasks import (
@@ -71,7 +70,23 @@ from modecl.hosts.token_cache import SEGMENT_IMAGES, Rows, TokenStore
 
 CHUNK = 4096  # texts encoded at once when counting tokens
 
-__all__ = ["HostFormat", "ImageTokenizer", "Pairs", "load_image_task", "load_pairs", "token_source"]
+__all__ = [
+    "HostFormat",
+    "ImageTokenizer",
+    "Pairs",
+    "Row",
+    "TaskTable",
+    "check_images",
+    "check_pairs_file",
+    "check_rows",
+    "check_task_file",
+    "load_image_task",
+    "load_pairs",
+    "rows_task",
+    "table_task",
+    "text_list",
+    "token_source",
+]
 
 
 @dataclass(frozen=True)
@@ -205,8 +220,8 @@ class ImageTokenizer:
     once every input passed its checks, so a refused input leaves nothing in the out dir,
     and a killed tokenization resumes from the staged segments (``segment_images`` images
     each) without tokenizing them again. Without `folder`, they stay in a temporary store.
-    New files are read and tokenized `batch_size` at a time: under several processes
-    (accelerate) each tokenizes its share, and every process stages every round's tokens.
+    New files are read and tokenized `batch_size` at a time: under several `processes`
+    (the run's) each tokenizes its share, and every process stages every round's tokens.
     """
 
     model: nn.Module
@@ -215,6 +230,7 @@ class ImageTokenizer:
     progress: bool = True
     folder: Path | None = None
     segment_images: int = SEGMENT_IMAGES
+    processes: Processes = ONE_PROCESS
     store: TokenStore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -231,7 +247,7 @@ class ImageTokenizer:
     def _staging(self) -> Path:
         """This process's staging store: the same folder for the same out dir and host."""
         key = hashlib.sha256(json.dumps([os.path.abspath(self.folder), self._source]).encode())
-        name = f"modecl-tokens-{key.hexdigest()[:16]}-{PartialState().process_index}"
+        name = f"modecl-tokens-{key.hexdigest()[:16]}-{self.processes.rank}"
         return Path(tempfile.gettempdir()) / name
 
     def rows(self, names: Sequence[str]) -> tuple[Rows, np.ndarray]:
@@ -256,17 +272,16 @@ class ImageTokenizer:
         todo: dict[str, str] = {}
         for i in np.flatnonzero(~found):
             todo.setdefault(names[i], where(i))
-        state, have = PartialState(), set()
-        if state.num_processes > 1:  # after a kill, processes may have staged unequal parts
-            holder = [todo]
-            broadcast_object_list(holder, from_process=int(np.argmax(gather_object([len(todo)]))))
-            todo = holder[0]
+        processes, have = self.processes, set()
+        if processes.count > 1:  # after a kill, processes may have staged unequal parts
+            most = int(np.argmax(processes.gather([len(todo)])))
+            todo = processes.broadcast(todo, most)
             have = {n for n, ok in zip(todo, self.rows(list(todo))[1], strict=True) if ok}
         for name, where in todo.items():  # every file checked before any work
             if not Path(name).is_file():
                 raise TaskFileError(f"{where}image file not found: {name}")
         if todo:
-            tokens = self._tokenized(todo, state)
+            tokens = self._tokenized(todo)
             self.staged.write((n, c) for n, c in tokens if n not in have)
         return self.rows(names)[0]
 
@@ -274,21 +289,18 @@ class ImageTokenizer:
         """Move the tokens read so far into the store at `folder` (every process calls it)."""
         if self.staged is self.store:
             return
-        state = PartialState()
-        if state.is_main_process:
+        if self.processes.main:
             self.store.take_segments(self.staged.folder)
-        state.wait_for_everyone()
+        self.processes.barrier()
         shutil.rmtree(self.staged.folder, ignore_errors=True)  # rows read stay mapped
         self.staged = TokenStore(self.staged.folder, self._source, self.segment_images)
         self.store.refresh()
 
-    def _tokenized(
-        self, todo: dict[str, str], state: PartialState
-    ) -> Iterator[tuple[str, np.ndarray]]:
+    def _tokenized(self, todo: dict[str, str]) -> Iterator[tuple[str, np.ndarray]]:
         """`(file, tokens)` of every file of `todo`: in each round, every process tokenizes
         one batch of its share, and all gather the round's batches."""
-        share = list(todo)[state.process_index :: state.num_processes]
-        rounds = range(0, -(-len(todo) // state.num_processes), self.batch_size)
+        share = self.processes.share(list(todo))
+        rounds = range(0, -(-len(todo) // self.processes.count), self.batch_size)
         with tqdm(total=len(share), desc="tokenizing images", disable=not self.progress) as bar:
             for start in rounds:
                 names, tokens, error = share[start : start + self.batch_size], {}, None
@@ -296,7 +308,7 @@ class ImageTokenizer:
                     tokens = self._tokenize(names, todo)
                 except TaskFileError as err:  # every process must reach the gather below
                     error = str(err)
-                for part, part_error in gather_object([(tokens, error)]):
+                for part, part_error in self.processes.gather([(tokens, error)]):
                     if part_error is not None:
                         raise TaskFileError(part_error)
                     yield from part.items()
@@ -317,12 +329,6 @@ class ImageTokenizer:
             tokens = image_tokens(self.model, torch.cat([pixels[n] for n in group]))
             out |= dict(zip(group, tokens.cpu().numpy(), strict=True))
         return out
-
-
-def read_token_cache(folder: Path) -> TokenStore:
-    """Which image files an `ImageTokenizer` stored in `folder` (``path in`` it is a lookup
-    in the memory-mapped index; nothing is loaded), converting a JSON cache of old."""
-    return TokenStore(folder)
 
 
 def _split(record: dict, where: str, default: str | None = None) -> str:
@@ -549,11 +555,15 @@ def load_pairs(path: str | Path, images: ImageTokenizer) -> Pairs:
     return Pairs(out["train"], out["test"], out["files"])
 
 
-def check_pairs_file(path: Path, tokenized: Collection[str] = ()) -> None:
-    """Every check of :func:`load_pairs` that needs no model (to run before a host loads)."""
-    for where, file, *_ in _pair_rows(Path(path)):
+def check_pairs_file(path: Path, tokenized: Collection[str] = ()) -> dict[str, int]:
+    """Every check of :func:`load_pairs` that needs no model (to run before a host loads);
+    the number of pairs of each split."""
+    counts = {"train": 0, "test": 0}
+    for where, file, split, _ in _pair_rows(Path(path)):
         if str(file) not in tokenized and not file.is_file():
             raise TaskFileError(f"{where}field 'image': image file not found: {file}")
+        counts[split] += 1
+    return counts
 
 
 def _pair_rows(path: Path) -> list[tuple[str, Path, str, str]]:

@@ -53,7 +53,7 @@ from modecl.core.config import ConfigError
 from modecl.core.files import atomic_path, remove_leftovers
 from modecl.core.tasks import Packed
 
-__all__ = ["TOKEN_STORE", "Rows", "TokenStore"]
+__all__ = ["SEGMENT_IMAGES", "TOKEN_STORE", "Rows", "TokenStore"]
 
 TOKEN_STORE = "image_tokens"  # the store's folder in a run's out dir
 MAGIC = b"MDCLTOK1"

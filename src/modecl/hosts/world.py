@@ -38,12 +38,11 @@ from modecl.core.evaluate import image_nll_terms
 from modecl.core.files import read_image
 from modecl.core.methods import get_method
 from modecl.core.methods.distillation import check_pairs
+from modecl.core.processes import ONE_PROCESS, Processes
 from modecl.core.results import Results
-from modecl.core.runner import RunSpec, check_methods, check_run_key, run
+from modecl.core.runner import CheckedRun, RunSpec, preflight, run
 from modecl.core.sequences import DrawPair, example_lengths, left_padded
 from modecl.core.tasks import Task, TaskFileError
-from modecl.core.tracking import check_trackers
-from modecl.core.train import check_engine
 from modecl.core.world import Answering, Measured
 from modecl.hosts.clip import Clip, ClipUnavailable, References, load_clip
 from modecl.hosts.coin import COIN_FILES, check_coin_folder, folder_name, load_coin_task
@@ -59,10 +58,9 @@ from modecl.hosts.tasks import (
     check_task_file,
     load_image_task,
     load_pairs,
-    read_token_cache,
     table_task,
 )
-from modecl.hosts.token_cache import TOKEN_STORE
+from modecl.hosts.token_cache import TOKEN_STORE, TokenStore
 from modecl.hosts.vqgan import load_vqgan
 
 
@@ -89,12 +87,11 @@ def default_accelerator() -> Accelerator:
 
 
 def load_host(path: str, dtype: str, device: torch.device) -> tuple[nn.Module, Any]:
-    """The model (eval mode, on `device`) and tokenizer of a local directory or hub id."""
+    """The model (eval mode, on `device`) and tokenizer of a local directory or hub id;
+    ``dtype`` one of :class:`~modecl.hosts.config.HostSettings`' (checked with the config)."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype not in dtypes:
-        raise ConfigError(f"host.dtype: {dtype!r} is not one of auto, {', '.join(dtypes)}")
     if Path(path).is_file():
         raise ConfigError(
             f"--model {path}: is a file; expected a checkpoint folder (save_pretrained) or a hub id"
@@ -108,7 +105,12 @@ def load_host(path: str, dtype: str, device: torch.device) -> tuple[nn.Module, A
 
 
 def _image_reader(
-    model: nn.Module, path: str, config: TrainConfig, progress: bool, folder: Path
+    model: nn.Module,
+    path: str,
+    config: TrainConfig,
+    progress: bool,
+    folder: Path,
+    processes: Processes,
 ) -> ImageTokenizer:
     size = config.host.image_size
     if size is None:
@@ -118,7 +120,8 @@ def _image_reader(
             raise ConfigError(
                 f"no image processor at {path} ({err}); set host.image_size to resize instead"
             ) from None
-    return ImageTokenizer(model, size, config.host.tokenize_batch_size, progress, folder)
+    batch = config.host.tokenize_batch_size
+    return ImageTokenizer(model, size, batch, progress, folder, processes=processes)
 
 
 def _vqgan(model: nn.Module, fmt: HostFormat, path: str, config: TrainConfig) -> VQModel | None:
@@ -230,19 +233,16 @@ class HostWorld:
     def probe_pairs(self, size: int) -> Sequence[DrawPair]:
         return self.pairs.test[:size] if self.pairs else []
 
-    def measure(
-        self, model: nn.Module, seed: int, images: Path, rank: int, processes: int, gather: Any
-    ) -> Measured:
+    def measure(self, model: nn.Module, seed: int, images: Path, processes: Processes) -> Measured:
         """Image-token NLL of the test pairs (shared out); drawings of the test pairs and the
         concepts, decoded and scored (main process)."""
         pairs, ev = self.pairs, self.config.eval
         measures: dict[str, Any] = {}
         if pairs is not None and pairs.test:
-            terms = gather(
-                [image_nll_terms(model, self.format, pairs.test[rank::processes], ev.batch_size)]
-            )
+            mine = processes.share(pairs.test)
+            terms = processes.gather([image_nll_terms(model, self.format, mine, ev.batch_size)])
             measures["image_nll"] = sum(t for t, _ in terms) / max(sum(n for _, n in terms), 1)
-        if rank > 0:
+        if not processes.main:
             return Measured(measures)
         pixels = None
         if pairs is not None and pairs.test:
@@ -371,21 +371,49 @@ def _task_name(path: Path) -> str:
     return folder_name(path) if path.is_dir() else path.stem
 
 
+@dataclass(frozen=True)
+class InputFiles:
+    """What a `modecl train` run reads beside the host: its task files and CoIN task
+    folders (``tasks``), the image-generation pairs (``kd_data``), the root of the CoIN
+    folders' image paths and the concepts file."""
+
+    tasks: list[Path]
+    kd_data: Path | None = None
+    image_root: Path | None = None
+    concepts: Path | None = None
+
+    @classmethod
+    def of(
+        cls,
+        tasks: Sequence[str | Path],
+        kd_data: str | Path | None = None,
+        image_root: str | Path | None = None,
+        concepts: str | Path | None = None,
+    ) -> InputFiles:
+        """The files as paths (given as strings or paths; None: not given)."""
+        kd_data, image_root, concepts = (
+            None if f is None else Path(f) for f in (kd_data, image_root, concepts)
+        )
+        return cls([Path(f) for f in tasks], kd_data, image_root, concepts)
+
+
 def check_inputs(
-    task_files: list[Path],
-    kd_data: Path | None,
-    image_root: Path | None,
+    files: InputFiles,
     config: TrainConfig,
     tokenized: Collection[str] = (),
-    concepts: Path | None = None,
     read: dict[str, TaskTable] | None = None,
+    distilling: Sequence[str] = (),
 ) -> list[str]:
-    """Every check that needs no model, before minutes of loading it; the task names.
-    Images whose tokens are ``tokenized`` (a resumed run's) need not be present. `read`, if
-    given, receives each task's checked samples (:class:`TaskTable`) by its name."""
+    """Every check of the input files that needs no model, before minutes of loading it;
+    the task names. Images whose tokens are ``tokenized`` (a resumed run's) need not be
+    present. `read`, if given, receives each task's checked samples (:class:`TaskTable`)
+    by its name. `distilling`: the run's methods that distil, whose stream the pairs file's
+    train pairs must fill."""
+    task_files, kd_data, image_root = files.tasks, files.kd_data, files.image_root
+    concepts = files.concepts
     folders = [f for f in task_files if f.is_dir()]  # CoIN task folders
-    files = [*(f for f in task_files if f not in folders), kd_data, concepts, config.host.vqgan]
-    for file in files:
+    singles = [*(f for f in task_files if f not in folders), kd_data, concepts, config.host.vqgan]
+    for file in singles:
         if file is None:
             continue
         if Path(file).is_dir():
@@ -407,8 +435,16 @@ def check_inputs(
             rows = check_task_file(file, config.scoring.get(name), tokenized)
         if read is not None:
             read[name] = TaskTable.of(*rows)
+    if distilling and kd_data is None:
+        raise ConfigError(f"method(s) {list(distilling)} distil: give --kd-data with train pairs")
     if kd_data is not None:
-        check_pairs_file(kd_data, tokenized)
+        pairs = check_pairs_file(kd_data, tokenized)
+        if distilling:
+            batch = config.continual.distill.batch_size
+            try:
+                check_pairs(distilling[0], pairs["train"], batch, pairs["test"])
+            except ConfigError as err:
+                raise ConfigError(f"{kd_data}: {err}") from None
     if concepts is not None:
         check_concepts_file(concepts)
     for key in ("scoring", "answer_sets"):
@@ -420,16 +456,13 @@ def check_inputs(
 
 @dataclass
 class Inputs:
-    """A `modecl train` run's inputs, past every check that needs no model: its files, the
-    task names, the run's spec and, where asked for, each task's checked samples by name."""
+    """A `modecl train` run past its pre-flight (:func:`train_preflight`): the checked run,
+    its input files, the task names and, where asked for, each task's checked samples by
+    name."""
 
-    task_files: list[Path]
+    checked: CheckedRun
+    files: InputFiles
     names: list[str]
-    kd_data: Path | None
-    image_root: Path | None
-    concepts: Path | None
-    spec: RunSpec
-    distilling: list[str]
     tables: dict[str, TaskTable]
 
 
@@ -462,7 +495,7 @@ def in_child(function: Callable[[], Any]) -> Any:
     return value
 
 
-def checked_inputs(
+def train_preflight(
     model_path: str,
     task_files: Sequence[str | Path],
     methods: list[str] | str,
@@ -474,72 +507,60 @@ def checked_inputs(
     config: TrainConfig,
     seeds: int = 1,
     config_files: Sequence[Path] = (),
-    tables: bool | None = False,
+    processes: Processes = ONE_PROCESS,
+    tables: bool = False,
 ) -> Inputs:
-    """Every check of :func:`train_run` before the host loads (arguments as there), the
-    out dir's run key included; with `tables`, each task's checked samples are kept, read
-    in a child process (:func:`in_child`; None: in this one)."""
-    if tables:
-        return in_child(
-            functools.partial(
-                checked_inputs,
-                model_path,
-                task_files,
-                methods,
-                out,
-                kd_data=kd_data,
-                image_root=image_root,
-                concepts=concepts,
-                config=config,
-                seeds=seeds,
-                config_files=config_files,
-                tables=None,
-            )
-        )
+    """`modecl train`'s pre-flight: every check of :func:`train_run` before the host loads
+    (arguments as there), each once; writes nothing. The runner's checks
+    (:func:`modecl.core.runner.preflight`: methods, trackers, engine, the out dir), then the
+    input files (:func:`check_inputs`); with `tables`, each task's checked samples are kept,
+    read in a child process (:func:`in_child`)."""
     methods = [methods] if isinstance(methods, str) else list(methods)
-    check_methods(methods, config.continual)
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     if not task_files:
         raise ConfigError("a run needs at least one task file or folder")
-    task_files = [Path(f) for f in task_files]
-    kd_data = None if kd_data is None else Path(kd_data)
-    image_root = None if image_root is None else Path(image_root)
-    concepts = None if concepts is None else Path(concepts)
-    tokenized = read_token_cache(Path(out) / TOKEN_STORE)  # a resume needs no images
-    kept: dict[str, TaskTable] = {}
-    keep = kept if tables is None else None
-    names = check_inputs(task_files, kd_data, image_root, config, tokenized, concepts, keep)
-    check_trackers(config.tracking.log_with)
-    distilling = [m for m in methods if get_method(m).needs_pairs]
-    if distilling and kd_data is None:
-        raise ConfigError(f"method(s) {distilling} distil: give --kd-data with train pairs")
+    files = InputFiles.of(task_files, kd_data, image_root, concepts)
     inputs = {
         "model": str(model_path),
-        "tasks": [str(f) for f in task_files],
-        "kd_data": None if kd_data is None else str(kd_data),
+        "tasks": [str(f) for f in files.tasks],
+        "kd_data": None if files.kd_data is None else str(files.kd_data),
     }
-    if image_root is not None:  # absent otherwise: out dirs of earlier versions still resume
-        inputs["image_root"] = str(image_root)
-    if concepts is not None:  # likewise
-        inputs["concepts"] = str(concepts)
-    read = [p for f in task_files for p in ([f / n for n in COIN_FILES] if f.is_dir() else [f])]
+    if files.image_root is not None:  # absent otherwise: earlier versions' out dirs resume
+        inputs["image_root"] = str(files.image_root)
+    if files.concepts is not None:  # likewise
+        inputs["concepts"] = str(files.concepts)
+    read = [p for f in files.tasks for p in ([f / n for n in COIN_FILES] if f.is_dir() else [f])]
     spec = RunSpec(
         methods=methods,
-        seeds=[config.seed + i for i in range(seeds)],
+        seed_list=[config.seed + i for i in range(seeds)],
         continual=config.continual,
         front="train",
         config=to_dict(config),
         inputs=inputs,
         files=[
             *read,
-            *(f for f in (kd_data, concepts) if f),
+            *(f for f in (files.kd_data, files.concepts) if f),
             *(Path(f) for f in config_files),
         ],
         tracking=list(config.tracking.log_with),
     )
-    check_run_key(Path(out), spec)
-    return Inputs(task_files, names, kd_data, image_root, concepts, spec, distilling, kept)
+    checked = preflight(spec, out, processes)
+    distilling = [m for m in methods if get_method(m).needs_pairs]
+    read_files = functools.partial(_read_inputs, files, config, Path(out), distilling)
+    names, kept = in_child(read_files) if tables else read_files()
+    return Inputs(checked, files, names, kept)
+
+
+def _read_inputs(
+    files: InputFiles, config: TrainConfig, out: Path, distilling: list[str]
+) -> tuple[list[str], dict[str, TaskTable]]:
+    """:func:`check_inputs` of a run's files, its task names and checked samples; images
+    the out dir's token store holds need not be present (a resume)."""
+    kept: dict[str, TaskTable] = {}
+    tokenized = TokenStore(out / TOKEN_STORE)  # ``path in`` it: a lookup in its index
+    names = check_inputs(files, config, tokenized, kept, distilling)
+    return names, kept
 
 
 def train_run(
@@ -554,7 +575,7 @@ def train_run(
     config: TrainConfig | None = None,
     seeds: int = 1,
     progress: bool = True,
-    accelerator: Accelerator | None = None,
+    processes: Processes | None = None,
     config_files: Sequence[Path] = (),
 ) -> Results:
     """Train every method of `methods` through `task_files` (JSONL task files or CoIN task
@@ -562,9 +583,12 @@ def train_run(
     host at `model_path`, over `seeds` seeds from `config.seed` on; writes the out dir and
     returns results.json. `concepts` is a concepts file (:mod:`modecl.hosts.concepts`) to
     draw from after every task. `config_files` (the TOML it came from) are hashed into the
-    run key with the input files."""
+    run key with the input files. `processes`: the run's (default: this launch's,
+    :func:`default_accelerator`)."""
     config = config or TrainConfig()
-    checked = checked_inputs(
+    if processes is None:
+        processes = Processes(default_accelerator())
+    inputs = train_preflight(
         model_path,
         task_files,
         methods,
@@ -575,70 +599,51 @@ def train_run(
         config=config,
         seeds=seeds,
         config_files=config_files,
+        processes=processes,
         tables=True,  # read once: the tasks are built from them
     )
-    task_files, names, spec, distilling = (
-        checked.task_files,
-        checked.names,
-        checked.spec,
-        checked.distilling,
-    )
-    kd_data, image_root, concepts = checked.kd_data, checked.image_root, checked.concepts
-    out = Path(out)
-    accelerator = accelerator or default_accelerator()
-    # before minutes of loading the host
-    check_engine(accelerator, config.continual, methods=[get_method(m) for m in methods])
-    main = accelerator.is_main_process
-    model, tokenizer = load_host(model_path, config.host.dtype, accelerator.device)
+    model, tokenizer = load_host(model_path, config.host.dtype, processes.accelerator.device)
     world, images = host_world(
         model,
         tokenizer,
-        model_path,
-        config,
-        task_files,
-        names,
-        kd_data,
-        image_root,
-        out / TOKEN_STORE,
-        progress and main,
-        concepts,
-        checked.tables,
+        model_path=model_path,
+        config=config,
+        files=inputs.files,
+        names=inputs.names,
+        token_cache=Path(out) / TOKEN_STORE,
+        tables=inputs.tables,
+        processes=processes,
+        progress=progress and processes.main,
     )
-    if distilling:
-        batch, tests = config.continual.distill.batch_size, len(world.pairs.test)
-        try:
-            check_pairs(distilling[0], len(world.pairs.train), batch, tests)
-        except ValueError as err:
-            raise ConfigError(f"{kd_data}: {err}") from None
     if config.host.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     images.commit()  # every input passed its checks: its tokens join the out dir
-    return run(world, spec, out, accelerator=accelerator, progress=progress)
+    return run(world, inputs.checked, progress=progress)
 
 
 def host_world(
     model: nn.Module,
     tokenizer: Any,
+    *,
     model_path: str,
     config: TrainConfig,
-    task_files: list[Path],
+    files: InputFiles,
     names: list[str],
-    kd_data: Path | None,
-    image_root: Path | None,
     token_cache: Path,
-    progress: bool,
-    concepts: Path | None = None,
     tables: dict[str, TaskTable] | None = None,
+    processes: Processes = ONE_PROCESS,
+    progress: bool = True,
 ) -> tuple[HostWorld, ImageTokenizer]:
     """The world of a loaded host and its checked inputs, and the image tokenizer that read
     them into the token store `token_cache` (read back first: nothing is tokenized twice).
     `tables`: each task's checked samples as :func:`check_inputs` read them, taken out as
     the tasks are built (else the files are read again)."""
+    kd_data, image_root, concepts = files.kd_data, files.image_root, files.concepts
     fmt = HostFormat.from_model(model, tokenizer)
     vqgan = _vqgan(model, fmt, model_path, config)
-    images = _image_reader(model, model_path, config, progress, token_cache)
+    images = _image_reader(model, model_path, config, progress, token_cache, processes)
     tasks = []
-    for file, name in zip(task_files, names, strict=True):
+    for file, name in zip(files.tasks, names, strict=True):
         rule, answers = config.scoring.get(name), config.answer_sets.get(name)
         if tables:
             tasks.append(table_task(name, tables.pop(name), images, answers))

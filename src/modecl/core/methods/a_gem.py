@@ -18,25 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from modecl.core.config import AGEMSettings, ContinualSettings
 from modecl.core.methods.base import LossFn
 from modecl.core.methods.replay import Rehearsal
+from modecl.core.processes import Processes
 from modecl.core.sequences import DrawPair
 from modecl.core.tasks import Sample
-from modecl.core.values import Count, Size
-
-if TYPE_CHECKING:
-    from modecl.core.config import ContinualSettings
-
-
-@dataclass
-class AGEMSettings:
-    memory_size: Size = 100  # samples kept over all earlier tasks, equal share per task
-    batch_size: Count = 8  # memory samples of each step's reference gradient
 
 
 def project(grad: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -63,7 +54,7 @@ class AGEM(Rehearsal):
         self.settings = settings.a_gem
         self.refill()
 
-    def step_inputs(self, rng: np.random.Generator, rank: int, world: int) -> list[Sample]:
+    def step_inputs(self, rng: np.random.Generator, processes: Processes) -> list[Sample]:
         """The reference batch, the same in every process (not cut to a share)."""
         if not self.memory:
             return []

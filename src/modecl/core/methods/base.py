@@ -5,9 +5,10 @@ what it changes. Each step's loss is the task CE plus the method's named loss te
 (:meth:`Method.loss_terms`: distillation, EWC's penalty, O-LoRA's orthogonality); a method
 may then edit the step's gradient (:meth:`Method.edit_gradients`: A-GEM's projection).
 The task in training is known to the adapters (``routing_context(model).task``, set by the
-loop); the sequence's length to :meth:`Method.adapter_config`. A method's settings live in its own
-module (e.g. ``ReplaySettings`` in ``replay.py``); ``ContinualSettings`` gathers them.
-Adding a method: one module defining ``METHOD``, and one line in the registry.
+loop); the sequence's length to :meth:`Method.adapter_config`. A method's settings are a
+section of ``ContinualSettings`` (:mod:`modecl.core.config`, e.g. ``ReplaySettings``), which
+imports no method. Adding a method: one module defining ``METHOD``, and one line in the
+registry.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from modecl.core.adapters import TASK_KINDS, AdapterConfig
+from modecl.core.config import ContinualSettings
+from modecl.core.processes import Processes
 from modecl.core.sequences import DrawPair, Format
 from modecl.core.tasks import Sample, Task
-
-if TYPE_CHECKING:  # config.py gathers the methods' settings
-    from modecl.core.config import ContinualSettings
 
 # (model, samples) -> mean task loss over those samples, with the graph (for Fisher estimates)
 LossFn = Callable[[torch.nn.Module, Sequence[Sample]], torch.Tensor]
@@ -59,18 +59,11 @@ class Method:
     def adapter_config(self, settings: ContinualSettings, tasks: int = 1) -> AdapterConfig:
         """The adapters for a sequence of ``tasks`` tasks (kinds with per-task adapters are
         sized by it; the others take 1, so that their saved adapters fit any sequence)."""
-        a = settings.adapter
-        config = AdapterConfig(
-            tasks=tasks if self.kind in TASK_KINDS else 1,
-            kind=self.kind,
-            rank=a.rank,
-            alpha=a.alpha,
-            dropout=a.dropout,
-            num_experts=a.num_experts,
-            target_modules=tuple(a.target_modules),
-            routing=self.policy,
+        shared, tasks = settings.adapter, tasks if self.kind in TASK_KINDS else 1
+        config = AdapterConfig.of(
+            shared, kind=self.kind, routing=self.policy, tasks=tasks, expert_rank="full"
         )
-        rank = self.expert_rank or (a.expert_rank if config.routed else "full")
+        rank = self.expert_rank or (shared.expert_rank if config.routed else "full")
         return dataclasses.replace(config, expert_rank=rank)
 
     def configure(self, settings: ContinualSettings, pairs: Sequence[DrawPair] = ()) -> None:
@@ -83,9 +76,10 @@ class Method:
         """The samples actually trained on for one task batch (replay adds old ones)."""
         return batch
 
-    def step_inputs(self, rng: np.random.Generator, rank: int, world: int) -> Any:
+    def step_inputs(self, rng: np.random.Generator, processes: Processes) -> Any:
         """What this step's loss terms need beyond the task batch, drawn from ``rng`` on
-        every process alike and cut to this process's share (distillation's pairs)."""
+        every one of the ``processes`` alike and cut to this process's share
+        (distillation's pairs)."""
         return None
 
     def loss_terms(

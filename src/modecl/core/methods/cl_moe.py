@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -52,23 +51,10 @@ from modecl.core.adapters import (
     routed_weights,
     routing_context,
 )
+from modecl.core.config import CLMoESettings, ContinualSettings
 from modecl.core.methods.base import LossFn, Method
 from modecl.core.sequences import IGNORE, DrawPair, Format, collate, understand
 from modecl.core.tasks import Task
-from modecl.core.values import Count, Fraction
-
-if TYPE_CHECKING:
-    from modecl.core.config import ContinualSettings
-
-
-@dataclass
-class CLMoESettings:
-    task_gate: Fraction = 0.5  # w: the task-level router's share (the paper's 1 - beta)
-    top_k: Count = 2  # experts each token counts for the task-level router
-    task_experts: Count = 2  # E_t: the most counted experts of a task
-    momentum: Fraction = 0.7  # the share of theta_{t-1} kept in experts a task still uses
-    samples: Count = 64  # training samples of a task counted and averaged (prototype)
-    batch_size: Count = 16
 
 
 def task_gate(counts: torch.Tensor, experts: int) -> torch.Tensor:

@@ -10,30 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from modecl.core.adapters import lm_logits, pass_kind
-from modecl.core.distill import AverageOver, kd_mask, topk_kl
+from modecl.core.config import ConfigError, ContinualSettings, DistillSettings
+from modecl.core.distill import kd_mask, topk_kl
 from modecl.core.methods.base import Method
+from modecl.core.processes import Processes
 from modecl.core.sequences import DrawPair, Format, collate
-from modecl.core.values import Count, NonNegative, Positive
-
-if TYPE_CHECKING:
-    from modecl.core.config import ContinualSettings
-
-
-@dataclass
-class DistillSettings:
-    weight: NonNegative = 0.3  # lambda
-    temperature: Positive = 2.0
-    top_k: Count = 256
-    average_over: AverageOver = "image"  # "attended", or "all" (the paper's code)
-    batch_size: Count = 16  # image-generation pairs beside each task batch
-    chunk_size: Count = 1024
 
 
 def teacher_logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -83,12 +70,11 @@ class Distilling(Method):
         return True
 
     def configure(self, settings: ContinualSettings, pairs: Sequence[DrawPair] = ()) -> None:
-        self.settings, self.pairs = settings.distill, pairs
-        check_pairs(self.name, len(pairs), settings.distill.batch_size)
+        self.settings, self.pairs = settings.distill, pairs  # enough: a front door's check_pairs
 
-    def step_inputs(self, rng: np.random.Generator, rank: int, world: int) -> list[DrawPair]:
+    def step_inputs(self, rng: np.random.Generator, processes: Processes) -> list[DrawPair]:
         pick = rng.choice(len(self.pairs), self.settings.batch_size, replace=False)
-        return [self.pairs[i] for i in pick[rank::world]]
+        return [self.pairs[i] for i in processes.share(pick)]
 
     def loss_terms(
         self, model: nn.Module, fmt: Format, inputs: list[DrawPair]
@@ -97,17 +83,18 @@ class Distilling(Method):
 
 
 def check_pairs(method: str, available: int, batch_size: int, tests: int = 0) -> None:
-    """Raise ValueError unless ``available`` train pairs fill a distillation batch of
-    ``batch_size``; ``tests``: the test pairs given beside them, named in the message."""
+    """Refuse (a ConfigError, in a front door's pre-flight) ``available`` train pairs that
+    do not fill a distillation batch of ``batch_size``; ``tests``: the test pairs given
+    beside them, named in the message."""
     if available == 0 and tests:
-        raise ValueError(
+        raise ConfigError(
             f"method '{method}' distils from train pairs, but all {tests} pairs given are "
             'split "test" (they only evaluate image generation): give pairs of split "train"'
         )
     if available == 0:
-        raise ValueError(f"method '{method}' distils but no image-generation pairs were given")
+        raise ConfigError(f"method '{method}' distils but no image-generation pairs were given")
     if available < batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"method '{method}' distils {batch_size} pairs per step "
             f"(continual.distill.batch_size) but only {available} training pairs were given: "
             "give more pairs or lower continual.distill.batch_size"

@@ -10,29 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from modecl.core.config import ContinualSettings, EWCSettings
 from modecl.core.methods.base import LossFn, Method
 from modecl.core.sequences import DrawPair, Format
 from modecl.core.tasks import Task
-from modecl.core.values import Count, NonNegative
-
-if TYPE_CHECKING:
-    from modecl.core.config import ContinualSettings
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-@dataclass
-class EWCSettings:
-    weight: NonNegative = 1000.0
-    fisher_batches: Count = 16
-    fisher_batch_size: Count = 8
 
 
 @dataclass

@@ -20,23 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from modecl.core.adapters import AdapterConfig, adapter_layers, routing_context
+from modecl.core.config import ContinualSettings, OLoRASettings
 from modecl.core.methods.base import Method
 from modecl.core.sequences import DrawPair, Format
-from modecl.core.values import NonNegative
-
-if TYPE_CHECKING:
-    from modecl.core.config import ContinualSettings
-
-
-@dataclass
-class OLoRASettings:
-    orthogonal_weight: NonNegative = 0.5  # lambda_1
-    l2_weight: NonNegative = 0.0  # lambda_2
 
 
 def orthogonal_terms(model: torch.nn.Module, task: int) -> tuple[torch.Tensor, torch.Tensor]:

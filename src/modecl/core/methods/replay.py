@@ -5,24 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from modecl.core.config import ContinualSettings, ReplaySettings
 from modecl.core.methods.base import LossFn, Method
 from modecl.core.sequences import DrawPair, Format
 from modecl.core.tasks import Sample, Task
-from modecl.core.values import Size
-
-if TYPE_CHECKING:
-    from modecl.core.config import ContinualSettings
-
-
-@dataclass
-class ReplaySettings:
-    buffer_size: Size = 100  # samples kept over all earlier tasks, equal share per task
-    per_batch: Size = 8  # buffer samples mixed into each task batch
 
 
 @dataclass
