@@ -37,9 +37,12 @@ def test_cache_key_follows_what_shapes_the_weights():
     base = cache_key(DigitsConfig())
     assert base == cache_key(DigitsConfig())
     assert cache_key(DigitsConfig(seed=1)) != base
-    gate_only = DigitsConfig()
+    gate_only = DigitsConfig()  # the gate ranks the checkpoints: it shapes the weights
     gate_only.gate.captioning = 0.5
-    assert cache_key(gate_only) == base
+    assert cache_key(gate_only) != base
+    sampling_only = DigitsConfig()  # how the host draws does not
+    sampling_only.generation.temperature = 0.5
+    assert cache_key(sampling_only) == base
 
 
 def _renamed_rule(rule: str, question: str) -> dict[str, TaskRule]:

@@ -145,10 +145,16 @@ def plot_generation(results: Results, key: str, label: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     stages = ["pre-trained", *results.tasks]
     pre = results.mean.pretrained.measures.get(key)
-    for name, entry in results.mean.methods.items():
+    colors = plt.get_cmap("tab10").colors
+    for i, (name, entry) in enumerate(results.mean.methods.items()):
         ys = [pre] + [s.measures.get(key) for s in entry.stages]
-        ax.plot(
-            range(len(stages)), [np.nan if y is None else y for y in ys], marker="o", label=name
+        ax.plot(  # past ten methods the colors repeat: a dashed, then dotted line tells them apart
+            range(len(stages)),
+            [np.nan if y is None else y for y in ys],
+            marker="os^"[i // 10 % 3],
+            linestyle=("-", "--", ":")[i // 10 % 3],
+            color=colors[i % 10],
+            label=name,
         )
     ax.set_xticks(range(len(stages)), stages, rotation=20)
     ax.set_ylabel(label)
