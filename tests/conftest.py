@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from modecl.core.config import from_dict
@@ -36,3 +38,13 @@ def digits() -> Digits:
 def cache(tmp_path_factory):
     """A cache folder shared by the tests that run the tiny study: its host trains once."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C raising KeyboardInterrupt in this process, as in a terminal: a process started
+    in the background by a shell (``cmd &``, as CI runners may) inherits SIGINT ignored, and
+    Python then installs no handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -423,7 +423,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_previous_file_or_none(
 
 @pytest.mark.parametrize(("sent", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupt_says_where_the_run_stopped_and_that_it_resumes(
-    data, tmp_path, capsys, monkeypatch, sent, code
+    data, tmp_path, capsys, monkeypatch, ctrl_c, sent, code
 ):
     steps, forward = [], StepLoss.forward
 

@@ -128,7 +128,7 @@ def interrupted_unit(world, unit, tick):
     time.sleep(60)
 
 
-def test_ctrl_c_stops_the_run_in_the_parent_which_stops_the_workers():
+def test_ctrl_c_stops_the_run_in_the_parent_which_stops_the_workers(ctrl_c):
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):  # not a unit that failed with it
         workers.run_units([("a", "x")], {}, dict, interrupted_unit, 1, 1, progress=False)
