@@ -76,6 +76,11 @@ def check(name: str, replicate: SeedResult) -> bool | None:
         ("o-lora-forgets-less", rep(o_lora=method(0.39), seq_lora=method(0.4)), True),
         ("a-gem-forgets-less", rep(a_gem=method(0.41), seq_lora=method(0.4)), False),
         ("a-gem-forgets-less", rep(a_gem=method(0.41)), None),  # seq-lora not run
+        ("o-lora-forgets-less-than-mode", rep(o_lora=method(0.2), mode=method(0.4)), True),
+        ("a-gem-forgets-less-than-mode", rep(a_gem=method(0.5), mode=method(0.4)), False),
+        ("cl-moe-loses-drawing", rep(0.96, cl_moe=method(generation=0.93)), False),
+        ("o-lora-loses-drawing", rep(0.96, o_lora=method(generation=0.85)), True),
+        ("a-gem-loses-drawing", rep(0.96, a_gem=method(generation=0.5)), True),
         ("mode-forgets-less", rep(mode=method(0.3), seq_lora=method(0.4)), True),
         ("mode-forgets-less", rep(mode=method(0.4), seq_lora=method(0.4)), False),
         (

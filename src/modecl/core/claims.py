@@ -263,6 +263,24 @@ CLAIMS = (
         forgets_less("a-gem", "seq-lora"),
     ),
     Claim(
+        "o-lora-forgets-less-than-mode",
+        "o-lora forgets less than mode",
+        forgets_less("o-lora", "mode"),
+    ),
+    Claim(
+        "a-gem-forgets-less-than-mode",
+        "a-gem forgets less than mode",
+        forgets_less("a-gem", "mode"),
+    ),
+    *(
+        Claim(
+            f"{name}-loses-drawing",
+            f"{name}'s generation accuracy falls at least 0.10 below the host's",
+            drops_below_host(name, 0.10),
+        )
+        for name in ("cl-moe", "o-lora", "a-gem")
+    ),
+    Claim(
         "conflict-is-not-the-driver",
         "the gradient cosine stays below 0.05 while the real-update prediction correlates "
         "above 0.9 with the measured change",
