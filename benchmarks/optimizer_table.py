@@ -20,14 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from modecl.core.report import conflict_figures
 from modecl.core.results import Results, read_results
 
 METHODS = "seq-lora,mode,mode-no-kd,lwf"
-
-
-def _mean(values: list) -> float | None:
-    kept = [v for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else None
+CONFLICT = ("cosine", "predicted", "measured", "correlation", "sgd", "sgd corr")
 
 
 def label(results: Results) -> str:
@@ -42,18 +39,13 @@ def rows(results: Results, methods: list[str]) -> list[str]:
         if entry is None:
             continue
         after = float(np.mean(np.diag(np.array(entry.accuracy_matrix))))
-        conflict = [s.conflict for s in entry.stages if s.conflict and s.conflict.get("steps")]
+        figures = conflict_figures(entry) or {}
         cells = [
             after,
             entry.summary["final_average_accuracy"],
             entry.summary["average_forgetting"],
             entry.stages[-1].measures.get("generation_accuracy"),
-            _mean([s["mean_cosine"] for s in conflict]),
-            sum(s["predicted_image_loss_change"] for s in conflict) if conflict else None,
-            sum(s["measured_image_loss_change"] for s in conflict) if conflict else None,
-            _mean([s["correlation"] for s in conflict]),
-            sum(s["sgd_image_loss_change"] for s in conflict) if conflict else None,
-            _mean([s.get("sgd_correlation") for s in conflict]),
+            *(figures.get(k) for k in CONFLICT),
         ]
         text = " | ".join("–" if c is None else f"{c:.4f}" for c in cells)
         out.append(f"| {label(results)} | {name} | {text} |")

@@ -17,7 +17,7 @@ import numpy as np
 from modecl.core.claims import claim_rows, tally
 from modecl.core.files import atomic_path, write_atomic
 from modecl.core.metrics import variance_split
-from modecl.core.results import Results, SeedResult, Stage, read_results
+from modecl.core.results import MethodResult, Results, SeedResult, Stage, read_results
 
 # World measures shown as headline columns when a run has them: (label, key, digits).
 MEASURES = (
@@ -274,23 +274,36 @@ def conflict_rows(results: Results) -> list[str]:
     head += " | SGD formula corr. |"
     rows = [head, "|" + "---|" * (len(GROUPS) + 7)]
     for name, entry in results.mean.methods.items():
-        stages = [s.conflict for s in entry.stages if s.conflict and s.conflict.get("steps")]
-        if not stages:
+        figures = conflict_figures(entry)
+        if figures is None:
             continue
-        cosines = [
-            _mean([s["by_group"].get(g, {}).get("mean_cosine") for s in stages]) for g in GROUPS
-        ]
-        cells = [
-            _mean([s["mean_cosine"] for s in stages]),
-            *cosines,
-            sum(s["predicted_image_loss_change"] for s in stages),
-            sum(s["measured_image_loss_change"] for s in stages),
-            _mean([s["correlation"] for s in stages]),
-            sum(s["sgd_image_loss_change"] for s in stages),
-            _mean([s.get("sgd_correlation") for s in stages]),
-        ]
+        cells = [figures["cosine"], *(figures[f"cosine {g}"] for g in GROUPS)]
+        cells += [figures[k] for k in ("predicted", "measured", "correlation", "sgd", "sgd corr")]
         rows.append(f"| {name} | " + " | ".join(_fmt(c, digits=4) for c in cells) + " |")
     return rows
+
+
+def conflict_figures(entry: MethodResult) -> dict[str, float | None] | None:
+    """A method's conflict monitor figures over its tasks (None: not monitored): the mean
+    cosine between the image-loss and text-loss gradients, overall and per group; the
+    predicted (real update) and measured image-loss changes and the SGD formula's, summed
+    over the monitored steps; their correlations, means over tasks."""
+    stages = [s.conflict for s in entry.stages if s.conflict and s.conflict.get("steps")]
+    if not stages:
+        return None
+    groups = {
+        f"cosine {g}": _mean([s["by_group"].get(g, {}).get("mean_cosine") for s in stages])
+        for g in GROUPS
+    }
+    return {
+        "cosine": _mean([s["mean_cosine"] for s in stages]),
+        **groups,
+        "predicted": sum(s["predicted_image_loss_change"] for s in stages),
+        "measured": sum(s["measured_image_loss_change"] for s in stages),
+        "correlation": _mean([s["correlation"] for s in stages]),
+        "sgd": sum(s["sgd_image_loss_change"] for s in stages),
+        "sgd corr": _mean([s.get("sgd_correlation") for s in stages]),
+    }
 
 
 CONFLICT_COLUMNS = 3  # methods per row: about 1,200 px wide at the saved dpi
