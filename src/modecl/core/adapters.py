@@ -109,9 +109,11 @@ the state at forward time and puts it back for the recomputation.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -340,6 +342,7 @@ class RoutingContext:
     prototypes: torch.Tensor | None = None
     embed: nn.Module | None = None
     fused: bool = True  # routed layers' fused path (`_FusedDelta`); False: the reference
+    compiled: bool = False  # the fused path by torch.compile (`_compiled`), if it compiles
 
     def forced_branch(self, training: bool) -> str | None:
         """The branch every token takes under the policy and pass, None for per token."""
@@ -471,24 +474,24 @@ class AdapterLinear(nn.Module):
         if not state.enabled:
             return y
         self.last_route = None
-        lora_A, lora_B, experts, outside, index = self._in_play(state)
-        if outside is not None and outside.shape[:-1] != x.shape[:-1]:
+        lora_A, lora_B, experts, split, index = self._in_play(state)
+        if split and state.image_mask.shape != x.shape[:-1]:
             raise ValueError(
-                f"image mask of shape {tuple(outside.shape[:-1])} does not match the tokens "
+                f"image mask of shape {tuple(state.image_mask.shape)} does not match the tokens "
                 f"{tuple(x.shape[:-1])} reaching this layer"
             )
         routed = experts > 1 and self.router is not None
         if routed and self.routing.fused and not torch.is_autocast_enabled(x.device.type):
-            return self._fused(y, x, lora_A, lora_B, experts, outside, index, state)
-        return self._reference(y, x, lora_A, lora_B, experts, outside, index, state)
+            return self._fused(y, x, lora_A, lora_B, experts, split, index, state)
+        return self._reference(y, x, lora_A, lora_B, experts, split, index, state)
 
     def _in_play(
         self, state: RoutingState
-    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
-        """(A, B) of the experts in play, how many gated experts (1: no gate), `outside`
-        where each token picks its branch, and `index` where their ranks differ."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int, bool, torch.Tensor | None]:
+        """(A, B) of the experts in play, how many gated experts (1: no gate), whether each
+        token picks its branch (by the image mask), and `index` where their ranks differ."""
         if self.per_task:  # one LoRA per task, no gate: in training, only the tasks so far
-            return *self._tasks_so_far(state.task), 1, None, None
+            return *self._tasks_so_far(state.task), 1, False, None
         if state.branch is not None and len(self.branches) == 2:
             # One branch for all tokens: only its columns; the other gets no gradient.
             cols = self.columns[state.branch]
@@ -496,11 +499,11 @@ class AdapterLinear(nn.Module):
                 self.lora_A[cols],
                 self.lora_B[:, cols],
                 dict(self.branches)[state.branch],
-                None,
+                False,
                 None,
             )
-        outside = state.outside(self.image_experts) if len(self.branches) == 2 else None
-        return self.lora_A, self.lora_B, len(self.expert_ranks), outside, self.index
+        split = len(self.branches) == 2
+        return self.lora_A, self.lora_B, len(self.expert_ranks), split, self.index
 
     def _fused(
         self,
@@ -509,25 +512,60 @@ class AdapterLinear(nn.Module):
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         experts: int,
-        outside: torch.Tensor | None,
+        split: bool,
         index: torch.Tensor | None,
         state: RoutingState,
     ) -> torch.Tensor:
-        """The layer's output by `_FusedDelta`, routed as `_gate` routes."""
+        """The layer's output by `_FusedDelta` (or `_compiled`), routed as `_gate` routes."""
         task = None
-        if outside is not None:  # each token its branch: flattened, once per forward
-            outside = state.flat_outside(self.image_experts)
-        elif state.task_ids is not None and self.task_gates is not None:
+        if not split and state.task_ids is not None and self.task_gates is not None:
             task = self.task_gates[state.task_ids].unsqueeze(-2)
             task = task.expand(*x.shape[:-1], -1).flatten(0, -2)
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
         # With an image mask, the routed branch first and the image expert's logit 0.
         pad = experts - self.router.out_features
         rank = lora_A.shape[0] // experts
-        plan = _Plan(p, self.scaling, rank, pad, self.task_gate, outside, task, index)
-        out, weights = _FusedDelta.apply(y, x, x, lora_A, lora_B, self.router.weight, plan)
-        self.last_route = (weights, None if outside is None else state.image_mask)
+        plan = _Plan(p, self.scaling, rank, pad, self.task_gate, None, task, index)
+        result = None
+        if self.routing.compiled:
+            result = self._compiled(y, x, lora_A, lora_B, plan, state if split else None)
+        if result is None:
+            if split:  # each token its branch: flattened, once per forward
+                plan = plan._replace(outside=state.flat_outside(self.image_experts))
+            router = self.router.weight
+            result = _FusedDelta.apply(y, x, x, lora_A, lora_B, router, plan)
+        out, weights = result
+        self.last_route = (weights, state.image_mask if split else None)
         return out
+
+    def _compiled(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        plan: _Plan,
+        split: RoutingState | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`_fused` by torch.compile (`_compiled`), with `split` the state whose image mask
+        routes each token, else None; None where inductor cannot compile (no C++ compiler,
+        ...): then a warning, and the eager fused path from here on."""
+        image = layout = None
+        if split is not None:
+            image, layout = split.image_mask.reshape(-1), self.image_experts
+        delta = _compiled(plan.dropout, plan.scaling, plan.rank, plan.pad, plan.task_gate, layout)
+        try:
+            # Each set of constants is a closure of one function: an entry of its cache.
+            with torch._dynamo.config.patch(recompile_limit=64):
+                return delta(y, x, lora_A, lora_B, self.router.weight, image, plan.task, plan.index)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            self.routing.compiled = False
+            warnings.warn(
+                f"torch.compile of the adapters failed, the eager fused path runs instead: "
+                f"{str(error).splitlines()[0]}",
+                stacklevel=2,
+            )
+            return None
 
     def _reference(
         self,
@@ -536,7 +574,7 @@ class AdapterLinear(nn.Module):
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         experts: int,
-        outside: torch.Tensor | None,
+        split: bool,
         index: torch.Tensor | None,
         state: RoutingState,
     ) -> torch.Tensor:
@@ -544,6 +582,7 @@ class AdapterLinear(nn.Module):
         xa = x.to(self.lora_A.dtype)
         h = F.linear(self.dropout(xa), lora_A)
         if experts > 1:  # weigh each expert's components by its gate
+            outside = state.outside(self.image_experts) if split else None
             gate = self._gate(xa, outside, state.image_mask, state.task_ids)
             if index is None:  # every expert in play of one rank
                 h = (h.unflatten(-1, (experts, -1)) * gate.unsqueeze(-1)).flatten(-2)
@@ -716,6 +755,43 @@ class _FusedDelta(torch.autograd.Function):
         grad_xr = None if grad_xr is None else grad_xr.view(x.shape)
         grad_x = None if grad_x is None else grad_x.view(x.shape)
         return grad, grad_xr, grad_x, grad_A, grad_B, grad_R, None
+
+
+@functools.cache
+def _compiled(
+    p: float, scaling: float, rank: int, pad: int, task_gate: float, layout: tuple[bool, ...] | None
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`_FusedDelta`'s function as plain ops for these constants, compiled by inductor.
+
+    The same math in another order: alpha / r scales the gate (a kernel fewer each way), the
+    add is the B matmul's (``addmm``) under a float32 host, and `outside` is derived in the
+    graph from the flat image mask and `layout` (whether each expert is an image one).
+    """
+
+    def delta(y, x, lora_A, lora_B, router, image, task, index):
+        xa = x.reshape(-1, x.shape[-1]).to(lora_A.dtype)
+        h = F.linear(F.dropout(xa, p) if p else xa, lora_A)
+        logits = F.linear(xa, router)
+        if pad:
+            logits = F.pad(logits, (0, pad))
+        if layout is not None:
+            outside = image.unsqueeze(-1) != torch.tensor(layout, device=image.device)
+            logits = logits.masked_fill(outside, -math.inf)
+        weights = gate = logits.softmax(-1)
+        if task is not None:
+            gate = weights.lerp(task, task_gate)
+        gate = gate * scaling
+        if index is None:
+            gated = (h.view(len(h), -1, rank) * gate.unsqueeze(-1)).view(len(h), -1)
+        else:
+            gated = h * gate.index_select(-1, index)
+        if y.dtype == gated.dtype:
+            out = torch.addmm(y.reshape(len(h), -1), gated, lora_B.t()).view(y.shape)
+        else:
+            out = y + F.linear(gated, lora_B).view(y.shape).to(y.dtype)
+        return out, weights.detach()
+
+    return torch.compile(delta)
 
 
 def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
