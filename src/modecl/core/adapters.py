@@ -99,6 +99,7 @@ Public API::
     lm_logits(model, last_only=False, **inputs) -> lm_head over the final hidden states
     routing_context(model) -> RoutingContext    # .fused = False: the reference path
     enable_gradient_checkpointing(model) -> model   # HF checkpointing, routing-safe
+    compile_adapters(model, enabled=True) -> model  # routed layers by torch.compile
 
 Gradient checkpointing: everything a layer reads per forward is the one object
 `routing_context(model).state`. A checkpointed layer is recomputed during the backward, when
@@ -142,6 +143,7 @@ __all__ = [
     "adapter_state_dict",
     "adapters_off",
     "attach_adapters",
+    "compile_adapters",
     "detach_adapters",
     "enable_gradient_checkpointing",
     "expert_shares",
@@ -166,6 +168,7 @@ ExpertRank = Literal["full", "split"]
 PASS_KINDS = ("understand", "draw", "teacher", "student")
 
 _ATTACHMENT = "_modecl_adapters"
+_COMPILED = "_modecl_compiled"  # compile_adapters' choice, read by attach_adapters
 _WEIGHTS_FILE = "adapters.safetensors"
 _CONFIG_FILE = "adapter_config.json"
 
@@ -881,7 +884,7 @@ def attach_adapters(
         )
     host_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
-    routing = RoutingContext(config, ids)
+    routing = RoutingContext(config, ids, compiled=getattr(model, _COMPILED, False))
     if config.kind == "cl-moe":
         routing.embed = model.get_input_embeddings()
         weight = routing.embed.weight
@@ -1122,6 +1125,22 @@ class _RestoredState:
 
     def __exit__(self, *exc: object) -> None:
         self.routing.state = self.previous.pop()
+
+
+def compile_adapters(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run the routed adapter layers of `model` by torch.compile (inductor); returns `model`.
+
+    The same math as the fused path, as compiled kernels: a training step adds about as many
+    ops as peft's LoRA (`benchmarks/adapter_ops.py`), its floats within float32 rounding of
+    the reference (not bit for bit; dropout draws its own masks). The first step of each
+    layer shape compiles (seconds to a minute), so it pays on long runs and at scale. Where
+    inductor cannot compile (no C++ compiler on a CPU, ...) a warning, and the eager fused
+    path. The adapters may be attached before or after this call.
+    """
+    setattr(model, _COMPILED, enabled)
+    if has_adapters(model):
+        routing_context(model).compiled = enabled
+    return model
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:

@@ -17,6 +17,9 @@ class HostSettings:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on a GPU, else float32
     image_size: Count | None = None  # resize images to this square; None: the host's processor
     gradient_checkpointing: bool = False
+    # routed adapter layers by torch.compile (modecl.core.adapters.compile_adapters): about
+    # peft LoRA's ops per step; each layer shape compiles once (seconds to a minute)
+    compile_adapters: bool = False
     tokenize_batch_size: Count = 16  # images per VQ-tokenizer batch
     # Chameleon's taming `vqgan.ckpt`, to decode drawings when the checkpoint has no
     # model.vqmodel.decoder.* weights (modecl.hosts.vqgan); None: the checkpoint's or none

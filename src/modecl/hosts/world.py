@@ -32,7 +32,7 @@ from diffusers import VQModel
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-from modecl.core.adapters import enable_gradient_checkpointing
+from modecl.core.adapters import compile_adapters, enable_gradient_checkpointing
 from modecl.core.config import ConfigError, to_dict
 from modecl.core.evaluate import image_nll_terms
 from modecl.core.files import read_image
@@ -617,6 +617,7 @@ def train_run(
     )
     if config.host.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    compile_adapters(model, config.host.compile_adapters)
     images.commit()  # every input passed its checks: its tokens join the out dir
     return run(world, inputs.checked, progress=progress)
 
