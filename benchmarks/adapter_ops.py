@@ -4,27 +4,31 @@ One forward, cross entropy and backward of a small Llama stack (adapters on gate
 down_proj, a batch of text and image tokens; the embedding requires grad for every variant
 alike, so that each backward runs through the whole stack), for: the frozen host, peft's LoRA
 (r=8), and ours `lora`, `mode`, `mode` with split expert ranks, `moe-lora` and
-`mode-text-lora`; those with a router also by the reference path ("ref.":
-`RoutingContext.fused = False`, the same floats; the fused path is the default there, the
-reference elsewhere). A variant's adapter-added count is its step's count minus the frozen
-host's.
+`mode-text-lora` by their default (eager) path; those with a router also by the reference
+path ("ref.": `RoutingContext.fused = False`, the same floats) and compiled ("compiled":
+`compile_adapters`, torch.compile's inductor kernels). A variant's adapter-added count is its
+step's count minus the frozen host's.
 
-What is counted, every aten op that reaches the dispatcher below autograd in the step (a
-`TorchDispatchMode`: forward, loss, backward and the gradients' accumulation, whatever
-Python, autograd or a custom autograd function issued it; not the ops a kernel runs inside
-itself, of which there are none here: on the CPU dropout is its four ops, for peft as for us):
+What is counted, from torch.profiler's record of the step (forward, loss, backward and the
+gradients' accumulation, whatever Python, autograd, a custom autograd function or a compiled
+graph issued it): each aten op the dispatcher ran, taken whole (not the ops its kernel calls
+inside itself), except those that only decompose into others (`linear` and `dropout` count as
+the ops they run: on the CPU dropout is bernoulli_, div_ and mul, for peft as for us), and each
+kernel a compiled graph runs (inductor's fused C++ kernels, recorded by
+`torch._inductor.config.cpp.enable_kernel_profile`; its matmuls are aten ops):
 
 - kernel ops: those that compute, which on a GPU each launch at least one kernel: all but
   views (ops whose output aliases an input: view, t, detach, expand, ...), `_unsafe_view`,
   `lift_fresh` and the allocations `empty*` (no kernel);
 - all ops: every one of them, views included (each costs the host a dispatch);
 - on CUDA also the kernels the GPU ran (torch.profiler's device events: kernels, memsets,
-  copies);
+  copies; a compiled graph's Triton kernels are counted there only);
 - saved MiB: the bytes of the tensors autograd keeps for the backward (saved-tensor hooks,
   each storage once, parameters left out), another count that does not depend on the machine.
 
 The count does not depend on the width (only memory does). The ratios are adapter-added
-kernel ops over peft LoRA's; the last line is mode's:
+kernel ops over peft LoRA's; the last two lines are the fused path's (compiled, the
+`compile_adapters` switch), moe-lora's and mode's:
 
     .venv/bin/python benchmarks/adapter_ops.py [--hidden 64 ...] [--dtype bfloat16] [--device cuda]
 
@@ -34,18 +38,17 @@ kernel ops over peft LoRA's; the last line is mode's:
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 from collections.abc import Callable
 
 import peft
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modecl.core.adapters import AdapterConfig, attach_adapters, routing_context
+from modecl.core.adapters import AdapterConfig, attach_adapters, compile_adapters, routing_context
 
 TARGETS = ("gate_proj", "up_proj", "down_proj")
 NO_KERNEL = {"_unsafe_view", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty"}
@@ -56,22 +59,55 @@ OURS = {
     "moe-lora": AdapterConfig(kind="moe-lora"),
     "mode-text-lora": AdapterConfig(kind="mode-text-lora"),
 }
+IMPLICIT = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while active: all, and those that launch kernels."""
+def _overloads(name: str) -> list[torch._ops.OpOverload]:
+    packet = getattr(torch.ops.aten, name, None)
+    found = []
+    for overload in packet.overloads() if packet is not None else ():
+        try:
+            op = getattr(packet, overload)
+            op.has_kernel_for_dispatch_key(IMPLICIT)  # some overloads are not registered
+        except RuntimeError:
+            continue
+        found.append(op)
+    return found
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.all: collections.Counter[str] = collections.Counter()
-        self.kernels: collections.Counter[str] = collections.Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.all[name] += 1
-        if not (func.is_view or name in NO_KERNEL):
-            self.kernels[name] += 1
-        return func(*args, **(kwargs or {}))
+def _decomposes(name: str) -> bool:
+    """Whether every overload of aten op `name` only runs other ops (linear, dropout, ...)."""
+    ops = _overloads(name)
+    return bool(ops) and all(op.has_kernel_for_dispatch_key(IMPLICIT) for op in ops)
+
+
+def _no_kernel(name: str) -> bool:
+    ops = _overloads(name)
+    return name in NO_KERNEL or (bool(ops) and all(op.is_view for op in ops))
+
+
+def count_ops(run: Callable[[], None]) -> tuple[int, int]:
+    """(kernel ops, all ops) of `run`, as the module doc counts them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    counts = [0, 0]
+
+    def visit(event) -> None:
+        name = event.name
+        if "cpp_fused" in name:  # a compiled graph's kernel
+            counts[0] += 1
+            counts[1] += 1
+        elif name.startswith("aten::") and not _decomposes(name[6:]):
+            counts[0] += not _no_kernel(name[6:])
+            counts[1] += 1
+        else:
+            for child in event.cpu_children:
+                visit(child)
+
+    for event in prof.events():
+        if event.cpu_parent is None:
+            visit(event)
+    return counts[0], counts[1]
 
 
 def host(args: argparse.Namespace) -> LlamaForCausalLM:
@@ -101,10 +137,11 @@ def variants(args: argparse.Namespace) -> dict[str, nn.Module]:
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(TARGETS))
     models = {"frozen host": base, "peft LoRA r=8": peft.get_peft_model(shared(), lora)}
     for name, config in OURS.items():
-        for fused in (True, False) if config.routed else (True,):
+        for path in ("", " (ref.)", " (compiled)") if config.routed else ("",):
             model = attach_adapters(shared(), config)
-            routing_context(model).fused = fused
-            models[f"ours {name}" + ("" if fused else " (ref.)")] = model
+            routing_context(model).fused = path != " (ref.)"
+            compile_adapters(model, path == " (compiled)")
+            models[f"ours {name}{path}"] = model
     for model in models.values():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -167,14 +204,16 @@ def main() -> None:
     ids[:, image] = torch.randint(half, args.vocab, codes, generator=g)
     ids = ids.to(args.device)
 
+    torch._inductor.config.cpp.enable_kernel_profile = True  # before anything compiles
     counts: dict[str, tuple[int, ...]] = {}
     for name, model in variants(args).items():
-        step(model, ids)  # warm-up: lazy initialisations happen once, outside the counts
-        with OpCounter() as counter:
-            step(model, ids)
+        step(model, ids)  # warm-up: lazy initialisations (and compiling) happen once
+        if name.endswith("(compiled)") and not routing_context(model).compiled:
+            raise SystemExit(f"{name}: torch.compile failed (see the warning), no count")
+        kernels, everything = count_ops(lambda m=model: step(m, ids))
         saved = saved_bytes(model, lambda m=model: step(m, ids))
         launched = gpu_kernels(lambda m=model: step(m, ids)) if cuda else 0
-        counts[name] = (sum(counter.kernels.values()), sum(counter.all.values()), saved, launched)
+        counts[name] = (kernels, everything, saved, launched)
 
     print(
         f"Llama: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
@@ -182,7 +221,7 @@ def main() -> None:
         f"host {str(args.dtype).removeprefix('torch.')}, adapters float32, {args.device}; "
         "one training step; added = variant - frozen host"
     )
-    header = f"{'variant':<24}{'kernel ops':>11}{'added':>7}{'/ peft':>8}"
+    header = f"{'variant':<28}{'kernel ops':>11}{'added':>7}{'/ peft':>8}"
     header += f"{'all ops':>9}{'added':>7}{'/ peft':>8}{'saved MiB':>11}{'added':>9}{'/ peft':>8}"
     print(header + (f"{'GPU kernels':>13}{'added':>7}{'/ peft':>8}" if cuda else ""))
     host_counts, peft_counts = counts["frozen host"], counts["peft LoRA r=8"]
@@ -198,10 +237,17 @@ def main() -> None:
                 cells.append(f"{value / 2**20:>11.3f}{extra / 2**20:>9.3f}{ratio:>8}")
             else:
                 cells.append(f"{value:>{widths[i]}}{extra:>7}{ratio:>8}")
-        print(f"{name:<24}" + "".join(cells))
+        print(f"{name:<28}" + "".join(cells))
     print(f"peft_lora_added_kernel_ops={peft_added[0]} (host {host_counts[0]}, {peft_counts[0]})")
-    print(f"moe_lora_ops_over_peft_lora_ops={added['ours moe-lora'][0] / peft_added[0]:.3f}")
-    print(f"mode_ops_over_peft_lora_ops={added['ours mode'][0] / peft_added[0]:.3f}")
+    for kind in ("moe-lora", "mode"):
+        ratio = added[f"ours {kind}"][0] / peft_added[0]
+        print(
+            f"{kind.replace('-', '_')}_eager_ops_over_peft_lora_ops={ratio:.3f} (the default path)"
+        )
+    print("compiled (compile_adapters, host.compile_adapters = true):")
+    for kind in ("moe-lora", "mode"):
+        ratio = added[f"ours {kind} (compiled)"][0] / peft_added[0]
+        print(f"{kind.replace('-', '_')}_ops_over_peft_lora_ops={ratio:.3f}")
 
 
 if __name__ == "__main__":

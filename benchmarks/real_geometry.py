@@ -6,11 +6,12 @@ one sequence of a 1,024-code image and its question (1,100 tokens). Timed round-
 process, on the same frozen host weights: the host alone, peft's LoRA (r=8 on gate / up /
 down_proj), our `lora` and our `mode` (`modecl.core.adapters`), `mode` also by its reference
 path ("ref.": `RoutingContext.fused = False`, the same floats by plain autograd ops; `lora`
-has no router, so it takes the reference path anyway). A step is forward, cross entropy and
-backward; the embedding output requires grad for every variant alike, so each backward runs
-through the whole stack. Each variant reports the median step (on CPU, this process's CPU
-time: other jobs on a shared machine barely change it), tokens/s and its peak memory above
-what was resident before its warm-up step. First, `modecl.core.distill.topk_kl` on
+has no router, so it takes the reference path anyway) and compiled ("compiled":
+`compile_adapters`; its compiling step runs before anything is measured). A step is
+forward, cross entropy and backward; the embedding output requires grad for every variant
+alike, so each backward runs through the whole stack. Each variant reports the median step
+(on CPU, this process's CPU time: other jobs on a shared machine barely change it), tokens/s
+and its peak memory above what was resident before its warm-up step. First, `modecl.core.distill.topk_kl` on
 [1, 1,100, 65,536] logits: its peak extra memory, forward and backward, per chunk size.
 
     .venv/bin/python benchmarks/real_geometry.py                        # CPU, float32
@@ -20,8 +21,8 @@ CPU memory is the resident set (VmHWM reset through /proc/self/clear_refs; while
 glibc maps every block of 64 KiB or more, so freed tensors leave the resident set); CUDA
 memory is torch's peak allocation. Adapters are float32 whatever the host's dtype. The last
 lines are mode's extra peak memory (above the host's) and its adapter overhead (step time
-above the host's), each over peft LoRA's. The CPU run takes about 25 minutes on one thread
-(24 steps of ~50 s).
+above the host's), each over peft LoRA's: by the default (eager) path, then compiled. The CPU
+run takes about 30 minutes on one thread (28 steps of ~50 s).
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from modecl.core.adapters import AdapterConfig, attach_adapters, routing_context
+from modecl.core.adapters import (
+    AdapterConfig,
+    attach_adapters,
+    compile_adapters,
+    routing_context,
+)
 from modecl.core.distill import topk_kl
 
 TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -119,10 +125,11 @@ def variants(base: LlamaForCausalLM) -> dict[str, nn.Module]:
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(TARGETS))
     models = {"frozen host": base, "peft LoRA r=8": peft.get_peft_model(shared(), lora)}
     models["ours lora"] = attach_adapters(shared(), AdapterConfig(kind="lora"))
-    for fused in (True, False):
+    for path in ("", " (ref.)", " (compiled)"):
         model = attach_adapters(shared(), AdapterConfig(kind="mode"))
-        routing_context(model).fused = fused
-        models["ours mode" + ("" if fused else " (ref.)")] = model
+        routing_context(model).fused = path != " (ref.)"
+        compile_adapters(model, path == " (compiled)")
+        models[f"ours mode{path}"] = model
     for model in models.values():
         for name, param in model.named_parameters():
             if "lora_B" in name:  # B != 0 as after some training: no path is trivially zero
@@ -213,6 +220,10 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in models}
     peaks: dict[str, int] = {}
     for name, model in models.items():  # warm-up, and each variant's peak memory
+        if name.endswith("(compiled)"):  # compiling: once, before anything is measured
+            step(model, ids, sync, clock)
+            if not routing_context(model).compiled:
+                raise SystemExit(f"{name}: torch.compile failed (see the warning)")
         memory.start()
         step(model, ids, sync, clock)
         peaks[name] = memory.peak()
@@ -231,7 +242,7 @@ def main() -> None:
         f"median of {args.steps} steps"
     )
     print(
-        f"{'variant':<16}{'trainable':>11}{'step s':>9}{'tokens/s':>10}{'x host':>8}"
+        f"{'variant':<22}{'trainable':>11}{'step s':>9}{'tokens/s':>10}{'x host':>8}"
         f"{'overhead / peft':>17}{'peak step MiB':>15}{'extra / peft':>14}"
     )
     host_s, host_peak = medians["frozen host"], peaks["frozen host"]
@@ -242,13 +253,14 @@ def main() -> None:
         overhead = "–" if model is base else f"{(medians[name] - host_s) / peft_overhead:.2f}"
         extra = "–" if model is base else f"{(peaks[name] - host_peak) / peft_extra:.2f}"
         print(
-            f"{name:<16}{trainable:>11,}{medians[name]:>9.2f}{ids.shape[1] / medians[name]:>10.0f}"
+            f"{name:<22}{trainable:>11,}{medians[name]:>9.2f}{ids.shape[1] / medians[name]:>10.0f}"
             f"{medians[name] / host_s:>8.3f}{overhead:>17}{peaks[name] / MIB:>15.0f}{extra:>14}"
         )
-    extra = (peaks["ours mode"] - host_peak) / peft_extra
-    print(f"mode_extra_memory_over_peft_lora_extra={extra:.3f}")
-    overhead = (medians["ours mode"] - host_s) / peft_overhead
-    print(f"mode_overhead_over_peft_lora_overhead={overhead:.3f}")
+    for path, label in (("", "eager_"), (" (compiled)", "")):
+        extra = (peaks[f"ours mode{path}"] - host_peak) / peft_extra
+        print(f"mode_{label}extra_memory_over_peft_lora_extra={extra:.3f}")
+        overhead = (medians[f"ours mode{path}"] - host_s) / peft_overhead
+        print(f"mode_{label}overhead_over_peft_lora_overhead={overhead:.3f}")
 
 
 if __name__ == "__main__":
