@@ -11,8 +11,9 @@ has no router, so it takes the reference path anyway) and compiled ("compiled":
 forward, cross entropy and backward; the embedding output requires grad for every variant
 alike, so each backward runs through the whole stack. Each variant reports the median step
 (on CPU, this process's CPU time: other jobs on a shared machine barely change it), tokens/s
-and its peak memory above what was resident before its warm-up step. First, `modecl.core.distill.topk_kl` on
-[1, 1,100, 65,536] logits: its peak extra memory, forward and backward, per chunk size.
+and its peak memory above what was resident before its warm-up step. First,
+`modecl.core.distill.topk_kl` on [1, 1,100, 65,536] logits: its peak extra memory, forward
+and backward, per chunk size.
 
     .venv/bin/python benchmarks/real_geometry.py                        # CPU, float32
     python benchmarks/real_geometry.py --layers 32 --device cuda        # one GPU, bfloat16
