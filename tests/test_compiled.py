@@ -180,6 +180,7 @@ def test_compile_adapters_before_or_after_attaching():
     assert not routing_context(compile_adapters(after, enabled=False)).compiled
 
 
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_without_a_compiler_the_eager_fused_path_runs_with_a_warning(monkeypatch):
     """No C++ compiler for inductor: one warning naming the failure, then the eager fused
     path (the reference's floats, bit for bit), and no second try."""

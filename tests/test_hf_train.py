@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 import shutil
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -224,6 +225,26 @@ def test_gradient_checkpointing_trains_the_same(setup, tmp_path):
         a = json.loads((plain / path).read_text())
         b = json.loads((checkpointed / path).read_text())
         assert b["stage"]["final_loss"] == pytest.approx(a["stage"]["final_loss"], rel=1e-5)
+        assert b["answers"] == a["answers"]
+
+
+def test_compiled_adapters_train_the_same(setup, tmp_path):
+    """`compile_adapters = true`: the routed layers compiled, training, distillation,
+    answering and drawing alike (dropout 0: the compiled graph draws its own masks)."""
+    plain_config = setup["config"].read_text() + "[continual.adapter]\ndropout = 0.0\n"
+    compiled_config = plain_config.replace("[host]", "[host]\ncompile_adapters = true")
+    runs = []
+    for name, config in (("plain", plain_config), ("compiled", compiled_config)):
+        (tmp_path / f"{name}.toml").write_text(config)
+        options = ["--config", str(tmp_path / f"{name}.toml")]  # the later --config wins
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", "torch.compile of the adapters failed")
+            assert train(setup, "chameleon", "mode", tmp_path / name, *options) == 0
+        runs.append(tmp_path / name)
+    for stage in ("stage1", "stage2"):
+        path = pathlib.Path("checkpoints", "seed0", "mode", stage, "stage.json")
+        a, b = (json.loads((run / path).read_text()) for run in runs)
+        assert b["stage"]["final_loss"] == pytest.approx(a["stage"]["final_loss"], rel=1e-4)
         assert b["answers"] == a["answers"]
 
 

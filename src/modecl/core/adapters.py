@@ -33,6 +33,13 @@ and the float32 copy its router reads). Without a router the reference keeps wha
 LoRA keeps, and its plain ops cost the host less than a Python autograd node would
 (`benchmarks/adapter_speed.py --tiny --reference`).
 
+A third, by choice: `compile_adapters(model)` runs the routed delta through torch.compile
+(inductor; `_compiled`), the same math with the scaling on the gate and the add inside the B
+product, so that a training step adds about as many ops as peft's LoRA
+(`benchmarks/adapter_ops.py`); its floats are the reference's to float32 rounding, not bit for
+bit, and its dropout masks inductor's. Each layer shape compiles once per process; where
+inductor cannot compile, a warning and the eager fused path.
+
 Configurations (`AdapterConfig.kind`)::
 
     kind              text tokens                      image tokens
@@ -429,7 +436,8 @@ class AdapterLinear(nn.Module):
     Two implementations of one layer, the same floats: the fused path (`_FusedDelta`: the
     whole adapter delta as one autograd node, its backward written out), by default where a
     router is in play, and the reference (`_reference`: autograd over plain ops) elsewhere,
-    under autocast and where `RoutingContext.fused` is off.
+    under autocast and where `RoutingContext.fused` is off. With `RoutingContext.compiled`
+    (`compile_adapters`) the fused path runs compiled (`_compiled`), within float32 rounding.
     """
 
     def __init__(self, base: nn.Linear, config: AdapterConfig, routing: RoutingContext) -> None:
@@ -558,6 +566,9 @@ class AdapterLinear(nn.Module):
             image, layout = split.image_mask.reshape(-1), self.image_experts
         delta = _compiled(plan.dropout, plan.scaling, plan.rank, plan.pad, plan.task_gate, layout)
         try:
+            # No donated buffers, process-wide (torch reads the flag again in the backward):
+            # the conflict monitor's backward keeps the graph (retain_graph).
+            torch._functorch.config.donated_buffer = False
             # Each set of constants is a closure of one function: an entry of its cache.
             with torch._dynamo.config.patch(recompile_limit=64):
                 return delta(y, x, lora_A, lora_B, self.router.weight, image, plan.task, plan.index)
