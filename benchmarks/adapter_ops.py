@@ -5,8 +5,8 @@ down_proj, a batch of text and image tokens; the embedding requires grad for eve
 alike, so that each backward runs through the whole stack), for: the frozen host, peft's LoRA
 (r=8), and ours `lora`, `mode`, `mode` with split expert ranks, `moe-lora` and
 `mode-text-lora` by their default (eager) path; those with a router also by the reference
-path ("ref.": `RoutingContext.fused = False`, the same floats) and compiled ("compiled":
-`compile_adapters`, torch.compile's inductor kernels). A variant's adapter-added count is its
+path ("ref.": `RoutingContext.fused = False`, the same floats); those with a gate (a router
+or two branches) also compiled ("compiled": `compile_adapters`, inductor's kernels). A variant's adapter-added count is its
 step's count minus the frozen host's.
 
 What is counted, from torch.profiler's record of the step (forward, loss, backward and the
@@ -137,7 +137,9 @@ def variants(args: argparse.Namespace) -> dict[str, nn.Module]:
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(TARGETS))
     models = {"frozen host": base, "peft LoRA r=8": peft.get_peft_model(shared(), lora)}
     for name, config in OURS.items():
-        for path in ("", " (ref.)", " (compiled)") if config.routed else ("",):
+        paths = [""] + [" (ref.)"] * config.routed
+        paths += [" (compiled)"] * (config.routed or config.splits_modality)
+        for path in paths:
             model = attach_adapters(shared(), config)
             routing_context(model).fused = path != " (ref.)"
             compile_adapters(model, path == " (compiled)")
@@ -221,7 +223,7 @@ def main() -> None:
         f"host {str(args.dtype).removeprefix('torch.')}, adapters float32, {args.device}; "
         "one training step; added = variant - frozen host"
     )
-    header = f"{'variant':<28}{'kernel ops':>11}{'added':>7}{'/ peft':>8}"
+    header = f"{'variant':<32}{'kernel ops':>11}{'added':>7}{'/ peft':>8}"
     header += f"{'all ops':>9}{'added':>7}{'/ peft':>8}{'saved MiB':>11}{'added':>9}{'/ peft':>8}"
     print(header + (f"{'GPU kernels':>13}{'added':>7}{'/ peft':>8}" if cuda else ""))
     host_counts, peft_counts = counts["frozen host"], counts["peft LoRA r=8"]
@@ -237,7 +239,7 @@ def main() -> None:
                 cells.append(f"{value / 2**20:>11.3f}{extra / 2**20:>9.3f}{ratio:>8}")
             else:
                 cells.append(f"{value:>{widths[i]}}{extra:>7}{ratio:>8}")
-        print(f"{name:<28}" + "".join(cells))
+        print(f"{name:<32}" + "".join(cells))
     print(f"peft_lora_added_kernel_ops={peft_added[0]} (host {host_counts[0]}, {peft_counts[0]})")
     for kind in ("moe-lora", "mode"):
         ratio = added[f"ours {kind}"][0] / peft_added[0]

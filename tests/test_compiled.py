@@ -77,6 +77,8 @@ CASES = [
     pytest.param(dict(kind="mode", routing="task"), True, "understand", id="task-understand"),
     pytest.param(dict(kind="mode", routing="sample"), True, "understand", id="sample-understand"),
     pytest.param(dict(kind="mode", routing="task"), True, "draw", id="task-draw"),
+    pytest.param(dict(kind="mode-text-lora"), True, None, id="mode-text-lora-train"),
+    pytest.param(dict(kind="mode-text-lora"), False, None, id="mode-text-lora-eval"),
 ]
 
 
@@ -117,9 +119,9 @@ def test_compiled_dropout_is_seeded_and_drops():
     assert not torch.allclose(first[0], step(model, True)[0][0])
 
 
-def isolated_layer() -> AdapterLinear:
+def isolated_layer(kind: str = "mode") -> AdapterLinear:
     torch.manual_seed(3)
-    config = AdapterConfig(kind="mode", dropout=0.0, num_experts=3, rank=4, alpha=8.0)
+    config = AdapterConfig(kind=kind, dropout=0.0, num_experts=3, rank=4, alpha=8.0)
     routing = RoutingContext(config, image_token_ids=None, compiled=True)
     mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
     routing.state = RoutingState(image_mask=mask)
@@ -128,11 +130,12 @@ def isolated_layer() -> AdapterLinear:
     return layer
 
 
+@pytest.mark.parametrize("kind", ["mode", "mode-text-lora"])
 @pytest.mark.parametrize("loss_on", ["text", "image"])
-def test_compiled_layer_keeps_exact_zero_isolation(loss_on):
+def test_compiled_layer_keeps_exact_zero_isolation(loss_on, kind):
     """A loss on image tokens alone gives the text experts and the router exactly zero
     gradient; one on text tokens alone the V-Adapter."""
-    layer = isolated_layer()
+    layer = isolated_layer(kind)
     mask = layer.routing.state.image_mask
     weight = (mask if loss_on == "image" else ~mask).unsqueeze(-1).float()
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
@@ -144,8 +147,9 @@ def test_compiled_layer_keeps_exact_zero_isolation(loss_on):
     assert torch.count_nonzero(layer.lora_A.grad[quiet]) == 0
     assert torch.count_nonzero(layer.lora_B.grad[:, quiet]) == 0
     assert torch.count_nonzero(layer.lora_A.grad[loud]) > 0
-    router_grad = torch.count_nonzero(layer.router.weight.grad)
-    assert (router_grad == 0) == (loss_on == "image")
+    if layer.router is not None:
+        router_grad = torch.count_nonzero(layer.router.weight.grad)
+        assert (router_grad == 0) == (loss_on == "image")
 
 
 def test_compiled_path_under_gradient_checkpointing_is_routing_safe():

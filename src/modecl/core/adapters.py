@@ -118,6 +118,7 @@ the state at forward time and puts it back for the recomputation.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import warnings
@@ -491,8 +492,9 @@ class AdapterLinear(nn.Module):
                 f"image mask of shape {tuple(state.image_mask.shape)} does not match the tokens "
                 f"{tuple(x.shape[:-1])} reaching this layer"
             )
-        routed = experts > 1 and self.router is not None
-        if routed and self.routing.fused and not torch.is_autocast_enabled(x.device.type):
+        routing = self.routing
+        fast = routing.fused and experts > 1 and not torch.is_autocast_enabled(x.device.type)
+        if fast and (self.router is not None or (routing.compiled and split)):
             return self._fused(y, x, lora_A, lora_B, experts, split, index, state)
         return self._reference(y, x, lora_A, lora_B, experts, split, index, state)
 
@@ -527,57 +529,53 @@ class AdapterLinear(nn.Module):
         index: torch.Tensor | None,
         state: RoutingState,
     ) -> torch.Tensor:
-        """The layer's output by `_FusedDelta` (or `_compiled`), routed as `_gate` routes."""
+        """The layer's output by `_compiled` (with `RoutingContext.compiled`) or else, where
+        a router is in play, `_FusedDelta`; gated as `_gate` gates."""
         task = None
         if not split and state.task_ids is not None and self.task_gates is not None:
             task = self.task_gates[state.task_ids].unsqueeze(-2)
             task = task.expand(*x.shape[:-1], -1).flatten(0, -2)
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
         # With an image mask, the routed branch first and the image expert's logit 0.
-        pad = experts - self.router.out_features
-        rank = lora_A.shape[0] // experts
-        plan = _Plan(p, self.scaling, rank, pad, self.task_gate, None, task, index)
+        pad = experts - self.router.out_features if self.router is not None else 0
+        ranks = self.expert_ranks if index is not None else (lora_A.shape[0] // experts,) * experts
         result = None
         if self.routing.compiled:
-            result = self._compiled(y, x, lora_A, lora_B, plan, state if split else None)
+            layout = self.image_experts if split else None
+            delta = _compiled(p, self.scaling, ranks, pad, self.task_gate, layout)
+            router = None if self.router is None else self.router.weight
+            image = state.image_mask.reshape(-1) if split else None
+            result = self._run_compiled(delta, y, x, lora_A, lora_B, router, image, task)
+        if result is None and self.router is None:  # not compiled, no router: plain ops
+            return self._reference(y, x, lora_A, lora_B, experts, split, index, state)
         if result is None:
-            if split:  # each token its branch: flattened, once per forward
-                plan = plan._replace(outside=state.flat_outside(self.image_experts))
+            outside = state.flat_outside(self.image_experts) if split else None
+            plan = _Plan(p, self.scaling, ranks[0], pad, self.task_gate, outside, task, index)
             router = self.router.weight
             result = _FusedDelta.apply(y, x, x, lora_A, lora_B, router, plan)
         out, weights = result
-        self.last_route = (weights, state.image_mask if split else None)
+        if weights is not None:  # a router's
+            self.last_route = (weights, state.image_mask if split else None)
         return out
 
-    def _compiled(
-        self,
-        y: torch.Tensor,
-        x: torch.Tensor,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        plan: _Plan,
-        split: RoutingState | None,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """`_fused` by torch.compile (`_compiled`), with `split` the state whose image mask
-        routes each token, else None; None where inductor cannot compile (no C++ compiler,
-        ...): then a warning, and the eager fused path from here on."""
-        image = layout = None
-        if split is not None:
-            image, layout = split.image_mask.reshape(-1), self.image_experts
-        delta = _compiled(plan.dropout, plan.scaling, plan.rank, plan.pad, plan.task_gate, layout)
+    def _run_compiled(
+        self, delta: Callable, *tensors: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """`delta(*tensors)`; None where inductor cannot compile (no C++ compiler, ...): then
+        a warning, and the eager path from here on."""
         try:
             # No donated buffers, process-wide (torch reads the flag again in the backward):
             # the conflict monitor's backward keeps the graph (retain_graph).
             torch._functorch.config.donated_buffer = False
             # Each set of constants is a closure of one function: an entry of its cache.
             with torch._dynamo.config.patch(recompile_limit=64):
-                return delta(y, x, lora_A, lora_B, self.router.weight, image, plan.task, plan.index)
+                return delta(*tensors)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             self.routing.compiled = False
             warnings.warn(
                 f"torch.compile of the adapters failed, the eager fused path runs instead: "
                 f"{str(error).splitlines()[0]}",
-                stacklevel=2,
+                stacklevel=3,
             )
             return None
 
@@ -773,37 +771,54 @@ class _FusedDelta(torch.autograd.Function):
 
 @functools.cache
 def _compiled(
-    p: float, scaling: float, rank: int, pad: int, task_gate: float, layout: tuple[bool, ...] | None
-) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """`_FusedDelta`'s function as plain ops for these constants, compiled by inductor.
+    p: float,
+    scaling: float,
+    ranks: tuple[int, ...],
+    pad: int,
+    task_gate: float,
+    layout: tuple[bool, ...] | None,
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """The gated delta for these constants, as plain ops compiled by inductor: `_FusedDelta`'s
+    function where a router is in play, else (one expert per branch) the token's branch's.
 
-    The same math in another order: alpha / r scales the gate (a kernel fewer each way), the
-    add is the B matmul's (``addmm``) under a float32 host, and `outside` is derived in the
-    graph from the flat image mask and `layout` (whether each expert is an image one).
+    The same math in another order: alpha / r scales the gate (a kernel fewer each way), each
+    run of experts of one rank is gated as one view (no index), the add is the B matmul's
+    (``addmm``) under a float32 host, and the branch mask comes from the flat image mask and
+    `layout` (whether each expert is an image one) inside the gate's kernel.
     """
+    runs = [(len(list(group)), rank) for rank, group in itertools.groupby(ranks)]
 
-    def delta(y, x, lora_A, lora_B, router, image, task, index):
+    def delta(y, x, lora_A, lora_B, router, image, task):
         xa = x.reshape(-1, x.shape[-1]).to(lora_A.dtype)
         h = F.linear(F.dropout(xa, p) if p else xa, lora_A)
-        logits = F.linear(xa, router)
-        if pad:
-            logits = F.pad(logits, (0, pad))
+        inside = weights = None
         if layout is not None:
-            outside = image.unsqueeze(-1) != torch.tensor(layout, device=image.device)
-            logits = logits.masked_fill(outside, -math.inf)
-        weights = gate = logits.softmax(-1)
-        if task is not None:
-            gate = weights.lerp(task, task_gate)
-        gate = gate * scaling
-        if index is None:
-            gated = (h.view(len(h), -1, rank) * gate.unsqueeze(-1)).view(len(h), -1)
+            inside = image.unsqueeze(-1) == torch.tensor(layout, device=image.device)
+        if router is None:  # one expert per branch: the token's own
+            gate = inside.to(h.dtype)
         else:
-            gated = h * gate.index_select(-1, index)
+            logits = F.linear(xa, router)
+            if pad:
+                logits = F.pad(logits, (0, pad))
+            if inside is not None:
+                logits = logits.masked_fill(~inside, -math.inf)
+            weights = gate = logits.softmax(-1)
+            if task is not None:
+                gate = weights.lerp(task, task_gate)
+            weights = weights.detach()
+        gate = gate * scaling
+        parts, expert, column = [], 0, 0
+        for count, rank in runs:
+            part = h[:, column : column + count * rank].view(len(h), count, rank)
+            part = part * gate[:, expert : expert + count].unsqueeze(-1)
+            parts.append(part.view(len(h), count * rank))
+            expert, column = expert + count, column + count * rank
+        gated = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
         if y.dtype == gated.dtype:
             out = torch.addmm(y.reshape(len(h), -1), gated, lora_B.t()).view(y.shape)
         else:
             out = y + F.linear(gated, lora_B).view(y.shape).to(y.dtype)
-        return out, weights.detach()
+        return out, weights
 
     return torch.compile(delta)
 
