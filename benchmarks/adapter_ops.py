@@ -6,8 +6,8 @@ alike, so that each backward runs through the whole stack), for: the frozen host
 (r=8), and ours `lora`, `mode`, `mode` with split expert ranks, `moe-lora` and
 `mode-text-lora` by their default (eager) path; those with a router also by the reference
 path ("ref.": `RoutingContext.fused = False`, the same floats); those with a gate (a router
-or two branches) also compiled ("compiled": `compile_adapters`, inductor's kernels). A variant's adapter-added count is its
-step's count minus the frozen host's.
+or two branches) also compiled ("compiled": `compile_adapters`, inductor's kernels). A
+variant's adapter-added count is its step's count minus the frozen host's.
 
 What is counted, from torch.profiler's record of the step (forward, loss, backward and the
 gradients' accumulation, whatever Python, autograd, a custom autograd function or a compiled
