@@ -10,6 +10,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 from torch import nn
 
@@ -185,21 +186,24 @@ def test_compile_adapters_before_or_after_attaching():
 
 
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
-def test_without_a_compiler_the_eager_fused_path_runs_with_a_warning(monkeypatch):
+def test_without_a_compiler_the_eager_fused_path_runs_with_a_warning():
     """No C++ compiler for inductor: one warning naming the failure, then the eager fused
     path (the reference's floats, bit for bit), and no second try."""
-    import torch._inductor.config as inductor
-
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor, "force_disable_caches", True)
     torch._dynamo.reset()  # nothing compiled before this test is reused
     adapters._compiled.cache_clear()
     layer = isolated_layer()
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
-    with pytest.warns(UserWarning, match="torch.compile of the adapters failed"):
-        out = layer(x)
+    no_compiler = {"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}
+    try:
+        with (
+            torch._inductor.config.patch(no_compiler),
+            pytest.warns(UserWarning, match="torch.compile of the adapters failed"),
+        ):
+            out = layer(x)
+    finally:
+        torch._dynamo.reset()
+        adapters._compiled.cache_clear()
     assert not layer.routing.compiled
-    layer.routing.fused = True
     assert torch.equal(out, layer(x))
-    torch._dynamo.reset()
-    adapters._compiled.cache_clear()
+    assert torch._inductor.config.cpp.cxx != no_compiler["cpp.cxx"]
+    assert not torch._inductor.config.force_disable_caches
