@@ -121,6 +121,7 @@ import functools
 import itertools
 import json
 import math
+import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -564,12 +565,7 @@ class AdapterLinear(nn.Module):
         """`delta(*tensors)`; None where inductor cannot compile (no C++ compiler, ...): then
         a warning, and the eager path from here on."""
         try:
-            # No donated buffers, process-wide (torch reads the flag again in the backward):
-            # the conflict monitor's backward keeps the graph (retain_graph).
-            torch._functorch.config.donated_buffer = False
-            # Each set of constants is a closure of one function: an entry of its cache.
-            with torch._dynamo.config.patch(recompile_limit=64):
-                return delta(*tensors)
+            return delta(*tensors)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             self.routing.compiled = False
             warnings.warn(
@@ -820,7 +816,14 @@ def _compiled(
             out = y + F.linear(gated, lora_B).view(y.shape).to(y.dtype)
         return out, weights
 
-    return torch.compile(delta)
+    # No donated buffers, process-wide (torch reads the flag again in each backward): the
+    # conflict monitor's backward keeps the graph (retain_graph).
+    torch._functorch.config.donated_buffer = False
+    # A code object of its own: dynamo keeps compiled entries (at most `recompile_limit`) per
+    # code object, and every set of constants would otherwise share `delta`'s.
+    code = delta.__code__.replace()
+    own = types.FunctionType(code, delta.__globals__, delta.__name__, None, delta.__closure__)
+    return torch.compile(own)
 
 
 def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
