@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 from collections.abc import Callable
 
 import peft
@@ -62,7 +63,8 @@ OURS = {
 IMPLICIT = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
-def _overloads(name: str) -> list[torch._ops.OpOverload]:
+@functools.cache
+def _overloads(name: str) -> tuple[torch._ops.OpOverload, ...]:
     packet = getattr(torch.ops.aten, name, None)
     found = []
     for overload in packet.overloads() if packet is not None else ():
@@ -72,7 +74,7 @@ def _overloads(name: str) -> list[torch._ops.OpOverload]:
         except RuntimeError:
             continue
         found.append(op)
-    return found
+    return tuple(found)
 
 
 def _decomposes(name: str) -> bool:
