@@ -26,10 +26,12 @@ import os
 import socket
 import string
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import DeepSpeedPlugin
 from PIL import Image
 from tokenizers import Tokenizer
@@ -52,7 +54,16 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from modecl.core.adapters import AdapterConfig, adapter_layers, attach_adapters, lm_logits
+from modecl.core.adapters import (
+    AdapterConfig,
+    adapter_layers,
+    attach_adapters,
+    lm_logits,
+    pass_kind,
+    routed_weights,
+    routing_context,
+    training_task,
+)
 from modecl.core.config import from_dict
 from modecl.core.generation import Constraint
 from modecl.core.processes import Processes
@@ -177,6 +188,30 @@ def adapted(host: str, std: float = 0.3, **config) -> nn.Module:
     model = attach_adapters(HOSTS[host](), AdapterConfig(**config))
     randomize(model, std)
     return model
+
+
+def step_results(
+    model: nn.Module,
+    fused: bool,
+    ids: torch.Tensor,
+    kind: str | None,
+    task: int | None,
+    compiled: bool = False,
+) -> list[torch.Tensor]:
+    """Logits, routed weights and every gradient (adapters, router, input embeddings) of one
+    training step by the fused (`compiled`: compiled) or the reference path, from the same
+    random state."""
+    routing = routing_context(model)
+    routing.fused, routing.compiled = fused, compiled
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same dropout masks
+    passing = pass_kind(model, kind) if kind else nullcontext()
+    with passing, training_task(model, task) if task is not None else nullcontext():
+        logits = lm_logits(model, input_ids=ids)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+    weights = list(routed_weights(model).values())
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    return [logits.detach(), *weights, *(torch.zeros(0) if g is None else g for g in grads)]
 
 
 # --- decoding, the reference --------------------------------------------------------------

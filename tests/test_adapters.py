@@ -49,6 +49,7 @@ from tests.fixtures import (
     adapted,
     batch,
     randomize,
+    step_results,
     tiny_llama,
 )
 
@@ -161,23 +162,6 @@ def test_stacked_layer_equals_expert_loop(kind, branch, expert_rank):
 
 
 # --- the fused path: the reference's floats ----------------------------------------------
-
-
-def step_results(
-    model: nn.Module, fused: bool, ids: torch.Tensor, kind: str | None, task: int | None
-) -> list[torch.Tensor]:
-    """Logits, routed weights and every gradient (adapters, router, input embeddings) of one
-    training step by the fused or the reference path, from the same random state."""
-    routing_context(model).fused = fused
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(5)  # the same dropout masks
-    passing = pass_kind(model, kind) if kind else nullcontext()
-    with passing, training_task(model, task) if task is not None else nullcontext():
-        logits = lm_logits(model, input_ids=ids)
-    F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-    weights = list(routed_weights(model).values())
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    return [logits.detach(), *weights, *(torch.zeros(0) if g is None else g for g in grads)]
 
 
 def fused_case(kind, expert_rank="full", routing="token", training=True, pass_=None, **extra):

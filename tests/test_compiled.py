@@ -6,8 +6,6 @@ Each distinct layer (kind, rank, pass, training) compiles once per process: a fe
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import pytest
 import torch
 import torch._inductor.config
@@ -30,24 +28,16 @@ from modecl.core.adapters import (
     routed_weights,
     routing_context,
 )
-from tests.fixtures import HOSTS, adapted, batch, randomize
+from tests.fixtures import HOSTS, adapted, batch, randomize, step_results
 
 
 def step(
     model: nn.Module, compiled: bool, kind: str | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(logits and routed weights, every gradient) of one step, compiled or by the reference."""
-    routing = routing_context(model)
-    routing.compiled, routing.fused = compiled, compiled
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(5)
-    ids = batch()
-    with pass_kind(model, kind) if kind else nullcontext():
-        logits = lm_logits(model, input_ids=ids)
-    F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-    weights = list(routed_weights(model).values())
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    return [logits.detach(), *weights], [torch.zeros(0) if g is None else g for g in grads]
+    results = step_results(model, compiled, batch(), kind, None, compiled=compiled)
+    outputs = 1 + len(routed_weights(model))
+    return results[:outputs], results[outputs:]
 
 
 def routers_far_from_uniform(model: nn.Module) -> nn.Module:
